@@ -1,0 +1,249 @@
+"""Model configuration with the field names of Hugging Face's `BailingMoeLinearV2Config`.
+
+`config.json` files of the published Ring-linear checkpoints load unchanged; fields we do not use
+(`auto_map`, quantization settings, ...) are kept in `extra` and written back on save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCORE_FUNCTIONS = ("sigmoid", "softmax")
+
+
+@dataclass
+class RingLinearConfig:
+    vocab_size: int = 157184
+    hidden_size: int = 2048
+    intermediate_size: int = 5120  # dense SwiGLU of the first `first_k_dense_replace` layers
+    num_hidden_layers: int = 20
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 4  # softmax (GQA) layers only; linear layers are MHA
+    head_dim: int | None = 128
+    max_position_embeddings: int = 131072
+    rope_theta: float = 1_000_000.0
+    rope_scaling: dict | None = None
+    partial_rotary_factor: float = 0.5
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    use_rmsnorm: bool = True
+    use_bias: bool = False
+    use_qkv_bias: bool = False
+    use_qk_norm: bool = True
+    tie_word_embeddings: bool = False
+    torch_dtype: str = "bfloat16"
+    # Mixture of experts
+    num_experts: int = 256
+    num_experts_per_tok: int = 8
+    num_shared_experts: int = 1
+    moe_intermediate_size: int = 512
+    moe_shared_expert_intermediate_size: int | None = 512
+    first_k_dense_replace: int = 1
+    n_group: int = 8
+    topk_group: int = 4
+    score_function: str = "sigmoid"
+    moe_router_enable_expert_bias: bool = True
+    router_dtype: str = "fp32"
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    # Hybrid layout and linear attention
+    layer_group_size: int = 5
+    group_norm_size: int = 4  # number of groups of the output RMSNorm, not their width
+    linear_silu: bool = False
+    # Ours: 0 = decay scaled by layer as vLLM/SGLang/Megatron do, 1 = as the HF remote code does.
+    decay_layer_offset: int = 0
+    # Multi-token prediction
+    num_nextn_predict_layers: int = 0
+    mtp_loss_scaling_factor: float = 0.1
+    # Tokens and bookkeeping
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = 156892
+    pad_token_id: int | None = 156892
+    initializer_range: float = 0.006
+    embedding_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    output_dropout: float = 0.0
+    use_cache: bool = True
+    architectures: list[str] = field(default_factory=lambda: ["BailingMoeLinearV2ForCausalLM"])
+    model_type: str = "bailing_moe_linear"
+    transformers_version: str = "4.56.1"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
+        self.validate()
+
+    # -- derived quantities -------------------------------------------------------------------
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def shared_expert_intermediate_size(self) -> int:
+        width = self.moe_shared_expert_intermediate_size or self.moe_intermediate_size
+        return width * self.num_shared_experts
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+
+    def is_softmax_layer(self, layer_idx: int) -> bool:
+        """Layer-group rule of the HF code: the last layer of each group, and every layer of the tail."""
+        g, n = self.layer_group_size, self.num_hidden_layers
+        return (layer_idx + 1) % g == 0 or layer_idx >= (n // g) * g
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return layer_idx >= self.first_k_dense_replace
+
+    @property
+    def layer_types(self) -> list[str]:
+        return ["softmax" if self.is_softmax_layer(i) else "linear" for i in range(self.num_hidden_layers)]
+
+    # -- validation -----------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"invalid config: {name}={getattr(self, name)!r}: {why}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "layer_group_size", "group_norm_size",
+                     "intermediate_size", "max_position_embeddings"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                fail(name, "must be a positive integer")
+        if self.num_attention_heads % self.num_key_value_heads:
+            fail("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
+        if (self.num_attention_heads * self.head_dim) % self.group_norm_size:
+            fail("group_norm_size", f"must divide num_attention_heads*head_dim="
+                 f"{self.num_attention_heads * self.head_dim}")
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            fail("partial_rotary_factor", "must be in (0, 1]")
+        if self.rotary_dim % 2:
+            fail("partial_rotary_factor", f"gives an odd rotary dim {self.rotary_dim}")
+        if self.rope_theta <= 0:
+            fail("rope_theta", "must be positive")
+        if self.rms_norm_eps <= 0:
+            fail("rms_norm_eps", "must be positive")
+        if self.hidden_act != "silu":
+            fail("hidden_act", "only 'silu' (SwiGLU) is supported")
+        if self.score_function not in SCORE_FUNCTIONS:
+            fail("score_function", f"must be one of {SCORE_FUNCTIONS}")
+        if self.num_experts < 1:
+            fail("num_experts", "must be at least 1")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            fail("num_experts_per_tok", f"must be in [1, num_experts={self.num_experts}]")
+        if self.n_group < 1 or self.num_experts % self.n_group:
+            fail("n_group", f"must divide num_experts={self.num_experts}")
+        if not 1 <= self.topk_group <= self.n_group:
+            fail("topk_group", f"must be in [1, n_group={self.n_group}]")
+        experts_per_group = self.num_experts // self.n_group
+        if self.n_group > 1 and experts_per_group < 2:
+            fail("n_group", "group-limited routing scores a group by its top-2 experts: "
+                 "each group needs at least 2 experts")
+        if self.n_group > 1 and self.topk_group * experts_per_group < self.num_experts_per_tok:
+            fail("topk_group", f"the {self.topk_group} kept groups hold fewer experts than "
+                 f"num_experts_per_tok={self.num_experts_per_tok}")
+        if self.moe_intermediate_size <= 0:
+            fail("moe_intermediate_size", "must be positive")
+        if self.num_shared_experts < 0:
+            fail("num_shared_experts", "must be >= 0")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            fail("first_k_dense_replace", f"must be in [0, num_hidden_layers={self.num_hidden_layers}]")
+        if self.decay_layer_offset not in (0, 1):
+            fail("decay_layer_offset", "must be 0 (vLLM/SGLang form) or 1 (HF remote-code form)")
+        if self.num_nextn_predict_layers < 0:
+            fail("num_nextn_predict_layers", "must be >= 0")
+        if self.routed_scaling_factor <= 0:
+            fail("routed_scaling_factor", "must be positive")
+        if self.rope_scaling is not None:
+            fail("rope_scaling", "RoPE scaling is not supported yet")
+
+    # -- (de)serialisation ----------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RingLinearConfig:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in values.items() if k in names}
+        extra = {k: v for k, v in values.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**self.extra, **values}
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> RingLinearConfig:
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no config file at {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a JSON object")
+        return cls.from_dict(values)
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, "config.json").write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> RingLinearConfig:
+        return cls.from_json_file(Path(directory, "config.json"))
+
+    def replace(self, **changes: Any) -> RingLinearConfig:
+        return dataclasses.replace(self, **changes)
+
+    # -- presets --------------------------------------------------------------------------------
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> RingLinearConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Trains on a laptop CPU in minutes; keeps every architectural feature (dense first layer,
+    # grouped sigmoid routing, shared expert, GQA, group norm of several heads).
+    "tiny": dict(
+        vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+        rope_theta=10000.0, num_experts=16, num_experts_per_tok=2, moe_intermediate_size=128,
+        moe_shared_expert_intermediate_size=128, n_group=4, topk_group=2, layer_group_size=3,
+        group_norm_size=2, eos_token_id=0, pad_token_id=0, bos_token_id=None, torch_dtype="float32",
+        initializer_range=0.02,
+    ),
+    # Exactly Ring-mini-linear-2.0 (16.4B total, 1.4B active).
+    "mini": dict(),
+    # Ring-flash-linear-2.0 (104B total, 6.1B active).
+    "flash": dict(
+        hidden_size=4096, intermediate_size=9216, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=4, moe_intermediate_size=1024, moe_shared_expert_intermediate_size=1024,
+        layer_group_size=8, num_nextn_predict_layers=1,
+    ),
+}
+
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """ALiBi head slopes, the power law `2^(-8(h+1)/H)` (non-powers of two interleave the next one)."""
+    if math.log2(num_heads).is_integer():
+        start = 2 ** (-(2 ** -(math.log2(num_heads) - 3)))
+        return [start ** (i + 1) for i in range(num_heads)]
+    lower = 2 ** math.floor(math.log2(num_heads))
+    return alibi_slopes(lower) + alibi_slopes(2 * lower)[0::2][: num_heads - lower]
+
+
+def lightning_log_decay(config: RingLinearConfig, layer_idx: int) -> list[float]:
+    """Per-head log λ of a linear layer: `-s_h (1 - (l - offset)/(L - 1) + 1e-5)`."""
+    layers = config.num_hidden_layers
+    depth = 1.0 if layers <= 1 else 1 - (layer_idx - config.decay_layer_offset) / (layers - 1)
+    return [-s * (depth + 1e-5) for s in alibi_slopes(config.num_attention_heads)]
