@@ -1,0 +1,7 @@
+"""ringlinear: hybrid linear-attention MoE language models of the Ring-linear family."""
+
+from .config import RingLinearConfig
+from .model import CausalLMOutput, HybridCache, RingLinearForCausalLM, SequenceContext
+
+__version__ = "0.1.0"
+__all__ = ["CausalLMOutput", "HybridCache", "RingLinearConfig", "RingLinearForCausalLM", "SequenceContext"]

@@ -1,0 +1,178 @@
+"""The Ring-linear causal language model: a pre-norm stack of Lightning and softmax layers with
+dense-then-MoE MLPs, optional multi-token-prediction (MTP) layers, and an untied fp32 LM head.
+
+Module names equal the checkpoint names of the published models (`model.word_embeddings`,
+`model.layers.{i}.attention.query_key_value`, ...); only the routed experts are stacked here and
+split into `mlp.experts.{e}.*` by `ringlinear.checkpoint`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import RingLinearConfig
+from .attention import LightningAttention, SoftmaxAttention
+from .context import AttentionContext, SequenceContext
+from .layers import MLP, GroupRMSNorm, RMSNorm, RotaryEmbedding
+from .moe import Experts, MoE, Router
+
+IGNORE_INDEX = -100
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: RingLinearConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        attention = SoftmaxAttention if config.is_softmax_layer(layer_idx) else LightningAttention
+        self.attention = attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size,
+                                                                          config.intermediate_size)
+
+    def forward(self, h: Tensor, rope: tuple[Tensor, Tensor], context: AttentionContext) -> Tensor:
+        h = h + self.attention(self.input_layernorm(h), rope, context)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class MTPLayer(DecoderLayer):
+    """Predicts one token further: mixes the embedding of the next token with the previous depth's
+    hidden state (`eh_proj([enorm(e); hnorm(h)])`), then runs a decoder block."""
+
+    def __init__(self, config: RingLinearConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        hidden = config.hidden_size
+        self.enorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.hnorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * hidden, hidden, bias=False)
+        self.final_layernorm = RMSNorm(hidden, config.rms_norm_eps)
+
+    def forward(self, embedded: Tensor, h: Tensor, rope: tuple[Tensor, Tensor],
+                context: AttentionContext) -> Tensor:
+        x = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(h)], dim=-1))
+        return super().forward(x, rope, context)
+
+
+class RingLinearModel(nn.Module):
+    def __init__(self, config: RingLinearConfig):
+        super().__init__()
+        self.config = config
+        L = config.num_hidden_layers
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        # MTP layers follow the main ones in `layers`, as in the checkpoints (model.layers.{L+i}).
+        self.layers = nn.ModuleList(
+            [DecoderLayer(config, i) for i in range(L)]
+            + [MTPLayer(config, L + i) for i in range(config.num_nextn_predict_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta)
+
+    @property
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return list(self.layers[: self.config.num_hidden_layers])
+
+    @property
+    def mtp_layers(self) -> list[MTPLayer]:
+        return list(self.layers[self.config.num_hidden_layers:])
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Tensor | None  # [B, T, V] fp32 (the last `logits_to_keep` positions if that was set)
+    loss: Tensor | None = None  # lm_loss + mtp_loss_scaling_factor * mtp_loss: what training minimises
+    lm_loss: Tensor | None = None  # mean next-token cross-entropy (nats)
+    mtp_loss: Tensor | None = None  # mean over MTP depths of their cross-entropy
+    hidden_states: Tensor | None = None  # final hidden states after `model.norm`
+
+
+class RingLinearForCausalLM(nn.Module):
+    def __init__(self, config: RingLinearConfig):
+        super().__init__()
+        self.config = config
+        self.model = RingLinearModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.word_embeddings.weight
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (RMSNorm, GroupRMSNorm)):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, Experts):
+                for param in module.parameters():
+                    nn.init.normal_(param, std=std)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, std=std)
+                module.expert_bias.zero_()
+                module.expert_load.zero_()
+
+    @classmethod
+    def from_pretrained(cls, directory, device="cpu", dtype: torch.dtype | None = None):
+        from ..checkpoint import load_model
+        return load_model(directory, device=device, dtype=dtype)
+
+    def save_pretrained(self, directory, max_shard_bytes: int = 5 * 2**30, tokenizer=None) -> None:
+        from ..checkpoint import save_model
+        save_model(self, directory, max_shard_bytes=max_shard_bytes, tokenizer=tokenizer)
+
+    def routers(self) -> list[Router]:
+        return [m for m in self.modules() if isinstance(m, Router)]
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None,
+                context: AttentionContext | None = None, cu_seqlens: Tensor | None = None,
+                logits_to_keep: int = 0) -> CausalLMOutput:
+        """input_ids [B, T]. `labels` [B, T] are the input ids themselves (shifted here; -100 is
+        ignored); with `cu_seqlens` (B = 1) documents packed along T are kept apart and no token is
+        predicted across a boundary. `context` runs attention against a cache (inference)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
+        if context is not None and cu_seqlens is not None:
+            raise ValueError("pass cu_seqlens or a context, not both")
+        context = context or SequenceContext(cu_seqlens)
+        B, T = input_ids.shape
+        embeds = self.model.word_embeddings(input_ids)
+        rope = self.model.rotary(context.positions(B, T, input_ids.device))
+        h = embeds
+        for layer in self.model.decoder_layers:
+            h = layer(h, rope, context)
+        h = self.model.norm(h)
+        context.advance(T)
+        kept = h if logits_to_keep <= 0 else h[:, -logits_to_keep:]
+        logits = self.lm_head(kept).float()
+        if labels is None:
+            return CausalLMOutput(logits=logits, hidden_states=h)
+
+        documents = (context.document_ids(T, input_ids.device) if isinstance(context, SequenceContext)
+                     else torch.zeros(T, dtype=torch.long, device=input_ids.device))
+        lm_loss = _shifted_cross_entropy(logits, labels, documents, shift=1)
+        mtp_losses, h_prev, ids = [], h, input_ids
+        for depth, layer in enumerate(self.model.mtp_layers, start=1):
+            ids = torch.roll(ids, shifts=-1, dims=1)  # token t + depth at position t
+            h_prev = layer(self.model.word_embeddings(ids), h_prev, rope, context)
+            mtp_logits = self.lm_head(layer.final_layernorm(h_prev)).float()
+            mtp_losses.append(_shifted_cross_entropy(mtp_logits, labels, documents, shift=depth + 1))
+        mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else None
+        loss = lm_loss if mtp_loss is None else lm_loss + self.config.mtp_loss_scaling_factor * mtp_loss
+        return CausalLMOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, hidden_states=h)
+
+
+def _shifted_cross_entropy(logits: Tensor, labels: Tensor, documents: Tensor, shift: int) -> Tensor:
+    """Mean cross-entropy of predicting labels[t + shift] at position t, within a document only."""
+    T = labels.shape[1]
+    if logits.shape[1] != T:
+        raise ValueError("training with labels needs logits for every position (logits_to_keep=0)")
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    same_document = documents[shift:] == documents[:-shift] if shift < T else documents[:0].bool()
+    targets[:, : T - shift] = labels[:, shift:].masked_fill(~same_document, IGNORE_INDEX)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)

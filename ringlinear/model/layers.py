@@ -1,0 +1,74 @@
+"""Small building blocks: RMSNorm, the grouped output norm, partial NeoX RoPE and the SwiGLU MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """`weight * x / rms(x)`, the statistics in fp32 and the product in the input dtype (as HF)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class GroupRMSNorm(nn.Module):
+    """RMSNorm applied separately to `groups` equal slices of the last dimension."""
+
+    def __init__(self, dim: int, groups: int, eps: float = 1e-6):
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float().unflatten(-1, (self.groups, -1))
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.flatten(-2).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """NeoX-style RoPE on the first `rotary_dim` channels of each head; the rest pass through."""
+
+    def __init__(self, rotary_dim: int, theta: float):
+        super().__init__()
+        self.rotary_dim, self.theta = rotary_dim, theta
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin of shape [*positions.shape, rotary_dim] in fp32."""
+        exponent = torch.arange(0, self.rotary_dim, 2, device=positions.device, dtype=torch.float32)
+        inv_freq = 1.0 / self.theta ** (exponent / self.rotary_dim)
+        angles = positions.float()[..., None] * inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [..., T, heads, D]; cos/sin: [..., T, rotary_dim] broadcast over heads. Computed in fp32."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot].float(), x[..., rot:]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    half = rot // 2
+    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    return torch.cat([(x_rot * cos + rotated * sin).to(x.dtype), x_pass], dim=-1)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,107 @@
+"""Sparse mixture of experts: sigmoid router with a selection-only bias, group-limited top-k,
+routed scaling, SwiGLU experts and a shared expert."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import RingLinearConfig
+from ..ops.moe import grouped_swiglu
+from .layers import MLP
+
+
+class Router(nn.Module):
+    """Chooses `num_experts_per_tok` experts per token and their weights.
+
+    `expert_bias` shifts the scores for the choice only (aux-loss-free balancing); the weights are
+    the unbiased scores of the chosen experts, normalised and scaled. The router runs in fp32 and
+    `expert_bias` stays fp32 whatever dtype the model is cast to.
+    """
+
+    def __init__(self, config: RingLinearConfig):
+        super().__init__()
+        self.config = config
+        E = config.num_experts
+        self.weight = nn.Parameter(torch.empty(E, config.hidden_size))
+        self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
+        # Tokens routed to each expert since the last bias update (training only).
+        self.register_buffer("expert_load", torch.zeros(E, dtype=torch.float32), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        fp32 = {name: self._buffers.pop(name) for name in ("expert_bias", "expert_load")}
+        super()._apply(fn, recurse)
+        for name, buffer in fp32.items():
+            moved = fn(buffer)
+            self.register_buffer(name, moved if moved.dtype == buffer.dtype else buffer.to(moved.device),
+                                 persistent=name == "expert_bias")
+        return self
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [N, hidden] -> (weights [N, k] fp32, expert indices [N, k])."""
+        c = self.config
+        logits = F.linear(x.float(), self.weight.float())
+        scores = torch.sigmoid(logits) if c.score_function == "sigmoid" else logits.softmax(-1)
+        choice = scores + self.expert_bias if c.moe_router_enable_expert_bias else scores
+        if c.n_group > 1:
+            grouped = choice.unflatten(-1, (c.n_group, -1))
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            kept = group_scores.topk(c.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, kept, True)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(-2)
+        experts = choice.topk(c.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(-1, experts)
+        if c.norm_topk_prob and c.num_experts_per_tok > 1:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        if self.training:
+            self.expert_load += torch.bincount(experts.flatten(), minlength=c.num_experts)
+        return weights * c.routed_scaling_factor, experts
+
+    @torch.no_grad()
+    def update_bias(self, rate: float) -> None:
+        """Aux-loss-free balancing (Ling 2.0's zero-centred form): raise the bias of under-loaded
+        experts and lower it for over-loaded ones, `b += rate * (sign(e) - mean(sign(e)))` with
+        `e = mean load - load`; then reset the load count."""
+        error = torch.sign(self.expert_load.mean() - self.expert_load)
+        self.expert_bias += rate * (error - error.mean())
+        self.expert_load.zero_()
+
+
+class Experts(nn.Module):
+    """All routed experts' SwiGLU weights stacked on a leading expert dimension."""
+
+    def __init__(self, config: RingLinearConfig):
+        super().__init__()
+        E, hidden, inter = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_proj = nn.Parameter(torch.empty(E, inter, hidden))
+        self.up_proj = nn.Parameter(torch.empty(E, inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(E, hidden, inter))
+
+    def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
+        """x [N, hidden], weights/experts [N, k] -> Σ_k weight · expert(x), summed in a fixed order."""
+        N, k = experts.shape
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)  # assignments grouped by expert, token order kept inside
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0])
+        y_sorted = grouped_swiglu(x[order // k], self.gate_proj, self.up_proj, self.down_proj, counts)
+        y = torch.empty_like(y_sorted)
+        y[order] = y_sorted
+        return (y.view(N, k, -1).float() * weights[..., None]).sum(1).to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: RingLinearConfig):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        if config.num_shared_experts > 0:
+            self.shared_experts = MLP(config.hidden_size, config.shared_expert_intermediate_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, experts = self.gate(flat)
+        y = self.experts(flat, weights, experts)
+        if hasattr(self, "shared_experts"):
+            y = y + self.shared_experts(flat)
+        return y.view_as(x)
