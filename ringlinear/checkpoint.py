@@ -178,6 +178,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     with torch.device("meta"):
         model = RingLinearForCausalLM(config)
     model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()
     load_state(model, directory)
     return model.eval()
 

@@ -94,10 +94,14 @@ class RingLinearForCausalLM(nn.Module):
         self.config = config
         self.model = RingLinearModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.word_embeddings.weight
+        self.tie_weights()
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the input embedding with the LM head if the config says so (again after to_empty)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.word_embeddings.weight
 
     @torch.no_grad()
     def init_weights(self) -> None:

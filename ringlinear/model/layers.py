@@ -7,6 +7,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """x in fp32, or kept in fp64: reductions and routing never run in half precision."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     """`weight * x / rms(x)`, the statistics in fp32 and the product in the input dtype (as HF)."""
 
@@ -16,7 +21,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
+        x32 = at_least_fp32(x)
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -30,7 +35,7 @@ class GroupRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float().unflatten(-1, (self.groups, -1))
+        x32 = at_least_fp32(x).unflatten(-1, (self.groups, -1))
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.flatten(-2).to(x.dtype)
 
@@ -54,7 +59,7 @@ class RotaryEmbedding(nn.Module):
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x: [..., T, heads, D]; cos/sin: [..., T, rotary_dim] broadcast over heads. Computed in fp32."""
     rot = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot].float(), x[..., rot:]
+    x_rot, x_pass = at_least_fp32(x[..., :rot]), x[..., rot:]
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     half = rot // 2
     rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)

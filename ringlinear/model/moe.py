@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..config import RingLinearConfig
 from ..ops.moe import grouped_swiglu
-from .layers import MLP
+from .layers import MLP, at_least_fp32
 
 
 class Router(nn.Module):
@@ -41,7 +41,7 @@ class Router(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [N, hidden] -> (weights [N, k] fp32, expert indices [N, k])."""
         c = self.config
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(at_least_fp32(x), at_least_fp32(self.weight))
         scores = torch.sigmoid(logits) if c.score_function == "sigmoid" else logits.softmax(-1)
         choice = scores + self.expert_bias if c.moe_router_enable_expert_bias else scores
         if c.n_group > 1:
@@ -87,7 +87,7 @@ class Experts(nn.Module):
         y_sorted = grouped_swiglu(x[order // k], self.gate_proj, self.up_proj, self.down_proj, counts)
         y = torch.empty_like(y_sorted)
         y[order] = y_sorted
-        return (y.view(N, k, -1).float() * weights[..., None]).sum(1).to(x.dtype)
+        return (at_least_fp32(y.view(N, k, -1)) * weights[..., None]).sum(1).to(x.dtype)
 
 
 class MoE(nn.Module):

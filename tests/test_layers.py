@@ -1,0 +1,142 @@
+"""Building blocks and routing against independent float64 references."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ringlinear import RingLinearConfig
+from ringlinear.model.layers import GroupRMSNorm, RMSNorm, RotaryEmbedding, apply_rotary
+from ringlinear.model.moe import MoE
+from ringlinear.ops.attention import causal_attention
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_rms_norm_and_group_norm():
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    norm = RMSNorm(12, eps=1e-6).double()
+    norm.weight.data.normal_()
+    expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    assert rel(norm(x), expected) < 1e-12
+    group = GroupRMSNorm(12, groups=3, eps=1e-6).double()
+    group.weight.data.normal_()
+    parts = [p / torch.sqrt((p**2).mean(-1, keepdim=True) + 1e-6) for p in x.split(4, dim=-1)]
+    assert rel(group(x), torch.cat(parts, -1) * group.weight) < 1e-12
+
+
+def test_partial_neox_rope_rotates_pairs_by_position():
+    D, rot, theta = 8, 4, 10000.0
+    x = torch.randn(2, 6, 3, D, dtype=torch.float64)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5], [7, 9, 11, 13, 15, 17]])
+    cos, sin = RotaryEmbedding(rot, theta)(positions)
+    out = apply_rotary(x, cos, sin)
+    # NeoX pairs channel i with i + rot/2 and turns the pair by angle pos * theta^(-2i/rot).
+    expected = x.clone()
+    for i in range(rot // 2):
+        angle = positions.double()[..., None] * theta ** (-2 * i / rot)
+        pair = torch.complex(x[..., i], x[..., i + rot // 2]) * torch.exp(1j * angle)
+        expected[..., i], expected[..., i + rot // 2] = pair.real, pair.imag
+    assert rel(out, expected) < 1e-6  # cos/sin are computed in fp32
+    assert torch.equal(out[..., rot:], x[..., rot:])
+
+
+def naive_attention(q, k, v, scale, allowed):
+    """Loop over heads with an explicit mask `allowed[i, j]`; KV heads repeated for GQA."""
+    H, KV = q.shape[2], k.shape[2]
+    out = torch.zeros_like(q)
+    for h in range(H):
+        kh, vh = k[:, :, h // (H // KV)], v[:, :, h // (H // KV)]
+        scores = scale * q[:, :, h] @ kh.transpose(-1, -2)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[:, :, h] = scores.softmax(-1) @ vh
+    return out
+
+
+def test_causal_attention_full_prefix_and_packed():
+    q = torch.randn(2, 7, 4, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 7, 2, 8, dtype=torch.float64), torch.randn(2, 7, 2, 8, dtype=torch.float64)
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    assert rel(causal_attention(q, k, v, 0.3), naive_attention(q, k, v, 0.3, causal)) < 1e-12
+    # 3 new queries after 4 cached keys
+    assert rel(causal_attention(q[:, 4:], k, v, 0.3), naive_attention(q, k, v, 0.3, causal)[:, 4:]) < 1e-12
+    cu = torch.tensor([0, 3, 7])
+    doc = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    allowed = causal & (doc[:, None] == doc[None, :])
+    assert rel(causal_attention(q[:1], k[:1], v[:1], 0.3, cu_seqlens=cu),
+               naive_attention(q[:1], k[:1], v[:1], 0.3, allowed)) < 1e-12
+
+
+def route_one_token(x, config, gate_w, bias):
+    """The published routing rule for one token, spelled out with Python sorting."""
+    scores = [1 / (1 + math.exp(-float(s))) for s in gate_w @ x]
+    choice = [s + float(b) for s, b in zip(scores, bias)]
+    size = config.num_experts // config.n_group
+    groups = [sum(sorted(choice[g * size:(g + 1) * size], reverse=True)[:2]) for g in range(config.n_group)]
+    kept = sorted(range(config.n_group), key=lambda g: -groups[g])[:config.topk_group]
+    candidates = [e for e in range(config.num_experts) if e // size in kept]
+    chosen = sorted(candidates, key=lambda e: -choice[e])[:config.num_experts_per_tok]
+    total = sum(scores[e] for e in chosen)
+    return {e: scores[e] / total * config.routed_scaling_factor for e in chosen}
+
+
+def test_moe_matches_a_per_token_loop():
+    torch.manual_seed(0)
+    config = RingLinearConfig.preset("tiny", hidden_size=32, moe_intermediate_size=16,
+                                     moe_shared_expert_intermediate_size=16)
+    moe = MoE(config).double()
+    for p in moe.parameters():
+        p.data.normal_(std=0.3)
+    moe.gate.expert_bias.normal_(std=0.5)  # large enough to change the choice
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    out = moe(x)
+    E = moe.experts
+    for b in range(2):
+        for t in range(9):
+            xt = x[b, t]
+            expected = moe.shared_experts(xt)
+            for e, w in route_one_token(xt, config, moe.gate.weight.detach(), moe.gate.expert_bias).items():
+                h = F.silu(E.gate_proj[e] @ xt) * (E.up_proj[e] @ xt)
+                expected = expected + w * (E.down_proj[e] @ h)
+            assert rel(out[b, t], expected) < 1e-10
+
+
+def test_bias_changes_the_choice_not_the_weights():
+    config = RingLinearConfig.preset("tiny", hidden_size=32)
+    moe = MoE(config)
+    for p in moe.parameters():
+        p.data.normal_(std=0.3)
+    x = torch.randn(50, 32)
+    weights, experts = moe.gate(x)
+    favourite = experts.flatten().mode().values
+    moe.gate.expert_bias[favourite] -= 10.0  # push the most chosen expert out
+    weights2, experts2 = moe.gate(x)
+    assert (experts == favourite).any() and not (experts2 == favourite).any()
+    scores = torch.sigmoid(x @ moe.gate.weight.T)
+    expected = scores.gather(1, experts2)
+    expected = expected / expected.sum(-1, keepdim=True) * config.routed_scaling_factor
+    assert torch.allclose(weights2, expected, atol=1e-6)
+
+
+def test_expert_bias_update_balances_load():
+    config = RingLinearConfig.preset("tiny", hidden_size=32)
+    moe = MoE(config).train()
+    load = torch.arange(16, dtype=torch.float32)
+    moe.gate.expert_load.copy_(load)
+    moe.gate.update_bias(1e-3)
+    sign = torch.sign(load.mean() - load)
+    assert torch.allclose(moe.gate.expert_bias, 1e-3 * (sign - sign.mean()))
+    assert moe.gate.expert_load.sum() == 0
+    moe(torch.randn(4, 5, 32))
+    assert moe.gate.expert_load.sum() == 4 * 5 * config.num_experts_per_tok
+
+
+def test_expert_bias_stays_fp32_under_dtype_casts():
+    moe = MoE(RingLinearConfig.preset("tiny", hidden_size=32))
+    moe.gate.expert_bias.fill_(1 + 2**-20)  # not representable in bf16
+    moe = moe.to(torch.bfloat16)
+    assert moe.gate.weight.dtype == torch.bfloat16
+    assert moe.gate.expert_bias.dtype == torch.float32 and moe.gate.expert_bias[0].item() == 1 + 2**-20
