@@ -14,7 +14,7 @@ from .model import RingLinearForCausalLM
 class ModelInfo:
     total_params: int
     active_params: int  # touched per token: shared weights + the k routed experts of each MoE layer
-    embedding_params: int
+    embedding_params: int  # input embedding plus the LM head (one matrix if tied)
     layer_map: str  # one letter per layer: L = Lightning, S = softmax; MTP layers after '+'
     kv_bytes_per_token: int  # softmax layers' keys and values per token of context, per sequence
     state_bytes_per_sequence: int  # linear layers' fp32 states per sequence, whatever its length
@@ -29,7 +29,7 @@ def model_info(config: RingLinearConfig, cache_dtype: torch.dtype = torch.bfloat
     total = sum(p.numel() for p in model.parameters())
     expert_params = sum(p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
     active_experts = expert_params * config.num_experts_per_tok // config.num_experts
-    embedding = model.model.word_embeddings.weight.numel()
+    embedding = sum(p.numel() for p in {model.model.word_embeddings.weight, model.lm_head.weight})
     letters = "".join("S" if config.is_softmax_layer(i) else "L" for i in range(config.num_hidden_layers))
     if config.num_nextn_predict_layers:
         letters += "+" + "S" * config.num_nextn_predict_layers
@@ -61,8 +61,8 @@ def describe(config: RingLinearConfig, cache_dtype: torch.dtype = torch.bfloat16
     info = model_info(config, cache_dtype)
     all_softmax = model_info(config.replace(layer_group_size=1), cache_dtype)
     lines = [
-        f"parameters       {_human(info.total_params)} total, {_human(info.active_params)} active per token "
-        f"({_human(info.embedding_params)} in the input embedding)",
+        f"parameters       {_human(info.total_params)} total, {_human(info.active_params)} active per token, "
+        f"{_human(info.active_params - info.embedding_params)} without embedding and LM head",
         f"layers           {info.layer_map}   (L = Lightning attention, S = softmax GQA, + = MTP)",
         f"experts          {config.num_experts} routed, {config.num_experts_per_tok} per token in "
         f"{config.topk_group} of {config.n_group} groups, {config.num_shared_experts} shared; "
