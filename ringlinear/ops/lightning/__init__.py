@@ -7,6 +7,8 @@ by one token against a pool of fp32 states. The "torch" backend is the chunked r
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import Tensor
 
@@ -48,20 +50,19 @@ def _check_cu_seqlens(cu_seqlens: Tensor, batch: int, seq_len: int) -> list[int]
     return offsets
 
 
-def _pick_backend(backend: str, device: torch.device) -> str:
+def _pick_backend(backend: str, x: Tensor) -> str:
+    """"auto" is Triton for CUDA tensors of a kernel dtype; float64 stays on the reference."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+        fast = x.device.type == "cuda" and x.dtype != torch.float64 and _triton_available()
+        return "triton" if fast else "torch"
     return backend
 
 
 def _triton_available() -> bool:
-    try:
-        from . import chunk  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # find_spec, not an import: importing triton here would fix TRITON_INTERPRET for the process
+    return importlib.util.find_spec("triton") is not None
 
 
 def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None = None,
@@ -88,7 +89,7 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: fl
     if initial_state is not None and initial_state.shape != (num_seqs, H, D, D):
         raise ValueError(f"initial_state must have shape [N, H, D, D]={[num_seqs, H, D, D]}, "
                          f"got {list(initial_state.shape)}")
-    backend = _pick_backend(backend, q.device)
+    backend = _pick_backend(backend, q)
     if backend == "triton":
         from .chunk import lightning_attn_triton
         return lightning_attn_triton(q, k, v, log_decay, scale, initial_state, output_final_state,
@@ -126,7 +127,7 @@ def lightning_decode(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: 
     if slots.shape != (N,) or slots.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slots must be an int tensor [N]=[{N}], got shape {list(slots.shape)} "
                          f"dtype {slots.dtype}")
-    if _pick_backend(backend, q.device) == "triton":
+    if _pick_backend(backend, q) == "triton":
         from .decode import lightning_decode_triton
         return lightning_decode_triton(q, k, v, log_decay, state, slots, scale)
     return lightning_decode_reference(q, k, v, log_decay, state, slots, scale)

@@ -1,0 +1,309 @@
+"""Lightning attention in Triton: chunked forward and backward.
+
+Per head, with λ = exp(g), g = log_decay[h] < 0, and chunks of BT tokens (n valid), the forward is
+
+    o_i = scale · q_i (λ^(i+1) S + Σ_{j≤i} λ^(i-j) k_jᵀ v_j),      S ← λ^n S + Σ_j (λ^(n-1-j) k_j)ᵀ v_j
+
+with the fp32 state S [D, BV] held in registers across the chunk loop of one program. Every decay
+factor is exp(g·m) with m ≥ 0, so any λ over any length underflows to 0 at worst, never to inf/NaN.
+
+The backward is the same scan run three more times with other roles ("query", "key", "value"):
+    dq = scan(do, v, k)             forward in time, initial state S0ᵀ
+    dk = scan(v, do, q)  reversed   initial state dSᵀ_final
+    dv = scan(k, q, do)  reversed   initial state dS_final, its final state is dS0
+where "reversed" runs over the sequence back to front with the decay exponents shifted by one
+(λ^i on the query role, λ^(n-j) on the key role), still all ≥ 0. All three run in one launch.
+
+Parallelism: one program per (sequence, head, role, D_v tile, segment). A long sequence is split
+into segments of `seg_len` tokens; a first launch computes each segment's own state contribution
+(from zero), and each program of the main launch starts from
+    S_in(s) = λ^(s·LS) S0 + Σ_{s'<s} λ^((s-1-s')·LS) local(s'),
+so B = 1 at 64K tokens still fills the GPU. Short sequences take a single launch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BT = 64  # chunk length; segments are multiples of it
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_v: int     # D_v tile of one program (the state it carries is [D, block_v] fp32)
+    num_warps: int
+    num_stages: int
+
+
+def default_config(head_dim: int) -> KernelConfig:
+    if head_dim == 256:
+        return KernelConfig(block_v=64, num_warps=8, num_stages=1)
+    return KernelConfig(block_v=64 if head_dim == 128 else 32, num_warps=4, num_stages=2)
+
+
+@triton.jit
+def _bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
+    """First token (int64, into the flattened token axis) and length of sequence i_n."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        length = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_n.to(tl.int64) * T
+        length = T
+    return bos, length
+
+
+@triton.jit
+def _token_offsets(bos, length, pos, i_h, rev, H: tl.constexpr, D: tl.constexpr):
+    """Element offsets of the rows at direction-local positions `pos` (reversed: from the end)."""
+    t = tl.where(rev != 0, length - 1 - pos, pos)
+    return ((bos + t) * H + i_h) * D
+
+
+@triton.jit(do_not_specialize=["T", "total_segs"])
+def _local_state_kernel(
+    k, v, q, do, hl, cu_seqlens, seg_base, log_decay, scale, T, total_segs,
+    H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, LS: tl.constexpr,
+    NJOBS: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Each full (non-last) segment's own state, from zero: job 0 forward over (k, v), job 1
+    (backward only) reversed over (scale·q, do)."""
+    NV: tl.constexpr = D // BV
+    pid = tl.program_id(0)
+    i_s = tl.program_id(1)
+    i_v = pid % NV
+    job = (pid // NV) % NJOBS
+    i_nh = pid // (NV * NJOBS)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos, length = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    if i_s >= tl.cdiv(length, LS) - 1:  # the last segment's own state is never needed
+        return
+    if job == 0:
+        kr = k
+        vr = v
+    else:
+        kr = q
+        vr = do
+    rev = job
+    g = tl.load(log_decay + i_h).to(tl.float32)
+    rows = tl.arange(0, BT)
+    cols_k = tl.arange(0, D)
+    cols_v = i_v * BV + tl.arange(0, BV)
+    k_decay = tl.exp(g * (BT - 1 - rows + rev)) * tl.where(job == 0, 1.0, scale)
+    chunk_decay = tl.exp(g * BT)
+    S = tl.zeros([D, BV], dtype=tl.float32)
+    for c in range(i_s * LS, (i_s + 1) * LS, BT):
+        off = _token_offsets(bos, length, c + rows, i_h, rev, H, D)
+        bk = tl.load(kr + off[:, None] + cols_k[None, :])
+        bv = tl.load(vr + off[:, None] + cols_v[None, :])
+        bk = (bk * k_decay[:, None]).to(bv.dtype)
+        S = tl.dot(tl.trans(bk), bv, S * chunk_decay, input_precision=DOT_PREC)
+    if IS_VARLEN:
+        seg = tl.load(seg_base + i_n) + i_s
+    else:
+        seg = i_n * tl.cdiv(T, LS) + i_s
+    p = hl + ((job * total_segs + seg).to(tl.int64) * H + i_h) * D * D
+    tl.store(p + cols_k[:, None] * D + cols_v[None, :], S)
+
+
+@triton.jit(do_not_specialize=["T", "total_segs"])
+def _chunk_kernel(
+    q, k, v, do, o, dk, dv, h0, dht, ht, hl, cu_seqlens, seg_base, log_decay, scale, T, total_segs,
+    H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, LS: tl.constexpr,
+    NJOBS: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_FINAL: tl.constexpr,
+    SPLIT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """The chunked scan. NJOBS = 1: forward (q, k, v) -> o, h0 -> ht. NJOBS = 3: the backward jobs
+    dq, dk, dv as in the module docstring, writing into (o, dk, dv) and dS0 into ht."""
+    NV: tl.constexpr = D // BV
+    pid = tl.program_id(0)
+    i_s = tl.program_id(1)
+    i_v = pid % NV
+    job = (pid // NV) % NJOBS
+    i_nh = pid // (NV * NJOBS)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos, length = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    nseg = tl.maximum(tl.cdiv(length, LS), 1)  # an empty sequence still passes h0 on to ht
+    if i_s >= nseg:
+        return
+    # roles; a job's states are read transposed when its key role is not the forward key dim
+    if NJOBS == 1:
+        qr, kr, vr, out, init = q, k, v, o, h0
+    else:
+        if job == 0:
+            qr, kr, vr, out, init = do, v, k, o, h0
+        elif job == 1:
+            qr, kr, vr, out, init = v, do, q, dk, dht
+        else:
+            qr, kr, vr, out, init = k, q, do, dv, dht
+    rev = tl.minimum(job, 1)
+    has_init = tl.where(job == 0, HAS_H0, HAS_DHT)
+    q_scale = tl.where(job == 0, scale, 1.0)
+    k_scale = tl.where(job == 0, 1.0, scale)
+    transposed = (NJOBS > 1) & (job < 2)
+    stride_r = tl.where(transposed, 1, D)
+    stride_c = tl.where(transposed, D, 1)
+
+    g = tl.load(log_decay + i_h).to(tl.float32)
+    rows = tl.arange(0, BT)
+    cols_k = tl.arange(0, D)
+    cols_v = i_v * BV + tl.arange(0, BV)
+    state_offs = cols_k[:, None] * stride_r + cols_v[None, :] * stride_c
+    p0 = i_s * LS
+    p1 = tl.minimum(p0 + LS, length)
+
+    S = tl.zeros([D, BV], dtype=tl.float32)
+    if has_init:
+        S += tl.load(init + i_nh.to(tl.int64) * D * D + state_offs) * tl.exp(g * p0)
+    if SPLIT:
+        if IS_VARLEN:
+            seg0 = tl.load(seg_base + i_n)
+        else:
+            seg0 = i_n * tl.cdiv(T, LS)
+        slot = (rev * total_segs + seg0).to(tl.int64)
+        for s in range(0, i_s):
+            S += tl.load(hl + ((slot + s) * H + i_h) * D * D + state_offs) * tl.exp(g * ((i_s - 1 - s) * LS))
+
+    dist = rows[:, None] - rows[None, :]
+    intra_decay = tl.where(dist >= 0, tl.exp(g * tl.maximum(dist, 0)), 0.0) * (q_scale * k_scale)
+    q_decay = tl.exp(g * (rows + 1 - rev)) * q_scale
+    for c in range(p0, p1, BT):
+        n = tl.minimum(p1 - c, BT)
+        valid = (rows < n)[:, None]
+        off = _token_offsets(bos, length, c + rows, i_h, rev, H, D)
+        bq = tl.load(qr + off[:, None] + cols_k[None, :], mask=valid, other=0.0)
+        bk = tl.load(kr + off[:, None] + cols_k[None, :], mask=valid, other=0.0)
+        bv = tl.load(vr + off[:, None] + cols_v[None, :], mask=valid, other=0.0)
+        dt = bv.dtype
+        A = tl.dot(bq, tl.trans(bk), input_precision=DOT_PREC) * intra_decay
+        # decays applied to fp32 products where possible: fewer roundings to 16 bits
+        bo = tl.dot(bq, S.to(dt), input_precision=DOT_PREC) * q_decay[:, None]
+        bo = tl.dot(A.to(dt), bv, bo, input_precision=DOT_PREC)
+        tl.store(out + off[:, None] + cols_v[None, :], bo.to(out.dtype.element_ty), mask=valid)
+        k_decay = tl.exp(g * tl.maximum(n - 1 - rows + rev, 0)) * k_scale
+        S = tl.dot(tl.trans((bk * k_decay[:, None]).to(dt)), bv, S * tl.exp(g * n), input_precision=DOT_PREC)
+    if STORE_FINAL:
+        if (job == NJOBS - 1) & (i_s == nseg - 1):
+            tl.store(ht + i_nh.to(tl.int64) * D * D + state_offs, S)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    num_seqs: int
+    seg_len: int
+    max_segs: int       # segments of the longest sequence (grid axis 1)
+    total_segs: int     # Σ over sequences (slots of the local-state buffer)
+    seg_base: Tensor | None  # [N] first slot of each sequence, varlen only
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def _plan(q: Tensor, offsets: list[int] | None, cu_seqlens: Tensor | None, programs_per_segment: int,
+          seg_len: int | None) -> _Plan:
+    """Split sequences into segments so that about 3 programs per SM run in the main launch."""
+    B, T = q.shape[:2]
+    lengths = [T] * B if offsets is None else [b - a for a, b in zip(offsets, offsets[1:])]
+    longest = max(lengths, default=0)
+    if seg_len is None:
+        segments_wanted = triton.cdiv(3 * _num_sms(q.device), programs_per_segment)
+        seg_len = max(4 * BT, triton.cdiv(triton.cdiv(sum(lengths), segments_wanted), BT) * BT)
+    if seg_len % BT:
+        raise ValueError(f"seg_len must be a multiple of {BT}, got {seg_len}")
+    seg_len = max(BT, min(seg_len, triton.cdiv(max(longest, 1), BT) * BT))
+    counts = [max(triton.cdiv(n, seg_len), 1) for n in lengths]
+    seg_base = None
+    if cu_seqlens is not None and max(counts) > 1:
+        c = torch.clamp((cu_seqlens[1:] - cu_seqlens[:-1] + seg_len - 1) // seg_len, min=1)
+        seg_base = (torch.cumsum(c, 0) - c).to(torch.int32)
+    return _Plan(len(lengths), seg_len, max(counts), sum(counts), seg_base)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is the default and moot for 16-bit
+
+
+def _scan(q: Tensor, k: Tensor, v: Tensor, do: Tensor | None, log_decay: Tensor, scale: float,
+          h0: Tensor | None, dht: Tensor | None, store_final: bool, cu_seqlens: Tensor | None,
+          offsets: list[int] | None, config: KernelConfig, seg_len: int | None):
+    """Forward (do is None): returns (o, ht). Backward: returns (dq, dk, dv, dh0)."""
+    B, T, H, D = q.shape
+    backward = do is not None
+    njobs = 3 if backward else 1
+    nv = D // config.block_v
+    plan = _plan(q, offsets, cu_seqlens, njobs * nv * H, seg_len)
+    N = plan.num_seqs
+    f32 = dict(device=q.device, dtype=torch.float32)
+    none = torch.empty(0, **f32)  # stands for absent states; guarded by constexpr flags
+    meta = dict(H=H, D=D, BT=BT, BV=config.block_v, LS=plan.seg_len, IS_VARLEN=cu_seqlens is not None,
+                DOT_PREC=_dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
+    common = (cu_seqlens, plan.seg_base, log_decay, scale, T, plan.total_segs)
+    split = plan.max_segs > 1
+    hl = none
+    if split:
+        local_jobs = 2 if backward else 1
+        hl = torch.empty(local_jobs, plan.total_segs, H, D, D, **f32)
+        _local_state_kernel[(N * H * local_jobs * nv, plan.max_segs - 1)](
+            k, v, q, do if backward else v, hl, *common, NJOBS=local_jobs, **meta)
+    final = torch.empty(N, H, D, D, **f32) if store_final else none
+    out = torch.empty_like(q)
+    dk, dv = (torch.empty_like(k), torch.empty_like(v)) if backward else (out, out)
+    _chunk_kernel[(N * H * njobs * nv, plan.max_segs)](
+        q, k, v, do if backward else v, out, dk, dv, none if h0 is None else h0,
+        none if dht is None else dht, final, hl, *common, NJOBS=njobs, HAS_H0=h0 is not None,
+        HAS_DHT=dht is not None, STORE_FINAL=store_final, SPLIT=split, **meta)
+    if backward:
+        return out, dk, dv, final if store_final else None
+    return out, final if store_final else None
+
+
+class LightningAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, offsets,
+                config, seg_len):
+        o, ht = _scan(q, k, v, None, log_decay, scale, initial_state, None, output_final_state, cu_seqlens,
+                      offsets, config, seg_len)
+        ctx.save_for_backward(q, k, v, log_decay, initial_state, cu_seqlens)
+        ctx.scale, ctx.offsets, ctx.config = scale, offsets, config
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, log_decay, initial_state, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv, dh0 = _scan(q, k, v, do.contiguous(), log_decay, ctx.scale, initial_state,
+                                None if dht is None else dht.float().contiguous(), initial_state is not None,
+                                cu_seqlens, ctx.offsets, ctx.config, None)
+        return dq, dk, dv, None, None, dh0, None, None, None, None, None
+
+
+def lightning_attn_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None,
+                          initial_state: Tensor | None, output_final_state: bool, cu_seqlens: Tensor | None,
+                          offsets: list[int] | None, *, config: KernelConfig | None = None,
+                          seg_len: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """Triton backend of `lightning_attn` (inputs already validated by the dispatcher).
+
+    `config` and `seg_len` (forward segment length, a multiple of 64) override the defaults; the
+    backward picks its own segment length."""
+    D = q.shape[-1]
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"the Triton kernels support head dims {SUPPORTED_HEAD_DIMS}, got D={D}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"the Triton kernels take fp16, bf16 or fp32 inputs, got {q.dtype}")
+    scale = D**-0.5 if scale is None else float(scale)
+    config = config or default_config(D)
+    log_decay = log_decay.to(device=q.device, dtype=torch.float32).contiguous()
+    if initial_state is not None:
+        initial_state = initial_state.float().contiguous()
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.contiguous()
+    return LightningAttnFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), log_decay, scale,
+                                       initial_state, output_final_state, cu_seqlens, offsets, config, seg_len)
