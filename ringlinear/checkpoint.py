@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -55,34 +55,87 @@ def save_model(model: RingLinearForCausalLM, directory: str | Path, max_shard_by
     """Write config.json, the weights (sharded above `max_shard_bytes`) and the tokenizer if given."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = model.config
     dtype = next(model.parameters()).dtype
-    config.replace(torch_dtype=str(dtype).removeprefix("torch.")).save(directory)
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for name, tensor in to_checkpoint_tensors(model):
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor.detach().contiguous().cpu()
-        size += nbytes
-    for stale in [*directory.glob("model*.safetensors"), directory / INDEX_FILE]:
-        stale.unlink(missing_ok=True)
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], directory / SINGLE_FILE, metadata=metadata)
-    else:
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards, start=1):
-            filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, directory / filename, metadata=metadata)
-            weight_map.update({name: filename for name in shard})
-            total += sum(t.numel() * t.element_size() for t in shard.values())
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    model.config.replace(torch_dtype=str(dtype).removeprefix("torch.")).save(directory)
+    save_tensors(to_checkpoint_tensors(model), directory, max_shard_bytes)
     if tokenizer is not None:
         tokenizer.save(str(directory / "tokenizer.json"))
+
+
+def save_tensors(named_tensors: Iterable[tuple[str, Tensor]], directory: Path,
+                 max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write tensors as model.safetensors, or as shards plus model.safetensors.index.json. Each
+    shard is written as soon as it is full, so a stream of tensors never sits in memory whole."""
+    for stale in [*directory.glob("model*.safetensors"), directory / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        path = directory / f"model-{len(written) + 1:05d}.safetensors.partial"
+        save_file(shard, path, metadata={"format": "pt"})
+        written.append((path, list(shard)))
+        shard.clear()
+
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            size = 0
+        shard[name] = tensor.detach().contiguous().cpu()
+        size += nbytes
+        total += nbytes
+    flush()
+    if len(written) == 1:
+        written[0][0].rename(directory / SINGLE_FILE)
+        return
+    weight_map = {}
+    for i, (path, names) in enumerate(written, start=1):
+        filename = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+        path.rename(directory / filename)
+        weight_map.update({name: filename for name in names})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+class CheckpointReader:
+    """The tensors of a checkpoint directory by name; each safetensors file is opened once."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.files = _checkpoint_files(self.directory)  # tensor name -> file
+        self._handles: dict[Path, object] = {}
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def __getitem__(self, name: str) -> Tensor:
+        path = self.files[name]
+        if path not in self._handles:
+            self._handles[path] = _open(path).__enter__()
+        try:
+            return self._handles[path].get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {name} from {path}: {e}") from None
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_tensors(directory: str | Path) -> Iterator[tuple[str, Tensor]]:
+    """Every (checkpoint name, tensor) of a checkpoint directory."""
+    with CheckpointReader(directory) as reader:
+        for name in reader.names():
+            yield name, reader[name]
 
 
 def _checkpoint_files(directory: Path) -> dict[str, Path]:
@@ -119,8 +172,8 @@ def _canonical(name: str) -> str:
 
 def load_state(model: RingLinearForCausalLM, directory: str | Path) -> None:
     """Copy the checkpoint's tensors into `model`, checking names and shapes first."""
-    directory = Path(directory)
-    files = _checkpoint_files(directory)
+    reader = CheckpointReader(directory)
+    files = reader.files
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -139,26 +192,22 @@ def load_state(model: RingLinearForCausalLM, directory: str | Path) -> None:
     unexpected = sorted(set(present) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint {directory} does not match the model of its config.json: "
+            f"checkpoint {reader.directory} does not match the model of its config.json: "
             f"{len(missing)} missing weights {_preview(missing)}, {len(unexpected)} unexpected weights "
             f"{_preview(unexpected)}")
-    by_file: dict[Path, list[str]] = {}
-    for canonical, stored in present.items():
-        by_file.setdefault(files[stored], []).append(canonical)
-    for path, names in by_file.items():
-        with _open(path) as f:
-            for canonical in names:
-                target, expert = expected[canonical]
-                want = target.shape if expert is None else target.shape[1:]
-                try:
-                    source = f.get_tensor(present[canonical])
-                except (SafetensorError, OSError) as e:
-                    raise CheckpointError(f"cannot read {present[canonical]} from {path}: {e}") from None
-                if source.shape != want:
-                    raise CheckpointError(f"{present[canonical]} in {path.name} has shape {list(source.shape)}, "
-                                          f"the model expects {list(want)}")
-                with torch.no_grad():
-                    (target if expert is None else target[expert]).copy_(source)
+    with reader:
+        for stored in reader.names():
+            _copy_into(expected[_canonical(stored)], reader[stored], stored, files[stored])
+
+
+def _copy_into(destination: tuple[Tensor, int | None], source: Tensor, stored: str, path: Path) -> None:
+    target, expert = destination
+    want = target.shape if expert is None else target.shape[1:]
+    if source.shape != want:
+        raise CheckpointError(f"{stored} in {path.name} has shape {list(source.shape)}, "
+                              f"the model expects {list(want)}")
+    with torch.no_grad():
+        (target if expert is None else target[expert]).copy_(source)
 
 
 def _preview(names: list[str], limit: int = 8) -> str:
