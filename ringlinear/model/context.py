@@ -7,7 +7,8 @@ positions the tokens have, what the attention sees besides them, and what is kep
 - `HybridCache`: B sequences advanced together (prefill, then decode), keeping per linear layer one
   fp32 state [B, H, D, D] and per softmax layer the keys and values.
 
-The inference engine supplies its own context (state slots, paged KV) with the same three methods.
+Both take the Lightning `backend` ("auto": Triton on CUDA, else the PyTorch reference). The
+inference engine supplies its own context (state slots, paged KV) with the same methods.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class SequenceContext(AttentionContext):
     """Whole sequences from position 0. With `cu_seqlens` ([N+1] offsets, B = 1) the documents packed
     along T neither attend to each other nor share a Lightning state, and positions restart at 0."""
 
-    def __init__(self, cu_seqlens: Tensor | None = None):
-        self.cu_seqlens = cu_seqlens
+    def __init__(self, cu_seqlens: Tensor | None = None, backend: str = "auto"):
+        self.cu_seqlens, self.backend = cu_seqlens, backend
 
     def document_ids(self, seq_len: int, device: torch.device) -> Tensor:
         if self.cu_seqlens is None:
@@ -61,7 +62,7 @@ class SequenceContext(AttentionContext):
         return positions.expand(batch, seq_len)
 
     def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor) -> Tensor:
-        return lightning_attn(q, k, v, log_decay, cu_seqlens=self.cu_seqlens)[0]
+        return lightning_attn(q, k, v, log_decay, cu_seqlens=self.cu_seqlens, backend=self.backend)[0]
 
     def softmax(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         return causal_attention(q, k, v, scale, cu_seqlens=self.cu_seqlens)
@@ -71,7 +72,8 @@ class HybridCache(AttentionContext):
     """Inference cache for B sequences of equal length, preallocated for `max_length` tokens."""
 
     def __init__(self, config: RingLinearConfig, batch_size: int, max_length: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "auto"):
+        self.backend = backend
         H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.batch_size, self.max_length, self.length = batch_size, max_length, 0
         self.states: dict[int, Tensor] = {}
@@ -101,8 +103,10 @@ class HybridCache(AttentionContext):
     def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor) -> Tensor:
         state = self.states[layer_idx]
         if q.shape[1] == 1:
-            return lightning_decode(q[:, 0], k[:, 0], v[:, 0], log_decay, state, self._slots)[:, None]
-        o, final = lightning_attn(q, k, v, log_decay, initial_state=state, output_final_state=True)
+            return lightning_decode(q[:, 0], k[:, 0], v[:, 0], log_decay, state, self._slots,
+                                    backend=self.backend)[:, None]
+        o, final = lightning_attn(q, k, v, log_decay, initial_state=state, output_final_state=True,
+                                  backend=self.backend)
         state.copy_(final)
         return o
 
