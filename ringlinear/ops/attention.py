@@ -22,6 +22,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
     Returns [B, Tq, H, D].
     """
     Tq, Tk = q.shape[1], k.shape[1]
+    if cu_seqlens is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return _flash_varlen(q, k, v, scale, cu_seqlens)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     gqa = q.shape[1] != k.shape[1]
     if cu_seqlens is None and Tq == Tk:
@@ -37,3 +39,14 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
             mask = mask & (doc[None, :] == doc[Tk - Tq:, None])
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return o.transpose(1, 2)
+
+
+def _flash_varlen(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor) -> Tensor:
+    """Packed documents on CUDA through FlashAttention's varlen kernel (GQA native, differentiable);
+    the aten op is what `torch.nn.attention.varlen` wraps, and its signature is stable across the
+    PyTorch versions we support while the wrapper's is not."""
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    o = torch.ops.aten._flash_attention_forward(q[0], k[0], v[0], cu, cu, longest, longest, 0.0, True, False,
+                                                scale=scale)[0]
+    return o[None]
