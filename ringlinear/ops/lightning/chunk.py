@@ -41,7 +41,10 @@ class KernelConfig:
     num_stages: int
 
 
-def default_config(head_dim: int) -> KernelConfig:
+def default_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
+    if dtype == torch.float32:  # tiles twice the bytes: no prefetch stage, narrower at D = 256
+        return KernelConfig(block_v=32 if head_dim == 256 else 64, num_warps=8 if head_dim == 256 else 4,
+                            num_stages=1)
     if head_dim == 256:
         return KernelConfig(block_v=64, num_warps=8, num_stages=1)
     return KernelConfig(block_v=64 if head_dim == 128 else 32, num_warps=4, num_stages=2)
@@ -66,10 +69,10 @@ def _token_offsets(bos, length, pos, i_h, rev, H: tl.constexpr, D: tl.constexpr)
     return ((bos + t) * H + i_h) * D
 
 
-@triton.jit(do_not_specialize=["T", "total_segs"])
+@triton.jit(do_not_specialize=["T", "LS", "total_segs"])
 def _local_state_kernel(
-    k, v, q, do, hl, cu_seqlens, seg_base, log_decay, scale, T, total_segs,
-    H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, LS: tl.constexpr,
+    k, v, q, do, hl, cu_seqlens, seg_base, log_decay, scale, T, LS, total_segs,
+    H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     NJOBS: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Each full (non-last) segment's own state, from zero: job 0 forward over (k, v), job 1
@@ -113,10 +116,10 @@ def _local_state_kernel(
     tl.store(p + cols_k[:, None] * D + cols_v[None, :], S)
 
 
-@triton.jit(do_not_specialize=["T", "total_segs"])
+@triton.jit(do_not_specialize=["T", "LS", "total_segs"])
 def _chunk_kernel(
-    q, k, v, do, o, dk, dv, h0, dht, ht, hl, cu_seqlens, seg_base, log_decay, scale, T, total_segs,
-    H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, LS: tl.constexpr,
+    q, k, v, do, o, dk, dv, h0, dht, ht, hl, cu_seqlens, seg_base, log_decay, scale, T, LS, total_segs,
+    H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     NJOBS: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_FINAL: tl.constexpr,
     SPLIT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -148,7 +151,7 @@ def _chunk_kernel(
     has_init = tl.where(job == 0, HAS_H0, HAS_DHT)
     q_scale = tl.where(job == 0, scale, 1.0)
     k_scale = tl.where(job == 0, 1.0, scale)
-    transposed = (NJOBS > 1) & (job < 2)
+    transposed = job < NJOBS - 1  # dq and dk (backward jobs 0, 1)
     stride_r = tl.where(transposed, 1, D)
     stride_c = tl.where(transposed, D, 1)
 
@@ -228,8 +231,8 @@ def _plan(q: Tensor, offsets: list[int] | None, cu_seqlens: Tensor | None, progr
     return _Plan(len(lengths), seg_len, max(counts), sum(counts), seg_base)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is the default and moot for 16-bit
+def _dot_precision(dtype: torch.dtype) -> str | None:
+    return "ieee" if dtype == torch.float32 else None  # None: the default, for 16-bit operands
 
 
 def _scan(q: Tensor, k: Tensor, v: Tensor, do: Tensor | None, log_decay: Tensor, scale: float,
@@ -244,9 +247,9 @@ def _scan(q: Tensor, k: Tensor, v: Tensor, do: Tensor | None, log_decay: Tensor,
     N = plan.num_seqs
     f32 = dict(device=q.device, dtype=torch.float32)
     none = torch.empty(0, **f32)  # stands for absent states; guarded by constexpr flags
-    meta = dict(H=H, D=D, BT=BT, BV=config.block_v, LS=plan.seg_len, IS_VARLEN=cu_seqlens is not None,
+    meta = dict(H=H, D=D, BT=BT, BV=config.block_v, IS_VARLEN=cu_seqlens is not None,
                 DOT_PREC=_dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
-    common = (cu_seqlens, plan.seg_base, log_decay, scale, T, plan.total_segs)
+    common = (cu_seqlens, plan.seg_base, log_decay, scale, T, plan.seg_len, plan.total_segs)
     split = plan.max_segs > 1
     hl = none
     if split:
@@ -273,7 +276,7 @@ class LightningAttnFunction(torch.autograd.Function):
         o, ht = _scan(q, k, v, None, log_decay, scale, initial_state, None, output_final_state, cu_seqlens,
                       offsets, config, seg_len)
         ctx.save_for_backward(q, k, v, log_decay, initial_state, cu_seqlens)
-        ctx.scale, ctx.offsets, ctx.config = scale, offsets, config
+        ctx.scale, ctx.offsets, ctx.config, ctx.seg_len = scale, offsets, config, seg_len
         return o, ht
 
     @staticmethod
@@ -281,7 +284,7 @@ class LightningAttnFunction(torch.autograd.Function):
         q, k, v, log_decay, initial_state, cu_seqlens = ctx.saved_tensors
         dq, dk, dv, dh0 = _scan(q, k, v, do.contiguous(), log_decay, ctx.scale, initial_state,
                                 None if dht is None else dht.float().contiguous(), initial_state is not None,
-                                cu_seqlens, ctx.offsets, ctx.config, None)
+                                cu_seqlens, ctx.offsets, ctx.config, ctx.seg_len)
         return dq, dk, dv, None, None, dh0, None, None, None, None, None
 
 
@@ -291,15 +294,15 @@ def lightning_attn_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, sc
                           seg_len: int | None = None) -> tuple[Tensor, Tensor | None]:
     """Triton backend of `lightning_attn` (inputs already validated by the dispatcher).
 
-    `config` and `seg_len` (forward segment length, a multiple of 64) override the defaults; the
-    backward picks its own segment length."""
+    `config` and `seg_len` (a multiple of 64) override the kernel defaults, in both directions; by
+    default the forward and the backward (three times the programs) each pick their segments."""
     D = q.shape[-1]
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"the Triton kernels support head dims {SUPPORTED_HEAD_DIMS}, got D={D}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"the Triton kernels take fp16, bf16 or fp32 inputs, got {q.dtype}")
     scale = D**-0.5 if scale is None else float(scale)
-    config = config or default_config(D)
+    config = config or default_config(D, q.dtype)
     log_decay = log_decay.to(device=q.device, dtype=torch.float32).contiguous()
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()

@@ -1,0 +1,393 @@
+"""Lightning attention kernels on one GPU: full-size correctness, then speed side by side with
+flash-linear-attention (fla 0.6.0) and PyTorch SDPA, against the measured hardware floor.
+
+    python benchmarks/bench_lightning.py [--commit SHA] [--out DIR]
+
+Correctness: our kernels and fla's `chunk_simple_gla` against the float64 chunked reference, at the
+benchmark shapes (bf16, H = 16, D = 128, Ring-mini layer-0 decays, λ from 0.49 to 0.996), with initial
+and final states, gradients, varlen with 1-token and empty sequences, and the decode step.
+Speed: `triton.testing.do_bench` medians; the decode step replayed from CUDA graphs. The floor of
+each op is max(FLOPs / measured bf16 GEMM rate, bytes / measured copy bandwidth).
+Results go to stdout (a table last) and to DIR/bench_lightning.json (DIR: --out, else $OUT, else .).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from ringlinear.config import alibi_slopes
+from ringlinear.ops import lightning_attn, lightning_decode
+from ringlinear.ops.lightning import lightning_attn_chunked, lightning_decode_reference
+from ringlinear.ops.lightning.chunk import KernelConfig, _chunk_kernel, _local_state_kernel, lightning_attn_triton
+from ringlinear.ops.lightning.decode import _decode_kernel, lightning_decode_triton
+
+H, D = 16, 128
+SHAPES = [(16, 4096), (4, 16384), (1, 65536)]
+DECODE_BATCHES = [1, 64, 256]
+CONFIGS = [KernelConfig(64, 4, 2), KernelConfig(64, 4, 3), KernelConfig(64, 8, 2), KernelConfig(128, 8, 2),
+           KernelConfig(128, 8, 1), KernelConfig(32, 4, 2)]
+T0 = time.time()
+
+
+def log(*args):
+    print(f"[{time.time() - T0:6.1f}s]", *args, flush=True)
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def bench(fn, warmup=25, rep=100) -> float:
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+class Report:
+    def __init__(self, out_dir: str, meta: dict):
+        self.path = os.path.join(out_dir, "bench_lightning.json")
+        self.data = {"meta": meta, "ceilings": {}, "checks": [], "timings": [], "kernels": []}
+
+    def save(self):
+        with open(self.path, "w") as f:
+            json.dump(self.data, f, indent=1)
+
+    def check(self, name: str, err: float, tol: float):
+        ok = err <= tol
+        self.data["checks"].append(dict(name=name, rel_err=err, tol=tol, ok=ok))
+        log(f"check {name:58s} rel {err:.2e} (tol {tol:.0e}) {'ok' if ok else 'FAIL'}")
+
+    def time(self, op: str, shape: str, variant: str, ms: float, flops: float, bytes_: float, floor_ms: float,
+             baseline_ms: float | None = None):
+        row = dict(op=op, shape=shape, variant=variant, ms=ms, tflops=flops / ms / 1e9, tbps=bytes_ / ms / 1e9,
+                   floor_ms=floor_ms, x_floor=ms / floor_ms,
+                   speedup_vs_fla=None if baseline_ms is None else baseline_ms / ms)
+        self.data["timings"].append(row)
+        sp = "" if baseline_ms is None else f"  {baseline_ms / ms:5.2f}x fla"
+        log(f"time {op:8s} {shape:10s} {variant:34s} {ms * 1e3:9.1f} us {row['tflops']:6.1f} TFLOP/s "
+            f"{row['tbps']:5.2f} TB/s {row['x_floor']:5.2f}x floor{sp}")
+        self.save()
+        return ms
+
+
+def ceilings(rep: Report) -> tuple[float, float]:
+    x = torch.randn(2**28, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    bw = 2 * x.numel() * 4 / bench(lambda: y.copy_(x)) / 1e9  # TB/s, bytes read + written
+    del x, y
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    peak = 2 * 8192**3 / bench(lambda: a @ b) / 1e9  # TFLOP/s
+    rep.data["ceilings"] = dict(copy_tbps=bw, bf16_gemm_tflops=peak)
+    log(f"ceilings: copy {bw:.2f} TB/s, bf16 GEMM 8192^3 {peak:.0f} TFLOP/s")
+    return bw, peak
+
+
+def log_decay() -> torch.Tensor:
+    return -torch.tensor(alibi_slopes(H), device="cuda") * (1 + 1e-5)  # layer 0 of Ring-mini
+
+
+def qkv(B, T, requires_grad=False, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(requires_grad)
+            for _ in range(3)]
+
+
+def reference(q, k, v, g, h0, offsets=None):
+    """float64 chunked reference (per sequence for varlen)."""
+    q, k, v = (x.double() for x in (q, k, v))
+    h0 = None if h0 is None else h0.double()
+    if offsets is None:
+        return lightning_attn_chunked(q, k, v, g.double(), None, h0)
+    outs, finals = [], []
+    for n, (a, b) in enumerate(zip(offsets, offsets[1:])):
+        o, f = lightning_attn_chunked(q[:, a:b], k[:, a:b], v[:, a:b], g.double(), None,
+                                      None if h0 is None else h0[n:n + 1])
+        outs.append(o)
+        finals.append(f)
+    return torch.cat(outs, 1), torch.cat(finals)
+
+
+def check_chunk(rep: Report, fla, B: int, T: int, offsets: list[int] | None = None):
+    """Forward, final state and all gradients against float64; the forward against fla too."""
+    name = f"B{B}xT{T}" if offsets is None else f"varlen N={len(offsets) - 1}"
+    g = log_decay()
+    N = B if offsets is None else len(offsets) - 1
+    cu = None if offsets is None else torch.tensor(offsets, device="cuda", dtype=torch.int32)
+    q, k, v = qkv(B, T, requires_grad=True, seed=1)
+    h0 = (0.1 * torch.randn(N, H, D, D, device="cuda")).requires_grad_()
+    o, ht = lightning_attn(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+    grads = torch.autograd.grad([o, ht], [q, k, v, h0], [do, dht])
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, h0)]
+    ro, rh = reference(*leaves[:3], g, leaves[3], offsets)
+    ref_grads = torch.autograd.grad([ro, rh], leaves, [do.double(), dht.double()])
+    rep.check(f"fwd o      {name}", rel(o, ro), 5e-3)
+    rep.check(f"fwd final  {name}", rel(ht, rh), 5e-3)
+    for n_, a, b in zip(("dq", "dk", "dv", "dh0"), grads, ref_grads):
+        rep.check(f"bwd {n_:6s} {name}", rel(a, b), 5e-3)
+    if fla is not None:
+        fo, fh = fla.chunk_simple_gla(q.detach(), k.detach(), v.detach(), g_gamma=g, scale=D**-0.5,
+                                      initial_state=h0.detach(), output_final_state=True,
+                                      cu_seqlens=None if cu is None else cu.long())
+        rep.check(f"fla o vs float64 {name}", rel(fo, ro), 5e-3)
+        rep.check(f"fla final vs float64 {name}", rel(fh, rh), 5e-3)
+        rep.check(f"ours o vs fla {name}", rel(o, fo), 1e-2)
+        rep.check(f"ours final vs fla {name}", rel(ht, fh), 1e-2)
+
+
+def check_decode(rep: Report, fla):
+    N, pool = 64, 160
+    g = log_decay()
+    q, k, v = (torch.randn(N, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    state = torch.randn(pool, H, D, D, device="cuda")
+    slots = torch.randperm(pool, device="cuda")[:N]
+    ref_state = state.double()
+    ref_o = lightning_decode_reference(q.double(), k.double(), v.double(), g, ref_state, slots)
+    before = state.clone()
+    o = lightning_decode(q, k, v, g, state, slots)
+    rep.check("decode o (N=64, slots scattered in a pool of 160)", rel(o, ref_o), 5e-3)
+    rep.check("decode state", rel(state, ref_state), 1e-6)
+    untouched = torch.ones(pool, dtype=torch.bool, device="cuda")
+    untouched[slots] = False
+    rep.check("decode slots outside `slots` untouched", float(not torch.equal(state[untouched], before[untouched])), 0)
+    if fla is not None:
+        fo, _ = fla.fused_recurrent_simple_gla(q[:, None], k[:, None], v[:, None], g_gamma=g, scale=D**-0.5,
+                                               initial_state=before[slots], output_final_state=True)
+        rep.check("decode ours vs fla fused_recurrent", rel(o, fo[:, 0]), 1e-2)
+
+
+def chunk_costs(B: int, T: int, bw: float, peak: float) -> dict:
+    """FLOPs (tensor-core work of the chunked algorithm, C = 64, causal half of the intra-chunk
+    products) and fewest bytes, forward and forward + backward (three more scans)."""
+    tokens_heads = B * T * H
+    fwd_flops = tokens_heads * (4 * D * D + 2 * 64 * D)
+    elems = B * T * H * D * 2  # bytes of one bf16 [B, T, H, D] tensor
+    fwd_bytes, fb_bytes = 4 * elems, 4 * elems + 7 * elems  # + bwd reads q, k, v, do, writes dq, dk, dv
+    return dict(fwd=(fwd_flops, fwd_bytes, max(fwd_flops / peak / 1e9, fwd_bytes / bw / 1e9)),
+                fwdbwd=(4 * fwd_flops, fb_bytes, max(4 * fwd_flops / peak / 1e9, fb_bytes / bw / 1e9)))
+
+
+def time_chunk(rep: Report, fla, B: int, T: int, bw: float, peak: float) -> dict:
+    shape = f"B{B}xT{T // 1024}K"
+    g = log_decay()
+    costs = chunk_costs(B, T, bw, peak)
+    q, k, v = qkv(B, T, requires_grad=True)
+    do = torch.randn_like(q)
+    out = {}
+
+    def fwd(**kw):
+        return lambda: lightning_attn_triton(q, k, v, g, None, None, False, None, None, **kw)
+
+    def fwdbwd(**kw):
+        def step():
+            o, _ = lightning_attn_triton(q, k, v, g, None, None, False, None, None, **kw)
+            o.backward(do)
+        return step
+
+    def t(op, variant, fn, base=None):
+        flops, bytes_, floor = costs[op]
+        ms = bench(fn) if op == "fwd" else do_bench(fn, warmup=25, rep=100, grad_to_none=[q, k, v],
+                                                     return_mode="median")
+        return rep.time(op, shape, variant, ms, flops, bytes_, floor, base)
+
+    with torch.no_grad():
+        fla_fwd = None
+        if fla is not None:
+            fla_fwd = t("fwd", "fla chunk_simple_gla", lambda: fla.chunk_simple_gla(q, k, v, g_gamma=g, scale=D**-0.5))
+        out["fwd"] = t("fwd", "ours (default)", fwd(), fla_fwd)
+        t("fwd", "ours via lightning_attn()", lambda: lightning_attn(q, k, v, g), fla_fwd)
+        for cfg in CONFIGS:
+            t("fwd", f"ours BV{cfg.block_v} w{cfg.num_warps} s{cfg.num_stages}", fwd(config=cfg), fla_fwd)
+        for seg in sorted(s for s in {2048, 4096, 8192, T} if s <= T):
+            t("fwd", f"ours seg_len {seg}" + (" (no split)" if seg == T else ""), fwd(seg_len=seg), fla_fwd)
+        out["fwd_repeat"] = t("fwd", "ours (default, again)", fwd(), fla_fwd)
+        out["fla_fwd"] = fla_fwd
+    fla_fb = None
+    if fla is not None:
+        def fla_step():
+            o, _ = fla.chunk_simple_gla(q, k, v, g_gamma=g, scale=D**-0.5)
+            o.backward(do)
+        fla_fb = t("fwdbwd", "fla chunk_simple_gla", fla_step)
+    out["fwdbwd"] = t("fwdbwd", "ours (default)", fwdbwd(), fla_fb)
+    for cfg in (KernelConfig(64, 8, 2), KernelConfig(128, 8, 2)):
+        t("fwdbwd", f"ours BV{cfg.block_v} w{cfg.num_warps} s{cfg.num_stages}", fwdbwd(config=cfg), fla_fb)
+    t("fwdbwd", "ours seg_len T (no split)", fwdbwd(seg_len=T), fla_fb)
+    out["fla_fwdbwd"] = fla_fb
+    out["sdpa"] = time_sdpa(rep, B, T, peak)
+    return out
+
+
+def time_sdpa(rep: Report, B: int, T: int, peak: float) -> float | None:
+    """The softmax layer a linear one replaces: causal GQA, 16 query / 4 kv heads, forward."""
+    try:
+        with torch.no_grad():
+            q = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
+            k, v = (torch.randn(B, 4, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            flops = 4 * B * H * T * T * D / 2
+            ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    except Exception:
+        log(f"SDPA B{B}xT{T} failed:\n{traceback.format_exc()}")
+        return None
+    return rep.time("sdpa", f"B{B}xT{T // 1024}K", "SDPA causal GQA 16q/4kv fwd", ms, flops,
+                    (2 * H + 8) * B * T * D * 2, flops / peak / 1e9)
+
+
+def graph_time(step, layers: int) -> float:
+    """Per-step time of `layers` decode steps (one per layer's state pool) replayed from one CUDA graph."""
+    for i in range(layers):
+        step(i)  # compile / autotune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(layers):
+            step(i)
+    return bench(graph.replay) / layers
+
+
+def time_decode(rep: Report, fla, N: int, bw: float, peak: float) -> dict:
+    g = log_decay()
+    state_bytes = N * H * D * D * 4
+    layers = min(64, max(2, math.ceil(200e6 / state_bytes)))  # > 4x the 50 MB L2 in flight per replay
+    pools = [torch.randn(N, H, D, D, device="cuda") * 0.1 for _ in range(layers)]
+    slots = [torch.randperm(N, device="cuda") for _ in range(layers)]
+    xs = [[torch.randn(N, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3)] for _ in range(layers)]
+    bytes_ = 2 * state_bytes + 4 * N * H * D * 2
+    flops = 4 * N * H * D * D
+    floor = bytes_ / bw / 1e9
+    shape = f"B{N}"
+    out = {}
+    with torch.no_grad():
+        fla_ms = fla_1 = None
+        if fla is not None:
+            def fla_step(i):
+                q, k, v = xs[i]
+                fla.fused_recurrent_simple_gla(q[:, None], k[:, None], v[:, None], g_gamma=g, scale=D**-0.5,
+                                               initial_state=pools[i], output_final_state=True)
+            fla_ms = rep.time("decode", shape, f"fla fused_recurrent, graph of {layers}", graph_time(fla_step, layers),
+                              flops, bytes_, floor)
+            fla_1 = rep.time("decode", shape, "fla fused_recurrent, graph of 1", graph_time(fla_step, 1), flops,
+                             bytes_, floor)
+
+        def ours(i):
+            q, k, v = xs[i]
+            lightning_decode(q, k, v, g, pools[i], slots[i])
+
+        def ours_block(block_v):
+            def step(i):
+                q, k, v = xs[i]
+                lightning_decode_triton(q, k, v, g, pools[i], slots[i], block_v=block_v)
+            return step
+        out["decode"] = rep.time("decode", shape, f"ours, graph of {layers}", graph_time(ours, layers), flops,
+                                 bytes_, floor, fla_ms)
+        out["decode_1"] = rep.time("decode", shape, "ours, graph of 1", graph_time(ours, 1), flops, bytes_, floor,
+                                   fla_1)
+        for bv in (8, 16, 32, 64):
+            rep.time("decode", shape, f"ours BV{bv}, graph of {layers}", graph_time(ours_block(bv), layers), flops,
+                     bytes_, floor, fla_ms)
+        out["fla_decode"], out["fla_decode_1"] = fla_ms, fla_1
+    return out
+
+
+def kernel_resources(rep: Report):
+    """Registers, spills and shared memory of every compiled variant (from Triton's cache)."""
+    for fn in (_chunk_kernel, _local_state_kernel, _decode_kernel):
+        for cache in fn.device_caches.values():
+            for kernel in cache[0].values():
+                kernel = kernel.result() if hasattr(kernel, "result") else kernel
+                md = kernel.metadata
+                consts = getattr(getattr(kernel, "src", None), "constexprs", None) or {}
+                names = {fn.arg_names[k[0]]: v for k, v in consts.items()
+                         if isinstance(k, tuple) and fn.arg_names[k[0]].isupper() and fn.arg_names[k[0]] != "H"}
+                row = dict(kernel=fn.__name__, regs=kernel.n_regs, spills=kernel.n_spills, shared=md.shared,
+                           warps=md.num_warps, stages=md.num_stages, constexprs=str(names))
+                rep.data["kernels"].append(row)
+                log(f"kernel {fn.__name__:20s} regs {kernel.n_regs:3d} spills {kernel.n_spills:3d} "
+                    f"smem {md.shared:6d} warps {md.num_warps} stages {md.num_stages} {names}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--commit", default="unknown")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    try:
+        import fla
+        fla_version = getattr(fla, "__version__", "?")
+        import fla.ops.simple_gla as fla_ops
+    except Exception as e:  # noqa: BLE001 - the baselines are optional; say why they are absent
+        fla_ops, fla_version = None, f"unavailable ({e!r})"
+    props = torch.cuda.get_device_properties(0)
+    import triton
+    meta = dict(date=time.strftime("%Y-%m-%d"), device=props.name, sms=props.multi_processor_count,
+                torch=torch.__version__, triton=triton.__version__, fla=fla_version, commit=args.commit)
+    rep = Report(args.out, meta)
+    log(meta)
+    bw, peak = ceilings(rep)
+
+    lengths = [1, 0, 20000, 3, 40000, 5532, 0]
+    offsets = [0] + [sum(lengths[:i + 1]) for i in range(len(lengths))]
+    sections = [(f"check B{B}xT{T}", lambda B=B, T=T: check_chunk(rep, fla_ops, B, T)) for B, T in SHAPES]
+    sections += [("check varlen", lambda: check_chunk(rep, fla_ops, 1, offsets[-1], offsets)),
+                 ("check decode", lambda: check_decode(rep, fla_ops))]
+    summary = {}
+    sections += [(f"decode B{N}", lambda N=N: summary.__setitem__(f"B{N}", time_decode(rep, fla_ops, N, bw, peak)))
+                 for N in DECODE_BATCHES]
+    sections += [(f"chunk B{B}xT{T}", lambda B=B, T=T: summary.__setitem__((B, T), time_chunk(rep, fla_ops, B, T, bw,
+                                                                                                peak)))
+                 for B, T in SHAPES]
+    for name, run in sections:  # one failing section must not hide the others' results
+        try:
+            run()
+        except Exception:
+            log(f"section {name} FAILED:\n{traceback.format_exc()}")
+            rep.data.setdefault("failures", []).append(name)
+        torch.cuda.empty_cache()
+    kernel_resources(rep)
+    rep.save()
+
+    print_summary(rep, summary, bw, peak)
+
+
+def print_summary(rep: Report, summary: dict, bw: float, peak: float):
+    checks, meta = rep.data["checks"], rep.data["meta"]
+    ours = [c["rel_err"] for c in checks if not c["name"].startswith("fla")]
+    print(f"\nchecks: {sum(c['ok'] for c in checks)}/{len(checks)} ok; worst of ours: rel err {max(ours, default=0):.2e}; "
+          f"failed sections: {rep.data.get('failures', [])}")
+    print(f"ceilings: copy {bw:.2f} TB/s, bf16 GEMM {peak:.0f} TFLOP/s; {meta['device']}, torch {meta['torch']}, "
+          f"triton {meta['triton']}, fla {meta['fla']}, commit {meta['commit']}")
+    print("\n| op | shape | fla | ours | speedup (target) | floor | ours / floor |")
+    print("|---|---|---|---|---|---|---|")
+    for B, T in SHAPES:
+        r, name = summary.get((B, T)), f"B{B}xT{T // 1024}K"
+        if r is None:
+            continue
+        costs = chunk_costs(B, T, bw, peak)
+        for op, key, target in (("fwd", "fwd", 3.0), ("fwd+bwd", "fwdbwd", 2.0)):
+            f, o, fl = r[f"fla_{key}"], r[key], costs[key][2]
+            sp = f"{f / o:.2f}x" if f else "-"
+            print(f"| {op} | {name} | {f or float('nan'):.3f} ms | {o:.3f} ms | {sp} ({target:.0f}x) | {fl:.3f} ms | "
+                  f"{o / fl:.1f} |")
+        if r["sdpa"]:
+            print(f"| SDPA causal GQA fwd | {name} | | {r['sdpa']:.3f} ms | | | |")
+    for N in DECODE_BATCHES:
+        r = summary.get(f"B{N}")
+        if r is None:
+            continue
+        bytes_ = 2 * N * H * D * D * 4 + 4 * N * H * D * 2
+        f, o, fl = r["fla_decode"], r["decode"], bytes_ / bw / 1e9
+        sp = f"{f / o:.2f}x" if f else "-"
+        print(f"| decode step (graph) | B{N} | {(f or float('nan')) * 1e3:.1f} us | {o * 1e3:.1f} us = "
+              f"{bytes_ / o / 1e9:.2f} TB/s | {sp} (1.1x) | {fl * 1e3:.1f} us | {o / fl:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
