@@ -1,0 +1,56 @@
+"""Byte-level BPE tokenizer trained with `tokenizers`, corpus tokenization to a numpy array, and the
+bytes each token stands for (for bits per byte)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+
+EOS = "<|endoftext|>"  # id 0: ends every document
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
+    """A GPT-2 style byte-level BPE: every byte is a token, so any text round-trips exactly."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def encode_documents(tokenizer: Tokenizer, texts: Sequence[str], batch: int = 256) -> np.ndarray:
+    """All documents as one token stream, each followed by EOS."""
+    eos = tokenizer.token_to_id(EOS)
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    pieces = []
+    for start in tqdm(range(0, len(texts), batch), desc="tokenizing", unit="batch", leave=False):
+        for encoding in tokenizer.encode_batch_fast(list(texts[start:start + batch]), add_special_tokens=False):
+            pieces.append(np.asarray(encoding.ids, dtype=dtype))
+            pieces.append(np.asarray([eos], dtype=dtype))
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+
+
+def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
+    """[vocab_size] UTF-8 bytes of text each token id encodes: 0 for special and unused ids. The
+    byte-level alphabet maps each byte to one character, so a token's length is its byte count."""
+    lengths = np.zeros(vocab_size, dtype=np.int64)
+    special = {added.content for added in tokenizer.get_added_tokens_decoder().values()}
+    for token, i in tokenizer.get_vocab().items():
+        if token not in special and i < vocab_size:
+            lengths[i] = len(token)
+    return lengths
+
+
+def bits_per_byte(nats: float, num_bytes: int) -> float:
+    """Summed cross-entropy in nats over the UTF-8 bytes of the text those tokens encode."""
+    return nats / (math.log(2) * num_bytes)

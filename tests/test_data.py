@@ -1,0 +1,178 @@
+"""Corpus discovery, the train/validation split, the tokenizer, batches and bits per byte."""
+
+import math
+import sysconfig
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ringlinear.data import (EOS, Document, encode_documents, load_documents, prepare_dataset, split_documents,
+                             token_byte_lengths, train_batch, train_tokenizer, validation_batches)
+from ringlinear.data import dataset as dataset_module
+from ringlinear.train import evaluate
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+@pytest.fixture(scope="module")
+def stdlib_docs():
+    return load_documents()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [d.text for d in load_documents([STDLIB / "json", STDLIB / "email"])]
+    return train_tokenizer(texts, vocab_size=600)
+
+
+def test_default_corpus_is_the_standard_library_sources(stdlib_docs):
+    names = [d.name for d in stdlib_docs]
+    assert names == sorted(names)
+    assert {"os.py", "json/__init__.py", "collections/__init__.py"} <= set(names)
+    assert all(n.endswith(".py") for n in names)
+    assert not any("site-packages" in n for n in names)
+    assert len(names) > 500
+    by_name = {d.name: d.text for d in stdlib_docs}
+    assert by_name["os.py"] == (STDLIB / "os.py").read_text(encoding="utf-8")
+
+
+def test_split_is_deterministic_disjoint_and_stable(stdlib_docs):
+    train, val = split_documents(stdlib_docs, 0.05)
+    train_names, val_names = {d.name for d in train}, {d.name for d in val}
+    assert not train_names & val_names
+    assert train_names | val_names == {d.name for d in stdlib_docs}
+    assert 0.02 < len(val) / len(stdlib_docs) < 0.08
+    again_train, again_val = split_documents(list(reversed(stdlib_docs)), 0.05)
+    assert {d.name for d in again_val} == val_names
+    # A document's side depends on its own name only: dropping half the corpus moves nobody.
+    _, half_val = split_documents(stdlib_docs[::2], 0.05)
+    assert {d.name for d in half_val} == val_names & {d.name for d in stdlib_docs[::2]}
+
+
+def test_split_holds_out_at_least_one_document():
+    docs = [Document(f"{i}.txt", "x") for i in range(3)]
+    train, val = split_documents(docs, 1e-9)
+    assert len(val) == 1 and len(train) == 2
+    with pytest.raises(ValueError, match="at least 2 documents"):
+        split_documents(docs[:1], 0.5)
+
+
+def test_user_files_and_folders(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "b.md").write_text("# bee\n")
+    (tmp_path / "notes" / "a.txt").write_text("ünïcode ✓\n")
+    (tmp_path / "notes" / "sub").mkdir()
+    (tmp_path / "notes" / "sub" / "c.txt").write_text("sea\n")
+    (tmp_path / "notes" / ".git").mkdir()
+    (tmp_path / "notes" / ".git" / "HEAD").write_text("ref: x\n")
+    (tmp_path / "notes" / "image.bin").write_bytes(b"\x89PNG\0\0\x01")
+    (tmp_path / "notes" / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "single.txt").write_text("one file\n")
+    docs = load_documents([tmp_path / "notes", tmp_path / "single.txt"])
+    assert [(d.name, d.text) for d in docs] == [
+        ("a.txt", "ünïcode ✓\n"), ("b.md", "# bee\n"), ("sub/c.txt", "sea\n"), ("single.txt", "one file\n")]
+
+
+def test_missing_or_empty_paths_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or folder: .*nowhere"):
+        load_documents([tmp_path / "nowhere"])
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "x.bin").write_bytes(b"\0\1\2")
+    with pytest.raises(FileNotFoundError, match="no UTF-8 text files found"):
+        load_documents([tmp_path / "blobs"])
+    with pytest.raises(ValueError, match="not a UTF-8 text file"):
+        load_documents([tmp_path / "blobs" / "x.bin"])
+
+
+def test_tokenizer_round_trips_any_text(tokenizer):
+    assert tokenizer.token_to_id(EOS) == 0
+    assert tokenizer.get_vocab_size() == 600
+    for text in ["def f(x):\n    return x ** 2\n", "naïve café 日本語 🙂\r\n\ttabs  and  spaces", "\x00\x7f"]:
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        assert 0 not in ids
+        assert tokenizer.decode(ids) == text
+
+
+def test_encoded_documents_are_separated_by_eos_and_bytes_add_up(tokenizer):
+    texts = ["import os\n", "x = 'é'\n", "print('hi')\n"]
+    stream = encode_documents(tokenizer, texts)
+    assert stream.dtype == np.uint16
+    ends = np.flatnonzero(stream == 0)
+    assert len(ends) == 3 and ends[-1] == len(stream) - 1
+    pieces = np.split(stream, ends + 1)[:3]
+    assert [tokenizer.decode(p[:-1].tolist()) for p in pieces] == texts
+    lengths = token_byte_lengths(tokenizer, vocab_size=1024)
+    assert lengths[0] == 0 and (lengths[600:] == 0).all()
+    assert lengths[stream].sum() == sum(len(t.encode()) for t in texts)
+
+
+class _FixedLogits(nn.Module):
+    """A stand-in model whose logits are given."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, input_ids):
+        return SimpleNamespace(logits=self.logits[: input_ids.shape[0]])
+
+
+def test_bits_per_byte_against_a_hand_computation(tokenizer):
+    ids = tokenizer.encode("def add(a, b):\n    return a + b\n", add_special_tokens=False).ids[:6]
+    batch = torch.tensor([ids])
+    vocab = 600
+    logits = torch.randn(1, 6, vocab, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    nats = sum(-torch.log_softmax(logits[0, t], -1)[ids[t + 1]].item() for t in range(5))
+    num_bytes = len(tokenizer.decode(ids[1:]).encode())  # the text of the predicted tokens
+    expected_bpb = nats / math.log(2) / num_bytes
+    loss, bpb = evaluate(_FixedLogits(logits.float()), [batch], token_byte_lengths(tokenizer, vocab),
+                         torch.device("cpu"))
+    assert loss == pytest.approx(nats / 5, rel=1e-5)
+    assert bpb == pytest.approx(expected_bpb, rel=1e-5)
+    # A uniform prediction costs log2(V) bits per token.
+    _, uniform_bpb = evaluate(_FixedLogits(torch.zeros(1, 6, vocab)), [batch],
+                              token_byte_lengths(tokenizer, vocab), torch.device("cpu"))
+    assert uniform_bpb == pytest.approx(5 * math.log2(vocab) / num_bytes, rel=1e-6)
+
+
+def test_train_batches_depend_on_seed_and_step_only():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    a = train_batch(tokens, seed=1, step=7, batch_size=4, seq_len=16)
+    assert a.shape == (4, 16) and a.dtype == torch.int64
+    assert torch.equal(a, train_batch(tokens, seed=1, step=7, batch_size=4, seq_len=16))
+    assert not torch.equal(a, train_batch(tokens, seed=1, step=8, batch_size=4, seq_len=16))
+    assert not torch.equal(a, train_batch(tokens, seed=2, step=7, batch_size=4, seq_len=16))
+    assert torch.equal(a - a[:, :1], torch.arange(16).expand(4, 16))  # contiguous windows of the stream
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        train_batch(tokens[:10], seed=1, step=0, batch_size=1, seq_len=16)
+
+
+def test_validation_windows_are_fixed_and_span_the_split():
+    tokens = np.arange(1000, dtype=np.uint16)
+    batches = validation_batches(tokens, num_batches=2, batch_size=3, seq_len=10)
+    starts = torch.cat(batches)[:, 0].tolist()
+    assert len(batches) == 2 and batches[0].shape == (3, 10)
+    assert starts[0] == 0 and starts[-1] == 990
+    assert starts == sorted(starts) and len(set(starts)) == 6
+
+
+def test_dataset_is_cached_and_rebuilt_when_its_inputs_change(tmp_path, monkeypatch):
+    sources = [STDLIB / "json"]
+    first = prepare_dataset(tmp_path, sources, vocab_size=400, val_fraction=0.2)
+    assert first.summary["train_files"] + first.summary["val_files"] == len(load_documents(sources))
+    assert first.token_bytes[first.val].sum() == first.summary["val_bytes"]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(dataset_module, "train_tokenizer", fail)
+    again = prepare_dataset(tmp_path, sources, vocab_size=400, val_fraction=0.2)
+    assert np.array_equal(again.train, first.train) and np.array_equal(again.val, first.val)
+    monkeypatch.undo()
+    bigger = prepare_dataset(tmp_path, sources, vocab_size=500, val_fraction=0.2)
+    assert bigger.tokenizer.get_vocab_size() == 500
+    assert len(bigger.train) < len(first.train)
