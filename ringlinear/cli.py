@@ -1,0 +1,164 @@
+"""`ringlinear train | generate | info`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+from .checkpoint import load_tokenizer
+from .config import PRESETS, RingLinearConfig
+from .generate import generate
+from .info import describe
+from .model import RingLinearForCausalLM
+from .train import TrainConfig, resolve_device, train
+
+# Sampling defaults of `generate`, also used for the sample that ends `train`.
+MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, SEED = 200, 0.8, 0, 0.95, 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _override(text: str) -> tuple[str, Any]:
+    """'KEY=VALUE' with VALUE parsed as JSON when it is JSON (numbers, true, lists), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def stream_samples(model: RingLinearForCausalLM, tokenizer: Tokenizer, prompt: str, num_samples: int = 1,
+                   max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = TEMPERATURE, top_k: int = TOP_K,
+                   top_p: float = TOP_P, seed: int = SEED) -> None:
+    """Print `prompt` and its continuations (sample i uses seed + i) as the tokens come. Each
+    starts a new document: the prompt follows the end-of-text token, as every document in training."""
+    eos = model.config.eos_token_ids
+    prompt_ids = eos[:1] + tokenizer.encode(prompt, add_special_tokens=False).ids
+    for i in range(num_samples):
+        if num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(prompt, end="", flush=True)
+        stream = DecodeStream(skip_special_tokens=True)
+
+        def show(row: int, token: int) -> None:
+            chunk = stream.step(tokenizer, token)
+            if chunk:
+                print(chunk, end="", flush=True)
+
+        generate(model, [prompt_ids], max_new_tokens, temperature, top_k, top_p, eos, seed + i, on_token=show)
+        print()
+
+
+def _train(args: argparse.Namespace) -> None:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    values["model_overrides"] = dict(values["model_overrides"])
+    config = TrainConfig(**values)
+    result = train(config, resume=args.resume)
+    print(f"\nvalidation: {result.val_bpb:.4f} bits per byte")
+    print(f"model saved in {result.checkpoint_dir}; sample it with: "
+          f"ringlinear generate --model {result.checkpoint_dir} --prompt 'def '")
+    print("sample (a new file):\n")
+    stream_samples(result.model, result.tokenizer, "", seed=config.seed)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    if args.num_samples < 1 or args.max_new_tokens < 0:
+        raise ValueError("--num-samples must be >= 1 and --max-new-tokens >= 0")
+    model = RingLinearForCausalLM.from_pretrained(args.model, device=resolve_device(args.device))
+    tokenizer = load_tokenizer(args.model)
+    stream_samples(model, tokenizer, args.prompt, args.num_samples, args.max_new_tokens, args.temperature,
+                   args.top_k, args.top_p, args.seed)
+
+
+def _info(args: argparse.Namespace) -> None:
+    config = RingLinearConfig.from_pretrained(args.model) if args.model else RingLinearConfig.preset(args.preset)
+    print(describe(config))
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "model_overrides":
+            parser.add_argument("--override", dest=f.name, metavar="KEY=VALUE", type=_override, action="append",
+                                default=[], help=f"{f.metadata['help']}, e.g. --override num_hidden_layers=4 "
+                                "(repeatable; see config.json for the fields)")
+        elif f.name == "data":
+            parser.add_argument(flag, dest=f.name, metavar="PATH", nargs="+", default=[], help=f.metadata["help"])
+        elif f.name == "preset":
+            parser.add_argument(flag, dest=f.name, choices=sorted(PRESETS), default=default,
+                                help=f"{f.metadata['help']} (default: {default})")
+        else:
+            parser.add_argument(flag, dest=f.name, type=type(default), default=default,
+                                help=f"{f.metadata['help']} (default: {default})")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out-dir from its last checkpoint; give the same settings "
+                        "as when it started (the losses then equal those of an uninterrupted run)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ringlinear", description="Ring-linear hybrid linear-attention MoE language models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train_parser = commands.add_parser(
+        "train", help="train a model (default: the tiny preset on this Python's standard library)",
+        description="Train a model on one device. With no flags: the tiny preset on the standard library's "
+        ".py files for a few minutes on a CPU, then the validation bits per byte and a sample.")
+    _add_train_flags(train_parser)
+    train_parser.set_defaults(run=_train)
+
+    gen = commands.add_parser("generate", help="continue a prompt with a trained model, streaming the text",
+                              description="Continue a prompt, printing the text as it is produced. Generation "
+                              "stops at the end-of-text token or after --max-new-tokens.")
+    gen.add_argument("--model", required=True, metavar="DIR",
+                     help="checkpoint folder (config.json, safetensors, tokenizer.json), e.g. runs/tiny/checkpoint")
+    gen.add_argument("--prompt", default="", help="text to continue (default: empty, i.e. the start of a new file)")
+    gen.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
+                     help=f"most tokens to generate per sample (default: {MAX_NEW_TOKENS})")
+    gen.add_argument("--temperature", type=float, default=TEMPERATURE,
+                     help=f"sampling temperature; 0 = greedy (default: {TEMPERATURE})")
+    gen.add_argument("--top-k", type=int, default=TOP_K,
+                     help=f"sample among the k most likely tokens; 0 = all (default: {TOP_K})")
+    gen.add_argument("--top-p", type=float, default=TOP_P,
+                     help=f"sample among the most likely tokens that hold this probability mass; 1 = all "
+                     f"(default: {TOP_P})")
+    gen.add_argument("--seed", type=int, default=SEED, help=f"random seed; sample i uses seed + i (default: {SEED})")
+    gen.add_argument("--num-samples", type=int, default=1,
+                     help="continuations to generate, one after the other (default: 1)")
+    gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    gen.set_defaults(run=_generate)
+
+    info = commands.add_parser("info", help="parameters, layer map and cache memory of a model",
+                               description="Parameters (total and active per token), the layer map and the "
+                               "inference cache memory of a checkpoint or a preset.")
+    which = info.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", metavar="DIR", help="checkpoint folder holding config.json")
+    which.add_argument("--preset", choices=sorted(PRESETS), help="a built-in preset")
+    info.set_defaults(run=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
+        parser.exit(2, f"ringlinear {args.command}: error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"ringlinear {args.command}: interrupted\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""`ringlinear train → generate → info` end to end, --help, and one-line errors for bad input."""
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from ringlinear import RingLinearForCausalLM
+from ringlinear.checkpoint import load_tokenizer
+from ringlinear.cli import build_parser, main
+from ringlinear.generate import generate
+from ringlinear.train import TrainConfig
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def train_argv(out_dir) -> list[str]:
+    overrides = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, head_dim=16, intermediate_size=128,
+                     moe_intermediate_size=32, moe_shared_expert_intermediate_size=32)
+    return ["train", "--out-dir", str(out_dir), "--data", str(STDLIB / "json"), str(STDLIB / "email"),
+            *[arg for key, value in overrides.items() for arg in ("--override", f"{key}={value}")],
+            "--steps", "30", "--batch-size", "4", "--seq-len", "32", "--warmup-steps", "3",
+            "--eval-interval", "10", "--eval-batches", "2", "--val-fraction", "0.1"]
+
+
+def run(argv: list[str]) -> str:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        main(argv)
+    return stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("run")
+    return out_dir, run(train_argv(out_dir))
+
+
+def test_train_reports_validation_bits_per_byte_and_a_sample(trained):
+    out_dir, output = trained
+    evals = [m for m in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines()) if "val_bpb" in m]
+    assert [m["step"] for m in evals] == [0, 10, 20, 30]
+    assert f"validation: {evals[-1]['val_bpb']:.4f} bits per byte" in output
+    sample = output.split("sample (a new file):\n\n", 1)[1]
+    assert sample.strip()
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (out_dir / "checkpoint").iterdir()}
+
+
+def test_generate_prints_the_prompt_and_its_continuation(trained):
+    model_dir = trained[0] / "checkpoint"
+    output = run(["generate", "--model", str(model_dir), "--prompt", "def ", "--temperature", "0",
+                  "--max-new-tokens", "40"])
+    model, tokenizer = RingLinearForCausalLM.from_pretrained(model_dir), load_tokenizer(model_dir)
+    prompt = [0] + tokenizer.encode("def ", add_special_tokens=False).ids  # a new document starts after EOS
+    greedy = generate(model, [prompt], max_new_tokens=40, temperature=0.0, eos_token_ids=[0])[0]
+    assert output == "def " + tokenizer.decode(greedy) + "\n"
+
+
+def test_generate_samples_are_seeded(trained):
+    def sample(num_samples: int, seed: int) -> str:
+        return run(["generate", "--model", str(trained[0] / "checkpoint"), "--prompt", "import ", "--max-new-tokens",
+                    "20", "--top-k", "50", "--top-p", "0.9", "--num-samples", str(num_samples), "--seed", str(seed)])
+
+    both = sample(2, seed=3)
+    assert both.startswith("--- sample 1 ---\nimport ") and "\n--- sample 2 ---\nimport " in both
+    assert sample(2, seed=3) == both
+    assert both.split("--- sample 2 ---\n")[1] == sample(1, seed=4)  # sample i uses seed + i
+
+
+def test_info_of_a_checkpoint_and_of_the_presets(trained):
+    assert "LLS " in run(["info", "--model", str(trained[0] / "checkpoint")])
+    assert "LLLLSLLLLSLLLLSLLLLS " in run(["info", "--preset", "mini"])  # softmax layers 4, 9, 14, 19
+    assert "LLLLLLLSLLLLLLLSLLLLLLLSLLLLLLLS+S " in run(["info", "--preset", "flash"])  # 7, 15, 23, 31; MTP
+
+
+def test_resume_through_the_cli(trained, capsys):
+    out_dir, _ = trained
+    with pytest.raises(SystemExit) as exit_info:
+        main(train_argv(out_dir))
+    assert exit_info.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*train_argv(out_dir), "--steps", "40", "--resume"])
+    assert "steps: 30 in the run, 40 now" in capsys.readouterr().err
+    steps_before = (out_dir / "metrics.jsonl").read_text().count('"loss"')
+    output = run([*train_argv(out_dir), "--resume"])  # the run is complete: nothing left to train
+    assert "validation:" in output
+    assert (out_dir / "metrics.jsonl").read_text().count('"loss"') == steps_before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "/no/such/dir"], "no checkpoint directory at /no/such/dir"),
+    (["generate"], "the following arguments are required: --model"),
+    (["info"], "one of the arguments --model --preset is required"),
+    (["info", "--preset", "huge"], "invalid choice: 'huge'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["train", "--steps", "0"], "invalid steps=0: must be positive"),
+    (["train", "--steps", "ten"], "invalid int value: 'ten'"),
+    (["train", "--data", "/no/such/file.txt"], "no such file or folder: /no/such/file.txt"),
+    (["train", "--override", "hidden_size"], "expected KEY=VALUE"),
+    (["train", "--override", "hiden_size=64"], "unknown model config fields in model_overrides: ['hiden_size']"),
+    (["train", "--override", "num_key_value_heads=3"], "num_key_value_heads=3: must divide num_attention_heads"),
+])
+def test_bad_input_is_one_line_without_traceback(argv, message, tmp_path, capsys):
+    if argv[0] == "train":
+        argv = [*argv, "--out-dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("ringlinear") and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no GPU")
+def test_asking_for_a_missing_gpu_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--device", "cuda", "--out-dir", str(tmp_path)])
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_help_explains_every_flag(capsys):
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    expected = {
+        "train": {"--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)
+                  if f.name != "model_overrides"} | {"--override", "--resume"},
+        "generate": {"--model", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
+                     "--num-samples", "--device"},
+        "info": {"--model", "--preset"},
+    }
+    assert set(commands) == set(expected)
+    for name, command in commands.items():
+        flags = {s for a in command._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+        assert flags == expected[name]
+        assert all(a.help for a in command._actions), name
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        assert all(flag in text for flag in expected[name])
