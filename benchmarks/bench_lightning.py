@@ -290,7 +290,7 @@ def time_decode(rep: Report, fla, N: int, bw: float, peak: float) -> dict:
                                  bytes_, floor, fla_ms)
         out["decode_1"] = rep.time("decode", shape, "ours, graph of 1", graph_time(ours, 1), flops, bytes_, floor,
                                    fla_1)
-        for bv in (8, 16, 32, 64):
+        for bv in (8, 16, 32, 64, 128):
             rep.time("decode", shape, f"ours BV{bv}, graph of {layers}", graph_time(ours_block(bv), layers), flops,
                      bytes_, floor, fla_ms)
         out["fla_decode"], out["fla_decode_1"] = fla_ms, fla_1

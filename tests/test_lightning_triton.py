@@ -223,6 +223,11 @@ def test_bad_inputs_raise_value_error():
         lightning_attn(q, k[:, :4], v, g, backend="triton")
     with pytest.raises(ValueError, match="negative"):
         lightning_attn(q, k, v, -g, backend="triton")
+    checked = g.clone()
+    lightning_attn(q, k, v, checked, backend="triton")
+    checked.neg_()  # the sign check is cached per tensor, but not across an in-place change
+    with pytest.raises(ValueError, match="negative"):
+        lightning_attn(q, k, v, checked, backend="triton")
     with pytest.raises(ValueError, match="initial_state"):
         lightning_attn(q, k, v, g, initial_state=state(2, 2, 64), backend="triton")
     for bad in ([0, 5, 3, 8], [0, 4, 7]):

@@ -11,6 +11,7 @@ import importlib.util
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .naive import (lightning_attn_chunked, lightning_attn_quadratic, lightning_attn_recurrent,
                     lightning_decode_reference)
@@ -26,12 +27,20 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+# tensor -> version at which its values were found negative: reading them back is a host sync on a
+# GPU, so a layer's fixed decay buffer is checked once, and again only after an in-place change
+_checked_decays = WeakIdKeyDictionary()
+
+
 def _check_decay(log_decay: Tensor, num_heads: int) -> None:
     if log_decay.shape != (num_heads,):
         raise ValueError(f"log_decay must have shape [H]=[{num_heads}], got {list(log_decay.shape)}")
-    if not _capturing() and bool((log_decay >= 0).any()):
+    if _capturing() or _checked_decays.get(log_decay) == log_decay._version:
+        return
+    if bool((log_decay >= 0).any()):
         raise ValueError("log_decay must be negative (log λ with 0 < λ < 1); got values >= 0: "
                          f"{log_decay.tolist()}")
+    _checked_decays[log_decay] = log_decay._version
 
 
 def _check_cu_seqlens(cu_seqlens: Tensor, batch: int, seq_len: int) -> list[int]:

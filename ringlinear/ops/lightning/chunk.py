@@ -213,16 +213,17 @@ def _num_sms(device: torch.device) -> int:
 
 def _plan(q: Tensor, offsets: list[int] | None, cu_seqlens: Tensor | None, programs_per_segment: int,
           seg_len: int | None) -> _Plan:
-    """Split sequences into segments so that about 3 programs per SM run in the main launch."""
+    """Cut the longest sequences into equal segments, as many as give about two programs per SM."""
     B, T = q.shape[:2]
     lengths = [T] * B if offsets is None else [b - a for a, b in zip(offsets, offsets[1:])]
-    longest = max(lengths, default=0)
+    longest = max(max(lengths, default=0), 1)
     if seg_len is None:
-        segments_wanted = triton.cdiv(3 * _num_sms(q.device), programs_per_segment)
-        seg_len = max(4 * BT, triton.cdiv(triton.cdiv(sum(lengths), segments_wanted), BT) * BT)
+        batch = sum(lengths) / longest  # in units of the longest sequence
+        segments = max(1, round(2 * _num_sms(q.device) / (programs_per_segment * batch)))
+        seg_len = max(4 * BT, triton.cdiv(triton.cdiv(longest, segments), BT) * BT)
     if seg_len % BT:
         raise ValueError(f"seg_len must be a multiple of {BT}, got {seg_len}")
-    seg_len = max(BT, min(seg_len, triton.cdiv(max(longest, 1), BT) * BT))
+    seg_len = min(seg_len, triton.cdiv(longest, BT) * BT)
     counts = [max(triton.cdiv(n, seg_len), 1) for n in lengths]
     seg_base = None
     if cu_seqlens is not None and max(counts) > 1:

@@ -19,8 +19,10 @@ from torch import Tensor
 def _decode_kernel(q, k, v, o, state, slots, log_decay, scale,
                    stride_qn, stride_kn, stride_vn, stride_sn,
                    H: tl.constexpr, D: tl.constexpr, BV: tl.constexpr):
-    i_nh = tl.program_id(0)
-    i_v = tl.program_id(1)
+    NV: tl.constexpr = D // BV
+    pid = tl.program_id(0)  # the D_v tiles of one state are neighbours: one contiguous DRAM region
+    i_nh = pid // NV
+    i_v = pid % NV
     i_n = i_nh // H
     i_h = i_nh % H
     slot = tl.load(slots + i_n).to(tl.int64)
@@ -37,8 +39,8 @@ def _decode_kernel(q, k, v, o, state, slots, log_decay, scale,
 
 
 def decode_block_v(num_rows: int, head_dim: int, num_sms: int) -> int:
-    """Columns per program: 32 (128-byte rows) unless that leaves fewer than ~4 programs per SM."""
-    block_v = 32
+    """Columns per program: 64 (32 KB of state) unless that leaves fewer than ~4 programs per SM."""
+    block_v = 64
     while block_v > 8 and num_rows * (head_dim // block_v) < 4 * num_sms:
         block_v //= 2
     return min(block_v, head_dim)
@@ -61,7 +63,8 @@ def lightning_decode_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, 
     if block_v is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
         block_v = decode_block_v(N * H, D, sms)
-    grid = (N * H, D // block_v)
-    _decode_kernel[grid](q, k, v, out, state, slots, log_decay, scale, q.stride(0), k.stride(0), v.stride(0),
-                         state.stride(0), H=H, D=D, BV=block_v, num_warps=4 if D * block_v >= 4096 else 2)
+    tile = D * block_v
+    _decode_kernel[(N * H * (D // block_v),)](
+        q, k, v, out, state, slots, log_decay, scale, q.stride(0), k.stride(0), v.stride(0), state.stride(0),
+        H=H, D=D, BV=block_v, num_warps=8 if tile >= 16384 else 4 if tile >= 4096 else 2)
     return out
