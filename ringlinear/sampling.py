@@ -1,6 +1,9 @@
-"""Token sampling from logits: greedy, temperature, top-k and top-p, each settable per row."""
+"""Token sampling from logits: greedy, temperature, top-k, top-p and min-p, repetition, presence
+and frequency penalties, per-row generators and log-probabilities; every setting is per row."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -10,15 +13,34 @@ def _per_row(value: float | int | Tensor, rows: int, device: torch.device, dtype
     return torch.as_tensor(value, device=device, dtype=dtype).expand(rows)
 
 
-def filter_logits(logits: Tensor, top_k: int | Tensor = 0, top_p: float | Tensor = 1.0) -> Tensor:
-    """Set to -inf every logit outside the row's top-k (0 = off) and outside the smallest set of
-    tokens whose probability reaches top-p (1.0 = off). logits: [B, V] fp32."""
+def apply_penalties(logits: Tensor, output_counts: Tensor, seen: Tensor, repetition: float | Tensor = 1.0,
+                    presence: float | Tensor = 0.0, frequency: float | Tensor = 0.0) -> Tensor:
+    """logits [B, V] fp32; output_counts [B, V]: how often each token was generated so far; seen
+    [B, V] bool: the token is in the prompt or was generated. Repetition (> 0, 1 = off) divides the
+    positive logits of seen tokens and multiplies their negative ones (CTRL, as HF and vLLM do);
+    presence and frequency subtract `presence · [count > 0] + frequency · count` (OpenAI)."""
+    B = logits.shape[0]
+    repetition = _per_row(repetition, B, logits.device, logits.dtype)[:, None]
+    presence = _per_row(presence, B, logits.device, logits.dtype)[:, None]
+    frequency = _per_row(frequency, B, logits.device, logits.dtype)[:, None]
+    penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen, penalised, logits)
+    return logits - presence * (output_counts > 0) - frequency * output_counts
+
+
+def filter_logits(logits: Tensor, top_k: int | Tensor = 0, top_p: float | Tensor = 1.0,
+                  min_p: float | Tensor = 0.0) -> Tensor:
+    """Set to -inf every logit outside the row's top-k (0 = off), every token less likely than
+    min-p times the most likely one (0 = off), and then every token outside the smallest set whose
+    probability reaches top-p (1.0 = off). logits: [B, V] fp32."""
     B, V = logits.shape
     top_k = _per_row(top_k, B, logits.device, torch.long)
     top_p = _per_row(top_p, B, logits.device, logits.dtype)
+    min_p = _per_row(min_p, B, logits.device, logits.dtype)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     rank = torch.arange(V, device=logits.device)
     drop = (top_k[:, None] > 0) & (rank[None, :] >= top_k[:, None])
+    drop = drop | (sorted_logits < sorted_logits[:, :1] + min_p.log()[:, None])  # p / p_max < min_p
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     probs = sorted_logits.softmax(-1)
     mass_before = probs.cumsum(-1) - probs  # keep a token while the mass before it is below top_p
@@ -27,13 +49,30 @@ def filter_logits(logits: Tensor, top_k: int | Tensor = 0, top_p: float | Tensor
 
 
 def sample(logits: Tensor, temperature: float | Tensor = 1.0, top_k: int | Tensor = 0,
-           top_p: float | Tensor = 1.0, generator: torch.Generator | None = None) -> Tensor:
-    """Next token per row of logits [B, V]; rows with temperature 0 are greedy. Returns [B] long."""
+           top_p: float | Tensor = 1.0, generator: torch.Generator | None = None, *,
+           min_p: float | Tensor = 0.0, row_generators: Mapping[int, torch.Generator] | None = None) -> Tensor:
+    """Next token per row of logits [B, V]; rows with temperature 0 are greedy. Rows named in
+    `row_generators` draw from their own generator, so a seeded request gets the same tokens
+    whatever else shares its batch; the others draw from `generator`. Returns [B] long."""
     logits = logits.float()
     B = logits.shape[0]
     temperature = _per_row(temperature, B, logits.device, logits.dtype)
     greedy = temperature <= 0
     scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
-    probs = filter_logits(scaled, top_k, top_p).softmax(-1)
-    sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    probs = filter_logits(scaled, top_k, top_p, min_p).softmax(-1)
+    # Exponential race: argmax p / E with E ~ Exp(1) i.i.d. is a draw from p (the Gumbel-max trick),
+    # and each row's E can come from its own generator.
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    for row, row_generator in (row_generators or {}).items():
+        noise[row].exponential_(generator=row_generator)
+    sampled = (probs / noise).argmax(-1)
     return torch.where(greedy, logits.argmax(-1), sampled)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, num_top: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probabilities under the model's own distribution (the logits before penalties,
+    temperature or filtering): of `tokens` [B], and of the `num_top` most likely tokens per row.
+    Returns (chosen [B], top values [B, num_top], top ids [B, num_top])."""
+    logp = logits.float().log_softmax(-1)
+    top = logp.topk(num_top, dim=-1)
+    return logp.gather(-1, tokens[:, None])[:, 0], top.values, top.indices

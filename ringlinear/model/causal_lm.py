@@ -135,14 +135,18 @@ class RingLinearForCausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None,
                 context: AttentionContext | None = None, cu_seqlens: Tensor | None = None,
-                logits_to_keep: int = 0) -> CausalLMOutput:
+                logits_to_keep: int = 0, logits_indices: Tensor | None = None) -> CausalLMOutput:
         """input_ids [B, T]. `labels` [B, T] are the input ids themselves (shifted here; -100 is
         ignored); with `cu_seqlens` (B = 1) documents packed along T are kept apart and no token is
-        predicted across a boundary. `context` runs attention against a cache (inference)."""
+        predicted across a boundary. `context` runs attention against a cache (inference).
+        Logits are computed for every position, the last `logits_to_keep`, or the positions
+        `logits_indices` along T (e.g. the last token of each sequence packed in one step)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
         if context is not None and cu_seqlens is not None:
             raise ValueError("pass cu_seqlens or a context, not both")
+        if logits_to_keep > 0 and logits_indices is not None:
+            raise ValueError("pass logits_to_keep or logits_indices, not both")
         context = context or SequenceContext(cu_seqlens)
         B, T = input_ids.shape
         embeds = self.model.word_embeddings(input_ids)
@@ -152,7 +156,10 @@ class RingLinearForCausalLM(nn.Module):
             h = layer(h, rope, context)
         h = self.model.norm(h)
         context.advance(T)
-        kept = h if logits_to_keep <= 0 else h[:, -logits_to_keep:]
+        if logits_indices is not None:
+            kept = h[:, logits_indices]
+        else:
+            kept = h if logits_to_keep <= 0 else h[:, -logits_to_keep:]
         logits = self.lm_head(kept).float()
         if labels is None:
             return CausalLMOutput(logits=logits, hidden_states=h)

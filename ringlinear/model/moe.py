@@ -83,7 +83,9 @@ class Experts(nn.Module):
         N, k = experts.shape
         flat = experts.flatten()
         order = flat.argsort(stable=True)  # assignments grouped by expert, token order kept inside
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0])
+        # bincount on CUDA reads the largest id on the host; scatter_add stays on the device
+        counts = torch.zeros(self.gate_proj.shape[0], dtype=torch.long, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
         y_sorted = grouped_swiglu(x[order // k], self.gate_proj, self.up_proj, self.down_proj, counts)
         y = torch.empty_like(y_sorted)
         y[order] = y_sorted

@@ -1,0 +1,49 @@
+"""Attention of new tokens against a paged KV cache: the entry point, input checks and dispatch.
+
+The cache of one layer is `k_cache`, `v_cache` [num_pages, page_size, KV, D]; sequence n owns the
+pages `block_tables[n, :ceil(seq_lens[n] / page_size)]`, in order. Its new tokens (rows
+`query_start[n]:query_start[n + 1]` of q, already written to the cache) are its last ones, so a
+decode step is a query length of 1 and a prefill chunk attends to the cached prefix and causally
+to itself. The "torch" backend is the gather-then-SDPA reference; the Triton kernel takes its
+place on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .reference import paged_attention_reference
+
+__all__ = ["paged_attention", "paged_attention_reference"]
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                    query_start: Tensor, scale: float, max_query_len: int, backend: str = "auto") -> Tensor:
+    """q [T, H, D] (all sequences' new tokens packed); k_cache, v_cache [P, page_size, KV, D];
+    block_tables [N, max_pages] int32; seq_lens [N] int32 (tokens in the cache after this step);
+    query_start [N+1] int32 offsets into T; `max_query_len` the longest run of new tokens (a host
+    int: it sizes the launch). Returns o [T, H, D]. Shape checks only: nothing reads the device."""
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"q must be [T, H, D] and the caches [P, page_size, KV, D], got {list(q.shape)}, "
+                         f"{list(k_cache.shape)}, {list(v_cache.shape)}")
+    T, H, D = q.shape
+    KV = k_cache.shape[2]
+    if k_cache.shape[3] != D or H % KV:
+        raise ValueError(f"cache heads {KV} must divide query heads {H} and head dims must match, "
+                         f"got q {list(q.shape)}, cache {list(k_cache.shape)}")
+    if k_cache.dtype != q.dtype:
+        raise ValueError(f"q and the cache must share a dtype, got {q.dtype} and {k_cache.dtype}")
+    N = seq_lens.shape[0]
+    if block_tables.dim() != 2 or block_tables.shape[0] != N or query_start.shape != (N + 1,):
+        raise ValueError(f"block_tables must be [N, max_pages] and query_start [N+1] for N={N} sequences, "
+                         f"got {list(block_tables.shape)} and {list(query_start.shape)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
+        from .kernel import paged_attention_triton
+        return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale,
+                                      max_query_len)
+    return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale)

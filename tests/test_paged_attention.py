@@ -1,0 +1,91 @@
+"""Paged attention: the gather-then-SDPA reference against an explicit softmax, and the Triton
+kernel against the reference in float64. Without a GPU the kernel runs in Triton's interpreter
+(TRITON_INTERPRET is read when a kernel is decorated, so it is set before anything imports one,
+as tests/test_lightning_triton.py does; that module also patches the interpreter's limits)."""
+
+import os
+
+import pytest
+import torch
+
+INTERPRET = not torch.cuda.is_available()
+if INTERPRET:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+import test_lightning_triton  # noqa: E402,F401  (its interpreter fixes: loops over loaded bounds, bf16 dots)
+
+from ringlinear.ops.paged_attention import paged_attention, paged_attention_reference  # noqa: E402
+from ringlinear.ops.paged_attention.kernel import paged_attention_triton  # noqa: E402
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+
+def paged_case(q_lens, seq_lens, H, KV, D, page, dtype, seed=0):
+    """Random queries and caches; each sequence's pages are scattered over the pool in random order."""
+    gen = torch.Generator().manual_seed(seed)
+    pages_per_seq = [-(-n // page) for n in seq_lens]
+    num_pages = sum(pages_per_seq) + 3
+    order = torch.randperm(num_pages, generator=gen).tolist()
+    tables = torch.zeros(len(seq_lens), max(pages_per_seq), dtype=torch.int32)
+    for n, count in enumerate(pages_per_seq):
+        tables[n, :count] = torch.tensor([order.pop() for _ in range(count)])
+    k_cache, v_cache = (torch.randn(num_pages, page, KV, D, generator=gen) for _ in range(2))
+    q = torch.randn(sum(q_lens), H, D, generator=gen)
+    query_start = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    return [x.to(DEVICE, dtype) for x in (q, k_cache, v_cache)] + [tables.to(DEVICE), lens.to(DEVICE),
+                                                                    query_start.to(DEVICE)]
+
+
+def explicit(q, k_cache, v_cache, tables, seq_lens, query_start, scale):
+    """Per query token: softmax over the keys at positions up to its own, written out."""
+    page, KV = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    for n, length in enumerate(seq_lens.tolist()):
+        start, end = query_start[n].item(), query_start[n + 1].item()
+        positions = torch.arange(length)
+        slots = tables[n, positions // page].long()
+        k, v = k_cache[slots, positions % page], v_cache[slots, positions % page]  # [L, KV, D]
+        for i, token in enumerate(range(start, end)):
+            pos = length - (end - start) + i
+            for h in range(q.shape[1]):
+                g = h // (q.shape[1] // KV)
+                weights = torch.softmax(k[: pos + 1, g] @ q[token, h] * scale, dim=0)
+                out[token, h] = weights @ v[: pos + 1, g]
+    return out
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_reference_is_causal_attention_over_the_pages():
+    case = paged_case([1, 5, 3], [9, 5, 20], H=4, KV=2, D=8, page=4, dtype=torch.float64)
+    case = [x.cpu() for x in case]
+    assert rel(paged_attention_reference(*case, scale=0.3), explicit(*case, scale=0.3)) < 1e-12
+
+
+@pytest.mark.parametrize("q_lens,seq_lens,H,KV,D,dtype", [
+    ([1, 1, 1], [1, 37, 16], 4, 1, 32, torch.float32),           # decode, GQA 4, a page boundary
+    ([1, 30, 7, 1], [17, 30, 50, 64], 4, 2, 32, torch.float32),  # decodes with a fresh prompt and chunks
+    ([40, 3], [40, 19], 2, 2, 16, torch.float32),                # MHA, several query tiles
+    ([1, 12], [70, 33], 8, 2, 64, torch.bfloat16),
+])
+def test_triton_kernel_matches_the_reference(q_lens, seq_lens, H, KV, D, dtype):
+    q, k_cache, v_cache, tables, lens, starts = paged_case(q_lens, seq_lens, H, KV, D, page=16, dtype=dtype)
+    scale = D**-0.5
+    out = paged_attention_triton(q, k_cache, v_cache, tables, lens, starts, scale, max(q_lens))
+    ref = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), tables, lens, starts, scale)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_dispatch_checks_shapes():
+    q, k_cache, v_cache, tables, lens, starts = paged_case([1], [5], 4, 2, 8, page=4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="divide"):
+        paged_attention(q[:, :3], k_cache, v_cache, tables, lens, starts, 1.0, 1)
+    with pytest.raises(ValueError, match="query_start"):
+        paged_attention(q, k_cache, v_cache, tables, lens, starts[:1], 1.0, 1)
+    with pytest.raises(ValueError, match="backend"):
+        paged_attention(q, k_cache, v_cache, tables, lens, starts, 1.0, 1, backend="cuda")
