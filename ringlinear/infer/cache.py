@@ -1,0 +1,127 @@
+"""The engine's hybrid cache: one fp32 state slot per running sequence for every Lightning layer,
+and fixed-size pages of keys and values for every softmax layer, allocated once at start-up.
+
+A linear layer's cache does not grow with the sequence, so a running sequence holds exactly one
+slot; its softmax layers' cache grows a page at a time. Slot 0 and page 0 are scratch for the
+padding rows of captured decode steps and are never handed out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..config import RingLinearConfig
+from ..info import model_info
+
+
+@dataclass(frozen=True)
+class CacheSize:
+    num_slots: int  # sequences that can run at once
+    num_pages: int
+    page_size: int  # tokens per page
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+
+def size_cache(config: RingLinearConfig, dtype: torch.dtype, memory_bytes: int, max_num_seqs: int,
+               page_size: int) -> CacheSize:
+    """Give each of up to `max_num_seqs` sequences a state slot (fewer if the memory holds fewer)
+    and the rest of `memory_bytes` to KV pages."""
+    info = model_info(config, dtype)
+    page_bytes = info.kv_bytes_per_token * page_size
+    slots = max_num_seqs
+    if info.state_bytes_per_sequence:
+        slots = min(slots, memory_bytes // (2 * info.state_bytes_per_sequence))  # half at most to states
+    if slots < 1:
+        raise ValueError(f"{memory_bytes / 2**20:.0f} MiB of cache memory cannot hold one sequence's state "
+                         f"({info.state_bytes_per_sequence / 2**20:.0f} MiB)")
+    left = memory_bytes - slots * info.state_bytes_per_sequence
+    pages = left // page_bytes if page_bytes else 1  # a model without softmax layers needs no pages
+    if pages < 1:
+        raise ValueError(f"{memory_bytes / 2**20:.0f} MiB of cache memory leaves no KV page")
+    return CacheSize(slots, int(pages), page_size)
+
+
+class CachePool:
+    """The cache tensors and their allocator. Block tables are kept per slot: row `slot` lists the
+    pages of the sequence running in it (a host copy for the scheduler, a device copy for kernels)."""
+
+    def __init__(self, config: RingLinearConfig, size: CacheSize, max_pages_per_seq: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.size, self.page_size, self.device = size, size.page_size, torch.device(device)
+        kinds = config.layer_types
+        self.linear_index = {i: j for j, i in enumerate(i for i, k in enumerate(kinds) if k == "linear")}
+        self.softmax_index = {i: j for j, i in enumerate(i for i, k in enumerate(kinds) if k == "softmax")}
+        self.states = torch.zeros(len(self.linear_index), size.num_slots + 1, H, D, D,
+                                  dtype=torch.float32, device=device)
+        self.kv = torch.zeros(len(self.softmax_index), 2, size.num_pages + 1, size.page_size, KV, D,
+                              dtype=dtype, device=device)
+        self.max_pages_per_seq = max_pages_per_seq
+        self.host_tables = np.zeros((size.num_slots + 1, max_pages_per_seq), dtype=np.int64)
+        self.block_tables = torch.zeros(size.num_slots + 1, max_pages_per_seq, dtype=torch.int32, device=device)
+        self._num_pages = np.zeros(size.num_slots + 1, dtype=np.int64)  # pages held by each slot
+        self._free_slots = list(range(size.num_slots, 0, -1))
+        self._free_pages = list(range(size.num_pages, 0, -1))
+        self._new_pages: dict[tuple[int, int], int] = {}  # (slot, index) -> page, not yet on the device
+
+    # -- accounting -----------------------------------------------------------------------------
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free_pages)
+
+    def pages_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.page_size)
+
+    def usage(self) -> tuple[float, float]:
+        """Fractions of the state slots and of the KV pages in use."""
+        return (1 - self.num_free_slots / self.size.num_slots, 1 - self.num_free_pages / self.size.num_pages)
+
+    def nbytes(self) -> int:
+        return self.states.numel() * self.states.element_size() + self.kv.numel() * self.kv.element_size()
+
+    # -- allocation -----------------------------------------------------------------------------
+
+    def allocate_slot(self) -> int:
+        slot = self._free_slots.pop()
+        self.states[:, slot].zero_()  # a new sequence starts from the zero state
+        return slot
+
+    def reserve(self, slot: int, num_tokens: int) -> int:
+        """Add pages until `slot` holds `num_tokens` tokens, as far as free pages go; returns the
+        number of tokens it can hold now."""
+        have = int(self._num_pages[slot])
+        want = min(self.pages_for(num_tokens), self.max_pages_per_seq)
+        while have < want and self._free_pages:
+            page = self._free_pages.pop()
+            self.host_tables[slot, have] = page
+            self._new_pages[slot, have] = page
+            have += 1
+        self._num_pages[slot] = have
+        return have * self.page_size
+
+    def free(self, slot: int) -> None:
+        """Give back a slot and all its pages."""
+        self._free_pages.extend(self.host_tables[slot, : self._num_pages[slot]].tolist())
+        self._num_pages[slot] = 0
+        self._free_slots.append(slot)
+
+    def flush(self) -> None:
+        """Copy the pages added since the last step into the device block tables."""
+        if self._new_pages:
+            slot, index, page = torch.tensor([(s, i, p) for (s, i), p in self._new_pages.items()]).T
+            self.block_tables.index_put_((slot.to(self.device), index.to(self.device)),
+                                         page.to(self.device, torch.int32))
+            self._new_pages.clear()

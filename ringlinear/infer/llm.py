@@ -1,0 +1,46 @@
+"""Offline generation in the style of vLLM: `LLM(model_dir).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .engine import Engine
+from .outputs import Completion
+from .params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str | Path, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, **engine_config):
+        """`engine_config`: fields of `EngineConfig` (max_num_seqs, page_size, ...)."""
+        self.engine = Engine.from_pretrained(model, device, dtype, **engine_config)
+        self._ids = 0
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """Complete each prompt (a string or a list of token ids); results in the prompts' order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        results: dict[str, Completion] = {}
+        try:
+            for prompt, p in zip(prompts, params):
+                request_id = f"offline-{self._ids}"
+                self._ids += 1
+                results[request_id] = Completion(request_id, self.engine.add_request(request_id, prompt, p))
+        except ValueError:
+            for request_id in results:  # all or nothing
+                self.engine.abort(request_id)
+            raise
+        while self.engine.has_unfinished():
+            for output in self.engine.step():
+                results[output.request_id].add(output)
+        return list(results.values())

@@ -1,0 +1,46 @@
+"""What the engine hands back: per step, what each request gained; in the end, the whole result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float  # under the model's own distribution (before penalties and temperature)
+    top: list[tuple[int, float]]  # the most likely tokens and their log-probs, best first
+
+
+@dataclass
+class RequestOutput:
+    """What one step added to a request: a stream's unit. The last one has a finish reason."""
+    request_id: str
+    token_ids: list[int]
+    text: str  # text completed by these tokens ("" without a tokenizer)
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None  # "stop", "length" or "abort" on the last output
+    num_prompt_tokens: int
+    num_output_tokens: int  # so far
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Completion:
+    """A request's whole result, the sum of its outputs."""
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+    def add(self, output: RequestOutput) -> None:
+        self.token_ids += output.token_ids
+        self.text += output.text
+        if output.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + output.logprobs
+        self.finish_reason = output.finish_reason
