@@ -82,9 +82,10 @@ class Engine:
 
     @torch.no_grad()
     def _cache_memory(self) -> int:
-        """Bytes for the cache. On a GPU: the share the engine may fill, less what is in use and the
-        peak of one full step's activations (measured) and of the sampler's logits; on the CPU a
-        quarter of the available memory, at most CPU_CACHE_MEMORY."""
+        """Bytes for the cache. On a GPU: the share the engine may fill, less what is in use, the
+        peak of one full step's activations (measured; twice with CUDA graphs, whose memory pool is
+        their own) and the sampler's logits; on the CPU a quarter of the available memory, at most
+        CPU_CACHE_MEMORY."""
         config = self.config
         if config.cache_memory is not None:
             return config.cache_memory
@@ -97,6 +98,7 @@ class Engine:
         tokens = torch.zeros(1, config.max_num_batched_tokens, dtype=torch.long, device=self.device)
         self.model(tokens, context=SequenceContext(backend=config.backend), logits_to_keep=1)
         activations = torch.cuda.max_memory_allocated(self.device) - before
+        activations *= 2 if config.cuda_graphs else 1
         free, total = torch.cuda.mem_get_info(self.device)
         logits = 4 * config.max_num_seqs * self.model.config.vocab_size * 4  # logits, sorted copies, noise
         return int(total * config.gpu_memory_utilization - (total - free) - activations - logits)

@@ -95,7 +95,8 @@ class Scheduler:
         self.num_preemptions += 1
         self.add(seq)
 
-    def _admit(self, seq: Sequence, num_tokens: int) -> None:
+    def admit(self, seq: Sequence, num_tokens: int) -> None:
+        """Give a waiting sequence a slot and pages for `num_tokens` tokens and start running it."""
         self.waiting.remove(seq)
         seq.slot, seq.status = self.pool.allocate_slot(), Status.RUNNING
         self.pool.reserve(seq.slot, num_tokens)
@@ -136,7 +137,7 @@ class Scheduler:
             num_tokens = min(seq.num_uncomputed, budget, free_pages * self.pool.page_size)
             if num_tokens <= 0:
                 break
-            self._admit(seq, num_tokens)
+            self.admit(seq, num_tokens)
             scheduled.append((seq, num_tokens))
             budget -= num_tokens
         scheduled.sort(key=lambda item: item[1] > 1)  # stable: decodes first, each group by arrival

@@ -1,0 +1,306 @@
+"""The inference engine on one GPU: the hybrid model (Ring-mini-linear-2.0 shapes, random bf16
+weights) side by side with the same model made all-softmax (layer_group_size = 1).
+
+    python benchmarks/bench_engine.py [--quick] [--out DIR]
+
+For each model, built on the meta device and initialised on the GPU, one at a time:
+- prefill throughput, batch 1, at 4K, 32K and 128K prompt tokens (the last is 131,071 tokens: the
+  preset's context is 131,072 and one token is generated);
+- decode throughput at 4K and 32K context, at the largest batch the cache holds and at batch 64.
+  The running sequences' contexts are placed in the cache as if prefilled (the pages and states
+  hold zeros): a decode step costs the same whatever values it reads, and prefilling up to
+  512 × 4K tokens per case would take minutes;
+- time to first token and inter-token latency for 1 and 64 concurrent streams (1,024-token
+  prompts, 64 new tokens, all arriving at once);
+- a plain PyTorch generate loop (`ringlinear.generate.generate`: one request at a time, no
+  graphs) at 4K context, against the engine's decode throughput at 4K and batch 64.
+Every case records its error (an out-of-memory included) and the run goes on. `--quick` runs the
+same cases at tiny shapes, as a smoke test. Results: stdout (a table last) and
+DIR/bench_engine.json (DIR: --out, else $OUT, else .).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import time
+import traceback
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ringlinear import RingLinearConfig, RingLinearForCausalLM
+from ringlinear.generate import generate
+from ringlinear.infer import Engine, EngineConfig, SamplingParams
+
+T0 = time.time()
+
+
+def log(*args) -> None:
+    print(f"[{time.time() - T0:6.1f}s]", *args, flush=True)
+
+
+@dataclass
+class Shapes:
+    preset: str
+    prefill: tuple[int, ...]
+    decode_contexts: tuple[int, ...]
+    decode_batch: int  # the fixed batch, besides the largest that fits
+    streams: tuple[int, ...]
+    stream_prompt: int
+    stream_tokens: int
+    plain_context: int
+    engine: dict
+
+
+FULL = Shapes("mini", prefill=(4096, 32768, 131071), decode_contexts=(4096, 32768), decode_batch=64,
+              streams=(1, 64), stream_prompt=1024, stream_tokens=64, plain_context=4096,
+              engine=dict(max_num_seqs=512, max_num_batched_tokens=16384, page_size=64, gpu_memory_utilization=0.9))
+QUICK = Shapes("tiny", prefill=(256, 1024, 4000), decode_contexts=(256, 1024), decode_batch=8,
+               streams=(1, 8), stream_prompt=128, stream_tokens=16, plain_context=256,
+               engine=dict(max_num_seqs=64, max_num_batched_tokens=2048, page_size=64, cache_memory=2 * 2**30))
+DECODE_STEPS, DECODE_WARMUP, PLAIN_TOKENS = 32, 4, 32
+
+
+def k(n: int) -> str:
+    return f"{round(n / 1024)}K" if n >= 1024 else str(n)
+
+
+def tokens(n: int, vocab: int, seed: int = 0) -> list[int]:
+    return torch.randint(1, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def build(config: RingLinearConfig) -> RingLinearForCausalLM:
+    """Random bf16 weights, allocated and initialised on the GPU only."""
+    with torch.device("meta"):
+        model = RingLinearForCausalLM(config)
+    model = model.to(torch.bfloat16).to_empty(device="cuda")
+    model.tie_weights()
+    model.init_weights()
+    return model.eval()
+
+
+def case(results: dict, name: str, fn, *args) -> None:
+    """Run one measurement; an error (out of memory included) is recorded and the run goes on."""
+    try:
+        results[name] = fn(*args)
+        log(f"  {name}: {results[name]}")
+    except Exception as error:  # noqa: BLE001  (a benchmark reports every failure and carries on)
+        oom = isinstance(error, torch.OutOfMemoryError)
+        results[name] = {"error": "out of memory" if oom else repr(error)}
+        log(f"  {name}: FAILED {results[name]['error']}")
+        if not oom:
+            traceback.print_exc()
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+# -- measurements ------------------------------------------------------------------------------
+
+def finish(engine: Engine) -> None:
+    while engine.has_unfinished():
+        engine.step()
+
+
+def prefill(engine: Engine, length: int) -> dict:
+    engine.add_request("prefill", tokens(length, engine.model.config.vocab_size),
+                       SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    sync()
+    start = time.perf_counter()
+    finish(engine)
+    sync()
+    seconds = time.perf_counter() - start
+    return {"tokens": length, "seconds": round(seconds, 4), "tokens_per_s": round(length / seconds)}
+
+
+def largest_batch(engine: Engine, context: int) -> int:
+    pages = engine.pool.pages_for(context + DECODE_WARMUP + DECODE_STEPS + 2)
+    return min(engine.scheduler.max_num_seqs, engine.pool.num_free_pages // pages)
+
+
+def decode(engine: Engine, batch: int, context: int) -> dict:
+    """Decode steps of `batch` sequences at `context` tokens, their contexts placed as if prefilled."""
+    if batch > largest_batch(engine, context):
+        return {"batch": batch, "context": context, "fits": False,
+                "largest_batch": largest_batch(engine, context)}
+    prompt = tokens(context + 1, engine.model.config.vocab_size)
+    params = SamplingParams(max_tokens=DECODE_WARMUP + DECODE_STEPS + 1, temperature=0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"decode-{i}", prompt, params)
+    for seq in list(engine.scheduler.waiting):
+        engine.scheduler.admit(seq, len(seq.token_ids))
+        seq.num_computed = context  # only the last prompt token is left: every step is a decode
+    for _ in range(DECODE_WARMUP):
+        engine.step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(DECODE_STEPS):
+        engine.step()
+    sync()
+    seconds = time.perf_counter() - start
+    engine.abort_all()
+    return {"batch": batch, "context": context, "fits": True, "graphs": engine.graphs is not None,
+            "ms_per_step": round(1e3 * seconds / DECODE_STEPS, 3),
+            "tokens_per_s": round(batch * DECODE_STEPS / seconds)}
+
+
+def streams(engine: Engine, count: int, prompt_len: int, new_tokens: int) -> dict:
+    """`count` requests arriving at once: time to first token and the gaps between tokens."""
+    vocab = engine.model.config.vocab_size
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    for i in range(count):
+        engine.add_request(f"stream-{i}", tokens(prompt_len, vocab, seed=i), params)
+    times: dict[str, list[float]] = {}
+    while engine.has_unfinished():
+        outputs = engine.step()  # returns after sampling, which waits for the GPU
+        now = time.perf_counter()
+        for output in outputs:
+            times.setdefault(output.request_id, []).append(now)
+    ttft = sorted(t[0] - start for t in times.values())
+    gaps = sorted(b - a for t in times.values() for a, b in zip(t, t[1:]))
+    return {"streams": count, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
+            "ttft_ms_median": round(1e3 * statistics.median(ttft), 2), "ttft_ms_max": round(1e3 * ttft[-1], 2),
+            "itl_ms_median": round(1e3 * statistics.median(gaps), 3),
+            "itl_ms_p90": round(1e3 * gaps[int(0.9 * (len(gaps) - 1))], 3)}
+
+
+def plain_loop(model: RingLinearForCausalLM, context: int) -> dict:
+    """Decode throughput of `ringlinear.generate.generate` for one request: the time of
+    PLAIN_TOKENS more tokens after the prefill and first token."""
+    prompt = [tokens(context, model.config.vocab_size)]
+
+    def seconds(new: int) -> float:
+        sync()
+        start = time.perf_counter()
+        generate(model, prompt, max_new_tokens=new, temperature=0)
+        sync()
+        return time.perf_counter() - start
+
+    seconds(2)  # warm-up
+    decode_seconds = seconds(1 + PLAIN_TOKENS) - seconds(1)
+    return {"context": context, "tokens": PLAIN_TOKENS, "tokens_per_s": round(PLAIN_TOKENS / decode_seconds, 1)}
+
+
+def make_engine(model: RingLinearForCausalLM, options: dict, results: dict) -> Engine:
+    """With CUDA graphs; if capturing fails, record why and go on without them."""
+    try:
+        return Engine(model, None, EngineConfig(**options))
+    except Exception as error:  # noqa: BLE001
+        results["engine_error"] = repr(error)
+        log(f"  engine with CUDA graphs failed ({error!r}); retrying without graphs")
+        traceback.print_exc()
+        gc.collect()
+        torch.cuda.empty_cache()
+        return Engine(model, None, EngineConfig(**options, cuda_graphs=False))
+
+
+def bench_model(name: str, config: RingLinearConfig, shapes: Shapes) -> dict:
+    results: dict = {"layer_map": "".join("S" if k == "softmax" else "L" for k in config.layer_types)}
+    log(f"{name}: building {shapes.preset} (layer_group_size={config.layer_group_size})")
+    model = build(config)
+    results["weights_gib"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 2)
+    case(results, "plain_loop", plain_loop, model, shapes.plain_context)
+    engine = make_engine(model, shapes.engine, results)
+    size = engine.pool.size
+    results["cache"] = {"slots": size.num_slots, "pages": size.num_pages, "page_size": size.page_size,
+                        "gib": round(engine.pool.nbytes() / 2**30, 2), "max_model_len": engine.max_model_len,
+                        "graphs": engine.graphs is not None}
+    log(f"  cache: {results['cache']}")
+    case(results, "prefill_warmup", prefill, engine, min(shapes.prefill[0], 2048))
+    for length in shapes.prefill:
+        case(results, f"prefill_{length}", prefill, engine, length)
+    for context in shapes.decode_contexts:
+        case(results, f"decode_{context}_largest", decode, engine, largest_batch(engine, context), context)
+        case(results, f"decode_{context}_batch{shapes.decode_batch}", decode, engine, shapes.decode_batch, context)
+    for count in shapes.streams:
+        case(results, f"streams_{count}", streams, engine, count, shapes.stream_prompt, shapes.stream_tokens)
+    del engine, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return results
+
+
+# -- report ------------------------------------------------------------------------------------
+
+def table(report: dict, shapes: Shapes) -> str:
+    hybrid, softmax = report["models"]["hybrid"], report["models"]["all_softmax"]
+
+    def value(results: dict, name: str, key: str) -> float | None:
+        row = results.get(name, {})
+        return row.get(key) if row.get("fits", True) else None
+
+    def fmt(x, unit="") -> str:
+        return "-" if x is None else f"{x:,.1f}{unit}" if isinstance(x, float) else f"{x:,}{unit}"
+
+    rows = [("prefill tok/s", f"prefill_{n}", "tokens_per_s", f"{k(n)}, batch 1") for n in shapes.prefill]
+    for context in shapes.decode_contexts:
+        rows.append(("decode tok/s", f"decode_{context}_largest", "tokens_per_s", f"{k(context)}, largest batch"))
+        rows.append(("decode tok/s", f"decode_{context}_batch{shapes.decode_batch}", "tokens_per_s",
+                     f"{k(context)}, batch {shapes.decode_batch}"))
+    for count in shapes.streams:
+        rows.append(("TTFT ms (median)", f"streams_{count}", "ttft_ms_median", f"{count} streams"))
+        rows.append(("ITL ms (median)", f"streams_{count}", "itl_ms_median", f"{count} streams"))
+    rows.append(("plain loop tok/s", "plain_loop", "tokens_per_s", f"{k(shapes.plain_context)}, batch 1"))
+    lines = [f"{'measure':18s} {'case':22s} {'hybrid':>14s} {'all-softmax':>14s} {'ratio':>7s}"]
+    for label, name, key, what in rows:
+        a, b = value(hybrid, name, key), value(softmax, name, key)
+        if name.endswith("largest"):
+            what += f" ({hybrid.get(name, {}).get('batch', '?')} / {softmax.get(name, {}).get('batch', '?')})"
+        ratio = "-" if a is None or b is None or not b else f"{(a / b if 'tok/s' in label else b / a):.2f}x"
+        lines.append(f"{label:18s} {what:22s} {fmt(a):>14s} {fmt(b):>14s} {ratio:>7s}")
+    engine_b = f"decode_{shapes.decode_contexts[0]}_batch{shapes.decode_batch}"
+    for model_name, results in (("hybrid", hybrid), ("all-softmax", softmax)):
+        engine_rate, plain_rate = value(results, engine_b, "tokens_per_s"), value(results, "plain_loop", "tokens_per_s")
+        if engine_rate and plain_rate:
+            lines.append(f"engine / plain loop, {model_name}, batch {shapes.decode_batch}: "
+                         f"{engine_rate / plain_rate:.1f}x")
+    lines.append("ratio: hybrid over all-softmax for throughput, all-softmax over hybrid for latency "
+                 "(> 1: the hybrid is better)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test of every case")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_engine needs a CUDA GPU")
+    shapes = QUICK if args.quick else FULL
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    report = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
+                       "date": time.strftime("%Y-%m-%d %H:%M:%S"), "shapes": asdict(shapes),
+                       "decode_steps": DECODE_STEPS}, "models": {}}
+    path = os.path.join(args.out, "bench_engine.json")
+    os.makedirs(args.out, exist_ok=True)
+    for name, group in (("hybrid", None), ("all_softmax", 1)):
+        config = RingLinearConfig.preset(shapes.preset)
+        if group is not None:
+            config = config.replace(layer_group_size=group)
+        try:
+            report["models"][name] = bench_model(name, config, shapes)
+        except Exception as error:  # noqa: BLE001
+            report["models"][name] = {"error": repr(error)}
+            traceback.print_exc()
+            gc.collect()
+            torch.cuda.empty_cache()
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+    log(f"results in {path}, {time.time() - T0:.0f} s in all\n")
+    print(table(report, shapes))
+
+
+if __name__ == "__main__":
+    main()
