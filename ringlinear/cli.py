@@ -1,4 +1,4 @@
-"""`ringlinear train | generate | info`."""
+"""`ringlinear train | generate | serve | info`."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import sys
 from typing import Any
 
 from tokenizers import Tokenizer
-from tokenizers.decoders import DecodeStream
 
 from .checkpoint import load_tokenizer
 from .config import PRESETS, RingLinearConfig
-from .generate import generate
+from .infer import Engine, EngineConfig, SamplingParams
+from .infer.async_engine import MAX_QUEUED
 from .info import describe
 from .model import RingLinearForCausalLM
 from .train import TrainConfig, resolve_device, train
@@ -41,22 +41,24 @@ def _override(text: str) -> tuple[str, Any]:
 def stream_samples(model: RingLinearForCausalLM, tokenizer: Tokenizer, prompt: str, num_samples: int = 1,
                    max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = TEMPERATURE, top_k: int = TOP_K,
                    top_p: float = TOP_P, seed: int = SEED) -> None:
-    """Print `prompt` and its continuations (sample i uses seed + i) as the tokens come. Each
-    starts a new document: the prompt follows the end-of-text token, as every document in training."""
-    eos = model.config.eos_token_ids
-    prompt_ids = eos[:1] + tokenizer.encode(prompt, add_special_tokens=False).ids
+    """Print `prompt` and its continuations (sample i uses seed + i) as the inference engine makes
+    them. Each starts a new document: the prompt follows the end-of-text token, as every document in
+    training."""
+    prompt_ids = model.config.eos_token_ids[:1] + tokenizer.encode(prompt, add_special_tokens=False).ids
+    length = len(prompt_ids) + max_new_tokens
+    engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=1, max_model_len=length, page_size=16,
+                                                   num_pages=-(-length // 16)))
     for i in range(num_samples):
         if num_samples > 1:
             print(f"--- sample {i + 1} ---")
         print(prompt, end="", flush=True)
-        stream = DecodeStream(skip_special_tokens=True)
-
-        def show(row: int, token: int) -> None:
-            chunk = stream.step(tokenizer, token)
-            if chunk:
-                print(chunk, end="", flush=True)
-
-        generate(model, [prompt_ids], max_new_tokens, temperature, top_k, top_p, eos, seed + i, on_token=show)
+        if max_new_tokens:
+            params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    seed=seed + i)
+            engine.add_request(str(i), prompt_ids, params)
+        while engine.has_unfinished():
+            for output in engine.step():
+                print(output.text, end="", flush=True)
         print()
 
 
@@ -79,6 +81,13 @@ def _generate(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.model)
     stream_samples(model, tokenizer, args.prompt, args.num_samples, args.max_new_tokens, args.temperature,
                    args.top_k, args.top_p, args.seed)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from .infer.server import serve  # FastAPI and uvicorn load only to serve
+
+    serve(args.model, args.host, args.port, args.api_key, max_queued=args.max_queued,
+          device=resolve_device(args.device), max_num_seqs=args.max_num_seqs)
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -138,6 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continuations to generate, one after the other (default: 1)")
     gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     gen.set_defaults(run=_generate)
+
+    srv = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                              description="Serve a checkpoint: /v1/completions and /v1/chat/completions "
+                              "(streamed or not), /v1/models, /health and Prometheus /metrics.")
+    srv.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder (config.json, safetensors, "
+                     "tokenizer.json; tokenizer_config.json's chat_template for /v1/chat/completions)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: no key)")
+    srv.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
+                     help=f"requests running at once (default: {EngineConfig.max_num_seqs})")
+    srv.add_argument("--max-queued", type=int, default=MAX_QUEUED,
+                     help=f"requests waiting beyond those; more get 503 (default: {MAX_QUEUED})")
+    srv.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    srv.set_defaults(run=_serve)
 
     info = commands.add_parser("info", help="parameters, layer map and cache memory of a model",
                                description="Parameters (total and active per token), the layer map and the "

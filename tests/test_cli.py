@@ -96,6 +96,7 @@ def test_resume_through_the_cli(trained, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--model", "/no/such/dir"], "no checkpoint directory at /no/such/dir"),
     (["generate"], "the following arguments are required: --model"),
+    (["serve", "--model", "/no/such/dir"], "no checkpoint directory at /no/such/dir"),
     (["info"], "one of the arguments --model --preset is required"),
     (["info", "--preset", "huge"], "invalid choice: 'huge'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -132,6 +133,7 @@ def test_help_explains_every_flag(capsys):
                   if f.name != "model_overrides"} | {"--override", "--resume"},
         "generate": {"--model", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
                      "--num-samples", "--device"},
+        "serve": {"--model", "--host", "--port", "--api-key", "--max-num-seqs", "--max-queued", "--device"},
         "info": {"--model", "--preset"},
     }
     assert set(commands) == set(expected)

@@ -181,11 +181,13 @@ def test_cache_sizing_and_capture_sizes():
     config = tiny_model().config
     info = model_info(config, torch.float32)
     memory = 10 * info.state_bytes_per_sequence + 100 * 16 * info.kv_bytes_per_token
-    size = size_cache(config, torch.float32, memory, max_num_seqs=10, page_size=16)
+    size = size_cache(config, torch.float32, memory, max_num_seqs=10, page_size=16, max_model_len=4096)
     assert (size.num_slots, size.num_pages) == (10, 100)
-    assert size_cache(config, torch.float32, memory, max_num_seqs=1000, page_size=16).num_slots < 1000
+    assert size_cache(config, torch.float32, memory, 1000, page_size=16, max_model_len=4096).num_slots < 1000
+    capped = size_cache(config, torch.float32, memory, max_num_seqs=2, page_size=16, max_model_len=64)
+    assert (capped.num_slots, capped.num_pages) == (2, 8)  # two sequences of 64 tokens use no more
     with pytest.raises(ValueError, match="cannot hold"):
-        size_cache(config, torch.float32, info.state_bytes_per_sequence, max_num_seqs=1, page_size=16)
+        size_cache(config, torch.float32, info.state_bytes_per_sequence, 1, page_size=16, max_model_len=4096)
     sizes = capture_sizes(512)
     assert sizes[:5] == [1, 2, 4, 8, 16] and sizes[-1] == 512 and sizes == sorted(set(sizes))
     assert all(b <= 1.25 * a for a, b in zip(sizes[6:], sizes[7:]))  # from 32 on

@@ -22,6 +22,8 @@ from .params import SamplingParams
 
 log = logging.getLogger(__name__)
 
+MAX_QUEUED = 1024  # requests waiting beyond the running batch before new ones get 503
+
 
 class EngineOverloaded(Exception):
     """More requests in flight than the engine runs plus the queue holds."""

@@ -31,22 +31,20 @@ class CacheSize:
 
 
 def size_cache(config: RingLinearConfig, dtype: torch.dtype, memory_bytes: int, max_num_seqs: int,
-               page_size: int) -> CacheSize:
-    """Give each of up to `max_num_seqs` sequences a state slot (fewer if the memory holds fewer)
-    and the rest of `memory_bytes` to KV pages."""
+               page_size: int, max_model_len: int) -> CacheSize:
+    """Split `memory_bytes` (no more than `max_num_seqs` sequences of `max_model_len` tokens can
+    use) into a state slot and at least one KV page for each of up to `max_num_seqs` sequences,
+    the rest into more pages."""
     info = model_info(config, dtype)
+    memory_bytes = min(memory_bytes, max_num_seqs * info.cache_bytes(max_model_len))
     page_bytes = info.kv_bytes_per_token * page_size
-    slots = max_num_seqs
-    if info.state_bytes_per_sequence:
-        slots = min(slots, memory_bytes // (2 * info.state_bytes_per_sequence))  # half at most to states
+    slots = min(max_num_seqs, memory_bytes // (info.state_bytes_per_sequence + page_bytes))
     if slots < 1:
-        raise ValueError(f"{memory_bytes / 2**20:.0f} MiB of cache memory cannot hold one sequence's state "
-                         f"({info.state_bytes_per_sequence / 2**20:.0f} MiB)")
-    left = memory_bytes - slots * info.state_bytes_per_sequence
-    pages = left // page_bytes if page_bytes else 1  # a model without softmax layers needs no pages
-    if pages < 1:
-        raise ValueError(f"{memory_bytes / 2**20:.0f} MiB of cache memory leaves no KV page")
-    return CacheSize(slots, int(pages), page_size)
+        raise ValueError(f"{memory_bytes / 2**20:.1f} MiB of cache memory cannot hold one sequence's state "
+                         f"and one page ({(info.state_bytes_per_sequence + page_bytes) / 2**20:.1f} MiB)")
+    # a model without softmax layers needs no page, but the pool keeps one
+    pages = (memory_bytes - slots * info.state_bytes_per_sequence) // page_bytes if page_bytes else 1
+    return CacheSize(int(slots), int(pages), page_size)
 
 
 class CachePool:

@@ -39,7 +39,7 @@ class EngineConfig:
     cache_memory: int | None = None  # bytes for the cache; default: what the GPU has left, see below
     gpu_memory_utilization: float = 0.9  # share of the GPU the engine may fill, weights included
     num_pages: int | None = None  # fixes the number of KV pages instead (tests use it to force preemption)
-    cuda_graphs: bool = True
+    cuda_graphs: bool = True  # used on CUDA with bf16 weights
     backend: str = "auto"  # kernels: "auto" (Triton on CUDA), "torch" (references; no graphs) or "triton"
     seed: int = 0  # of the generator shared by requests without a seed
 
@@ -49,20 +49,25 @@ class Engine:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = config = config or EngineConfig()
         param = next(model.parameters())
-        self.device, dtype = param.device, param.dtype
+        self.device, self.dtype = param.device, param.dtype
+        # Captured decode steps need a forward that never waits for the host: the Triton kernels and
+        # the experts' grouped GEMM (bf16).
+        self.use_graphs = (self.device.type == "cuda" and self.dtype == torch.bfloat16 and config.cuda_graphs
+                           and config.backend != "torch")
         if config.max_num_batched_tokens < 1 or config.max_num_seqs < 1 or config.page_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and page_size must be positive")
+        max_model_len = config.max_model_len or model.config.max_position_embeddings
         if config.num_pages is not None:
             size = CacheSize(config.max_num_seqs, config.num_pages, config.page_size)
         else:
-            size = size_cache(model.config, dtype, self._cache_memory(), config.max_num_seqs, config.page_size)
-        self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
-                                 size.capacity_tokens)
+            size = size_cache(model.config, self.dtype, self._cache_memory(), config.max_num_seqs, config.page_size,
+                              max_model_len)
+        self.max_model_len = min(max_model_len, size.capacity_tokens)
         max_pages = -(-self.max_model_len // size.page_size)
-        self.pool = CachePool(model.config, size, max_pages, self.device, dtype)
+        self.pool = CachePool(model.config, size, max_pages, self.device, self.dtype)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens)
         self.graphs = None
-        if self.device.type == "cuda" and config.cuda_graphs and config.backend != "torch":
+        if self.use_graphs:
             self.graphs = DecodeGraphs(model, self.pool, self.scheduler.max_num_seqs, config.backend)
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.eos_token_ids = set(model.config.eos_token_ids)
@@ -83,9 +88,8 @@ class Engine:
     @torch.no_grad()
     def _cache_memory(self) -> int:
         """Bytes for the cache. On a GPU: the share the engine may fill, less what is in use, the
-        peak of one full step's activations (measured; twice with CUDA graphs, whose memory pool is
-        their own) and the sampler's logits; on the CPU a quarter of the available memory, at most
-        CPU_CACHE_MEMORY."""
+        peak of one full step's activations (measured) and the sampler's logits; on the CPU a quarter
+        of the available memory, at most CPU_CACHE_MEMORY."""
         config = self.config
         if config.cache_memory is not None:
             return config.cache_memory
@@ -98,7 +102,7 @@ class Engine:
         tokens = torch.zeros(1, config.max_num_batched_tokens, dtype=torch.long, device=self.device)
         self.model(tokens, context=SequenceContext(backend=config.backend), logits_to_keep=1)
         activations = torch.cuda.max_memory_allocated(self.device) - before
-        activations *= 2 if config.cuda_graphs else 1
+        activations *= 2 if self.use_graphs else 1  # the graphs' memory pool is their own
         free, total = torch.cuda.mem_get_info(self.device)
         logits = 4 * config.max_num_seqs * self.model.config.vocab_size * 4  # logits, sorted copies, noise
         return int(total * config.gpu_memory_utilization - (total - free) - activations - logits)

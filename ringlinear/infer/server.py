@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .async_engine import AsyncEngine, EngineOverloaded
+from .async_engine import MAX_QUEUED, AsyncEngine, EngineOverloaded
 from .chat import ChatTemplate
 from .engine import Engine
 from .metrics import Metrics
@@ -32,8 +32,6 @@ from .params import InvalidRequest, SamplingParams
 from .protocol import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
-
-MAX_QUEUED = 1024
 
 
 class APIError(Exception):
@@ -86,9 +84,9 @@ def create_app(engine: Engine, model_name: str, chat_template: ChatTemplate | No
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         loc = [str(part) for part in first.get("loc", ())]
-        param = loc[1] if len(loc) > 1 and loc[0] == "body" and first["type"] != "json_invalid" else "body"
-        message = "the body is not valid JSON" if first["type"] == "json_invalid" else first["msg"]
-        return _error(400, f"{param}: {message}", param)
+        if len(loc) > 1 and loc[0] == "body" and first["type"] != "json_invalid":
+            return _error(400, f"{loc[1]}: {first['msg']}", loc[1])
+        return _error(400, "the body must be a JSON object, sent with Content-Type: application/json", "body")
 
     @app.exception_handler(InvalidRequest)
     async def invalid_request(request: Request, exc: InvalidRequest) -> JSONResponse:
@@ -202,7 +200,7 @@ def create_app(engine: Engine, model_name: str, chat_template: ChatTemplate | No
                 yield _sse({**header, "choices": [choice_dict]})
             async for i, output in results(request_ids, outputs):
                 generated[i] = output.num_output_tokens
-                if output.text or output.token_ids or output.finished:
+                if output.text or output.logprobs or output.finished:  # held-back text: nothing to send yet
                     yield _sse({**header, "choices": [choice(i, output)]})
             if include_usage:
                 yield _sse({**header, "choices": [], "usage": usage(prompts, sum(generated))})
