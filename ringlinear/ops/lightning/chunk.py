@@ -212,14 +212,14 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _plan(q: Tensor, offsets: list[int] | None, cu_seqlens: Tensor | None, programs_per_segment: int,
-          seg_len: int | None) -> _Plan:
-    """Cut the longest sequences into equal segments, as many as give about two programs per SM."""
+          programs_per_sm: float, seg_len: int | None) -> _Plan:
+    """Cut the longest sequences into equal segments, as many as give `programs_per_sm`."""
     B, T = q.shape[:2]
     lengths = [T] * B if offsets is None else [b - a for a, b in zip(offsets, offsets[1:])]
     longest = max(max(lengths, default=0), 1)
     if seg_len is None:
         batch = sum(lengths) / longest  # in units of the longest sequence
-        segments = max(1, round(2 * _num_sms(q.device) / (programs_per_segment * batch)))
+        segments = max(1, round(programs_per_sm * _num_sms(q.device) / (programs_per_segment * batch)))
         seg_len = max(4 * BT, triton.cdiv(triton.cdiv(longest, segments), BT) * BT)
     if seg_len % BT:
         raise ValueError(f"seg_len must be a multiple of {BT}, got {seg_len}")
@@ -244,7 +244,9 @@ def _scan(q: Tensor, k: Tensor, v: Tensor, do: Tensor | None, log_decay: Tensor,
     backward = do is not None
     njobs = 3 if backward else 1
     nv = D // config.block_v
-    plan = _plan(q, offsets, cu_seqlens, njobs * nv * H, seg_len)
+    # measured on an H100 (benchmarks/NOTES_lightning.md): the forward is best at ~2 programs per SM,
+    # the heavier backward at ~3.5 (B1xT64K: 5 segments, vs 3 segments 1.3x slower)
+    plan = _plan(q, offsets, cu_seqlens, njobs * nv * H, 3.5 if backward else 2.0, seg_len)
     N = plan.num_seqs
     f32 = dict(device=q.device, dtype=torch.float32)
     none = torch.empty(0, **f32)  # stands for absent states; guarded by constexpr flags
