@@ -8,8 +8,9 @@ from infer_helpers import byte_tokenizer, tiny_checkpoint, tiny_model
 
 from ringlinear.generate import generate
 from ringlinear.infer import LLM, Engine, EngineConfig, InvalidRequest, SamplingParams
-from ringlinear.infer.cache import size_cache
+from ringlinear.infer.cache import CacheSize, CachePool, size_cache
 from ringlinear.infer.graphs import capture_sizes
+from ringlinear.infer.scheduler import Scheduler, Sequence
 from ringlinear.info import model_info
 from ringlinear.ops.moe import grouped_swiglu_grouped_mm, grouped_swiglu_loop
 
@@ -219,3 +220,26 @@ def test_cuda_graph_decode_equals_eager():
         greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
         results.append(run(engine, {0: [(str(i), p, greedy) for i, p in enumerate(prompts)]}))
     assert results[0] == results[1]
+
+
+def test_scheduler_preempts_the_newest_and_resumes_it_first():
+    config = tiny_model().config
+    pool = CachePool(config, CacheSize(num_slots=4, num_pages=6, page_size=4), max_pages_per_seq=6,
+                     device="cpu", dtype=torch.float32)
+    scheduler = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=64, watermark=0.0)
+    seqs = [Sequence(str(i), [1] * 8, 8, SamplingParams(), arrival=i) for i in range(3)]
+    for seq in seqs[:2]:
+        scheduler.add(seq)
+    assert scheduler.schedule() == [(seqs[0], 8), (seqs[1], 8)]  # 4 of the 6 pages
+    scheduler.add(seqs[2])
+    for seq in seqs[:2]:  # both prompts done, one token sampled each
+        seq.num_computed, seq.token_ids = 8, seq.token_ids + [2]
+    assert scheduler.schedule() == [(seqs[0], 1), (seqs[1], 1)]  # a page each; none left to admit seqs[2]
+    assert scheduler.waiting == [seqs[2]]
+    for seq in seqs[:2]:  # three more tokens each: the next one needs a 4th page
+        seq.num_computed, seq.token_ids = 12, seq.token_ids + [3] * 4
+    assert scheduler.schedule() == [(seqs[0], 1)]  # seqs[1], the newest running, made room
+    assert scheduler.waiting == [seqs[1], seqs[2]] and seqs[1].num_computed == 0 and scheduler.num_preemptions == 1
+    scheduler.finish(seqs[0], "stop")
+    assert scheduler.schedule() == [(seqs[1], 13), (seqs[2], 8)]  # recomputed whole, before the newer one
+    assert pool.num_free_slots == 2 and pool.num_free_pages == 0
