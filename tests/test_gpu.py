@@ -15,9 +15,11 @@ def rel(a, b):
 
 
 def model(dtype, **overrides):
+    """Dense MLPs only: a routing choice flipped by one rounding would swamp the attention-kernel
+    differences these tests look for."""
     torch.manual_seed(0)
     config = RingLinearConfig.preset("tiny", head_dim=128, num_attention_heads=4, hidden_size=512,
-                                     num_nextn_predict_layers=1, **overrides)
+                                     first_k_dense_replace=6, **overrides)
     return RingLinearForCausalLM(config).to("cuda", dtype)
 
 
@@ -37,7 +39,7 @@ def test_varlen_flash_attention_matches_the_masked_reference():
         assert rel(x.grad, r.grad) < 2e-2
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 2e-2)])
 def test_prefill_then_decode_equals_the_full_forward(dtype, tol):
     m = model(dtype).eval()
     ids = torch.randint(0, m.config.vocab_size, (4, 300), device="cuda")
@@ -46,7 +48,7 @@ def test_prefill_then_decode_equals_the_full_forward(dtype, tol):
         cache = HybridCache(m.config, 4, 320, device="cuda", dtype=dtype)
         pieces = [m(ids[:, :257], context=cache).logits]
         pieces += [m(ids[:, t:t + 1], context=cache).logits for t in range(257, 300)]
-    assert (torch.cat(pieces, 1) - full).abs().max() / full.abs().max() <= tol
+    assert rel(torch.cat(pieces, 1), full) <= tol
 
 
 def test_training_step_with_triton_matches_the_reference_path():

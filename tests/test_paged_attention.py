@@ -78,7 +78,9 @@ def test_triton_kernel_matches_the_reference(q_lens, seq_lens, H, KV, D, dtype):
     out = paged_attention_triton(q, k_cache, v_cache, tables, lens, starts, scale, max(q_lens))
     ref = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), tables, lens, starts, scale)
     assert out.dtype == dtype and torch.isfinite(out).all()
-    assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    # On the GPU tl.dot runs fp32 operands as TF32 (10-bit mantissa); the interpreter is exact.
+    fp32_tol = 2e-3 if q.is_cuda else 1e-5
+    assert rel(out, ref) < (fp32_tol if dtype == torch.float32 else 1e-2)
 
 
 def test_dispatch_checks_shapes():

@@ -23,9 +23,10 @@ class _QKNorm(nn.Module):
             self.key_layernorm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
     def norm_and_rotate(self, q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        dtype = q.dtype  # under autocast fp32 norm weights would promote q and k away from v's dtype
         if hasattr(self, "query_layernorm"):
             q, k = self.query_layernorm(q), self.key_layernorm(k)
-        return apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return apply_rotary(q, *rope).to(dtype), apply_rotary(k, *rope).to(dtype)
 
 
 class LightningAttention(_QKNorm):
