@@ -42,7 +42,8 @@ def stdlib_documents() -> list[Document]:
 
 def user_documents(paths: Sequence[str | Path]) -> list[Document]:
     """The text files named, and every text file below the folders named (hidden ones skipped), each
-    folder's in sorted order. Raises FileNotFoundError for a missing path or when no text is found."""
+    folder's in sorted order. FileNotFoundError for a missing path or when no text is found;
+    ValueError for a named file that is not UTF-8 text."""
     documents: list[Document] = []
     for path in map(Path, paths):
         if path.is_file():

@@ -24,14 +24,14 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
+def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
 def encode_documents(tokenizer: Tokenizer, texts: Sequence[str], batch: int = 256) -> np.ndarray:
     """All documents as one token stream, each followed by EOS."""
     eos = tokenizer.token_to_id(EOS)
-    dtype = token_dtype(tokenizer.get_vocab_size())
+    dtype = _token_dtype(tokenizer.get_vocab_size())
     pieces = []
     for start in tqdm(range(0, len(texts), batch), desc="tokenizing", unit="batch", leave=False):
         for encoding in tokenizer.encode_batch_fast(list(texts[start:start + batch]), add_special_tokens=False):
