@@ -1,18 +1,12 @@
 """The Triton Lightning-attention kernels against the float64 references.
 
-Without a GPU the kernels run in Triton's interpreter: TRITON_INTERPRET is read when a kernel is
-decorated, i.e. when `ringlinear.ops.lightning.chunk` is first imported (lazily, by the dispatcher),
-so setting it here, before any test runs, is enough. Shapes are small: the interpreter is slow.
+Without a GPU the kernels run in Triton's interpreter (set up in conftest.py). Shapes are small:
+the interpreter is slow.
 """
-
-import os
 
 import pytest
 import torch
-
-INTERPRET = not torch.cuda.is_available()
-if INTERPRET:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from conftest import INTERPRET
 
 triton = pytest.importorskip("triton")
 
@@ -23,46 +17,6 @@ from ringlinear.ops.lightning.decode import lightning_decode_triton  # noqa: E40
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 5e-3}
-
-
-def _fix_interpreter() -> None:
-    """Patch three limits of Triton 3.6's interpreter so that it computes what the GPU does:
-    `range()` over a program-id value fails with numpy >= 2.4 (triton-lang/triton#9171, fixed
-    upstream); bfloat16 dots multiply the uint16 bit patterns (triton-lang/triton#11584); and
-    fp32 -> bf16 casts truncate where the GPU rounds to nearest even."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    patch_tensor = interpreter._patch_lang_tensor
-    create_dot = interpreter.InterpreterBuilder.create_dot
-    cast_impl = interpreter.InterpreterBuilder.cast_impl
-
-    def patched_tensor(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    def f32(x):
-        if x.dtype.scalar != tl.bfloat16:
-            return x
-        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    def patched_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return create_dot(self, f32(a), f32(b), d, input_precision, max_num_imprecise_acc)
-
-    def patched_cast(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
-            return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
-        return cast_impl(self, src, dst_type)
-
-    interpreter._patch_lang_tensor = patched_tensor
-    interpreter.InterpreterBuilder.create_dot = patched_dot
-    interpreter.InterpreterBuilder.cast_impl = patched_cast
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _fix_interpreter()
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:

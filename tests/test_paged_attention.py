@@ -1,19 +1,12 @@
 """Paged attention: the gather-then-SDPA reference against an explicit softmax, and the Triton
 kernel against the reference in float64. Without a GPU the kernel runs in Triton's interpreter
-(TRITON_INTERPRET is read when a kernel is decorated, so it is set before anything imports one,
-as tests/test_lightning_triton.py does; that module also patches the interpreter's limits)."""
-
-import os
+(set up in conftest.py)."""
 
 import pytest
 import torch
-
-INTERPRET = not torch.cuda.is_available()
-if INTERPRET:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from conftest import INTERPRET
 
 triton = pytest.importorskip("triton")
-import test_lightning_triton  # noqa: E402,F401  (its interpreter fixes: loops over loaded bounds, bf16 dots)
 
 from ringlinear.ops.paged_attention import paged_attention, paged_attention_reference  # noqa: E402
 from ringlinear.ops.paged_attention.kernel import paged_attention_triton  # noqa: E402
