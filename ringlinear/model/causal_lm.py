@@ -11,16 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import RingLinearConfig
+from ..ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from .attention import LightningAttention, SoftmaxAttention
 from .context import AttentionContext, SequenceContext
 from .layers import MLP, GroupRMSNorm, RMSNorm, RotaryEmbedding
 from .moe import Experts, MoE, Router
-
-IGNORE_INDEX = -100
 
 
 class DecoderLayer(nn.Module):
@@ -135,12 +133,15 @@ class RingLinearForCausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None,
                 context: AttentionContext | None = None, cu_seqlens: Tensor | None = None,
-                logits_to_keep: int = 0, logits_indices: Tensor | None = None) -> CausalLMOutput:
+                logits_to_keep: int = 0, logits_indices: Tensor | None = None,
+                return_logits: bool = True) -> CausalLMOutput:
         """input_ids [B, T]. `labels` [B, T] are the input ids themselves (shifted here; -100 is
         ignored); with `cu_seqlens` (B = 1) documents packed along T are kept apart and no token is
         predicted across a boundary. `context` runs attention against a cache (inference).
         Logits are computed for every position, the last `logits_to_keep`, or the positions
-        `logits_indices` along T (e.g. the last token of each sequence packed in one step)."""
+        `logits_indices` along T (e.g. the last token of each sequence packed in one step), or not at
+        all with `return_logits=False` (training: the losses come from the hidden states, one chunk
+        of fp32 logits at a time)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
         if context is not None and cu_seqlens is not None:
@@ -160,30 +161,31 @@ class RingLinearForCausalLM(nn.Module):
             kept = h[:, logits_indices]
         else:
             kept = h if logits_to_keep <= 0 else h[:, -logits_to_keep:]
-        logits = self.lm_head(kept).float()
+        logits = self.lm_head(kept).float() if return_logits else None
         if labels is None:
             return CausalLMOutput(logits=logits, hidden_states=h)
 
         documents = (context.document_ids(T, input_ids.device) if isinstance(context, SequenceContext)
                      else torch.zeros(T, dtype=torch.long, device=input_ids.device))
-        lm_loss = _shifted_cross_entropy(logits, labels, documents, shift=1)
+        lm_loss = _shifted_cross_entropy(h, self.lm_head.weight, labels, documents, shift=1)
         mtp_losses, h_prev, ids = [], h, input_ids
         for depth, layer in enumerate(self.model.mtp_layers, start=1):
             ids = torch.roll(ids, shifts=-1, dims=1)  # token t + depth at position t
             h_prev = layer(self.model.word_embeddings(ids), h_prev, rope, context)
-            mtp_logits = self.lm_head(layer.final_layernorm(h_prev)).float()
-            mtp_losses.append(_shifted_cross_entropy(mtp_logits, labels, documents, shift=depth + 1))
+            mtp_hidden = layer.final_layernorm(h_prev)
+            mtp_losses.append(_shifted_cross_entropy(mtp_hidden, self.lm_head.weight, labels, documents,
+                                                     shift=depth + 1))
         mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else None
         loss = lm_loss if mtp_loss is None else lm_loss + self.config.mtp_loss_scaling_factor * mtp_loss
         return CausalLMOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, hidden_states=h)
 
 
-def _shifted_cross_entropy(logits: Tensor, labels: Tensor, documents: Tensor, shift: int) -> Tensor:
-    """Mean cross-entropy of predicting labels[t + shift] at position t, within a document only."""
+def _shifted_cross_entropy(hidden: Tensor, head: Tensor, labels: Tensor, documents: Tensor, shift: int) -> Tensor:
+    """Mean cross-entropy of predicting labels[t + shift] from hidden[t] through the LM head, within a
+    document only."""
     T = labels.shape[1]
-    if logits.shape[1] != T:
-        raise ValueError("training with labels needs logits for every position (logits_to_keep=0)")
     targets = torch.full_like(labels, IGNORE_INDEX)
     same_document = documents[shift:] == documents[:-shift] if shift < T else documents[:0].bool()
     targets[:, : T - shift] = labels[:, shift:].masked_fill(~same_document, IGNORE_INDEX)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    count = (targets != IGNORE_INDEX).sum()
+    return linear_cross_entropy(hidden.flatten(0, 1), head, targets.flatten()) / count
