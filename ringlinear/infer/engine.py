@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..checkpoint import load_model, load_tokenizer
 from ..model import RingLinearForCausalLM, SequenceContext
+from ..ops.batch_invariant import KEY_BLOCK, batch_invariant
 from ..sampling import apply_penalties, sample, token_logprobs
 from .cache import CachePool, CacheSize, size_cache
 from .context import PagedContext, StepBatch
@@ -42,6 +43,9 @@ class EngineConfig:
     cuda_graphs: bool = True  # used on CUDA with bf16 weights
     backend: str = "auto"  # kernels: "auto" (Triton on CUDA), "torch" (references; no graphs) or "triton"
     seed: int = 0  # of the generator shared by requests without a seed
+    # Steps and log-probs under `batch_invariant()`: bit-identical to the training forward of the same
+    # model under it, whatever shares the step (no CUDA graphs; page_size a multiple of KEY_BLOCK).
+    batch_invariant: bool = False
 
 
 class Engine:
@@ -53,9 +57,12 @@ class Engine:
         # Captured decode steps need a forward that never waits for the host: the Triton kernels and
         # the experts' grouped GEMM (bf16).
         self.use_graphs = (self.device.type == "cuda" and self.dtype == torch.bfloat16 and config.cuda_graphs
-                           and config.backend != "torch")
+                           and config.backend != "torch" and not config.batch_invariant)
         if config.max_num_batched_tokens < 1 or config.max_num_seqs < 1 or config.page_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and page_size must be positive")
+        if config.batch_invariant and config.page_size % KEY_BLOCK:
+            raise ValueError(f"batch_invariant needs a page_size that is a multiple of {KEY_BLOCK}, "
+                             f"got {config.page_size}")
         max_model_len = config.max_model_len or model.config.max_position_embeddings
         if config.num_pages is not None:
             size = CacheSize(config.max_num_seqs, config.num_pages, config.page_size)
@@ -174,12 +181,12 @@ class Engine:
         self.pool.flush()
         batch = StepBatch.build([s.token_ids for s, _ in scheduled], [s.num_computed for s, _ in scheduled],
                                 [n for _, n in scheduled], [s.slot for s, _ in scheduled], self.pool)
-        logits = self._forward(batch)
         for seq, n in scheduled:
             self.num_prompt_tokens += min(n, max(0, seq.num_prompt_tokens - seq.num_computed))
             seq.num_computed += n
         ready = [seq for seq, _ in scheduled if seq.num_computed == len(seq.token_ids)]
-        tokens, logprobs = self._sample(ready, logits)
+        with batch_invariant(self.config.batch_invariant):
+            tokens, logprobs = self._sample(ready, self._forward(batch))
         return [self._append(seq, token, logprob) for seq, token, logprob in zip(ready, tokens, logprobs)]
 
     @torch.no_grad()
@@ -247,7 +254,7 @@ class Engine:
         text = "" if seq.detokenizer is None else seq.detokenizer.new_text(final=reason is not None)
         logprobs = None if params.logprobs is None else ([logprob] if new_ids else [])
         return RequestOutput(seq.request_id, new_ids, text, logprobs, reason, seq.num_prompt_tokens,
-                             len(seq.token_ids) - seq.num_prompt_tokens)
+                             len(seq.token_ids) - seq.num_prompt_tokens, None if new_ids else logprob)
 
     # -- state ----------------------------------------------------------------------------------
 

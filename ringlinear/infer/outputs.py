@@ -22,6 +22,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop", "length" or "abort" on the last output
     num_prompt_tokens: int
     num_output_tokens: int  # so far
+    stop_logprob: TokenLogprob | None = None  # the stop token that ended it (not in the output), if asked
 
     @property
     def finished(self) -> bool:
@@ -37,10 +38,11 @@ class Completion:
     text: str = ""
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    stop_logprob: TokenLogprob | None = None
 
     def add(self, output: RequestOutput) -> None:
         self.token_ids += output.token_ids
         self.text += output.text
         if output.logprobs is not None:
             self.logprobs = (self.logprobs or []) + output.logprobs
-        self.finish_reason = output.finish_reason
+        self.finish_reason, self.stop_logprob = output.finish_reason, output.stop_logprob

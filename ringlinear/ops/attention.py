@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import batch_invariant
+
 
 def document_ids(cu_seqlens: Tensor, seq_len: int) -> Tensor:
     """[T] index of the packed sequence each position belongs to."""
@@ -22,6 +24,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
     Returns [B, Tq, H, D].
     """
     Tq, Tk = q.shape[1], k.shape[1]
+    if batch_invariant.enabled():
+        return _causal_by_key_blocks(q, k, v, scale, cu_seqlens)
     if cu_seqlens is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return _flash_varlen(q, k, v, scale, cu_seqlens)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
@@ -50,3 +54,55 @@ def _flash_varlen(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Ten
     o = torch.ops.aten._flash_attention_forward(q[0], k[0], v[0], cu, cu, longest, longest, 0.0, True, False,
                                                 scale=scale)[0]
     return o[None]
+
+
+def attention_by_key_blocks(q: Tensor, k_blocks: Tensor, v_blocks: Tensor, block_table: Tensor, positions: Tensor,
+                            scale: float) -> Tensor:
+    """Causal attention whose arithmetic per query is fixed by the query alone (batch-invariant).
+
+    q [T, H, D]: queries of any sequences; query t sits at `positions[t]` of its sequence, whose keys
+    0, 1, ... lie in blocks of KB: block j is `k_blocks[block_table[t, j]]` ([P, KB, KV, D], likewise
+    `v_blocks`). An online softmax visits the blocks in order j = 0, 1, ..., and blocks wholly past
+    the query change nothing, so how many blocks the other queries need does not matter. Returns
+    [T, H, D] in q's dtype; the work is in fp32 (fp64 for fp64 inputs)."""
+    (T, H, D), dtype = q.shape, q.dtype
+    KB, KV = k_blocks.shape[1], k_blocks.shape[2]
+    work = torch.promote_types(dtype, torch.float32)
+    heads = torch.arange(H, device=q.device) // (H // KV)
+    q = q.to(work)[:, :, None, :]  # [T, H, 1, D]
+    m = torch.full((T, H), float("-inf"), dtype=work, device=q.device)
+    total = torch.zeros(T, H, dtype=work, device=q.device)
+    acc = torch.zeros(T, H, D, dtype=work, device=q.device)
+    offsets = torch.arange(KB, device=q.device)
+    for j in range(int(positions.max()) // KB + 1 if T else 0):
+        keys, values = (x[block_table[:, j]][:, :, heads].to(work).transpose(1, 2) for x in (k_blocks, v_blocks))
+        scores = (q @ keys.transpose(-1, -2))[:, :, 0] * scale  # [T, H, KB]
+        visible = j * KB + offsets <= positions[:, None]  # [T, KB]; block 0 always holds key 0
+        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+        m_new = torch.maximum(m, scores.amax(-1))
+        p = torch.exp(scores - m_new[..., None])
+        alpha = torch.exp(m - m_new)
+        total = total * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + (p[:, :, None, :] @ values)[:, :, 0]
+        m = m_new
+    return (acc / total[..., None]).to(dtype)
+
+
+def _causal_by_key_blocks(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor | None) -> Tensor:
+    """`causal_attention` through `attention_by_key_blocks`: each sequence's keys cut into blocks
+    from its first position on."""
+    if cu_seqlens is not None:  # packed documents, B = 1: one call per document
+        offsets = cu_seqlens.tolist()
+        return torch.cat([_causal_by_key_blocks(q[:, a:b], k[:, a:b], v[:, a:b], scale, None)
+                          for a, b in zip(offsets, offsets[1:])], dim=1)
+    B, Tq, H, D = q.shape
+    Tk, KV = k.shape[1], k.shape[2]
+    KB = batch_invariant.KEY_BLOCK
+    nb = -(-Tk // KB)
+    pad = (0, 0, 0, 0, 0, nb * KB - Tk)
+    k_blocks, v_blocks = (F.pad(x, pad).reshape(B * nb, KB, KV, D) for x in (k, v))
+    block_table = (torch.arange(B, device=q.device)[:, None] * nb + torch.arange(nb, device=q.device))
+    block_table = block_table.repeat_interleave(Tq, dim=0)  # [B*Tq, nb]
+    positions = torch.arange(Tk - Tq, Tk, device=q.device).repeat(B)
+    o = attention_by_key_blocks(q.reshape(B * Tq, H, D), k_blocks, v_blocks, block_table, positions, scale)
+    return o.view(B, Tq, H, D)

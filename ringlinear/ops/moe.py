@@ -3,7 +3,8 @@
 Two forms with one signature: the reference loops over experts (it reads the row counts on the
 host); the grouped form runs each projection as one `torch._grouped_mm` over all experts with the
 group offsets on the device, so it never synchronises and can be captured in a CUDA graph. CUDA
-bfloat16 takes the grouped form, everything else the loop.
+bfloat16 takes the grouped form; everything else takes the loop, and so does anything under
+`batch_invariant()`, which turns the loop's products into products of one fixed shape.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import batch_invariant
+
 
 def grouped_swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor) -> Tensor:
     """SwiGLU of each expert over its rows: x [M, hidden] sorted by expert, `counts[e]` rows for
     expert e; gate/up [E, inter, hidden], down [E, hidden, inter]. Returns [M, hidden]."""
-    if x.is_cuda and x.dtype == torch.bfloat16:
+    if x.is_cuda and x.dtype == torch.bfloat16 and not batch_invariant.enabled():
         return grouped_swiglu_grouped_mm(x, gate, up, down, counts)
     return grouped_swiglu_loop(x, gate, up, down, counts)
 

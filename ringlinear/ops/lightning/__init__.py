@@ -2,7 +2,8 @@
 
 `lightning_attn` runs whole sequences (training, prefill); `lightning_decode` advances N sequences
 by one token against a pool of fp32 states. The "torch" backend is the chunked reference in
-`naive.py`; the Triton kernels take its place on CUDA.
+`naive.py`; the Triton kernels take its place on CUDA. Under `batch_invariant()` both run the
+recurrent form, whatever the backend, so that a token gets the same bits in training and decode.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .. import batch_invariant
 from .naive import (lightning_attn_chunked, lightning_attn_quadratic, lightning_attn_recurrent,
                     lightning_decode_reference)
 
@@ -99,6 +101,9 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: fl
         raise ValueError(f"initial_state must have shape [N, H, D, D]={[num_seqs, H, D, D]}, "
                          f"got {list(initial_state.shape)}")
     backend = _pick_backend(backend, q)
+    if batch_invariant.enabled():
+        o, final = lightning_attn_recurrent(q, k, v, log_decay, scale, initial_state, cu_seqlens)
+        return o, final if output_final_state else None
     if backend == "triton":
         from .chunk import lightning_attn_triton
         return lightning_attn_triton(q, k, v, log_decay, scale, initial_state, output_final_state,
@@ -136,6 +141,11 @@ def lightning_decode(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: 
     if slots.shape != (N,) or slots.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slots must be an int tensor [N]=[{N}], got shape {list(slots.shape)} "
                          f"dtype {slots.dtype}")
+    if batch_invariant.enabled():
+        one_each = torch.arange(N + 1, device=q.device)
+        o, state[slots] = lightning_attn_recurrent(q[None], k[None], v[None], log_decay, scale, state[slots],
+                                                   cu_seqlens=one_each)
+        return o[0]
     if _pick_backend(backend, q) == "triton":
         from .decode import lightning_decode_triton
         return lightning_decode_triton(q, k, v, log_decay, state, slots, scale)

@@ -72,17 +72,34 @@ def lightning_attn_chunked(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
 
 
 def lightning_attn_recurrent(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
-                             scale: float | None = None,
-                             initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    out_dtype, T = q.dtype, q.shape[1]
-    q, k, v, g, state = _prepare(q, k, v, log_decay, scale, initial_state)
+                             scale: float | None = None, initial_state: Tensor | None = None,
+                             cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Token by token. With `cu_seqlens` ([N+1] offsets, B = 1) the N sequences packed along T
+    advance side by side, one token each per step, from `initial_state` [N, H, D, D].
+
+    A token's arithmetic does not depend on the other rows of its step, nor on whether it came in
+    a long run or alone: under `batch_invariant()` this one form serves training, prefill and decode."""
+    out_dtype, (B, T, H, D) = q.dtype, q.shape
+    if cu_seqlens is None:
+        cu_seqlens = torch.arange(B + 1, device=q.device) * T
+        q, k, v = (x.reshape(1, B * T, H, D) for x in (q, k, v))
+    starts, lengths = cu_seqlens[:-1], cu_seqlens[1:] - cu_seqlens[:-1]
+    N = lengths.shape[0]
+    if initial_state is None:
+        initial_state = torch.zeros(N, H, D, D, device=q.device)
+    q, k, v, g, state = _prepare(q, k, v, log_decay, scale, initial_state)  # [1, H, B*T, D]
+    q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # [B*T, H, D]
     decay = torch.exp(g)[:, None, None]
     outputs = []
-    for t in range(T):
-        state = decay * state + k[:, :, t, :, None] * v[:, :, t, None, :]
-        outputs.append(q[:, :, t, None, :] @ state)
-    o = torch.cat(outputs, dim=2) if outputs else torch.zeros_like(v)
-    return o.transpose(1, 2).to(out_dtype), state
+    for t in range(int(lengths.max()) if N else 0):
+        rows = (starts + t).clamp(max=q.shape[0] - 1)
+        running = (lengths > t)[:, None, None, None]
+        state = torch.where(running, decay * state + k[rows, :, :, None] * v[rows, :, None, :], state)
+        outputs.append((q[rows, :, None, :] @ state)[:, :, 0])
+    sequence = torch.repeat_interleave(torch.arange(N, device=q.device), lengths)
+    step = torch.arange(q.shape[0], device=q.device) - starts[sequence]
+    o = torch.stack(outputs)[step, sequence] if outputs else torch.zeros_like(q)
+    return o.reshape(B, T, H, D).to(out_dtype), state
 
 
 def lightning_decode_reference(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor,

@@ -5,7 +5,7 @@ pages `block_tables[n, :ceil(seq_lens[n] / page_size)]`, in order. Its new token
 `query_start[n]:query_start[n + 1]` of q, already written to the cache) are its last ones, so a
 decode step is a query length of 1 and a prefill chunk attends to the cached prefix and causally
 to itself. The "torch" backend is the gather-then-SDPA reference; the Triton kernel takes its
-place on CUDA.
+place on CUDA. Under `batch_invariant()` every backend gives way to `attention_by_key_blocks`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import batch_invariant
+from ..attention import attention_by_key_blocks
 from .reference import paged_attention_reference
 
 __all__ = ["paged_attention", "paged_attention_reference"]
@@ -42,8 +44,27 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
                          f"got {list(block_tables.shape)} and {list(query_start.shape)}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if batch_invariant.enabled():
+        return _paged_by_key_blocks(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale)
     if backend == "triton" or (backend == "auto" and q.is_cuda):
         from .kernel import paged_attention_triton
         return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale,
                                       max_query_len)
     return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale)
+
+
+def _paged_by_key_blocks(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                         query_start: Tensor, scale: float) -> Tensor:
+    """Each page holds whole key blocks of `attention_by_key_blocks`, so the blocks a query visits
+    are those of the training forward over the same sequence."""
+    P, page, KV, D = k_cache.shape
+    KB = batch_invariant.KEY_BLOCK
+    if page % KB:
+        raise ValueError(f"batch-invariant attention needs pages of a multiple of {KB} tokens, got {page}")
+    per_page = page // KB
+    k_blocks, v_blocks = (x.view(P * per_page, KB, KV, D) for x in (k_cache, v_cache))
+    query_lens = query_start[1:] - query_start[:-1]
+    seq = torch.repeat_interleave(torch.arange(len(query_lens), device=q.device), query_lens)
+    positions = (seq_lens - query_lens)[seq] + torch.arange(q.shape[0], device=q.device) - query_start[seq]
+    table = (block_tables.long()[:, :, None] * per_page + torch.arange(per_page, device=q.device)).flatten(1)
+    return attention_by_key_blocks(q, k_blocks, v_blocks, table[seq], positions, scale)

@@ -1,0 +1,150 @@
+"""Batch-invariant numerics: inside `batch_invariant()`, a token's numbers do not depend on what
+else is in the batch, so the training forward over whole sequences and an engine step that mixes
+prefill chunks with other requests' decodes give bit-identical logits.
+
+Kernels compute a row differently depending on the rows that come with it: BLAS libraries pick a
+GEMM kernel (and a split of the reduction) by shape, and on the CPU a 1-row product takes another
+path than a 64-row one; GPU reductions spread a row over more threads when there are few rows; CPU
+elementwise loops finish a tensor's last partial vector with a scalar routine whose `sigmoid`
+differs from the vector one in the last bit. In this mode:
+
+- matrix products (`F.linear`, `@`, `torch.bmm`) run as products of one fixed shape: the rows
+  (or, batched, the matrices) are padded to a multiple of `ROWS` and computed `ROWS` at a time;
+- reductions over the last dimension (`sum`, `mean`, `softmax`, `log_softmax`) run on the same
+  fixed row blocks; sums over another dimension are folded in index order;
+- `sigmoid` and `silu` are composed from `exp` and IEEE division, which every code path computes
+  alike;
+- `topk` is a stable sort: ties go to the lower index (the MoE router's choice);
+- the attention ops switch to forms whose per-token order is fixed (`ops.lightning`: the state
+  advanced token by token, the same code for training, prefill and decode; `ops.attention`: an
+  online softmax over fixed blocks of `KEY_BLOCK` keys).
+
+The mode is a `TorchFunctionMode`, so the model's code is the same in both modes; it is
+thread-local. Backward passes run outside it (their numerics need no invariance).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+ROWS = 16  # rows (or matrices) per product and per reduction call
+KEY_BLOCK = 16  # keys per block of the batch-invariant attention; engine pages hold whole blocks
+
+_local = threading.local()
+
+
+def enabled() -> bool:
+    """Whether the calling thread is inside `batch_invariant()`."""
+    return getattr(_local, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def batch_invariant(on: bool = True) -> Iterator[None]:
+    """Run the enclosed forward with batch-invariant numerics (a no-op with `on=False`)."""
+    if not on:
+        yield
+        return
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        with _Mode():
+            yield
+    finally:
+        _local.depth -= 1
+
+
+def fold_sum(x: Tensor, dim: int) -> Tensor:
+    """Sum over `dim` as a left fold in index order, whatever the shape of the rest of `x`."""
+    parts = x.unbind(dim)
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+def _in_blocks(fn: Callable[..., Tensor], *xs: Tensor, last: int = 1) -> Tensor:
+    """fn over rows of the tensors `xs` (a row: their `last` trailing dims; the leading dims, the
+    same for all, are flattened), ROWS rows per call, the last call zero-padded: one shape per call."""
+    lead = xs[0].shape[:xs[0].dim() - last]
+    rows = [x.reshape(-1, *x.shape[x.dim() - last:]) for x in xs]
+    n = rows[0].shape[0]
+    if n % ROWS:
+        rows = [torch.cat([r, r.new_zeros(-n % ROWS, *r.shape[1:])]) for r in rows]
+    out = torch.cat([fn(*block) for block in zip(*(r.split(ROWS) for r in rows))])[:n]
+    return out.reshape(*lead, *out.shape[1:])
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    out = _in_blocks(lambda rows: torch.mm(rows, weight.t()), x)
+    return out if bias is None else out + bias
+
+
+def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    if a.dim() < 2 or b.dim() < 2:
+        raise NotImplementedError("batch-invariant matmul takes matrices, not vectors")
+    if b.dim() == 2:
+        return _in_blocks(lambda rows: torch.mm(rows, b), a)
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return _in_blocks(torch.bmm, a.expand(*batch, *a.shape[-2:]), b.expand(*batch, *b.shape[-2:]), last=2)
+
+
+def _reduction(name: str) -> Callable[..., Tensor]:
+    original = getattr(torch, name)
+
+    def reduce(x: Tensor, dim: int | tuple[int, ...] | None = None, keepdim: bool = False) -> Tensor:
+        dims = [dim] if isinstance(dim, int) else list(dim or [])
+        if len(dims) != 1 or not x.is_floating_point():  # whole-tensor or integer reductions
+            return original(x) if dim is None else original(x, dim, keepdim=keepdim)
+        d = dims[0] % x.dim()
+        if d == x.dim() - 1:
+            return _in_blocks(lambda rows: original(rows, -1, keepdim=keepdim), x)
+        total = fold_sum(x, d)
+        if name == "mean":
+            total = total / x.shape[d]
+        return total.unsqueeze(d) if keepdim else total
+    return reduce
+
+
+def _softmax(name: str) -> Callable[..., Tensor]:
+    original = getattr(torch, name)
+
+    def normalise(x: Tensor, dim: int, _stacklevel: int = 3, dtype: torch.dtype | None = None) -> Tensor:
+        if dim % x.dim() != x.dim() - 1:
+            raise NotImplementedError(f"batch-invariant {name} runs over the last dimension")
+        return _in_blocks(lambda rows: original(rows, -1, dtype=dtype), x)
+    return normalise
+
+
+def _sigmoid(x: Tensor) -> Tensor:
+    return 1 / (1 + torch.exp(-x))
+
+
+def _silu(x: Tensor, inplace: bool = False) -> Tensor:
+    return x * _sigmoid(x)
+
+
+def _topk(x: Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):
+    values, indices = x.sort(dim=dim, descending=largest, stable=True)
+    return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))
+
+
+_OVERRIDES: dict[Callable, Callable] = {
+    F.linear: _linear,
+    torch.matmul: _matmul, Tensor.matmul: _matmul, Tensor.__matmul__: _matmul, torch.bmm: _matmul,
+    torch.sigmoid: _sigmoid, Tensor.sigmoid: _sigmoid, F.silu: _silu,
+    torch.topk: _topk, Tensor.topk: _topk,
+    **{f: _reduction(name) for name in ("sum", "mean") for f in (getattr(torch, name), getattr(Tensor, name))},
+    **{f: _softmax(name) for name in ("softmax", "log_softmax")
+       for f in (getattr(torch, name), getattr(Tensor, name), getattr(F, name))},
+}
+
+
+class _Mode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return _OVERRIDES.get(func, func)(*args, **(kwargs or {}))

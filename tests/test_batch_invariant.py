@@ -1,0 +1,76 @@
+"""Batch-invariant mode: the engine's log-probs (chunked prefill, decode, preemption, other requests
+in the step) equal the training forward's bit for bit, whatever else is in either batch; and the
+mode computes the same function as the fast path."""
+
+import pytest
+import torch
+from infer_helpers import tiny_model
+
+from ringlinear.infer import Engine, EngineConfig, SamplingParams
+from ringlinear.ops.batch_invariant import batch_invariant
+from ringlinear.sampling import token_logprobs
+
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(num_hidden_layers=3)  # Lightning, Lightning + MoE, softmax + MoE
+
+
+def prompts_of(lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 257, (n,), generator=g).tolist() for n in lengths]
+
+
+def engine_rollouts(model, prompts, batch_size):
+    """Tokens and log-probs of sampled continuations; requests arrive one per step, 16-token steps
+    chunk the prompts, and 5 pages of 16 tokens for 8 sequences force preemption."""
+    engine = Engine(model, None, EngineConfig(max_num_seqs=batch_size, max_num_batched_tokens=16, page_size=16,
+                                              num_pages=5 if batch_size == 8 else 64, batch_invariant=True))
+    results = {i: [] for i in range(len(prompts))}
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=NEW_TOKENS, seed=i, logprobs=0, ignore_eos=True))
+        for output in engine.step():
+            results[int(output.request_id)] += output.logprobs
+    while engine.has_unfinished():
+        for output in engine.step():
+            results[int(output.request_id)] += output.logprobs
+    if batch_size == 8:
+        assert engine.stats()["preemptions"] > 0
+    return [([lp.token_id for lp in r], torch.tensor([lp.logprob for lp in r])) for r in results.values()]
+
+
+def training_logprobs(model, sequences):
+    """Log-probs of every token after the first, from one right-padded [B, T] training forward."""
+    T = max(map(len, sequences))
+    ids = torch.tensor([s + [0] * (T - len(s)) for s in sequences])
+    with torch.no_grad(), batch_invariant():
+        logits = model(ids).logits[:, :-1]
+        logp = token_logprobs(logits.flatten(0, 1), ids[:, 1:].flatten(), 0)[0].view(len(sequences), T - 1)
+    return [logp[b, :len(s) - 1] for b, s in enumerate(sequences)]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_engine_log_probs_equal_the_training_forward_bit_for_bit(model, batch_size):
+    prompts = prompts_of([14, 13, 15, 12, 30, 29, 11, 10][:max(batch_size, 2)], seed=8)
+    rollouts = engine_rollouts(model, prompts, batch_size)
+    sequences = [p + tokens for p, (tokens, _) in zip(prompts, rollouts)]
+    others = [p + [1, 2, 3] for p in prompts_of([9, 50, 14], seed=99)]
+    alone = [training_logprobs(model, [s])[0] for s in sequences]
+    mixed = training_logprobs(model, others[:1] + sequences[::-1] + others[1:])[1:-2][::-1]
+    for prompt, (_, engine_logp), a, m in zip(prompts, rollouts, alone, mixed):
+        assert torch.equal(a[len(prompt) - 1:], engine_logp)
+        assert torch.equal(m[len(prompt) - 1:], engine_logp)
+
+
+def test_the_mode_computes_the_same_function(model):
+    """Logits of a batch and of packed documents agree with the fast path to fp32 rounding."""
+    ids = torch.randint(1, 257, (2, 37), generator=torch.Generator().manual_seed(0))
+    cu_seqlens = torch.tensor([0, 20, 37])
+    with torch.no_grad():
+        fast = [model(ids).logits, model(ids[:1], cu_seqlens=cu_seqlens).logits]
+        with batch_invariant():
+            invariant = [model(ids).logits, model(ids[:1], cu_seqlens=cu_seqlens).logits]
+    for a, b in zip(invariant, fast):
+        assert ((a - b).norm() / b.norm()).item() < 1e-5
