@@ -215,14 +215,15 @@ def _preview(names: list[str], limit: int = 8) -> str:
     return f"[{shown}{', ...' if len(names) > limit else ''}]"
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> RingLinearForCausalLM:
-    """Build the model of `directory/config.json` without initialising it, then load its weights.
-    `dtype` defaults to the config's `torch_dtype`; the routers' `expert_bias` stays fp32."""
+def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               config: RingLinearConfig | None = None) -> RingLinearForCausalLM:
+    """Build the model of `config` (default: `directory/config.json`) without initialising it, then
+    load its weights. `dtype` defaults to the config's `torch_dtype`; the routers' `expert_bias`
+    stays fp32."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {directory}")
-    config = RingLinearConfig.from_pretrained(directory)
+    config = config or RingLinearConfig.from_pretrained(directory)
     dtype = dtype or DTYPES.get(config.torch_dtype, torch.float32)
     with torch.device("meta"):
         model = RingLinearForCausalLM(config)

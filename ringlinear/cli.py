@@ -1,4 +1,4 @@
-"""`ringlinear train | generate | serve | info`."""
+"""`ringlinear train | tokenize | merge | convert | plot | generate | serve | info`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from .infer import Engine, EngineConfig, SamplingParams
 from .infer.async_engine import MAX_QUEUED
 from .info import describe
 from .model import RingLinearForCausalLM
-from .train import TrainConfig, resolve_device, train
+from .train import TrainConfig, TrainingDiverged, resolve_device, train
+from .train.merge import DECAYS
 
 # Sampling defaults of `generate`, also used for the sample that ends `train`.
 MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, SEED = 200, 0.8, 0, 0.95, 0
@@ -67,11 +68,46 @@ def _train(args: argparse.Namespace) -> None:
     values["model_overrides"] = dict(values["model_overrides"])
     config = TrainConfig(**values)
     result = train(config, resume=args.resume)
+    if result.model is None:  # not the main process of a torchrun launch
+        return
     print(f"\nvalidation: {result.val_bpb:.4f} bits per byte")
     print(f"model saved in {result.checkpoint_dir}; sample it with: "
           f"ringlinear generate --model {result.checkpoint_dir} --prompt 'def '")
     print("sample (a new file):\n")
     stream_samples(result.model, result.tokenizer, "", seed=config.seed)
+
+
+def _tokenize(args: argparse.Namespace) -> None:
+    from .data import prepare_dataset
+
+    data = prepare_dataset(args.out, args.data, args.vocab_size, args.val_fraction, args.tokenizer)
+    print(data.describe())
+    print(f"written to {args.out}; train on it with: ringlinear train --tokenized {args.out}")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from .train.merge import merge_checkpoints
+
+    coefficients = merge_checkpoints(args.ckpts, args.out, args.decay)
+    for checkpoint, c in zip(args.ckpts, coefficients):
+        print(f"{c:8.5f}  {checkpoint}")
+    print(f"merged ({args.decay} decay) into {args.out}")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from .convert import convert_checkpoint
+
+    config = convert_checkpoint(args.from_softmax, args.to, args.layer_group_size, args.seed)
+    print(describe(config))
+    print(f"hybrid checkpoint written to {args.to}; continue pre-training it with: "
+          f"ringlinear train --init-from {args.to}")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from .train.plot import plot_runs
+
+    plot_runs(args.runs, args.out, args.metrics)
+    print(f"wrote {args.out}")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -103,8 +139,12 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument("--override", dest=f.name, metavar="KEY=VALUE", type=_override, action="append",
                                 default=[], help=f"{f.metadata['help']}, e.g. --override num_hidden_layers=4 "
                                 "(repeatable; see config.json for the fields)")
-        elif f.name == "data":
-            parser.add_argument(flag, dest=f.name, metavar="PATH", nargs="+", default=[], help=f.metadata["help"])
+        elif isinstance(default, list):
+            parser.add_argument(flag, dest=f.name, metavar="PATH" if f.name == "data" else "STEP:VALUE", nargs="+",
+                                default=[], help=f.metadata["help"])
+        elif isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"{f.metadata['help']} (default: {default})")
         elif f.name == "preset":
             parser.add_argument(flag, dest=f.name, choices=sorted(PRESETS), default=default,
                                 help=f"{f.metadata['help']} (default: {default})")
@@ -122,10 +162,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_parser = commands.add_parser(
         "train", help="train a model (default: the tiny preset on this Python's standard library)",
-        description="Train a model on one device. With no flags: the tiny preset on the standard library's "
-        ".py files for a few minutes on a CPU, then the validation bits per byte and a sample.")
+        description="Train a model. With no flags: the tiny preset on the standard library's .py files for a "
+        "few minutes on a CPU, then the validation bits per byte and a sample. On several processes: "
+        "torchrun --nproc-per-node N -m ringlinear.train [these flags] (FSDP2; gloo on CPUs, NCCL on GPUs).")
     _add_train_flags(train_parser)
     train_parser.set_defaults(run=_train)
+
+    tok = commands.add_parser("tokenize", help="tokenize text once into memory-mapped token files for training",
+                              description="Split the corpus by file into training and validation documents, train "
+                              "a byte-level BPE tokenizer (or use --tokenizer) and write the token streams with their "
+                              "document index, for `ringlinear train --tokenized DIR`.")
+    tok.add_argument("--data", metavar="PATH", nargs="+", default=[],
+                     help="text files or folders (default: the Python standard library's .py files)")
+    tok.add_argument("--out", required=True, metavar="DIR", help="folder to write")
+    tok.add_argument("--vocab-size", type=int, default=RingLinearConfig.preset("tiny").vocab_size,
+                     help="tokens of the BPE tokenizer to train; at most the model's vocab_size (default: the tiny "
+                     "preset's)")
+    tok.add_argument("--tokenizer", metavar="FILE", help="use this tokenizer.json (e.g. a pretrained model's) "
+                     "instead of training one")
+    tok.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
+                     help=f"fraction of the files held out for validation (default: {TrainConfig.val_fraction})")
+    tok.set_defaults(run=_tokenize)
+
+    mrg = commands.add_parser("merge", help="WSM: average checkpoints with weights that emulate a learning-rate decay",
+                              description="Merge checkpoints taken at equal intervals of a constant-learning-rate "
+                              "run (--lr-schedule wsm) into one whose weights equal those the chosen decay over the "
+                              "same interval would give (c_k = w_k, c_j = w_j - w_{j+1}, c_0 = 1 - w_1).")
+    mrg.add_argument("--ckpts", required=True, nargs="+", metavar="DIR",
+                     help="checkpoint folders in the Hugging Face layout, oldest first (e.g. "
+                     "runs/x/checkpoints/step_*/model)")
+    mrg.add_argument("--decay", choices=sorted(DECAYS), default="1-sqrt", help="decay shape (default: 1-sqrt)")
+    mrg.add_argument("--out", required=True, metavar="DIR", help="folder for the merged checkpoint")
+    mrg.set_defaults(run=_merge)
+
+    cnv = commands.add_parser("convert", help="turn an all-softmax (Ling 2.0 style) checkpoint into a hybrid one",
+                              description="Make every layer the hybrid layout makes linear a Lightning layer: its "
+                              "QKV expanded from GQA to MHA by repeating K/V heads, g_proj and g_norm newly "
+                              "initialised; everything else copied. The start of continued pre-training.")
+    cnv.add_argument("--from-softmax", required=True, metavar="DIR", help="all-softmax checkpoint folder")
+    cnv.add_argument("--to", required=True, metavar="DIR", help="folder for the hybrid checkpoint")
+    cnv.add_argument("--layer-group-size", required=True, type=int,
+                     help="G: G-1 linear layers then one softmax layer per group")
+    cnv.add_argument("--seed", type=int, default=0, help="seed of the new g_proj weights (default: 0)")
+    cnv.set_defaults(run=_convert)
+
+    plt = commands.add_parser("plot", help="plot the loss curves of runs to a PNG",
+                              description="One panel per metric of metrics.jsonl, one line per run.")
+    plt.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (--out-dir of train)")
+    plt.add_argument("--out", default="loss.png", metavar="FILE", help="PNG to write (default: loss.png)")
+    plt.add_argument("--metrics", nargs="+", default=["loss", "val_bpb"],
+                     help="metrics to plot (default: loss val_bpb)")
+    plt.set_defaults(run=_plot)
 
     gen = commands.add_parser("generate", help="continue a prompt with a trained model, streaming the text",
                               description="Continue a prompt, printing the text as it is produced. Generation "
@@ -178,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
+    except (ValueError, FileNotFoundError, TrainingDiverged) as e:  # bad input or a diverged run: one line
         parser.exit(2, f"ringlinear {args.command}: error: {e}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"ringlinear {args.command}: interrupted\n")

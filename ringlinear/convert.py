@@ -8,9 +8,14 @@ gate (`g_proj`) and group norm (`g_norm`). Everything else is copied unchanged.
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
+from .checkpoint import INDEX_FILE, load_model
 from .config import RingLinearConfig
 from .model import RingLinearForCausalLM
 
@@ -48,6 +53,21 @@ def softmax_to_hybrid(source: RingLinearForCausalLM, layer_group_size: int, seed
             tensor = expand_gqa_to_mha(tensor, H, KV)
         target_state[name].copy_(tensor)
     return target.eval()
+
+
+def convert_checkpoint(source: str | Path, target: str | Path, layer_group_size: int, seed: int = 0) -> RingLinearConfig:
+    """`softmax_to_hybrid` from checkpoint folder to checkpoint folder, in the source's dtype; the
+    tokenizer and other files beside the weights are copied."""
+    source, target = Path(source), Path(target)
+    if not (source / "config.json").exists():
+        raise FileNotFoundError(f"no config.json in {source}")
+    model = load_model(source, config=source_config(json.loads((source / "config.json").read_text())))
+    hybrid = softmax_to_hybrid(model, layer_group_size, seed)
+    hybrid.save_pretrained(target)
+    for extra in source.iterdir():
+        if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in ("config.json", INDEX_FILE):
+            shutil.copy(extra, target / extra.name)
+    return hybrid.config
 
 
 def _layer_index(name: str) -> int | None:

@@ -1,4 +1,5 @@
-"""`ringlinear train → generate → info` end to end, --help, and one-line errors for bad input."""
+"""`ringlinear train → generate → info`, `tokenize`, `merge`, `convert` and `plot` end to end, --help, and
+one-line errors for bad input."""
 
 import argparse
 import contextlib
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ringlinear import RingLinearForCausalLM
+from ringlinear import RingLinearConfig, RingLinearForCausalLM
 from ringlinear.checkpoint import load_tokenizer
 from ringlinear.cli import build_parser, main
 from ringlinear.generate import generate
@@ -130,11 +131,15 @@ def test_help_explains_every_flag(capsys):
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     expected = {
         "train": {"--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)
-                  if f.name != "model_overrides"} | {"--override", "--resume"},
+                  if f.name != "model_overrides"} | {"--override", "--resume", "--no-tensorboard"},
         "generate": {"--model", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
                      "--num-samples", "--device"},
         "serve": {"--model", "--host", "--port", "--api-key", "--max-num-seqs", "--max-queued", "--device"},
         "info": {"--model", "--preset"},
+        "tokenize": {"--data", "--out", "--vocab-size", "--tokenizer", "--val-fraction"},
+        "merge": {"--ckpts", "--decay", "--out"},
+        "convert": {"--from-softmax", "--to", "--layer-group-size", "--seed"},
+        "plot": {"--out", "--metrics"},
     }
     assert set(commands) == set(expected)
     for name, command in commands.items():
@@ -146,3 +151,60 @@ def test_help_explains_every_flag(capsys):
         assert exit_info.value.code == 0
         text = capsys.readouterr().out
         assert all(flag in text for flag in expected[name])
+
+
+def test_tokenize_then_train_on_the_token_files_and_plot(tmp_path):
+    output = run(["tokenize", "--data", str(STDLIB / "json"), "--out", str(tmp_path / "tokens"), "--vocab-size", "400",
+                  "--val-fraction", "0.2"])
+    assert f"ringlinear train --tokenized {tmp_path / 'tokens'}" in output
+    argv = train_argv(tmp_path / "run")
+    argv = argv[:argv.index("--data")] + argv[argv.index("--data") + 3:]  # the token files instead
+    run([*argv, "--tokenized", str(tmp_path / "tokens"), "--steps", "4", "--eval-interval", "2", "--no-tensorboard",
+         "--lr-schedule", "wsm", "--seq-len-stages", "2:64", "--batch-stages", "3:8"])
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss" in m]
+    assert [(m["batch_size"], m["seq_len"]) for m in steps] == [(4, 32), (4, 32), (4, 64), (8, 64)]
+    assert [m["lr"] for m in steps[2:]] == [3e-3, 3e-3]  # WSM: constant after warmup
+    assert not (tmp_path / "run" / "tensorboard").exists() and not (tmp_path / "run" / "data").exists()
+    assert "wrote" in run(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "loss.png")])
+    png = (tmp_path / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_merge_writes_the_weighted_average(tmp_path):
+    from ringlinear.checkpoint import read_tensors
+    from ringlinear.train.merge import merge_coefficients
+
+    config = RingLinearConfig.preset("tiny", num_hidden_layers=2)
+    dirs = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        RingLinearForCausalLM(config).save_pretrained(tmp_path / f"c{seed}")
+        dirs.append(str(tmp_path / f"c{seed}"))
+    output = run(["merge", "--ckpts", *dirs, "--decay", "cosine", "--out", str(tmp_path / "merged")])
+    c = merge_coefficients(3, "cosine")
+    assert output.splitlines()[0].split() == [f"{c[0]:.5f}", dirs[0]]
+    merged, inputs = dict(read_tensors(tmp_path / "merged")), [dict(read_tensors(d)) for d in dirs]
+    name = "model.layers.1.mlp.experts.2.down_proj.weight"
+    assert torch.allclose(merged[name].double(), sum(cj * x[name].double() for cj, x in zip(c, inputs)), atol=1e-6)
+
+
+def test_convert_a_ling_style_checkpoint(tmp_path):
+    from ringlinear.convert import softmax_to_hybrid
+
+    config = RingLinearConfig.preset("tiny", num_hidden_layers=4, layer_group_size=1)
+    torch.manual_seed(0)
+    source = RingLinearForCausalLM(config)
+    source.save_pretrained(tmp_path / "ling")
+    values = json.loads((tmp_path / "ling" / "config.json").read_text())
+    del values["layer_group_size"]  # Ling 2.0 configs have none: all softmax
+    (tmp_path / "ling" / "config.json").write_text(json.dumps(values))
+    (tmp_path / "ling" / "tokenizer.json").write_text("{}")
+    output = run(["convert", "--from-softmax", str(tmp_path / "ling"), "--to", str(tmp_path / "hybrid"),
+                  "--layer-group-size", "2"])
+    assert "LSLS" in output and "ringlinear train --init-from" in output
+    converted = RingLinearForCausalLM.from_pretrained(tmp_path / "hybrid")
+    expected = softmax_to_hybrid(source, layer_group_size=2)
+    assert converted.config.layer_types == ["linear", "softmax", "linear", "softmax"]
+    assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(), expected.state_dict().values()))
+    assert (tmp_path / "hybrid" / "tokenizer.json").read_text() == "{}"

@@ -3,15 +3,14 @@
 import math
 import sysconfig
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from ringlinear.data import (EOS, Document, encode_documents, load_documents, prepare_dataset, split_documents,
-                             token_byte_lengths, train_batch, train_tokenizer, validation_batches)
+from ringlinear import RingLinearConfig, RingLinearForCausalLM
+from ringlinear.data import (EOS, Document, PackedDocuments, encode_documents, load_dataset, load_documents,
+                             prepare_dataset, split_documents, token_byte_lengths, train_tokenizer)
 from ringlinear.data import dataset as dataset_module
 from ringlinear.train import evaluate
 
@@ -99,80 +98,51 @@ def test_tokenizer_round_trips_any_text(tokenizer):
 
 def test_encoded_documents_are_separated_by_eos_and_bytes_add_up(tokenizer):
     texts = ["import os\n", "x = 'é'\n", "print('hi')\n"]
-    stream = encode_documents(tokenizer, texts)
+    stream, offsets = encode_documents(tokenizer, texts)
     assert stream.dtype == np.uint16
     ends = np.flatnonzero(stream == 0)
     assert len(ends) == 3 and ends[-1] == len(stream) - 1
-    pieces = np.split(stream, ends + 1)[:3]
+    assert offsets.tolist() == [0, *(ends + 1).tolist()]
+    pieces = [stream[a:b] for a, b in zip(offsets, offsets[1:])]
     assert [tokenizer.decode(p[:-1].tolist()) for p in pieces] == texts
     lengths = token_byte_lengths(tokenizer, vocab_size=1024)
     assert lengths[0] == 0 and (lengths[600:] == 0).all()
     assert lengths[stream].sum() == sum(len(t.encode()) for t in texts)
 
 
-class _FixedLogits(nn.Module):
-    """A stand-in model whose logits are given."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.logits = logits
-
-    def forward(self, input_ids):
-        return SimpleNamespace(logits=self.logits[: input_ids.shape[0]])
-
-
 def test_bits_per_byte_against_a_hand_computation(tokenizer):
-    ids = tokenizer.encode("def add(a, b):\n    return a + b\n", add_special_tokens=False).ids[:6]
-    batch = torch.tensor([ids])
-    vocab = 600
-    logits = torch.randn(1, 6, vocab, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    nats = sum(-torch.log_softmax(logits[0, t], -1)[ids[t + 1]].item() for t in range(5))
-    num_bytes = len(tokenizer.decode(ids[1:]).encode())  # the text of the predicted tokens
-    expected_bpb = nats / math.log(2) / num_bytes
-    loss, bpb = evaluate(_FixedLogits(logits.float()), [batch], token_byte_lengths(tokenizer, vocab),
-                         torch.device("cpu"))
-    assert loss == pytest.approx(nats / 5, rel=1e-5)
-    assert bpb == pytest.approx(expected_bpb, rel=1e-5)
-    # A uniform prediction costs log2(V) bits per token.
-    _, uniform_bpb = evaluate(_FixedLogits(torch.zeros(1, 6, vocab)), [batch],
-                              token_byte_lengths(tokenizer, vocab), torch.device("cpu"))
-    assert uniform_bpb == pytest.approx(5 * math.log2(vocab) / num_bytes, rel=1e-6)
-
-
-def test_train_batches_depend_on_seed_and_step_only():
-    tokens = np.arange(10_000, dtype=np.uint16)
-    a = train_batch(tokens, seed=1, step=7, batch_size=4, seq_len=16)
-    assert a.shape == (4, 16) and a.dtype == torch.int64
-    assert torch.equal(a, train_batch(tokens, seed=1, step=7, batch_size=4, seq_len=16))
-    assert not torch.equal(a, train_batch(tokens, seed=1, step=8, batch_size=4, seq_len=16))
-    assert not torch.equal(a, train_batch(tokens, seed=2, step=7, batch_size=4, seq_len=16))
-    assert torch.equal(a - a[:, :1], torch.arange(16).expand(4, 16))  # contiguous windows of the stream
-    with pytest.raises(ValueError, match="fewer than seq_len"):
-        train_batch(tokens[:10], seed=1, step=0, batch_size=1, seq_len=16)
-
-
-def test_validation_windows_are_fixed_and_span_the_split():
-    tokens = np.arange(1000, dtype=np.uint16)
-    batches = validation_batches(tokens, num_batches=2, batch_size=3, seq_len=10)
-    starts = torch.cat(batches)[:, 0].tolist()
-    assert len(batches) == 2 and batches[0].shape == (3, 10)
-    assert starts[0] == 0 and starts[-1] == 990
-    assert starts == sorted(starts) and len(set(starts)) == 6
+    texts = ["def add(a, b):\n    return a + b\n", "x = 1\n"]
+    stream, offsets = encode_documents(tokenizer, texts)
+    batch = PackedDocuments(stream, offsets, 0).batch(0, 1, len(stream) + 2)  # both documents, EOS in front
+    assert batch.cu_seqlens.tolist() == [0, offsets[1] + 1, len(stream) + 2]
+    torch.manual_seed(0)
+    model = RingLinearForCausalLM(RingLinearConfig.preset("tiny", vocab_size=600, num_hidden_layers=3))
+    with torch.no_grad():
+        logp = model(batch.input_ids, cu_seqlens=batch.cu_seqlens).logits[0].double().log_softmax(-1)
+    ids, cu = batch.input_ids[0].tolist(), batch.cu_seqlens.tolist()
+    predicted = [t for a, b in zip(cu, cu[1:]) for t in range(a, b - 1)]  # within each document
+    nats = -sum(logp[t, ids[t + 1]].item() for t in predicted)
+    num_bytes = sum(len(t.encode()) for t in texts)  # every text token is predicted; EOS has no bytes
+    loss, bpb = evaluate(model, [batch], token_byte_lengths(tokenizer, 600), torch.device("cpu"))
+    assert loss == pytest.approx(nats / len(predicted), rel=1e-5)
+    assert bpb == pytest.approx(nats / math.log(2) / num_bytes, rel=1e-5)
 
 
 def test_dataset_is_cached_and_rebuilt_when_its_inputs_change(tmp_path, monkeypatch):
     sources = [STDLIB / "json"]
     first = prepare_dataset(tmp_path, sources, vocab_size=400, val_fraction=0.2)
     assert first.summary["train_files"] + first.summary["val_files"] == len(load_documents(sources))
-    assert first.token_bytes[first.val].sum() == first.summary["val_bytes"]
+    assert first.token_bytes[first.val.tokens].sum() == first.summary["val_bytes"]
 
     def fail(*args, **kwargs):
         raise AssertionError("the cache should have been used")
 
     monkeypatch.setattr(dataset_module, "train_tokenizer", fail)
     again = prepare_dataset(tmp_path, sources, vocab_size=400, val_fraction=0.2)
-    assert np.array_equal(again.train, first.train) and np.array_equal(again.val, first.val)
+    assert np.array_equal(again.train.tokens, first.train.tokens) and np.array_equal(again.val.offsets, first.val.offsets)
+    assert isinstance(again.train.tokens, np.memmap)
+    assert np.array_equal(load_dataset(tmp_path).val.tokens, first.val.tokens)
     monkeypatch.undo()
     bigger = prepare_dataset(tmp_path, sources, vocab_size=500, val_fraction=0.2)
     assert bigger.tokenizer.get_vocab_size() == 500
-    assert len(bigger.train) < len(first.train)
+    assert len(bigger.train.tokens) < len(first.train.tokens)

@@ -1,4 +1,5 @@
-"""The training loop: loss falls, resume is exact, the schedule, the expert-bias update."""
+"""The trainer in one process: loss falls, exact resume after a kill (also one inside a save), the
+schedules, the NaN guard and the expert-bias update."""
 
 import dataclasses
 import json
@@ -12,9 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from ringlinear import RingLinearForCausalLM
-from ringlinear.data import train_batch
-from ringlinear.train import TrainConfig, WarmupStableDecay, build_optimizer, train
-from ringlinear.train import trainer as trainer_module
+from ringlinear.data import PackedDocuments, load_dataset
+from ringlinear.train import LearningRate, Stages, TrainConfig, Trainer, TrainingDiverged, build_optimizer, train
+from ringlinear.train import checkpoint as checkpoint_module
+from ringlinear.train import evaluate
+from ringlinear.train.checkpoint import checkpoint_dirs
+from ringlinear.train.parallel import process_group
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # Lightning, Lightning, softmax; a dense first layer then MoE; one MTP layer.
@@ -25,7 +29,8 @@ SMALL_MODEL = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, head_dim
 def small_run(out_dir, **changes) -> TrainConfig:
     settings = dict(out_dir=str(out_dir), data=[str(STDLIB / "json"), str(STDLIB / "email")],
                     model_overrides=SMALL_MODEL, steps=8, batch_size=4, seq_len=32, lr=3e-3, min_lr=3e-4,
-                    warmup_steps=2, eval_interval=4, eval_batches=2, checkpoint_interval=3, val_fraction=0.1)
+                    warmup_steps=2, eval_interval=4, eval_batches=2, checkpoint_interval=3, val_fraction=0.1,
+                    tensorboard=False)
     return TrainConfig(**{**settings, **changes})
 
 
@@ -34,10 +39,11 @@ def read_metrics(out_dir) -> list[dict]:
 
 
 def test_validation_loss_falls_below_a_unigram_model(tmp_path):
-    config = small_run(tmp_path, steps=100, batch_size=8, eval_interval=50, eval_batches=4,
+    config = small_run(tmp_path, steps=100, batch_size=8, eval_interval=50, eval_batches=4, tensorboard=True,
                        model_overrides={**SMALL_MODEL, "num_nextn_predict_layers": 0})
     result = train(config)
-    evals = [m for m in read_metrics(tmp_path) if "val_bpb" in m]
+    metrics = read_metrics(tmp_path)
+    evals = [m for m in metrics if "val_bpb" in m]
     assert [m["step"] for m in evals] == [0, 50, 100]
     # Untrained, the model predicts nearly uniformly: about ln(vocab) nats per token.
     assert evals[0]["val_loss"] == pytest.approx(math.log(512), abs=0.3)
@@ -47,60 +53,89 @@ def test_validation_loss_falls_below_a_unigram_model(tmp_path):
     assert evals[-1]["val_loss"] < unigram - 0.2
     assert evals[-1]["val_bpb"] < evals[1]["val_bpb"] < evals[0]["val_bpb"]
     assert result.val_bpb == evals[-1]["val_bpb"]
-    reloaded = RingLinearForCausalLM.from_pretrained(result.checkpoint_dir)
-    ids = torch.tensor([[0, 5, 9, 100]])
-    assert torch.equal(reloaded(ids).logits, result.model(ids).logits)
+    # The exported model is the trained one: it validates to the same bits per byte.
+    data = load_dataset(tmp_path / "data")
+    rows = PackedDocuments(data.val.tokens, data.val.offsets, 0).spread(4 * 8, config.seq_len)
+    exported = evaluate(result.model, rows, data.token_bytes, torch.device("cpu"))
+    assert exported[1] == pytest.approx(result.val_bpb, rel=1e-6)
+    steps = [m for m in metrics if "loss" in m]
+    assert {"lr", "grad_norm", "tokens_per_s", "memory_gib", "tokens", "expert_load"} <= set(steps[-1])
+    assert set(steps[-1]["expert_load"]["max_violation"]) == {"1", "2"}  # the MoE layers
+    assert steps[-1]["tokens"] == 100 * 8 * 32
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
 class Killed(Exception):
     pass
 
 
-def test_resume_after_a_stop_gives_the_same_losses(tmp_path, monkeypatch):
-    config = small_run(tmp_path / "whole", grad_accum=2)
+def test_kill_inside_a_save_keeps_the_previous_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
+    config = small_run(tmp_path / "whole", grad_accum=2, keep_checkpoints=2)
     train(config)
     whole = read_metrics(tmp_path / "whole")
+    assert [p.name for p in checkpoint_dirs(tmp_path / "whole")] == ["step_000006", "step_000008"]  # keep 2
 
     stopped = dataclasses.replace(config, out_dir=str(tmp_path / "stopped"))
-    real_batch = trainer_module.train_batch
+    real_export = checkpoint_module.export_model
 
-    def batch_then_die(tokens, seed, step, *args):
-        if step == 4:  # in the middle of step 5, after the checkpoint of step 3
+    def die_in_the_second_save(model, directory, *args):
+        if "step_000006" in str(directory):  # the DCP shards are written, the HF export is half done
+            (directory / "model.safetensors").parent.mkdir(parents=True)
+            (directory / "model.safetensors").write_bytes(b"partial")
             raise Killed
-        return real_batch(tokens, seed, step, *args)
+        return real_export(model, directory, *args)
 
-    monkeypatch.setattr(trainer_module, "train_batch", batch_then_die)
+    monkeypatch.setattr(checkpoint_module, "export_model", die_in_the_second_save)
     with pytest.raises(Killed):
         train(stopped)
     monkeypatch.undo()
+    run = tmp_path / "stopped"
+    assert (run / "checkpoints" / "step_000006.tmp").exists()
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_000003"]
+    assert (run / "checkpoint").resolve() == (run / "checkpoints" / "step_000003" / "model").resolve()
     with pytest.raises(ValueError, match="already holds a run"):
         train(stopped)
     with pytest.raises(ValueError, match="lr: 0.003 in the run, 0.002 now"):
         train(dataclasses.replace(stopped, lr=2e-3), resume=True)
     train(stopped, resume=True)
 
-    resumed = read_metrics(tmp_path / "stopped")
+    resumed = read_metrics(run)
     by_step = {(m["step"], "val_bpb" in m): m for m in whole}
-    assert sum(m["step"] == 4 and "loss" in m for m in resumed) == 2  # step 4 ran again after the stop
+    assert sum(m["step"] == 4 and "loss" in m for m in resumed) == 2  # steps 4-6 ran again after the kill
     for m in resumed:
         reference = by_step[(m["step"], "val_bpb" in m)]
-        for key in ("loss", "lm_loss", "mtp_loss", "grad_norm", "lr", "val_bpb"):
+        for key in ("loss", "lm_loss", "mtp_loss", "grad_norm", "lr", "val_bpb", "expert_load"):
             assert m.get(key) == reference.get(key), (m["step"], key)
     assert {m["step"] for m in resumed} == {m["step"] for m in whole}
-    assert "mtp_loss" in whole[1]
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        a, b = (load_file(tmp_path / run / "checkpoint" / name) for run in ("whole", "stopped"))
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert not (run / "checkpoints" / "step_000006.tmp").exists()
+    a, b = (load_file(r / "checkpoint" / "model.safetensors") for r in (tmp_path / "whole", run))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("expert_bias" in k and a[k].abs().max() > 0 for k in a)
 
 
-def test_warmup_stable_decay_values():
-    schedule = WarmupStableDecay(peak_lr=1.0, warmup_steps=10, decay_steps=20, total_steps=100, min_lr=0.1)
+def test_learning_rate_schedules():
+    wsd = LearningRate("wsd", peak_lr=1.0, warmup_steps=10, total_steps=100, decay_steps=20, min_lr=0.1)
     expected = {0: 0.1, 4: 0.5, 9: 1.0, 50: 1.0, 80: 1.0, 90: 0.55, 99: 0.145}
-    assert {s: schedule(s) for s in expected} == pytest.approx(expected)
+    assert {s: wsd(s) for s in expected} == pytest.approx(expected)
     # Warmup and decay overlapping: the lower one.
-    short = WarmupStableDecay(peak_lr=1.0, warmup_steps=10, decay_steps=10, total_steps=12)
+    short = LearningRate("wsd", peak_lr=1.0, warmup_steps=10, total_steps=12, decay_steps=10)
     assert [short(s) for s in (0, 5, 11)] == pytest.approx([0.1, 0.6, 0.1])
+    cosine = LearningRate("cosine", peak_lr=1.0, warmup_steps=10, total_steps=110, min_lr=0.1)
+    assert [cosine(s) for s in (4, 10, 60, 110)] == pytest.approx([0.5, 1.0, 0.55, 0.1])
+    wsm = LearningRate("wsm", peak_lr=1.0, warmup_steps=10, total_steps=100, decay_steps=20, min_lr=0.1)
+    assert [wsm(s) for s in (4, 9, 50, 99)] == pytest.approx([0.5, 1.0, 1.0, 1.0])
+
+
+def test_batch_size_and_context_stages():
+    config = small_run("unused", steps=10, batch_size=4, batch_stages=["6:8"], seq_len=32, seq_len_stages=["3:64"])
+    stages = Stages(config)
+    assert [(stages.batch_size(s), stages.seq_len(s)) for s in (0, 2, 3, 5, 6, 9)] == [
+        (4, 32), (4, 32), (4, 64), (4, 64), (8, 64), (8, 64)]
+    assert [stages.position(s) for s in (0, 1, 3, 4, 6, 7)] == [0, 128, 384, 640, 1152, 1664]
+    with pytest.raises(ValueError, match="STEP:VALUE"):
+        small_run("unused", batch_stages=["6"])
+    with pytest.raises(ValueError, match="after the last step"):
+        small_run("unused", steps=5, seq_len_stages=["5:64"])
 
 
 def test_weight_decay_applies_to_matrices_only():
@@ -112,16 +147,55 @@ def test_weight_decay_applies_to_matrices_only():
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
 
 
+def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tmp_path, capsys):
+    config = small_run(tmp_path, steps=6, checkpoint_interval=100, eval_interval=100, max_skipped_steps=3,
+                       model_overrides={**SMALL_MODEL, "num_nextn_predict_layers": 0})
+    with process_group(torch.device("cpu")) as world:
+        trainer = Trainer(config, world)
+        poisoned = {1, 2}  # forward calls (one per step here) whose layer-0 output is NaN
+        calls = []
+
+        def poison(module, inputs, output):
+            if not module.training:  # validation
+                return output
+            calls.append(len(calls))
+            return output * math.nan if calls[-1] in poisoned else output
+
+        trainer.model.model.layers[0].register_forward_hook(poison)
+        before = {}
+
+        def remember(step):
+            before[step] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+            return real_step(step)
+
+        real_step, trainer.train_step = trainer.train_step, remember
+        trainer.fit()
+    metrics = [m for m in read_metrics(tmp_path) if "loss" in m]
+    assert [bool(m.get("skipped")) for m in metrics] == [False, True, True, False, False, False]
+    assert all(math.isfinite(m["loss"]) for m in metrics if not m.get("skipped"))
+    for step in (1, 2):  # a skipped step changes no weight
+        after = before[step + 1]
+        assert all(torch.equal(before[step][n], after[n]) for n in after)
+    assert "step 3: skipped" in capsys.readouterr().out
+
+    with process_group(torch.device("cpu")) as world:
+        trainer = Trainer(dataclasses.replace(config, out_dir=str(tmp_path / "diverged")), world)
+        trainer.model.model.layers[0].register_forward_hook(lambda m, i, o: o * math.nan)
+        with pytest.raises(TrainingDiverged, match="stopped at step 3: 3 steps in a row had a non-finite loss"):
+            trainer.fit()
+
+
 def test_expert_bias_follows_the_load_of_each_step(tmp_path):
     rate = 0.01
     config = small_run(tmp_path, steps=1, bias_update_rate=rate,
                        model_overrides={**SMALL_MODEL, "num_nextn_predict_layers": 0})
     trained = train(config).model
-    # Recount the load of step 0 on the same initial model and batch, independently of the trainer.
+    # Recount the load of step 0 on the same initial model and rows, independently of the trainer.
     torch.manual_seed(config.seed)
     fresh = RingLinearForCausalLM(config.model_config()).train()
-    batch = train_batch(np.load(tmp_path / "data" / "train.npy"), config.seed, 0, config.batch_size, config.seq_len)
-    fresh(batch, labels=batch)
+    data = load_dataset(tmp_path / "data")
+    batch = PackedDocuments(data.train.tokens, data.train.offsets, 0, config.seed).batch(0, 4, config.seq_len)
+    fresh(batch.input_ids, labels=batch.input_ids, cu_seqlens=batch.cu_seqlens)
     routers = list(zip(fresh.routers(), trained.routers()))
     assert len(routers) == 2
     for counted, updated in routers:

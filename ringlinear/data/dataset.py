@@ -1,5 +1,7 @@
-"""A tokenized corpus ready for training: the tokenizer, the training and validation token streams,
-cached in a folder so that a resumed run neither retrains the tokenizer nor retokenizes."""
+"""A tokenized corpus ready for training: the tokenizer, the training and validation token streams
+with their document offsets, in a folder (`ringlinear tokenize` writes one; a run caches its own)
+so that a resumed run neither retrains the tokenizer nor retokenizes. The token streams are opened
+as read-only memory maps: a corpus larger than memory trains as well."""
 
 from __future__ import annotations
 
@@ -17,10 +19,16 @@ from .tokenizer import encode_documents, token_byte_lengths, train_tokenizer
 
 
 @dataclass
+class TokenSplit:
+    tokens: np.ndarray  # [N] token ids, documents each followed by EOS
+    offsets: np.ndarray  # [D + 1] where each document starts; the last is N
+
+
+@dataclass
 class Dataset:
     tokenizer: Tokenizer
-    train: np.ndarray  # [N] token ids, documents each followed by EOS
-    val: np.ndarray
+    train: TokenSplit
+    val: TokenSplit
     token_bytes: np.ndarray  # [vocab_size] UTF-8 bytes of each token
     summary: dict  # files, bytes and tokens of each split
 
@@ -33,8 +41,8 @@ class Dataset:
         return "\n".join(lines)
 
 
-def _fingerprint(documents, vocab_size: int, val_fraction: float) -> str:
-    digest = hashlib.sha256(json.dumps([vocab_size, val_fraction]).encode())
+def _fingerprint(documents, vocab_size: int, val_fraction: float, tokenizer: str) -> str:
+    digest = hashlib.sha256(json.dumps([vocab_size, val_fraction, tokenizer]).encode())
     for d in documents:
         for part in (d.name, d.text):
             data = part.encode()
@@ -42,32 +50,43 @@ def _fingerprint(documents, vocab_size: int, val_fraction: float) -> str:
     return digest.hexdigest()
 
 
+def load_dataset(directory: str | Path) -> Dataset:
+    """A dataset folder written by `prepare_dataset` (or `ringlinear tokenize`)."""
+    directory = Path(directory)
+    meta_path = directory / "meta.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"no tokenized dataset in {directory} (no meta.json; write one with "
+                                "`ringlinear tokenize`)")
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    splits = [TokenSplit(np.load(directory / f"{split}.npy", mmap_mode="r", allow_pickle=False),
+                         np.load(directory / f"{split}_offsets.npy", allow_pickle=False)) for split in ("train", "val")]
+    summary = json.loads(meta_path.read_text())["summary"]
+    return Dataset(tokenizer, *splits, token_byte_lengths(tokenizer, tokenizer.get_vocab_size()), summary)
+
+
 def prepare_dataset(cache_dir: str | Path, paths: Sequence[str | Path], vocab_size: int,
-                    val_fraction: float) -> Dataset:
+                    val_fraction: float, tokenizer_file: str | Path | None = None) -> Dataset:
     """Read the corpus (`paths`, or the standard library when empty), split it by file, train the
-    tokenizer on the training split and tokenize both, unless `cache_dir` already holds exactly that."""
+    tokenizer on the training split (or use `tokenizer_file`, e.g. a pretrained model's) and tokenize
+    both, unless `cache_dir` already holds exactly that."""
     cache_dir = Path(cache_dir)
     documents = load_documents(paths)
-    key = _fingerprint(documents, vocab_size, val_fraction)
+    given = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file else None
+    key = _fingerprint(documents, vocab_size, val_fraction, given.to_str() if given else "")
     meta_path = cache_dir / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    if meta.get("key") == key:
-        tokenizer = Tokenizer.from_file(str(cache_dir / "tokenizer.json"))
-        train = np.load(cache_dir / "train.npy", allow_pickle=False)
-        val = np.load(cache_dir / "val.npy", allow_pickle=False)
-        summary = meta["summary"]
-    else:
-        train_docs, val_docs = split_documents(documents, val_fraction)
-        tokenizer = train_tokenizer([d.text for d in train_docs], vocab_size)
-        train = encode_documents(tokenizer, [d.text for d in train_docs])
-        val = encode_documents(tokenizer, [d.text for d in val_docs])
-        summary = {"source": ", ".join(map(str, paths)) if paths else "Python standard library (.py files)"}
-        for split, docs, tokens in (("train", train_docs, train), ("val", val_docs, val)):
-            summary.update({f"{split}_files": len(docs), f"{split}_tokens": len(tokens),
-                            f"{split}_bytes": sum(len(d.text.encode()) for d in docs)})
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(str(cache_dir / "tokenizer.json"))
-        np.save(cache_dir / "train.npy", train, allow_pickle=False)
-        np.save(cache_dir / "val.npy", val, allow_pickle=False)
-        meta_path.write_text(json.dumps({"key": key, "summary": summary}, indent=2) + "\n")  # last: marks it complete
-    return Dataset(tokenizer, train, val, token_byte_lengths(tokenizer, vocab_size), summary)
+    if meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key:
+        return load_dataset(cache_dir)
+    meta_path.unlink(missing_ok=True)
+    train_docs, val_docs = split_documents(documents, val_fraction)
+    tokenizer = given or train_tokenizer([d.text for d in train_docs], vocab_size)
+    summary = {"source": ", ".join(map(str, paths)) if paths else "Python standard library (.py files)"}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(cache_dir / "tokenizer.json"))
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        tokens, offsets = encode_documents(tokenizer, [d.text for d in docs])
+        np.save(cache_dir / f"{split}.npy", tokens, allow_pickle=False)
+        np.save(cache_dir / f"{split}_offsets.npy", offsets, allow_pickle=False)
+        summary.update({f"{split}_files": len(docs), f"{split}_tokens": len(tokens),
+                        f"{split}_bytes": sum(len(d.text.encode()) for d in docs)})
+    meta_path.write_text(json.dumps({"key": key, "summary": summary}, indent=2) + "\n")  # last: marks it complete
+    return load_dataset(cache_dir)

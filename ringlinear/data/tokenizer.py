@@ -28,16 +28,23 @@ def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def encode_documents(tokenizer: Tokenizer, texts: Sequence[str], batch: int = 256) -> np.ndarray:
-    """All documents as one token stream, each followed by EOS."""
+def encode_documents(tokenizer: Tokenizer, texts: Sequence[str], batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """All documents as one token stream, each followed by EOS, and the [N + 1] offsets at which
+    they start (the last one is the stream's length)."""
     eos = tokenizer.token_to_id(EOS)
+    if eos is None:
+        raise ValueError(f"the tokenizer has no {EOS} token to end documents with")
     dtype = _token_dtype(tokenizer.get_vocab_size())
-    pieces = []
-    for start in tqdm(range(0, len(texts), batch), desc="tokenizing", unit="batch", leave=False):
+    pieces, lengths = [], []
+    progress = tqdm(total=len(texts), desc="tokenizing", unit="doc", leave=False, mininterval=1.0)
+    for start in range(0, len(texts), batch):
         for encoding in tokenizer.encode_batch_fast(list(texts[start:start + batch]), add_special_tokens=False):
-            pieces.append(np.asarray(encoding.ids, dtype=dtype))
-            pieces.append(np.asarray([eos], dtype=dtype))
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+            pieces += [np.asarray(encoding.ids, dtype=dtype), np.asarray([eos], dtype=dtype)]
+            lengths.append(len(encoding.ids) + 1)
+        progress.update(min(batch, len(texts) - start))
+    progress.close()
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+    return (np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)), offsets
 
 
 def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:

@@ -1,9 +1,11 @@
-"""Training: the single-device loop, its schedule, evaluation and checkpoints (and WSM merging)."""
+"""Training: the trainer (one process, or many under torchrun with FSDP2), its schedules, validation,
+checkpoints and metrics, and WSM checkpoint merging."""
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
 from .evaluate import evaluate
-from .schedule import WarmupStableDecay
-from .trainer import TrainConfig, TrainResult, build_optimizer, resolve_device, train
+from .parallel import resolve_device
+from .schedule import LearningRate, Stages
+from .trainer import Trainer, TrainingDiverged, TrainResult, build_optimizer, train
 
-__all__ = ["TrainConfig", "TrainResult", "WarmupStableDecay", "build_optimizer", "evaluate", "load_checkpoint",
-           "resolve_device", "save_checkpoint", "train"]
+__all__ = ["LearningRate", "Stages", "TrainConfig", "TrainResult", "Trainer", "TrainingDiverged", "build_optimizer",
+           "evaluate", "resolve_device", "train"]

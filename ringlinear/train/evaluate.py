@@ -1,4 +1,4 @@
-"""Validation: cross-entropy over fixed windows, reported in nats per token and bits per byte."""
+"""Validation: cross-entropy over packed, document-masked rows, in nats per token and bits per byte."""
 
 from __future__ import annotations
 
@@ -6,32 +6,33 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from ..data import bits_per_byte
+from ..data import PackedBatch, bits_per_byte
+from .parallel import all_reduce
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (fp32 master weights); full fp32 on the CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def predicted_tokens(batch: PackedBatch) -> np.ndarray:
+    """The tokens that have a prediction: all but the first of each document piece."""
+    ids, cu = batch.input_ids[0].cpu().numpy(), batch.cu_seqlens.tolist()
+    return np.concatenate([ids[start + 1:end] for start, end in zip(cu, cu[1:])])
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Sequence[Tensor], token_bytes: np.ndarray,
+def evaluate(model: nn.Module, batches: Sequence[PackedBatch], token_bytes: np.ndarray,
              device: torch.device) -> tuple[float, float]:
-    """(nats per predicted token, bits per byte) over `batches` [B, T] of token ids: every token
-    after the first of each window is predicted; its loss counts over the bytes of its text."""
+    """(nats per predicted token, bits per byte) over this process's `batches` and every other
+    process's: each predicted token's loss counts over the UTF-8 bytes of its text."""
     was_training = model.training
     model.eval()
-    nats, count, num_bytes = 0.0, 0, 0
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
     for batch in batches:
+        targets = predicted_tokens(batch)
         batch = batch.to(device)
-        with autocast(device):
-            logits = model(batch).logits
-        targets = batch[:, 1:]
-        nats += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
-        count += targets.numel()
-        num_bytes += int(token_bytes[targets.cpu().numpy()].sum())
+        lm_loss = model(batch.input_ids, labels=batch.input_ids, cu_seqlens=batch.cu_seqlens,
+                        return_logits=False).lm_loss
+        totals += torch.tensor([lm_loss.item() * len(targets), len(targets), token_bytes[targets].sum()],
+                               dtype=torch.float64, device=device)
     model.train(was_training)
-    return nats / count, bits_per_byte(nats, num_bytes)
+    nats, count, num_bytes = all_reduce(totals).tolist()
+    return nats / count, bits_per_byte(nats, int(num_bytes))

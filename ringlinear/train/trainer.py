@@ -1,9 +1,13 @@
-"""Single-device training loop (CPU or one GPU).
+"""The trainer: one process on a CPU or a GPU, or N processes under torchrun (gloo on CPUs, NCCL on
+GPUs) with FSDP2.
 
-One step: sample the step's windows (a function of seed and step), forward with the LM and MTP loss
-under autocast, backward over `grad_accum` micro-batches, clip, AdamW with the learning rate of the
-schedule, then the routers' aux-loss-free expert-bias update. Validation in bits per byte every
-`eval_interval` steps, metrics to `metrics.jsonl`, checkpoints to `checkpoint/` for resume.
+One step: each process packs its rows of the step (rows at fixed places of the document stream,
+which depends on the seed alone) into `grad_accum` micro-batches, runs forward (LM + MTP loss,
+documents kept apart) and backward on each; then the gradient norm is clipped, AdamW steps with the
+schedule's learning rate, and the routers' expert load, summed over all processes, moves every
+process's expert bias alike. A step whose loss or gradient norm is not finite is skipped; too many
+in a row stop the run. Validation in bits per byte every `eval_interval` steps, metrics to
+`metrics.jsonl` (and TensorBoard), checkpoints to `checkpoints/` for exact resume.
 """
 
 from __future__ import annotations
@@ -12,103 +16,37 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from ..config import RingLinearConfig
-from ..data import prepare_dataset, train_batch, validation_batches
+from ..checkpoint import load_model
+from ..data import EOS, Dataset, PackedBatch, PackedDocuments, load_dataset, prepare_dataset
 from ..info import describe
 from ..model import RingLinearForCausalLM
-from .checkpoint import load_checkpoint, save_checkpoint
-from .evaluate import autocast, evaluate
-from .schedule import WarmupStableDecay
+from .checkpoint import LATEST_LINK, checkpoint_dirs, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .evaluate import evaluate
+from .metrics import FlopCounter, MetricsLog, SpikeDetector, expert_load_stats, peak_flops, peak_memory_gib
+from .parallel import World, all_reduce, compute_dtype, full_norm, parallelize, process_group, resolve_device
+from .schedule import LearningRate, Stages
 
 
-def _setting(default: Any, help: str) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run; saved as `train_config.json` in the run folder."""
-
-    out_dir: str = _setting("runs/tiny", "run folder: checkpoint/, metrics.jsonl, train_config.json and "
-                            "the tokenized corpus (data/)")
-    preset: str = _setting("tiny", "model preset: tiny, mini or flash")
-    model_overrides: dict[str, Any] = _setting({}, "model config fields changed from the preset")
-    data: list[str] = _setting([], "text files or folders to train on; none = the Python standard "
-                               "library's .py files")
-    val_fraction: float = _setting(0.02, "fraction of the files held out for validation (by a hash "
-                                   "of their path; at least one)")
-    steps: int = _setting(300, "optimizer steps")
-    batch_size: int = _setting(8, "sequences per optimizer step")
-    grad_accum: int = _setting(1, "micro-batches the batch is split into (same result, less memory)")
-    seq_len: int = _setting(256, "tokens per sequence")
-    lr: float = _setting(3e-3, "peak learning rate")
-    min_lr: float = _setting(3e-4, "learning rate at the end of the decay")
-    warmup_steps: int = _setting(30, "steps of linear warmup from 0")
-    decay_fraction: float = _setting(0.2, "fraction of the steps, at the end, of linear decay to --min-lr")
-    weight_decay: float = _setting(0.1, "AdamW weight decay, on matrices only (not norms or biases)")
-    beta1: float = _setting(0.9, "AdamW beta1")
-    beta2: float = _setting(0.95, "AdamW beta2")
-    grad_clip: float = _setting(1.0, "clip the gradient norm to this (0 = off)")
-    bias_update_rate: float = _setting(1e-3, "step of the aux-loss-free expert-bias update after each "
-                                       "optimizer step")
-    eval_interval: int = _setting(50, "validate every this many steps (and at the first and last)")
-    eval_batches: int = _setting(4, "validation batches of --batch-size windows, spread evenly over the "
-                                 "validation split")
-    checkpoint_interval: int = _setting(100, "save a checkpoint every this many steps (and at the end)")
-    seed: int = _setting(0, "seed of the initial weights and of the order of training windows")
-    device: str = _setting("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
-
-    def __post_init__(self) -> None:
-        rules = [(name, getattr(self, name) > 0, "must be positive")
-                 for name in ("steps", "batch_size", "grad_accum", "lr", "eval_interval", "eval_batches",
-                              "checkpoint_interval")]
-        rules += [(name, getattr(self, name) >= 0, "must be >= 0")
-                  for name in ("warmup_steps", "weight_decay", "grad_clip", "bias_update_rate", "seed")]
-        rules += [
-            ("seq_len", self.seq_len >= 2, "must be at least 2"),
-            ("val_fraction", 0 < self.val_fraction < 1, "must be in (0, 1)"),
-            ("decay_fraction", 0 <= self.decay_fraction <= 1, "must be in [0, 1]"),
-            ("min_lr", 0 <= self.min_lr <= self.lr, f"must be in [0, lr={self.lr}]"),
-            ("batch_size", self.batch_size % self.grad_accum == 0, f"must be a multiple of grad_accum={self.grad_accum}"),
-        ]
-        for name, ok, requirement in rules:
-            if not ok:
-                raise ValueError(f"invalid {name}={getattr(self, name)!r}: {requirement}")
-
-    def model_config(self) -> RingLinearConfig:
-        unknown = sorted(set(self.model_overrides) - {f.name for f in dataclasses.fields(RingLinearConfig)})
-        if unknown:
-            raise ValueError(f"unknown model config fields in model_overrides: {unknown}")
-        return RingLinearConfig.preset(self.preset, **self.model_overrides)
-
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' is CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
-    return device
+class TrainingDiverged(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient norm."""
 
 
 @dataclass
 class TrainResult:
-    model: RingLinearForCausalLM
+    model: RingLinearForCausalLM | None  # the final checkpoint's model, loaded on the main process only
     tokenizer: Tokenizer
     val_bpb: float
-    checkpoint_dir: Path
+    checkpoint_dir: Path  # the final model in the Hugging Face layout
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -122,7 +60,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
 def _check_run_folder(out: Path, config: TrainConfig, resume: bool) -> None:
     saved_path = out / "train_config.json"
     if not resume:
-        if (out / "checkpoint").exists():
+        if (out / "checkpoints").exists():
             raise ValueError(f"{out} already holds a run; add --resume to continue it, or choose another --out-dir")
         return
     if not saved_path.exists():
@@ -136,68 +74,179 @@ def _check_run_folder(out: Path, config: TrainConfig, resume: bool) -> None:
         raise ValueError(f"--resume needs the settings the run was started with; these differ: {'; '.join(differ)}")
 
 
-def train(config: TrainConfig, resume: bool = False) -> TrainResult:
-    out = Path(config.out_dir)
-    _check_run_folder(out, config, resume)
-    model_config = config.model_config()
-    device = resolve_device(config.device)
-    data = prepare_dataset(out / "data", config.data, model_config.vocab_size, config.val_fraction)
-    print(data.describe())
-    print(describe(model_config))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+def _dataset(config: TrainConfig, vocab_size: int, world: World) -> Dataset:
+    """The tokenized corpus; the main process tokenizes, the others wait and read its files."""
+    if config.tokenized:
+        data = load_dataset(config.tokenized)
+    else:
+        cache = Path(config.out_dir) / "data"
+        tokenizer_file = Path(config.init_from, "tokenizer.json") if config.init_from else None
+        if tokenizer_file and not tokenizer_file.exists():
+            raise FileNotFoundError(f"{config.init_from} has no tokenizer.json: continued training needs the "
+                                    "model's own tokenizer")
+        if world.is_main:
+            data = prepare_dataset(cache, config.data, vocab_size, config.val_fraction, tokenizer_file)
+        dist.barrier()
+        if not world.is_main:
+            data = load_dataset(cache)
+    if data.tokenizer.get_vocab_size() > vocab_size:
+        raise ValueError(f"the tokenizer has {data.tokenizer.get_vocab_size()} tokens, more than the model's "
+                         f"vocab_size={vocab_size}")
+    return data
 
-    torch.manual_seed(config.seed)
-    model = RingLinearForCausalLM(model_config).to(device).train()
-    optimizer = build_optimizer(model, config)
-    schedule = WarmupStableDecay(config.lr, config.warmup_steps, round(config.decay_fraction * config.steps),
-                                 config.steps, config.min_lr)
-    checkpoint_dir = out / "checkpoint"
-    start = load_checkpoint(checkpoint_dir, model, optimizer)["step"] if resume else 0
-    val_batches = validation_batches(data.val, config.eval_batches, config.batch_size, config.seq_len)
-    bias_rate = config.bias_update_rate if model_config.moe_router_enable_expert_bias else 0.0
-    tokens_per_step = config.batch_size * config.seq_len
 
-    with open(out / "metrics.jsonl", "a") as log:
-        def record(**metrics: Any) -> None:
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
+class Trainer:
+    def __init__(self, config: TrainConfig, world: World, resume: bool = False):
+        self.config, self.world = config, world
+        self.out = Path(config.out_dir)
+        _check_run_folder(self.out, config, resume)
+        model_config = config.model_config()
+        self.stages = Stages(config)
+        for step, _ in self.stages.batch:
+            if self.stages.batch_size(step) % (world.size * config.grad_accum):
+                raise ValueError(f"batch size {self.stages.batch_size(step)} (from step {step}) must be a multiple of "
+                                 f"processes × grad_accum = {world.size} × {config.grad_accum}")
+        self.data = _dataset(config, model_config.vocab_size, world)
+        if world.is_main:
+            print(self.data.describe())
+            print(describe(model_config))
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+
+        torch.manual_seed(config.seed)
+        model = (load_model(config.init_from, dtype=torch.float32) if config.init_from
+                 else RingLinearForCausalLM(model_config))
+        model = model.to(world.device).train()
+        self.model = parallelize(model, world, compute_dtype(config.param_dtype, world.device),
+                                 config.activation_checkpointing)
+        self.optimizer = build_optimizer(self.model, config)
+        self.lr = LearningRate.of(config)
+        self.routers = self.model.routers()
+        self.moe_layers = [i for i in range(model_config.num_hidden_layers + model_config.num_nextn_predict_layers)
+                           if model_config.is_moe_layer(i)]
+        eos = self.data.tokenizer.token_to_id(EOS)
+        self.train_stream = PackedDocuments(self.data.train.tokens, self.data.train.offsets, eos, config.seed)
+        # validation: fixed rows of the first seq_len spread over the validation documents in file order
+        val_rows = PackedDocuments(self.data.val.tokens, self.data.val.offsets, eos).spread(
+            config.eval_batches * config.batch_size, config.seq_len)
+        self.val_batches = val_rows[world.rank::world.size]
+        self.flops, self.peak = FlopCounter(model_config), peak_flops(config.peak_tflops, world.device)
+        self.start, self.skipped_in_a_row, self.spikes = 0, 0, SpikeDetector(config.spike_sigmas)
+        if resume:
+            self._resume()
+
+    def _resume(self) -> None:
+        checkpoints = checkpoint_dirs(self.out)
+        if not checkpoints:
+            raise FileNotFoundError(f"nothing to resume: no complete checkpoint in {self.out / 'checkpoints'}")
+        state = load_checkpoint(checkpoints[-1], self.model, self.optimizer, self.world)
+        self.start, self.skipped_in_a_row = state["step"], state["skipped_in_a_row"]
+        self.spikes = SpikeDetector(self.config.spike_sigmas, history=state["loss_history"])
+        if state["tokens"] != self.stages.position(self.start):
+            raise ValueError(f"{checkpoints[-1]} was saved at data position {state['tokens']}, but the schedule "
+                             f"places step {self.start} at {self.stages.position(self.start)}")
+
+    def train_step(self, step: int) -> dict:
+        c, world = self.config, self.world
+        lr = self.lr(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch_size, seq_len = self.stages.batch_size(step), self.stages.seq_len(step)
+        rows = batch_size // (world.size * c.grad_accum)
+        position = self.stages.position(step)
+        t0 = time.perf_counter()
+        totals = torch.zeros(4, dtype=torch.float64, device=world.device)  # loss, lm_loss, mtp_loss, FLOPs
+        for micro in range(c.grad_accum):
+            first_row = (world.rank * c.grad_accum + micro) * rows
+            batch = self.train_stream.batch(position + first_row * seq_len, rows, seq_len).to(world.device)
+            out = self.model(batch.input_ids, labels=batch.input_ids, cu_seqlens=batch.cu_seqlens,
+                             return_logits=False)
+            # A checkpointed layer routes again in the backward and counts its load twice: every expert
+            # of that layer alike, which neither the bias update (signs) nor the logged shares see.
+            (out.loss / c.grad_accum).backward()
+            mtp = out.mtp_loss.item() if out.mtp_loss is not None else 0.0
+            totals[:3] += torch.tensor([out.loss.item(), out.lm_loss.item(), mtp], dtype=torch.float64,
+                                       device=world.device) / c.grad_accum
+            totals[3] += self.flops(batch.cu_seqlens.diff().tolist())
+        grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip or math.inf))
+        all_reduce(totals)
+        loss, lm_loss, mtp_loss = (totals[:3] / world.size).tolist()
+        loads = all_reduce(torch.stack([router.expert_load for router in self.routers])) if self.routers else None
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        rate = c.bias_update_rate if self.model.config.moe_router_enable_expert_bias and finite else 0.0
+        for router, load in zip(self.routers, loads if loads is not None else []):
+            router.expert_load.copy_(load)
+            router.update_bias(rate)  # and clears the load
+        seconds = time.perf_counter() - t0
+
+        metrics = {"loss": loss, "lm_loss": lm_loss, "lr": lr, "grad_norm": grad_norm}
+        if out.mtp_loss is not None:
+            metrics["mtp_loss"] = mtp_loss
+        metrics.update(batch_size=batch_size, seq_len=seq_len, tokens=self.stages.position(step + 1),
+                       tokens_per_s=batch_size * seq_len / seconds, memory_gib=peak_memory_gib(world.device))
+        if self.peak:
+            metrics["mfu"] = float(totals[3]) / (seconds * world.size * self.peak)
+        if loads is not None:
+            metrics["expert_load"] = expert_load_stats(loads, self.moe_layers)
+        if not finite:
+            metrics["skipped"] = True
+        return metrics
+
+    def fit(self) -> TrainResult:
+        c, world = self.config, self.world
+        log = MetricsLog(self.out, c.tensorboard, world.is_main)
+        say = tqdm.write if world.is_main else (lambda text: None)
 
         def validate(step: int) -> float:
-            val_loss, val_bpb = evaluate(model, val_batches, data.token_bytes, device)
-            record(step=step, val_loss=val_loss, val_bpb=val_bpb)
-            tqdm.write(f"step {step}: validation loss {val_loss:.4f} nats/token, {val_bpb:.4f} bits/byte")
+            val_loss, val_bpb = evaluate(self.model, self.val_batches, self.data.token_bytes, world.device)
+            log.write(step, val_loss=val_loss, val_bpb=val_bpb)
+            say(f"step {step}: validation loss {val_loss:.4f} nats/token, {val_bpb:.4f} bits/byte")
             return val_bpb
 
-        progress = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="training",
-                        unit="step", dynamic_ncols=True, mininterval=1.0)
-        for step in progress:
-            if step % config.eval_interval == 0:
-                validate(step)
-            t0 = time.perf_counter()
-            lr = schedule(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = train_batch(data.train, config.seed, step, config.batch_size, config.seq_len).to(device)
-            metrics: dict[str, float] = {}  # mean over the micro-batches of each loss the model reports
-            for micro in batch.chunk(config.grad_accum):
-                with autocast(device):
-                    output = model(micro, labels=micro)
-                (output.loss / config.grad_accum).backward()
-                for name in ("loss", "lm_loss", "mtp_loss"):
-                    if getattr(output, name) is not None:
-                        metrics[name] = metrics.get(name, 0.0) + getattr(output, name).item() / config.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            for router in model.routers():
-                router.update_bias(bias_rate)
-            tokens_per_s = tokens_per_step / (time.perf_counter() - t0)
-            record(step=step + 1, **metrics, lr=lr, grad_norm=grad_norm.item(), tokens_per_s=tokens_per_s)
-            progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            if (step + 1) % config.checkpoint_interval == 0 or step + 1 == config.steps:
-                save_checkpoint(checkpoint_dir, model, data.tokenizer, optimizer,
-                                {"step": step + 1, "tokens": (step + 1) * tokens_per_step})
-        progress.close()
-        val_bpb = validate(config.steps)
-    return TrainResult(model.eval(), data.tokenizer, val_bpb, checkpoint_dir)
+        progress = tqdm(range(self.start, c.steps), initial=self.start, total=c.steps, desc="training", unit="step",
+                        dynamic_ncols=True, mininterval=1.0, disable=not world.is_main)
+        try:
+            for step in progress:
+                if step % c.eval_interval == 0:
+                    validate(step)
+                metrics = self.train_step(step)
+                if metrics.get("skipped"):
+                    self.skipped_in_a_row += 1
+                    say(f"step {step + 1}: skipped (loss {metrics['loss']}, gradient norm {metrics['grad_norm']}), "
+                        f"{self.skipped_in_a_row} in a row")
+                    if self.skipped_in_a_row >= c.max_skipped_steps:
+                        log.write(step + 1, **metrics)
+                        raise TrainingDiverged(
+                            f"stopped at step {step + 1}: {self.skipped_in_a_row} steps in a row had a non-finite loss "
+                            f"or gradient norm (--max-skipped-steps {c.max_skipped_steps}); resume from the last "
+                            f"checkpoint with a lower --lr, or check the data")
+                else:
+                    self.skipped_in_a_row = 0
+                    spike = self.spikes(metrics["loss"])
+                    if spike is not None:
+                        metrics["loss_spike_sigmas"] = spike
+                        say(f"step {step + 1}: loss spike {metrics['loss']:.4f}, {spike:.1f} standard deviations "
+                            "above the last steps' mean")
+                log.write(step + 1, **metrics)
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
+                if (step + 1) % c.checkpoint_interval == 0 or step + 1 == c.steps:
+                    state = {"step": step + 1, "tokens": self.stages.position(step + 1),
+                             "skipped_in_a_row": self.skipped_in_a_row, "loss_history": self.spikes.history}
+                    save_checkpoint(self.out, step + 1, self.model, self.optimizer, state, self.data.tokenizer,
+                                    world, c.keep_checkpoints)
+            progress.close()
+            val_bpb = validate(c.steps)
+        finally:
+            log.close()
+        final = self.out / LATEST_LINK
+        model = RingLinearForCausalLM.from_pretrained(final) if world.is_main else None
+        return TrainResult(model, self.data.tokenizer, val_bpb, final)
+
+
+def train(config: TrainConfig, resume: bool = False) -> TrainResult:
+    """Train in this process: alone, or as one of the processes torchrun started."""
+    with process_group(resolve_device(config.device)) as world:
+        return Trainer(config, world, resume).fit()
