@@ -160,11 +160,12 @@ def test_tokenize_then_train_on_the_token_files_and_plot(tmp_path):
     argv = train_argv(tmp_path / "run")
     argv = argv[:argv.index("--data")] + argv[argv.index("--data") + 3:]  # the token files instead
     run([*argv, "--tokenized", str(tmp_path / "tokens"), "--steps", "4", "--eval-interval", "2", "--no-tensorboard",
-         "--lr-schedule", "wsm", "--seq-len-stages", "2:64", "--batch-stages", "3:8"])
+         "--lr-schedule", "wsm", "--seq-len-stages", "2:64", "--batch-stages", "3:8", "--peak-tflops", "1"])
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "loss" in m]
     assert [(m["batch_size"], m["seq_len"]) for m in steps] == [(4, 32), (4, 32), (4, 64), (8, 64)]
     assert [m["lr"] for m in steps[2:]] == [3e-3, 3e-3]  # WSM: constant after warmup
+    assert all(0 < m["mfu"] < 1 for m in steps)  # model FLOPs / (time × 1 TFLOP/s)
     assert not (tmp_path / "run" / "tensorboard").exists() and not (tmp_path / "run" / "data").exists()
     assert "wrote" in run(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "loss.png")])
     png = (tmp_path / "loss.png").read_bytes()

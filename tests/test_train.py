@@ -18,6 +18,7 @@ from ringlinear.train import LearningRate, Stages, TrainConfig, Trainer, Trainin
 from ringlinear.train import checkpoint as checkpoint_module
 from ringlinear.train import evaluate
 from ringlinear.train.checkpoint import checkpoint_dirs
+from ringlinear.train.metrics import SpikeDetector
 from ringlinear.train.parallel import process_group
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -136,6 +137,14 @@ def test_batch_size_and_context_stages():
         small_run("unused", batch_stages=["6"])
     with pytest.raises(ValueError, match="after the last step"):
         small_run("unused", steps=5, seq_len_stages=["5:64"])
+
+
+def test_loss_spikes_are_measured_against_the_recent_losses():
+    detect = SpikeDetector(sigmas=4.0, window=20)
+    assert [detect(3.0 + 0.01 * (i % 3)) for i in range(30)] == [None] * 30
+    assert detect(3.5) == pytest.approx((3.5 - 3.01) / math.sqrt(2e-4 / 3), rel=0.02)  # std of 3.00/3.01/3.02
+    assert detect(3.02) is None
+    assert SpikeDetector(4.0, history=[1.0] * 5)(100.0) is None  # too little history to judge
 
 
 def test_weight_decay_applies_to_matrices_only():

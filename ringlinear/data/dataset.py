@@ -80,13 +80,22 @@ def prepare_dataset(cache_dir: str | Path, paths: Sequence[str | Path], vocab_si
     train_docs, val_docs = split_documents(documents, val_fraction)
     tokenizer = given or train_tokenizer([d.text for d in train_docs], vocab_size)
     summary = {"source": ", ".join(map(str, paths)) if paths else "Python standard library (.py files)"}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(cache_dir / "tokenizer.json"))
+    splits = {}
     for split, docs in (("train", train_docs), ("val", val_docs)):
-        tokens, offsets = encode_documents(tokenizer, [d.text for d in docs])
-        np.save(cache_dir / f"{split}.npy", tokens, allow_pickle=False)
-        np.save(cache_dir / f"{split}_offsets.npy", offsets, allow_pickle=False)
-        summary.update({f"{split}_files": len(docs), f"{split}_tokens": len(tokens),
+        splits[split] = TokenSplit(*encode_documents(tokenizer, [d.text for d in docs]))
+        summary.update({f"{split}_files": len(docs), f"{split}_tokens": len(splits[split].tokens),
                         f"{split}_bytes": sum(len(d.text.encode()) for d in docs)})
-    meta_path.write_text(json.dumps({"key": key, "summary": summary}, indent=2) + "\n")  # last: marks it complete
-    return load_dataset(cache_dir)
+    return write_dataset(cache_dir, tokenizer, splits["train"], splits["val"], summary, key)
+
+
+def write_dataset(directory: str | Path, tokenizer: Tokenizer, train: TokenSplit, val: TokenSplit, summary: dict,
+                  key: str = "") -> Dataset:
+    """Write a dataset folder (meta.json last: a folder without it is incomplete) and open it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    for split, data in (("train", train), ("val", val)):
+        np.save(directory / f"{split}.npy", data.tokens, allow_pickle=False)
+        np.save(directory / f"{split}_offsets.npy", data.offsets, allow_pickle=False)
+    (directory / "meta.json").write_text(json.dumps({"key": key, "summary": summary}, indent=2) + "\n")
+    return load_dataset(directory)

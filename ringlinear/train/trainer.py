@@ -180,6 +180,8 @@ class Trainer:
         for router, load in zip(self.routers, loads if loads is not None else []):
             router.expert_load.copy_(load)
             router.update_bias(rate)  # and clears the load
+        if world.device.type == "cuda":
+            torch.cuda.synchronize(world.device)  # the step's time includes its queued GPU work
         seconds = time.perf_counter() - t0
 
         metrics = {"loss": loss, "lm_loss": lm_loss, "lr": lr, "grad_norm": grad_norm}
