@@ -53,7 +53,8 @@ def peak_flops(tflops: float, device: torch.device) -> float | None:
 
 
 def peak_memory_gib(device: torch.device) -> float:
-    """Peak memory of this process since the last call: allocated on a GPU, resident on a CPU."""
+    """Peak memory of this process: allocated on its GPU since the last call; resident, over its
+    lifetime, on a CPU."""
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
