@@ -1,8 +1,10 @@
-"""Two gloo processes with FSDP2 train exactly as one process does with the same global batch."""
+"""Two gloo processes with FSDP2 train exactly as one process does with the same global batch, and one
+process resumes their sharded checkpoint."""
 
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import sys
 
@@ -59,3 +61,13 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
             assert torch.equal(w1[name], w2[name])  # every process applied the same summed load
     assert json.loads((tmp_path / "two" / "checkpoints" / "step_000004" / "trainer_state.json").read_text())[
         "tokens"] == 4 * 4 * 32
+
+    # One process resumes the two processes' sharded checkpoint of step 2 and goes on as they did.
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "step_000004")
+    train(two, resume=True)
+    resumed = read_metrics(tmp_path / "two")[len(b):]
+    assert [m["step"] for m in resumed] == [3, 4, 4]
+    for x, y in zip(resumed, b[-3:]):
+        for key in ("loss", "val_loss"):
+            if key in x:
+                assert x[key] == pytest.approx(y[key], abs=1e-5), (x["step"], key)
