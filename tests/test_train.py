@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ringlinear import RingLinearForCausalLM
+from ringlinear import RingLinearConfig, RingLinearForCausalLM
 from ringlinear.data import PackedDocuments, load_dataset
 from ringlinear.train import LearningRate, Stages, TrainConfig, Trainer, TrainingDiverged, build_optimizer, train
 from ringlinear.train import checkpoint as checkpoint_module
 from ringlinear.train import evaluate
 from ringlinear.train.checkpoint import checkpoint_dirs
-from ringlinear.train.metrics import SpikeDetector
+from ringlinear.train.metrics import FlopCounter, SpikeDetector
 from ringlinear.train.parallel import process_group
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -137,6 +137,23 @@ def test_batch_size_and_context_stages():
         small_run("unused", batch_stages=["6"])
     with pytest.raises(ValueError, match="after the last step"):
         small_run("unused", steps=5, seq_len_stages=["5:64"])
+
+
+def test_model_flops_counted_by_hand():
+    # layer 0: Lightning + dense MLP; layer 1: softmax + MoE (4 experts, 2 per token, 1 shared)
+    config = RingLinearConfig.preset("tiny", vocab_size=100, hidden_size=8, num_hidden_layers=2, layer_group_size=2,
+                                     num_attention_heads=2, num_key_value_heads=1, head_dim=4, group_norm_size=2,
+                                     intermediate_size=16, num_experts=4, num_experts_per_tok=2, n_group=1,
+                                     topk_group=1, moe_intermediate_size=4, moe_shared_expert_intermediate_size=4)
+    norms = 8 + 2 * 4 + 8  # input, q and k, post-attention
+    layer0 = norms + 8 * 24 + 8 * 8 + 8 + 8 * 8 + 3 * 8 * 16  # qkv (MHA), g_proj, g_norm, dense, MLP
+    layer1 = norms + 8 * 16 + 8 * 8 + 4 * 8 + 2 * 3 * 8 * 4 + 3 * 8 * 4  # qkv (GQA), dense, router, 2 experts, shared
+    per_token = 2 * (layer0 + layer1 + 8) + 2 * 8 * 100 + (4 * 64 * 4 + 4 * 4 * 4) * 2  # + final norm, head, Lightning
+    softmax_per_pair = 2 * 4 * 2  # QKᵀ and PV over the causal pairs, 2 heads of 4
+    documents = [3, 5]
+    expected = 3 * (per_token * 8 + softmax_per_pair * (3 * 4 + 5 * 6))
+    assert FlopCounter(config)(documents) == expected
+    assert FlopCounter(config)([8]) > expected  # one long document has more pairs than two short ones
 
 
 def test_loss_spikes_are_measured_against_the_recent_losses():
