@@ -1,4 +1,4 @@
-"""`ringlinear train | tokenize | merge | convert | plot | generate | serve | info`."""
+"""`ringlinear train | tokenize | merge | convert | plot | generate | serve | info | align | rl`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
@@ -17,6 +18,7 @@ from .infer.async_engine import MAX_QUEUED
 from .info import describe
 from .model import RingLinearForCausalLM
 from .train import TrainConfig, TrainingDiverged, resolve_device, train
+from .rl.trainer import RLConfig, train_rl
 from .train.merge import DECAYS
 
 # Sampling defaults of `generate`, also used for the sample that ends `train`.
@@ -63,10 +65,15 @@ def stream_samples(model: RingLinearForCausalLM, tokenizer: Tokenizer, prompt: s
         print()
 
 
-def _train(args: argparse.Namespace) -> None:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+def _config(args: argparse.Namespace, config_class: type) -> Any:
+    """The run config (TrainConfig, RLConfig) from the flags `_add_config_flags` made of its fields."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)}
     values["model_overrides"] = dict(values["model_overrides"])
-    config = TrainConfig(**values)
+    return config_class(**values)
+
+
+def _train(args: argparse.Namespace) -> None:
+    config = _config(args, TrainConfig)
     result = train(config, resume=args.resume)
     if result.model is None:  # not the main process of a torchrun launch
         return
@@ -131,13 +138,37 @@ def _info(args: argparse.Namespace) -> None:
     print(describe(config))
 
 
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    for f in dataclasses.fields(TrainConfig):
+def _align(args: argparse.Namespace) -> None:
+    from .rl.probe import DEFAULT_PROMPTS, probe
+
+    model = RingLinearForCausalLM.from_pretrained(args.model, device=resolve_device(args.device))
+    tokenizer = load_tokenizer(args.model)
+    texts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()] if args.prompts \
+        else DEFAULT_PROMPTS
+    prompts = [model.config.eos_token_ids[:1] + tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    report = probe(model, prompts, args.max_new_tokens, args.batch_invariant, seed=args.seed)
+    print(report.table())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "align.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    report.plot(out / "align.png")
+    print(f"wrote {out / 'align.json'} and {out / 'align.png'}")
+
+
+def _rl(args: argparse.Namespace) -> None:
+    config = _config(args, RLConfig)
+    result = train_rl(config)
+    print(f"model saved in {result.checkpoint_dir}; reward curve in {Path(config.out_dir) / 'reward.png'}")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
+    for f in dataclasses.fields(config_class):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         flag = "--" + f.name.replace("_", "-")
         if f.name == "model_overrides":
             parser.add_argument("--override", dest=f.name, metavar="KEY=VALUE", type=_override, action="append",
-                                default=[], help=f"{f.metadata['help']}, e.g. --override num_hidden_layers=4 "
+                                default=list(default.items()),
+                                help=f"{f.metadata['help']}, e.g. --override num_hidden_layers=4 "
                                 "(repeatable; see config.json for the fields)")
         elif isinstance(default, list):
             parser.add_argument(flag, dest=f.name, metavar="PATH" if f.name == "data" else "STEP:VALUE", nargs="+",
@@ -151,9 +182,6 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(flag, dest=f.name, type=type(default), default=default,
                                 help=f"{f.metadata['help']} (default: {default})")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out-dir from its last checkpoint; give the same settings "
-                        "as when it started (the losses then equal those of an uninterrupted run)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model. With no flags: the tiny preset on the standard library's .py files for a "
         "few minutes on a CPU, then the validation bits per byte and a sample. On several processes: "
         "torchrun --nproc-per-node N -m ringlinear.train [these flags] (FSDP2; gloo on CPUs, NCCL on GPUs).")
-    _add_train_flags(train_parser)
+    _add_config_flags(train_parser, TrainConfig)
+    train_parser.add_argument("--resume", action="store_true",
+                              help="continue the run in --out-dir from its last checkpoint; give the same settings "
+                              "as when it started (the losses then equal those of an uninterrupted run)")
     train_parser.set_defaults(run=_train)
 
     tok = commands.add_parser("tokenize", help="tokenize text once into memory-mapped token files for training",
@@ -257,6 +288,31 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--model", metavar="DIR", help="checkpoint folder holding config.json")
     which.add_argument("--preset", choices=sorted(PRESETS), help="a built-in preset")
     info.set_defaults(run=_info)
+
+    aln = commands.add_parser("align", help="compare the training forward and the inference engine module by module",
+                              description="Generate after each prompt with the engine (prefill in chunks, decode, "
+                              "requests arriving one per step), run the same tokens through the training forward, "
+                              "and report per module the largest and the relative difference, the first module "
+                              "whose outputs differ, and the generated tokens' log-prob differences; writes "
+                              "align.json and align.png (divergence by layer).")
+    aln.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder with tokenizer.json")
+    aln.add_argument("--prompts", metavar="FILE", help="one prompt per line (default: a few lines of Python)")
+    aln.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt (default: 32)")
+    aln.add_argument("--batch-invariant", action="store_true",
+                     help="run both in batch-invariant mode (expected: bit-identical)")
+    aln.add_argument("--out", default="align", metavar="DIR", help="folder for align.json and align.png "
+                     "(default: align)")
+    aln.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i uses seed + i (default: 0)")
+    aln.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    aln.set_defaults(run=_align)
+
+    rl = commands.add_parser("rl", help="GRPO / PPO on the engine's rollouts (default: arithmetic from scratch)",
+                             description="Reinforcement learning on rollouts sampled by the inference engine, with "
+                             "the weights copied back into it after every step. With no flags: a small model is "
+                             "taught the format of 2-digit addition by fine-tuning, then GRPO raises its held-out "
+                             "accuracy; metrics.jsonl and reward.png go to --out-dir.")
+    _add_config_flags(rl, RLConfig)
+    rl.set_defaults(run=_rl)
     return parser
 
 

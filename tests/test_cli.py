@@ -16,6 +16,7 @@ from ringlinear import RingLinearConfig, RingLinearForCausalLM
 from ringlinear.checkpoint import load_tokenizer
 from ringlinear.cli import build_parser, main
 from ringlinear.generate import generate
+from ringlinear.rl.trainer import RLConfig
 from ringlinear.train import TrainConfig
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -140,6 +141,9 @@ def test_help_explains_every_flag(capsys):
         "merge": {"--ckpts", "--decay", "--out"},
         "convert": {"--from-softmax", "--to", "--layer-group-size", "--seed"},
         "plot": {"--out", "--metrics"},
+        "align": {"--model", "--prompts", "--max-new-tokens", "--batch-invariant", "--out", "--seed", "--device"},
+        "rl": {"--" + f.name.replace("_", "-") for f in dataclasses.fields(RLConfig)
+               if f.name != "model_overrides"} | {"--override", "--no-batch-invariant"},
     }
     assert set(commands) == set(expected)
     for name, command in commands.items():

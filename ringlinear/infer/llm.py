@@ -15,10 +15,11 @@ Prompt = str | list[int]
 
 
 class LLM:
-    def __init__(self, model: str | Path, device: str | torch.device | None = None,
+    def __init__(self, model: str | Path | Engine, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, **engine_config):
-        """`engine_config`: fields of `EngineConfig` (max_num_seqs, page_size, ...)."""
-        self.engine = Engine.from_pretrained(model, device, dtype, **engine_config)
+        """A checkpoint folder, or an engine to drive; `engine_config`: fields of `EngineConfig`
+        (max_num_seqs, page_size, ...) for the folder's engine."""
+        self.engine = model if isinstance(model, Engine) else Engine.from_pretrained(model, device, dtype, **engine_config)
         self._ids = 0
 
     def generate(self, prompts: Prompt | Sequence[Prompt],

@@ -1,0 +1,240 @@
+"""Training–inference alignment on one device: batch-invariant mode's bit-identity and its cost,
+and the fast mode's disparity over long sequences.
+
+    python benchmarks/bench_align.py [--quick] [--out DIR]
+
+1. Bit-identity: for batches of 1 to 64 sequences, the engine in batch-invariant mode generates
+   after prompts of varied lengths (requests arriving one per step, prefill in chunks, decodes
+   mixed in); the training forward in the same mode then runs every sequence alone and all of
+   them in one reversed batch. Each generated token's log-prob must be equal bit for bit. The fast
+   mode's largest difference over the same tokens is given beside it.
+2. Cost: engine generation throughput (128-token prompts prefilled, then 32 tokens decoded) at
+   batch 1, 8 and 64 (fast mode: CUDA graphs and the Triton kernels), and the training forward and
+   forward + backward of 64 sequences of 256 tokens, in both modes.
+3. Fast-mode disparity: `ringlinear.rl.probe` without module hooks over sequences of 32K prompt
+   tokens + 64 sampled ones: max |Δ log p|, the share of tokens whose probability differs by more
+   than 0.8 (the report's Figure 12 metric), quantiles.
+
+Models: the `mini` preset's shapes with random weights (bf16 on a GPU, fp32 on the CPU); parts 1
+and 2 use its first --layers layers (default 5: four Lightning layers, then softmax), part 3 the
+whole model. `--quick` runs every part at the `tiny` preset's shapes and small sizes (on the CPU
+too). Results: stdout and DIR/bench_align.json (DIR: --out, else $OUT, else .).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ringlinear import RingLinearConfig, RingLinearForCausalLM
+from ringlinear.infer import Engine, EngineConfig, SamplingParams
+from ringlinear.ops.batch_invariant import batch_invariant
+from ringlinear.rl.probe import probe
+from ringlinear.sampling import token_logprobs
+
+T0 = time.time()
+
+
+@dataclass
+class Sizes:
+    preset: str
+    layers: int
+    batches: tuple[int, ...]  # part 1
+    prompt_lengths: tuple[int, int]  # part 1: prompts drawn between these
+    new_tokens: int
+    cost_batches: tuple[int, ...]  # part 2
+    cost_prompt: int
+    cost_tokens: int
+    train_shape: tuple[int, int]  # part 2: [B, T] of the training forward
+    disparity_sequences: int  # part 3
+    disparity_context: int
+    disparity_tokens: int
+    step_tokens: int
+
+
+FULL = Sizes("mini", layers=5, batches=(1, 2, 4, 8, 16, 32, 64), prompt_lengths=(16, 300), new_tokens=32,
+             cost_batches=(1, 8, 64), cost_prompt=128, cost_tokens=32, train_shape=(64, 256),
+             disparity_sequences=4, disparity_context=32768, disparity_tokens=64, step_tokens=4096)
+QUICK = Sizes("tiny", layers=3, batches=(1, 3, 8), prompt_lengths=(4, 40), new_tokens=8,
+              cost_batches=(1, 8), cost_prompt=16, cost_tokens=8, train_shape=(8, 32),
+              disparity_sequences=2, disparity_context=256, disparity_tokens=16, step_tokens=64)
+
+
+def log(*args) -> None:
+    print(f"[{time.time() - T0:7.1f}s]", *args, flush=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build(config: RingLinearConfig, device: str) -> RingLinearForCausalLM:
+    """Random weights, allocated and initialised on the device (bf16 on a GPU)."""
+    with torch.device("meta"):
+        model = RingLinearForCausalLM(config)
+    model = model.to(torch.bfloat16 if device == "cuda" else torch.float32).to_empty(device=device)
+    model.tie_weights()
+    model.init_weights()
+    return model.eval()
+
+
+def prompts_of(count: int, low: int, high: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high + 1, (count,), generator=g).tolist()
+    return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def make_engine(model, prompts, new_tokens, aligned, step_tokens=512) -> Engine:
+    """An engine whose cache holds `prompts` and their continuations; CUDA graphs in fast mode."""
+    page = 64
+    return Engine(model, None, EngineConfig(
+        max_num_seqs=len(prompts), max_num_batched_tokens=step_tokens, page_size=page,
+        num_pages=sum(-(-(len(p) + new_tokens) // page) for p in prompts),
+        max_model_len=max(map(len, prompts)) + new_tokens, batch_invariant=aligned))
+
+
+def generate(engine, prompts, new_tokens, staggered=True):
+    """Sampled continuations and their engine log-probs; requests arrive one per step (staggered)
+    or all at once."""
+    results = [[] for _ in prompts]
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=new_tokens, seed=i, logprobs=0, ignore_eos=True))
+        for out in engine.step() if staggered else []:
+            results[int(out.request_id)] += out.logprobs
+    while engine.has_unfinished():
+        for out in engine.step():
+            results[int(out.request_id)] += out.logprobs
+    return results
+
+
+def training_logprobs(model, sequences, aligned):
+    device = next(model.parameters()).device
+    T = max(map(len, sequences))
+    ids = torch.tensor([s + [0] * (T - len(s)) for s in sequences], device=device)
+    with torch.no_grad(), batch_invariant(aligned):
+        logits = model(ids).logits[:, :-1]
+        logp = token_logprobs(logits.flatten(0, 1), ids[:, 1:].flatten(), 0)[0].view(len(sequences), -1)
+    return [logp[b, :len(s) - 1].cpu() for b, s in enumerate(sequences)]
+
+
+def bit_identity(model, sizes: Sizes) -> dict:
+    vocab = model.config.vocab_size
+    results = {}
+    for batch in sizes.batches:
+        prompts = prompts_of(batch, *sizes.prompt_lengths, vocab, seed=batch)
+        row = {}
+        for aligned in (True, False):
+            rollouts = generate(make_engine(model, prompts, sizes.new_tokens, aligned), prompts, sizes.new_tokens)
+            sequences = [p + [lp.token_id for lp in r] for p, r in zip(prompts, rollouts)]
+            engine = [torch.tensor([lp.logprob for lp in r]) for r in rollouts]
+            alone = [training_logprobs(model, [s], aligned)[0] for s in sequences]
+            together = training_logprobs(model, sequences[::-1], aligned)[::-1]
+            gaps = [max((t[len(p) - 1:] - e).abs().max().item() for t in (a, m))
+                    for p, e, a, m in zip(prompts, engine, alone, together)]
+            equal = all(torch.equal(t[len(p) - 1:], e) for p, e, a, m in zip(prompts, engine, alone, together)
+                        for t in (a, m))
+            row["aligned" if aligned else "fast"] = {"bit_identical": equal, "max_abs_dlogp": max(gaps)}
+        row["tokens"] = batch * sizes.new_tokens
+        results[f"batch_{batch}"] = row
+        log(f"  batch {batch}: {row}")
+    return results
+
+
+def timed(fn) -> float:
+    fn()  # warm-up (kernel compilation, autotuning)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def cost(model, sizes: Sizes) -> dict:
+    vocab, device = model.config.vocab_size, next(model.parameters()).device
+    results = {}
+    for batch in sizes.cost_batches:
+        prompts = prompts_of(batch, sizes.cost_prompt, sizes.cost_prompt, vocab, seed=0)
+        for aligned in (False, True):
+            engine = make_engine(model, prompts, sizes.cost_tokens, aligned, step_tokens=batch * sizes.cost_prompt)
+            seconds = timed(lambda: generate(engine, prompts, sizes.cost_tokens, staggered=False))
+            results[f"engine_batch{batch}_{'aligned' if aligned else 'fast'}_tok_s"] = round(
+                batch * sizes.cost_tokens / seconds, 1)
+    B, T = sizes.train_shape
+    ids = torch.randint(1, vocab, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
+    for aligned in (False, True):
+        mode = "aligned" if aligned else "fast"
+
+        def forward():
+            with torch.no_grad(), batch_invariant(aligned):
+                model(ids)
+
+        def forward_backward():
+            with batch_invariant(aligned):
+                logits = model(ids).logits
+            logits.float().logsumexp(-1).mean().backward()
+            model.zero_grad(set_to_none=True)
+
+        results[f"train_forward_{mode}_s"] = round(timed(forward), 4)
+        results[f"train_forward_backward_{mode}_s"] = round(timed(forward_backward), 4)
+    for key in [k for k in results if k.endswith("_fast_tok_s")]:
+        results[key.replace("_fast_tok_s", "_slowdown")] = round(results[key] / results[key.replace("fast", "aligned")], 2)
+    for name in ("train_forward", "train_forward_backward"):
+        results[f"{name}_slowdown"] = round(results[f"{name}_aligned_s"] / results[f"{name}_fast_s"], 2)
+    return results
+
+
+def disparity(model, sizes: Sizes) -> dict:
+    prompts = prompts_of(sizes.disparity_sequences, sizes.disparity_context, sizes.disparity_context,
+                         model.config.vocab_size, seed=1)
+    report = probe(model, prompts, sizes.disparity_tokens, aligned=False, step_tokens=sizes.step_tokens,
+                   record_modules=False)
+    return report.summary()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and sizes (runs on the CPU too)")
+    parser.add_argument("--layers", type=int, help="layers of the model of parts 1 and 2 (default: 5, quick: 3)")
+    parser.add_argument("--parts", default="123", help="which parts to run (default: 123)")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else FULL
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.quick:
+        raise SystemExit("the full sizes need a GPU; --quick runs on the CPU")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    report = {"meta": {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+                       "torch": torch.__version__, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                       "sizes": asdict(sizes)}}
+    config = RingLinearConfig.preset(sizes.preset)
+    if "1" in args.parts or "2" in args.parts:
+        short = config.replace(num_hidden_layers=args.layers or sizes.layers)
+        log(f"model of parts 1-2: {sizes.preset}, layers {''.join(k[0].upper() for k in short.layer_types)}")
+        model = build(short, device)
+        if "1" in args.parts:
+            report["bit_identity"] = bit_identity(model, sizes)
+        if "2" in args.parts:
+            report["cost"] = cost(model, sizes)
+            log(f"  cost: {report['cost']}")
+        del model
+    if "3" in args.parts:
+        log(f"part 3: {sizes.preset}, {sizes.disparity_sequences} x {sizes.disparity_context} tokens")
+        report["disparity"] = disparity(build(config, device), sizes)
+        log(f"  disparity: {report['disparity']}")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bench_align.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(json.dumps(report, indent=1))
+    log(f"results in {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Reinforcement learning on the inference engine's rollouts, and the training–inference alignment probe."""

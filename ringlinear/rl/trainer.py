@@ -1,0 +1,396 @@
+"""Reinforcement learning on the inference engine's rollouts: GRPO or PPO-clip, one process.
+
+One step:
+1. rollouts: prompts drawn from the task, `group_size` completions of each sampled by the engine
+   (temperature 1), which records every token's log-probability, the stop token's included. Rounds
+   of `prompts_per_step` prompts are drawn until the step holds `tokens_per_step` response tokens
+   (C3PO's token budget); tokens past the budget are not trained on, so every step weighs the same;
+2. rewards: the task's reward of each completion's text;
+3. one trainer forward at the rollout weights: its log-probs (Eq. 6's behaviour policy, and the
+   training–inference disparity logged every step), the entropy, PPO's values, and the reference
+   model's log-probs when there is a KL term;
+4. advantages: group-normalised rewards (GRPO) or the reward minus the value (PPO, γ = λ = 1);
+5. `epochs` passes of `minibatches` AdamW updates on the clipped surrogate (`loss.py`);
+6. the new weights are copied into the engine's model.
+
+With `batch_invariant` (the default) the trainer's forwards and the engine's steps run in
+batch-invariant mode, so at the rollout weights the two give bit-identical log-probs and Eq. 5's
+ratio starts at exactly 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+from torch import Tensor, nn
+
+from ..checkpoint import load_tokenizer
+from ..config import PRESETS, RingLinearConfig
+from ..infer import LLM, Engine, EngineConfig, SamplingParams
+from ..infer.outputs import Completion
+from ..model import RingLinearForCausalLM
+from ..ops.batch_invariant import batch_invariant
+from ..ops.cross_entropy import IGNORE_INDEX
+from ..sampling import token_logprobs
+from ..train import build_optimizer, resolve_device
+from .loss import CORRECTIONS, RATIOS, clipped_surrogate, group_advantages, kl_penalty, mismatch_weight
+from .probe import PROB_GAP
+from .rewards import SubprocessReward
+from .tasks import EOS, ArithmeticTask, Problem, PromptsTask
+
+ALGORITHMS = ("grpo", "ppo")
+
+
+def _setting(default: Any, help: str) -> Any:
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# The tiny preset made smaller for a CPU: 4 layers (Lightning, softmax, Lightning, softmax), width 128,
+# 8 experts. It learns 2-digit addition in a few hundred fine-tuning steps.
+SMALL = dict(hidden_size=128, num_hidden_layers=4, layer_group_size=2, head_dim=32, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=384, moe_intermediate_size=128,
+             moe_shared_expert_intermediate_size=128, num_experts=8, n_group=2, topk_group=1,
+             max_position_embeddings=64)
+
+
+@dataclass
+class RLConfig:
+    """Everything that defines an RL run; saved as `rl_config.json` in the run folder."""
+
+    out_dir: str = _setting("runs/rl", "run folder: rl_config.json, metrics.jsonl, reward.png, checkpoint/")
+    model: str = _setting("", "checkpoint folder to start from (config.json, safetensors, tokenizer.json); "
+                          "none: a new --preset model taught the task's format by --sft-steps of fine-tuning")
+    preset: str = _setting("tiny", "preset of a new model")
+    model_overrides: dict[str, Any] = _setting(SMALL, "model config fields of a new model changed from the preset")
+    digits: int = _setting(2, "arithmetic task: operands of up to this many digits")
+    operators: str = _setting("+", "arithmetic task: the operators drawn, among +-*")
+    prompts: str = _setting("", "JSON-lines file of {\"prompt\", \"answer\"} to train on instead of the "
+                            "arithmetic task (needs --model and --reward)")
+    reward: str = _setting("", "FILE.py:FUNCTION(problem, completion) -> float scoring --prompts, run in a "
+                           "subprocess per completion")
+    reward_timeout: float = _setting(10.0, "seconds a --reward process may run before it scores 0")
+    sft_steps: int = _setting(300, "supervised fine-tuning steps of a new model on prompt + answer")
+    sft_batch_size: int = _setting(64, "problems per fine-tuning step")
+    sft_lr: float = _setting(3e-3, "fine-tuning learning rate")
+    algorithm: str = _setting("grpo", "grpo (group-normalised advantages) or ppo (PPO-clip with a value head)")
+    steps: int = _setting(40, "RL steps (rollouts, then updates)")
+    prompts_per_step: int = _setting(16, "prompts per round of rollouts")
+    group_size: int = _setting(8, "completions per prompt")
+    tokens_per_step: int = _setting(0, "response tokens trained on per step: rounds of rollouts are drawn until "
+                                    "they are reached, the rest is cut (0: one round)")
+    max_new_tokens: int = _setting(8, "most tokens per completion")
+    max_prompt_tokens: int = _setting(64, "longest prompt (sizes the engine's cache)")
+    ratio: str = _setting("rollout", "importance ratio against the rollout engine's log-probs (Eq. 5) or the "
+                          "trainer's recomputed ones (Eq. 6): rollout or recompute")
+    correction: str = _setting("none", "with --ratio recompute: none, tis (truncated importance sampling) or "
+                               "icepop (mask tokens whose train/infer probability ratio is outside the band)")
+    clip: float = _setting(0.2, "PPO clip range epsilon")
+    tis_cap: float = _setting(2.0, "tis: cap C of the train/infer probability ratio")
+    icepop_low: float = _setting(0.5, "icepop: lower edge of the kept band")
+    icepop_high: float = _setting(5.0, "icepop: upper edge of the kept band")
+    kl_coef: float = _setting(0.0, "weight of the KL penalty to the starting model (0: none)")
+    value_coef: float = _setting(0.5, "ppo: weight of the value loss")
+    epochs: int = _setting(1, "passes over a step's rollouts")
+    minibatches: int = _setting(1, "updates per pass")
+    lr: float = _setting(1e-4, "RL learning rate (AdamW)")
+    warmup_steps: int = _setting(10, "steps of linear learning-rate warmup: a fresh AdamW's first updates move "
+                                 "every weight by the full rate, which a freshly fine-tuned model does not survive")
+    weight_decay: float = _setting(0.0, "AdamW weight decay")
+    beta1: float = _setting(0.9, "AdamW beta1")
+    beta2: float = _setting(0.95, "AdamW beta2")
+    grad_clip: float = _setting(1.0, "clip the gradient norm to this (0 = off)")
+    batch_invariant: bool = _setting(True, "trainer and engine in batch-invariant mode (bit-identical log-probs)")
+    eval_interval: int = _setting(10, "greedy accuracy on held-out problems every this many steps (and at the "
+                                  "first and last)")
+    eval_problems: int = _setting(200, "held-out problems per evaluation")
+    seed: int = _setting(0, "seed of the new model, the problems and the sampling")
+    device: str = _setting("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
+
+    def __post_init__(self) -> None:
+        rules = [(name, getattr(self, name) > 0, "must be positive") for name in (
+            "steps", "prompts_per_step", "group_size", "max_new_tokens", "max_prompt_tokens", "clip", "epochs",
+            "minibatches", "lr", "eval_interval", "eval_problems", "sft_batch_size", "sft_lr", "reward_timeout")]
+        rules += [(name, getattr(self, name) >= 0, "must be >= 0")
+                  for name in ("sft_steps", "warmup_steps", "tokens_per_step", "kl_coef", "value_coef", "grad_clip",
+                               "weight_decay")]
+        rules += [
+            ("algorithm", self.algorithm in ALGORITHMS, f"must be one of {ALGORITHMS}"),
+            ("ratio", self.ratio in RATIOS, f"must be one of {RATIOS}"),
+            ("correction", self.correction in CORRECTIONS, f"must be one of {CORRECTIONS}"),
+            ("correction", self.correction == "none" or self.ratio == "recompute",
+             "weights Eq. 6's ratio: it needs --ratio recompute"),
+            ("group_size", self.algorithm != "grpo" or self.group_size > 1, "must be at least 2 for grpo"),
+            ("icepop_high", self.icepop_low < self.icepop_high, "must exceed icepop_low"),
+            ("preset", self.preset in PRESETS, f"must be one of {sorted(PRESETS)}"),
+            ("prompts", not self.prompts or (self.model and self.reward), "needs --model and --reward"),
+            ("reward", not self.reward or self.prompts, "scores --prompts: give them too"),
+        ]
+        for name, ok, requirement in rules:
+            if not ok:
+                raise ValueError(f"invalid {name}={getattr(self, name)!r}: {requirement}")
+
+
+@dataclass
+class RLResult:
+    model: RingLinearForCausalLM
+    tokenizer: Tokenizer
+    metrics: list[dict[str, float]]  # one per step (and its evaluation, where there was one)
+    checkpoint_dir: Path
+
+
+@dataclass
+class Rollouts:
+    """A step's rollouts as training tensors; position t of the [B, T - 1] tensors is the token at t + 1."""
+    ids: Tensor  # [B, T] prompt + response, right-padded
+    mask: Tensor  # [B, T - 1] a response token trained on
+    logp_rollout: Tensor  # [B, T - 1] its log-prob under the engine
+    rewards: Tensor  # [B]
+    response_lengths: Tensor  # [B], the stop token included
+
+    def select(self, rows: slice) -> Rollouts:
+        return Rollouts(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
+
+
+def encode(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A prompt or answer as a new document: after the end-of-text token, as in training."""
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def supervised_finetune(model: RingLinearForCausalLM, task: ArithmeticTask, tokenizer: Tokenizer,
+                        config: RLConfig) -> list[float]:
+    """Teach the format: cross-entropy on answer + EOS after the prompt. Returns the losses."""
+    rng = random.Random(config.seed)
+    device = next(model.parameters()).device
+    optimizer = build_optimizer(model, dataclasses.replace(config, lr=config.sft_lr))
+    eos, losses = tokenizer.token_to_id(EOS), []
+    model.train()
+    for step in range(config.sft_steps):
+        for group in optimizer.param_groups:  # linear decay to 10%
+            group["lr"] = config.sft_lr * (1 - 0.9 * step / config.sft_steps)
+        problems = [task.sample(rng) for _ in range(config.sft_batch_size)]
+        prompts = [[eos] + encode(tokenizer, p.prompt) for p in problems]
+        answers = [encode(tokenizer, p.answer) + [eos] for p in problems]
+        ids, labels = _pad([p + a for p, a in zip(prompts, answers)], 0), _pad(
+            [[IGNORE_INDEX] * len(p) + a for p, a in zip(prompts, answers)], IGNORE_INDEX)
+        loss = model(ids.to(device), labels=labels.to(device), return_logits=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def _pad(rows: list[list[int]], value: int) -> Tensor:
+    width = max(map(len, rows))
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+
+
+class RLTrainer:
+    def __init__(self, config: RLConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.rng = random.Random(config.seed)
+        torch.manual_seed(config.seed)
+        if config.prompts:
+            self.task = PromptsTask(config.prompts, SubprocessReward(config.reward, config.reward_timeout))
+        else:
+            self.task = ArithmeticTask(config.digits, config.operators)
+        self.policy, self.tokenizer, self.sft_losses = self._initial_policy()
+        self.eos = self.tokenizer.token_to_id(EOS)
+        self.reference = copy.deepcopy(self.policy).eval() if config.kl_coef > 0 else None
+        hidden = self.policy.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1).to(self.device) if config.algorithm == "ppo" else None
+        if self.value_head is not None:
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        self.trained = nn.ModuleList([self.policy] + ([self.value_head] if self.value_head is not None else []))
+        self.optimizer = build_optimizer(self.trained, config)
+        engine = Engine(copy.deepcopy(self.policy).eval(), None, EngineConfig(
+            max_num_seqs=config.prompts_per_step * config.group_size, max_num_batched_tokens=4096, page_size=16,
+            max_model_len=config.max_prompt_tokens + config.max_new_tokens, batch_invariant=config.batch_invariant,
+            seed=config.seed))
+        self.llm = LLM(engine)
+        eval_rng = random.Random(config.seed + 1)
+        self.eval_set = [self.task.sample(eval_rng, held_out=True) for _ in range(config.eval_problems)]
+
+    def _initial_policy(self) -> tuple[RingLinearForCausalLM, Tokenizer, list[float]]:
+        c = self.config
+        if c.model:
+            model = RingLinearForCausalLM.from_pretrained(c.model, device=self.device)
+            return model.train(), load_tokenizer(c.model), []
+        tokenizer = self.task.tokenizer()
+        model_config = RingLinearConfig.preset(c.preset, **{
+            "vocab_size": tokenizer.get_vocab_size(), "eos_token_id": 0, "pad_token_id": 0, "torch_dtype": "float32",
+            **c.model_overrides})
+        model = RingLinearForCausalLM(model_config).to(self.device)
+        return model, tokenizer, supervised_finetune(model, self.task, tokenizer, c)
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def rollouts(self) -> Rollouts:
+        c = self.config
+        problems: list[Problem] = []
+        completions: list[Completion] = []
+        while not problems or sum(_response_length(x) for x in completions) < c.tokens_per_step:
+            drawn = [self.task.sample(self.rng) for _ in range(c.prompts_per_step)]
+            group = [p for p in drawn for _ in range(c.group_size)]
+            params = [SamplingParams(max_tokens=c.max_new_tokens, logprobs=0, seed=self.rng.randrange(2**63))
+                      for _ in group]
+            completions += self.llm.generate([[self.eos] + encode(self.tokenizer, p.prompt) for p in group], params)
+            problems += group
+        texts = [self.tokenizer.decode(x.token_ids) for x in completions]
+        with ThreadPoolExecutor() as pool:  # a subprocess reward waits outside the GIL
+            rewards = list(pool.map(self.task.reward, problems, texts))
+        responses = [x.token_ids + ([x.stop_logprob.token_id] if x.stop_logprob else []) for x in completions]
+        logps = [[lp.logprob for lp in x.logprobs] + ([x.stop_logprob.logprob] if x.stop_logprob else [])
+                 for x in completions]
+        prompts = [x.prompt_token_ids for x in completions]
+        ids = _pad([p + r for p, r in zip(prompts, responses)], 0)
+        mask = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)
+        logp_rollout = torch.zeros(mask.shape, dtype=torch.float32)
+        budget = c.tokens_per_step or math.inf
+        for b, (p, lp) in enumerate(zip(prompts, logps)):
+            kept = int(max(0, min(len(lp), budget)))
+            budget -= kept
+            mask[b, len(p) - 1:len(p) - 1 + kept] = True
+            logp_rollout[b, len(p) - 1:len(p) - 1 + len(lp)] = torch.tensor(lp)
+        return Rollouts(ids, mask, logp_rollout, torch.tensor(rewards), torch.tensor([len(r) for r in responses]))
+
+    def _forward(self, model: RingLinearForCausalLM, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Log-probs [B, T - 1] of each next token, the logits and the hidden states before them."""
+        with batch_invariant(self.config.batch_invariant):
+            out = model(ids)
+            logits = out.logits[:, :-1]
+            logp = token_logprobs(logits.flatten(0, 1), ids[:, 1:].flatten(), 0)[0].view(ids.shape[0], -1)
+        return logp, logits, out.hidden_states[:, :-1]
+
+    def step(self, step: int) -> dict[str, float]:
+        c = self.config
+        lr = c.lr * min(1.0, (step + 1) / (c.warmup_steps + 1))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        batch = self.rollouts()
+        t1 = time.perf_counter()
+        ids, mask, logp_rollout = batch.ids.to(self.device), batch.mask.to(self.device), batch.logp_rollout.to(self.device)
+        with torch.no_grad():
+            logp_old, logits, hidden = self._forward(self.policy, ids)
+            logp_all = logits.float().log_softmax(-1)
+            entropy = -(logp_all.exp() * logp_all).sum(-1)[mask].mean()
+            logp_reference = None if self.reference is None else self._forward(self.reference, ids)[0]
+            rewards = batch.rewards.to(self.device)
+            if self.value_head is None:
+                advantages = group_advantages(rewards, c.group_size)[:, None].expand_as(mask)
+            else:
+                advantages = rewards[:, None] - self.value_head(hidden)[..., 0]
+                advantages = (advantages - advantages[mask].mean()) / (advantages[mask].std() + 1e-6)
+        metrics = {"reward": rewards.mean().item(), "response_length": batch.response_lengths.float().mean().item(),
+                   "trained_tokens": int(mask.sum()), "entropy": entropy.item(), **_disparity(logp_old, logp_rollout, mask)}
+        behaviour = logp_rollout if c.ratio == "rollout" else logp_old
+        weight = None if c.correction == "none" else mismatch_weight(logp_old, logp_rollout, c.correction, c.tis_cap,
+                                                                    c.icepop_low, c.icepop_high)
+        rows = ids.shape[0]
+        bounds = [round(i * rows / c.minibatches) for i in range(c.minibatches + 1)]
+        for _ in range(c.epochs):
+            for start, end in zip(bounds, bounds[1:]):
+                part = slice(start, end)
+                logp, _, hidden = self._forward(self.policy, ids[part])
+                loss = clipped_surrogate(logp, behaviour[part], advantages[part], mask[part], c.clip,
+                                         None if weight is None else weight[part])
+                if self.reference is not None:
+                    loss = loss + c.kl_coef * kl_penalty(logp, logp_reference[part], mask[part])
+                if self.value_head is not None:
+                    error = (self.value_head(hidden)[..., 0] - rewards[part, None]) ** 2
+                    loss = loss + c.value_coef * 0.5 * (error * mask[part]).sum() / mask[part].sum()
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trained.parameters(), c.grad_clip or math.inf)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.llm.engine.model.load_state_dict(self.policy.state_dict())
+        ratio = (logp.detach() - behaviour[part]).exp()[mask[part]]
+        metrics.update(lr=lr, loss=loss.item(), grad_norm=grad_norm.item(), clip_fraction=((ratio - 1).abs() > c.clip).float().mean().item(),
+                       rollout_s=t1 - t0, update_s=time.perf_counter() - t1)
+        if self.reference is not None:
+            metrics["kl"] = kl_penalty(logp_old, logp_reference, mask).item()
+        return metrics
+
+    def evaluate(self) -> float:
+        """Greedy accuracy (mean reward) on the held-out problems."""
+        params = SamplingParams(max_tokens=self.config.max_new_tokens, temperature=0)
+        completions = self.llm.generate([[self.eos] + encode(self.tokenizer, p.prompt) for p in self.eval_set], params)
+        texts = [self.tokenizer.decode(x.token_ids) for x in completions]
+        with ThreadPoolExecutor() as pool:
+            return sum(pool.map(self.task.reward, self.eval_set, texts)) / len(self.eval_set)
+
+
+def _response_length(completion: Completion) -> int:
+    return len(completion.token_ids) + (completion.stop_logprob is not None)
+
+
+def _disparity(logp_train: Tensor, logp_rollout: Tensor, mask: Tensor) -> dict[str, float]:
+    """Training–inference disparity over the trained tokens, at the rollout weights."""
+    gap = (logp_train - logp_rollout)[mask]
+    prob_gap = (logp_train.exp() - logp_rollout.exp())[mask].abs()
+    return {"max_abs_dlogp": gap.abs().max().item(), "mean_abs_dlogp": gap.abs().mean().item(),
+            "identical_fraction": (gap == 0).float().mean().item(),
+            "prob_gap_fraction": (prob_gap > PROB_GAP).float().mean().item()}
+
+
+def train_rl(config: RLConfig) -> RLResult:
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rl_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    trainer = RLTrainer(config)
+    history: list[dict[str, float]] = []
+    with open(out / "metrics.jsonl", "w") as log:
+        for step in range(config.steps + 1):
+            metrics: dict[str, float] = {"step": step}
+            if step % config.eval_interval == 0 or step == config.steps:
+                metrics["eval_accuracy"] = trainer.evaluate()
+            if step < config.steps:
+                metrics.update(trainer.step(step))
+            history.append(metrics)
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+                           if k in ("step", "eval_accuracy", "reward", "response_length", "entropy", "max_abs_dlogp",
+                                    "prob_gap_fraction", "clip_fraction")), flush=True)
+    checkpoint = out / "checkpoint"
+    trainer.policy.eval().save_pretrained(checkpoint, tokenizer=trainer.tokenizer)
+    plot_rewards(history, out / "reward.png", sft_steps=len(trainer.sft_losses))
+    return RLResult(trainer.policy, trainer.tokenizer, history, checkpoint)
+
+
+def plot_rewards(history: list[dict[str, float]], path: Path, sft_steps: int = 0) -> None:
+    """Training reward per step and held-out greedy accuracy at the evaluations."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    trained = [m for m in history if "reward" in m]
+    ax.plot([m["step"] + 1 for m in trained], [m["reward"] for m in trained], label="training reward (sampled)")
+    evaluated = [m for m in history if "eval_accuracy" in m]
+    ax.plot([m["step"] for m in evaluated], [m["eval_accuracy"] for m in evaluated], "o-",
+            label="held-out accuracy (greedy)")
+    start = f" after {sft_steps} fine-tuning steps" if sft_steps else ""
+    ax.set(xlabel="RL step", ylabel="reward / accuracy", ylim=(0, 1), title=f"RL on the engine's rollouts{start}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
