@@ -141,6 +141,7 @@ def main() -> None:
                 print(" ", r, file=sys.stderr, flush=True)
     where = crossover(results["hybrid"], results["all_softmax"])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_train.json"), "w") as f:
         json.dump({"device": device, "torch": torch.__version__, "args": vars(args), "results": results,
                    "crossover": where}, f, indent=1)
