@@ -2,8 +2,10 @@
 
 `lightning_attn` runs whole sequences (training, prefill); `lightning_decode` advances N sequences
 by one token against a pool of fp32 states. The "torch" backend is the chunked reference in
-`naive.py`; the Triton kernels take its place on CUDA. Under `batch_invariant()` both run the
-recurrent form, whatever the backend, so that a token gets the same bits in training and decode.
+`naive.py`; the Triton kernels (`chunk.py`, `decode.py`) take its place on CUDA. Under
+`batch_invariant()` every call runs a recurrent form, one token per step, so that a token gets the
+same bits in training, prefill and decode: `recurrent.py` on the Triton backend, else
+`naive.lightning_attn_recurrent`.
 """
 
 from __future__ import annotations
@@ -100,14 +102,15 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: fl
     if initial_state is not None and initial_state.shape != (num_seqs, H, D, D):
         raise ValueError(f"initial_state must have shape [N, H, D, D]={[num_seqs, H, D, D]}, "
                          f"got {list(initial_state.shape)}")
-    backend = _pick_backend(backend, q)
+    if _pick_backend(backend, q) == "triton":
+        if batch_invariant.enabled():
+            from .recurrent import lightning_attn_recurrent_triton as triton_attn
+        else:
+            from .chunk import lightning_attn_triton as triton_attn
+        return triton_attn(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, offsets)
     if batch_invariant.enabled():
         o, final = lightning_attn_recurrent(q, k, v, log_decay, scale, initial_state, cu_seqlens)
         return o, final if output_final_state else None
-    if backend == "triton":
-        from .chunk import lightning_attn_triton
-        return lightning_attn_triton(q, k, v, log_decay, scale, initial_state, output_final_state,
-                                     cu_seqlens, offsets)
     if offsets is None:
         o, final = lightning_attn_chunked(q, k, v, log_decay, scale, initial_state)
     else:
@@ -141,12 +144,15 @@ def lightning_decode(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: 
     if slots.shape != (N,) or slots.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slots must be an int tensor [N]=[{N}], got shape {list(slots.shape)} "
                          f"dtype {slots.dtype}")
+    if _pick_backend(backend, q) == "triton":
+        if batch_invariant.enabled():
+            from .recurrent import lightning_decode_recurrent_triton
+            return lightning_decode_recurrent_triton(q, k, v, log_decay, state, slots, scale)
+        from .decode import lightning_decode_triton
+        return lightning_decode_triton(q, k, v, log_decay, state, slots, scale)
     if batch_invariant.enabled():
         one_each = torch.arange(N + 1, device=q.device)
         o, state[slots] = lightning_attn_recurrent(q[None], k[None], v[None], log_decay, scale, state[slots],
                                                    cu_seqlens=one_each)
         return o[0]
-    if _pick_backend(backend, q) == "triton":
-        from .decode import lightning_decode_triton
-        return lightning_decode_triton(q, k, v, log_decay, state, slots, scale)
     return lightning_decode_reference(q, k, v, log_decay, state, slots, scale)

@@ -291,6 +291,24 @@ class LightningAttnFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, dh0, None, None, None, None, None
 
 
+def kernel_inputs(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None,
+                  initial_state: Tensor | None, cu_seqlens: Tensor | None):
+    """The inputs as every Triton Lightning kernel (chunked, recurrent) takes them: a head dim and
+    dtype they support, contiguous q, k, v, fp32 decays and state, a float scale."""
+    D = q.shape[-1]
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"the Triton kernels support head dims {SUPPORTED_HEAD_DIMS}, got D={D}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"the Triton kernels take fp16, bf16 or fp32 inputs, got {q.dtype}")
+    scale = D**-0.5 if scale is None else float(scale)
+    log_decay = log_decay.to(device=q.device, dtype=torch.float32).contiguous()
+    if initial_state is not None:
+        initial_state = initial_state.float().contiguous()
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.contiguous()
+    return q.contiguous(), k.contiguous(), v.contiguous(), log_decay, scale, initial_state, cu_seqlens
+
+
 def lightning_attn_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None,
                           initial_state: Tensor | None, output_final_state: bool, cu_seqlens: Tensor | None,
                           offsets: list[int] | None, *, config: KernelConfig | None = None,
@@ -299,17 +317,8 @@ def lightning_attn_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, sc
 
     `config` and `seg_len` (a multiple of 64) override the kernel defaults, in both directions; by
     default the forward and the backward (three times the programs) each pick their segments."""
-    D = q.shape[-1]
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"the Triton kernels support head dims {SUPPORTED_HEAD_DIMS}, got D={D}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"the Triton kernels take fp16, bf16 or fp32 inputs, got {q.dtype}")
-    scale = D**-0.5 if scale is None else float(scale)
-    config = config or default_config(D, q.dtype)
-    log_decay = log_decay.to(device=q.device, dtype=torch.float32).contiguous()
-    if initial_state is not None:
-        initial_state = initial_state.float().contiguous()
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.contiguous()
-    return LightningAttnFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), log_decay, scale,
-                                       initial_state, output_final_state, cu_seqlens, offsets, config, seg_len)
+    q, k, v, log_decay, scale, initial_state, cu_seqlens = kernel_inputs(q, k, v, log_decay, scale,
+                                                                         initial_state, cu_seqlens)
+    config = config or default_config(q.shape[-1], q.dtype)
+    return LightningAttnFunction.apply(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens,
+                                       offsets, config, seg_len)
