@@ -67,16 +67,27 @@ def synthetic_dataset(directory: Path, vocab_size: int, seq_len: int, documents:
     write_dataset(directory, tokenizer, train, val, summary)
 
 
+def profile_step(trainer: Trainer, step: int, rows: int = 25) -> None:
+    """One more step under the PyTorch profiler: the kernels that take the GPU's time, on stderr."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        trainer.train_step(step)
+    table = prof.key_averages().table(sort_by="self_device_time_total" if torch.cuda.is_available()
+                                      else "self_cpu_time_total", row_limit=rows, max_name_column_width=70)
+    print(table, file=sys.stderr, flush=True)
+
+
 def bench(world: World, model: str, layer_group_size: int, seq_len: int, tokens_per_step: int, steps: int,
-          activation_checkpointing: int, work: Path) -> dict:
+          activation_checkpointing: int, work: Path, profile: bool = False) -> dict:
     batch = max(1, tokens_per_step // seq_len)
     result = {"seq_len": seq_len, "batch": batch}
     overrides = {**MODELS[model], "layer_group_size": layer_group_size}
     data = work / f"data_{seq_len}"
     if not data.exists():
-        synthetic_dataset(data, overrides["vocab_size"], seq_len, batch * (steps + 2))
+        synthetic_dataset(data, overrides["vocab_size"], seq_len, batch * (steps + 3))
     config = TrainConfig(out_dir=str(work / f"run_{layer_group_size}_{seq_len}"), preset="mini",
-                         model_overrides=overrides, tokenized=str(data), steps=steps + 2, batch_size=batch,
+                         model_overrides=overrides, tokenized=str(data), steps=steps + 3, batch_size=batch,
                          seq_len=seq_len, eval_batches=1, checkpoint_interval=10**9, eval_interval=10**9,
                          activation_checkpointing=activation_checkpointing, tensorboard=False, lr=1e-4, min_lr=0.0,
                          warmup_steps=0, device=str(world.device))
@@ -88,6 +99,8 @@ def bench(world: World, model: str, layer_group_size: int, seq_len: int, tokens_
             metrics = trainer.train_step(step)  # ends with a device synchronisation
             if step >= 2:
                 times.append(time.perf_counter() - t0)
+        if profile:
+            profile_step(trainer, steps + 2)
         del trainer
         seconds = statistics.median(times)
         peak = peak_flops(0.0, world.device)
@@ -128,6 +141,8 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", type=int, default=0, help="as the trainer's flag")
     parser.add_argument("--model", choices=sorted(MODELS), default="1b")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--profile", action="store_true", help="print the profiler's top kernels of one more step "
+                        "of each case")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as work, process_group(resolve_device(args.device)) as world:
@@ -136,7 +151,8 @@ def main() -> None:
             print(f"{name}: {info.total_params / 1e9:.2f}B total, {info.active_params / 1e9:.2f}B active, "
                   f"layers {info.layer_map}", file=sys.stderr, flush=True)
             results[name] = [bench(world, args.model, group, seq_len, args.tokens_per_step, args.steps,
-                                   args.activation_checkpointing, Path(work)) for seq_len in args.seq_lens]
+                                   args.activation_checkpointing, Path(work), args.profile)
+                             for seq_len in args.seq_lens]
             for r in results[name]:
                 print(" ", r, file=sys.stderr, flush=True)
     where = crossover(results["hybrid"], results["all_softmax"])

@@ -26,9 +26,10 @@ def grouped_swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Te
 
 def grouped_swiglu_loop(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor) -> Tensor:
     outputs = []
-    for e, rows in enumerate(x.split(counts.tolist())):
+    # unbind, not gate[e]: indexing's backward would fill a zero gradient of all E experts per expert
+    for rows, g, u, d in zip(x.split(counts.tolist()), gate.unbind(), up.unbind(), down.unbind()):
         if rows.shape[0]:
-            outputs.append(F.linear(F.silu(F.linear(rows, gate[e])) * F.linear(rows, up[e]), down[e]))
+            outputs.append(F.linear(F.silu(F.linear(rows, g)) * F.linear(rows, u), d))
     return torch.cat(outputs) if outputs else x.new_zeros(0, down.shape[1])
 
 
