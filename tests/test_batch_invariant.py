@@ -27,7 +27,8 @@ def engine_rollouts(model, prompts, batch_size):
     """Tokens and log-probs of sampled continuations; requests arrive one per step, 16-token steps
     chunk the prompts, and 5 pages of 16 tokens for 8 sequences force preemption."""
     engine = Engine(model, None, EngineConfig(max_num_seqs=batch_size, max_num_batched_tokens=16, page_size=16,
-                                              num_pages=5 if batch_size == 8 else 64, batch_invariant=True))
+                                              num_pages=5 if batch_size == 8 else max(64, 4 * batch_size),
+                                              batch_invariant=True))
     results = {i: [] for i in range(len(prompts))}
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, SamplingParams(max_tokens=NEW_TOKENS, seed=i, logprobs=0, ignore_eos=True))
@@ -44,16 +45,23 @@ def engine_rollouts(model, prompts, batch_size):
 def training_logprobs(model, sequences):
     """Log-probs of every token after the first, from one right-padded [B, T] training forward."""
     T = max(map(len, sequences))
-    ids = torch.tensor([s + [0] * (T - len(s)) for s in sequences])
+    ids = torch.tensor([s + [0] * (T - len(s)) for s in sequences], device=next(model.parameters()).device)
     with torch.no_grad(), batch_invariant():
         logits = model(ids).logits[:, :-1]
         logp = token_logprobs(logits.flatten(0, 1), ids[:, 1:].flatten(), 0)[0].view(len(sequences), T - 1)
-    return [logp[b, :len(s) - 1] for b, s in enumerate(sequences)]
+    return [logp[b, :len(s) - 1].cpu() for b, s in enumerate(sequences)]
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_engine_log_probs_equal_the_training_forward_bit_for_bit(model, batch_size):
-    prompts = prompts_of([14, 13, 15, 12, 30, 29, 11, 10][:max(batch_size, 2)], seed=8)
+    check_engine_equals_training(model, batch_size, [14, 13, 15, 12, 30, 29, 11, 10][:max(batch_size, 2)])
+
+
+def check_engine_equals_training(model, batch_size, prompt_lengths):
+    """Engine rollouts of prompts of these lengths with `batch_size` sequences at most per step; then
+    their log-probs from training forwards of each sequence alone and of all of them in one padded
+    batch with other sequences around (tests/test_gpu.py runs it on CUDA)."""
+    prompts = prompts_of(prompt_lengths, seed=8)
     rollouts = engine_rollouts(model, prompts, batch_size)
     sequences = [p + tokens for p, (tokens, _) in zip(prompts, rollouts)]
     others = [p + [1, 2, 3] for p in prompts_of([9, 50, 14], seed=99)]

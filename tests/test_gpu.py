@@ -3,9 +3,14 @@ Skipped without a GPU; run on one with `python -m pytest -q tests/test_gpu.py`."
 
 import pytest
 import torch
+import torch.nn.functional as F
+from infer_helpers import tiny_model
+from test_batch_invariant import check_engine_equals_training
 
 from ringlinear import HybridCache, RingLinearConfig, RingLinearForCausalLM, SequenceContext
+from ringlinear.ops import lightning_attn, lightning_decode
 from ringlinear.ops.attention import causal_attention
+from ringlinear.ops.batch_invariant import batch_invariant
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -76,3 +81,55 @@ def test_packed_documents_equal_separate_runs():
         packed = m(torch.cat(docs, 1), cu_seqlens=cu).logits
         alone = torch.cat([m(d).logits for d in docs], 1)
     assert rel(packed, alone) < 2e-2
+
+
+def test_recurrent_lightning_gives_a_sequence_the_same_bits_however_it_is_run():
+    """Batch-invariant mode on the Triton kernels, at a real head size: each sequence alone equals it
+    packed with the others, in a padded [B, T] batch, and as a prefill chunk then decode steps with
+    the others (a shrinking decode batch) against a state pool; outputs and final states."""
+    H, D, dtype = 16, 128, torch.bfloat16
+    lengths = [1000, 1, 517, 64, 999, 250, 0, 731]
+    gen = torch.Generator().manual_seed(0)
+    seqs = [[torch.randn(1, n, H, D, generator=gen).to("cuda", dtype) for _ in range(3)] for n in lengths]
+    g = -torch.linspace(0.02, 0.7, H, device="cuda")
+    with torch.no_grad(), batch_invariant():
+        alone = [lightning_attn(*x, g, output_final_state=True) for x in seqs]
+        runs = {}
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda")
+        o, final = lightning_attn(*(torch.cat(xs, 1) for xs in zip(*seqs)), g, output_final_state=True, cu_seqlens=cu)
+        runs["packed"] = o[0].split(lengths), final
+        T = max(lengths)
+        o, final = lightning_attn(*(torch.cat([F.pad(x, (0, 0, 0, 0, 0, T - x.shape[1])) for x in xs])
+                                    for xs in zip(*seqs)), g, output_final_state=True)
+        runs["[B, T]"] = [o[b, :n] for b, n in enumerate(lengths)], [f if n == T else None for f, n in
+                                                                     zip(final, lengths)]
+        # the engine: prefill the first halves packed from slots of a pool, then decode the rest
+        pool = torch.zeros(len(lengths) + 3, H, D, D, device="cuda")
+        slots = torch.arange(len(lengths), device="cuda") + 2
+        prefill = [n // 2 for n in lengths]
+        cu = torch.tensor([0, *torch.tensor(prefill).cumsum(0).tolist()], device="cuda")
+        o, final = lightning_attn(*(torch.cat([x[:, :p] for x, p in zip(xs, prefill)], 1) for xs in zip(*seqs)),
+                                  g, initial_state=pool[slots], output_final_state=True, cu_seqlens=cu)
+        pool[slots] = final
+        outputs = [[o_n] for o_n in o[0].split(prefill)]
+        for t in range(min(prefill), T):
+            running = [b for b, (p, n) in enumerate(zip(prefill, lengths)) if p <= t < n]
+            if not running:
+                continue
+            step = [torch.cat([seqs[b][i][0, t:t + 1] for b in running]) for i in range(3)]
+            o = lightning_decode(*step, g, pool, slots[running])
+            for j, b in enumerate(running):
+                outputs[b].append(o[j:j + 1])
+        runs["prefill + decode"] = [torch.cat(x) for x in outputs], pool[slots]
+    for name, (outs, finals) in runs.items():
+        for b, ((o_alone, s_alone), o, s) in enumerate(zip(alone, outs, finals)):
+            assert torch.equal(o, o_alone[0]), (name, b)
+            assert s is None or torch.equal(s, s_alone[0]), (name, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch_size", [1, 8, 64])
+def test_aligned_engine_log_probs_equal_the_training_forward(batch_size, dtype):
+    """tests/test_batch_invariant.py's check on the GPU: Triton kernels, up to 64 sequences per step."""
+    lengths = [14, 13, 15, 12, 30, 29, 11, 10] if batch_size <= 8 else [10 + 7 * i % 25 for i in range(batch_size)]
+    check_engine_equals_training(tiny_model(num_hidden_layers=3).to("cuda", dtype), batch_size, lengths)
