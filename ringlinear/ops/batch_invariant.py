@@ -16,8 +16,8 @@ differs from the vector one in the last bit. In this mode:
   alike;
 - `topk` is a stable sort: ties go to the lower index (the MoE router's choice);
 - the attention ops switch to forms whose per-token order is fixed (`ops.lightning`: the state
-  advanced token by token, the same code for training, prefill and decode; `ops.attention`: an
-  online softmax over fixed blocks of `KEY_BLOCK` keys).
+  advanced token by token, the same code for training, prefill and decode, a Triton kernel on
+  CUDA; `ops.attention`: an online softmax over fixed blocks of `KEY_BLOCK` keys).
 
 The mode is a `TorchFunctionMode`, so the model's code is the same in both modes; it is
 thread-local. Backward passes run outside it (their numerics need no invariance).
