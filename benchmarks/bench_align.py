@@ -28,7 +28,7 @@ import json
 import os
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -114,14 +114,17 @@ def generate(engine, prompts, new_tokens, staggered=True):
     return results
 
 
-def training_logprobs(model, sequences, aligned):
+def training_logprobs(model, sequences, first, aligned):
+    """Log-probs of tokens first + 1 ... of each sequence under the training forward (one right-padded
+    batch); logits only from position `first` on, turned into log-probs one sequence at a time
+    (batch-invariant products and reductions run in fixed row blocks, so this splits nothing)."""
     device = next(model.parameters()).device
     T = max(map(len, sequences))
     ids = torch.tensor([s + [0] * (T - len(s)) for s in sequences], device=device)
     with torch.no_grad(), batch_invariant(aligned):
-        logits = model(ids).logits[:, :-1]
-        logp = token_logprobs(logits.flatten(0, 1), ids[:, 1:].flatten(), 0)[0].view(len(sequences), -1)
-    return [logp[b, :len(s) - 1].cpu() for b, s in enumerate(sequences)]
+        logits = model(ids, logits_indices=torch.arange(first, T - 1, device=device)).logits
+        return [token_logprobs(logits[b, :len(s) - 1 - first], ids[b, first + 1:len(s)], 0)[0].cpu()
+                for b, s in enumerate(sequences)]
 
 
 def bit_identity(model, sizes: Sizes) -> dict:
@@ -134,15 +137,20 @@ def bit_identity(model, sizes: Sizes) -> dict:
             rollouts = generate(make_engine(model, prompts, sizes.new_tokens, aligned), prompts, sizes.new_tokens)
             sequences = [p + [lp.token_id for lp in r] for p, r in zip(prompts, rollouts)]
             engine = [torch.tensor([lp.logprob for lp in r]) for r in rollouts]
-            alone = [training_logprobs(model, [s], aligned)[0] for s in sequences]
-            together = training_logprobs(model, sequences[::-1], aligned)[::-1]
-            gaps = [max((t[len(p) - 1:] - e).abs().max().item() for t in (a, m))
-                    for p, e, a, m in zip(prompts, engine, alone, together)]
-            equal = all(torch.equal(t[len(p) - 1:], e) for p, e, a, m in zip(prompts, engine, alone, together)
-                        for t in (a, m))
-            row["aligned" if aligned else "fast"] = {"bit_identical": equal, "max_abs_dlogp": max(gaps)}
+            first = min(map(len, prompts)) - 1  # the first position whose next token was generated
+            alone = [training_logprobs(model, [s], len(p) - 1, aligned)[0] for p, s in zip(prompts, sequences)]
+            together = [t[len(p) - 1 - first:] for p, t in
+                        zip(prompts, training_logprobs(model, sequences[::-1], first, aligned)[::-1])]
+            gaps = [max((t - e).abs().max().item() for t in (a, m)) for e, a, m in zip(engine, alone, together)]
+            # where the engine parts from the training forward: (sequence, first generated token that differs)
+            parted = [(i, int((t != e).nonzero()[0])) for i, (e, a, m) in enumerate(zip(engine, alone, together))
+                      for t in (a, m) if not torch.equal(t, e)]
+            equal = not parted
+            row["aligned" if aligned else "fast"] = {"bit_identical": equal, "max_abs_dlogp": max(gaps),
+                                                     "parted_at": parted[:4]}
         row["tokens"] = batch * sizes.new_tokens
-        results[f"batch_{batch}"] = row
+        key = f"batch_{batch}"
+        results[key if key not in results else f"{key}_again"] = row  # a repeat: does a warm GPU change it?
         log(f"  batch {batch}: {row}")
     return results
 
@@ -203,9 +211,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes and sizes (runs on the CPU too)")
     parser.add_argument("--layers", type=int, help="layers of the model of parts 1 and 2 (default: 5, quick: 3)")
     parser.add_argument("--parts", default="123", help="which parts to run (default: 123)")
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes of part 1 (default: 1 2 4 ... 64)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
+    if args.batches:
+        sizes = replace(sizes, batches=tuple(args.batches))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.quick:
         raise SystemExit("the full sizes need a GPU; --quick runs on the CPU")
@@ -213,6 +224,13 @@ def main() -> None:
     report = {"meta": {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
                        "torch": torch.__version__, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                        "sizes": asdict(sizes)}}
+    path = os.path.join(args.out, "bench_align.json")
+    os.makedirs(args.out, exist_ok=True)
+
+    def save() -> None:  # after every part: a run cut short keeps what it measured
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+
     config = RingLinearConfig.preset(sizes.preset)
     if "1" in args.parts or "2" in args.parts:
         short = config.replace(num_hidden_layers=args.layers or sizes.layers)
@@ -220,18 +238,17 @@ def main() -> None:
         model = build(short, device)
         if "1" in args.parts:
             report["bit_identity"] = bit_identity(model, sizes)
+            save()
         if "2" in args.parts:
             report["cost"] = cost(model, sizes)
             log(f"  cost: {report['cost']}")
+            save()
         del model
     if "3" in args.parts:
         log(f"part 3: {sizes.preset}, {sizes.disparity_sequences} x {sizes.disparity_context} tokens")
         report["disparity"] = disparity(build(config, device), sizes)
         log(f"  disparity: {report['disparity']}")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bench_align.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+        save()
     print(json.dumps(report, indent=1))
     log(f"results in {path}")
 
