@@ -59,7 +59,7 @@ class Sizes:
 
 
 FULL = Sizes("mini", layers=5, batches=(1, 2, 4, 8, 16, 32, 64), prompt_lengths=(16, 300), new_tokens=32,
-             cost_batches=(1, 8, 64), cost_prompt=128, cost_tokens=32, train_shape=(64, 256),
+             cost_batches=(1, 8, 64), cost_prompt=128, cost_tokens=32, train_shape=(16, 256),
              disparity_sequences=4, disparity_context=32768, disparity_tokens=64, step_tokens=4096)
 QUICK = Sizes("tiny", layers=3, batches=(1, 3, 8), prompt_lengths=(4, 40), new_tokens=8,
               cost_batches=(1, 8), cost_prompt=16, cost_tokens=8, train_shape=(8, 32),

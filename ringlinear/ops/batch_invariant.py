@@ -72,7 +72,9 @@ def _in_blocks(fn: Callable[..., Tensor], *xs: Tensor, last: int = 1) -> Tensor:
     """fn over rows of the tensors `xs` (a row: their `last` trailing dims; the leading dims, the
     same for all, are flattened), ROWS rows per call, the last call zero-padded: one shape per call."""
     lead = xs[0].shape[:xs[0].dim() - last]
-    rows = [x.reshape(-1, *x.shape[x.dim() - last:]) for x in xs]
+    # contiguous: a reshape may return a strided view (when a leading dim has size 1) or a copy, and
+    # the kernel a library picks, so the rounding, follows the operands' strides
+    rows = [x.reshape(-1, *x.shape[x.dim() - last:]).contiguous() for x in xs]
     n = rows[0].shape[0]
     if n % ROWS:
         rows = [torch.cat([r, r.new_zeros(-n % ROWS, *r.shape[1:])]) for r in rows]
