@@ -82,3 +82,15 @@ def test_the_mode_computes_the_same_function(model):
             invariant = [model(ids).logits, model(ids[:1], cu_seqlens=cu_seqlens).logits]
     for a, b in zip(invariant, fast):
         assert ((a - b).norm() / b.norm()).item() < 1e-5
+
+
+def test_a_products_bits_do_not_follow_its_operands_layout():
+    """A lone decode query against a key block (keys [T, KB, KV, D] gathered, then heads moved
+    forward): with T = 1 a reshape keeps the strided view, with more queries it copies. BLAS picks
+    its kernel by the layout, so the blocks must be made contiguous for the bits to agree."""
+    g = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(5, 16, 1, 64, generator=g), torch.randn(5, 16, 16, 64, generator=g).transpose(1, 2)
+    with batch_invariant():
+        together = q @ keys.transpose(-1, -2)
+        alone = [q[t:t + 1] @ keys[t:t + 1].transpose(-1, -2) for t in range(5)]
+    assert all(torch.equal(a[0], together[t]) for t, a in enumerate(alone))
