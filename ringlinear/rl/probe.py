@@ -88,10 +88,14 @@ class AlignmentReport:
         by_name = {m.name: m.max_abs for m in self.modules}
         layers = sorted({int(m.name.split(".")[2]) for m in self.modules if m.name.startswith("model.layers.")})
         fig, (ax, hist) = plt.subplots(1, 2, figsize=(11, 4))
+        largest = 0.0
         for suffix, label in (("", "layer output"), (".attention", "attention"), (".mlp", "MLP / MoE")):
-            ax.plot(layers, [by_name.get(f"model.layers.{i}{suffix}", math.nan) for i in layers], "o-", label=label)
-        ax.set_yscale("symlog", linthresh=1e-12)
-        ax.set(xlabel="layer", ylabel="max |engine - training|", title="divergence by layer")
+            values = [by_name.get(f"model.layers.{i}{suffix}", math.nan) for i in layers]
+            largest = max([largest] + [v for v in values if math.isfinite(v)])
+            ax.plot(layers, values, "o-", label=label)
+        ax.set_yscale("symlog", linthresh=1e-12)  # 0 (bit-identical) on the same axis as 1e-7
+        ax.set_ylim(0, 3 * largest if largest > 0 else 1e-6)  # differences are never negative
+        ax.set(xlabel="layer", ylabel="max |engine - training|", title="divergence by layer", xticks=layers)
         ax.legend()
         gaps = [abs(d) for d in self.logprob_diffs]
         nonzero = [g for g in gaps if g > 0]
@@ -99,6 +103,9 @@ class AlignmentReport:
             low = math.floor(math.log10(min(nonzero)))
             hist.hist(nonzero, bins=[10 ** (low + i / 4) for i in range(4 * (1 - low) + 1)])
             hist.set_xscale("log")
+        else:
+            hist.text(0.5, 0.5, "every log-prob bit-identical", ha="center", va="center", transform=hist.transAxes)
+            hist.set(xticks=[], yticks=[])
         hist.set(xlabel="|Δ log p| of a generated token", ylabel="tokens",
                  title=f"{len(gaps) - len(nonzero)} of {len(gaps)} tokens identical")
         fig.suptitle(f"training forward vs engine ({'batch-invariant' if self.batch_invariant else 'fast'} mode)")
