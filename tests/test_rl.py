@@ -179,14 +179,17 @@ def test_batch_invariant_rollout_logprobs_equal_the_trainers(tmp_path, minibatch
     assert all(torch.equal(engine[k], after[k]) for k in after)
 
 
-def test_ppo_trains_its_value_head(tmp_path):
+def test_ppo_trains_its_value_head_within_a_token_budget(tmp_path):
+    """A budget of 5 tokens leaves most rollouts untrained and fewer rows than minibatches: they are
+    dropped, not turned into empty minibatches (a 0/0 loss)."""
     trainer = RLTrainer(RLConfig(out_dir=str(tmp_path), algorithm="ppo", digits=1, sft_steps=0, prompts_per_step=4,
-                                 group_size=2, epochs=2, minibatches=2, lr=1e-3, warmup_steps=0))
-    trainer.task.reward = _length_reward
+                                 group_size=2, epochs=2, minibatches=4, tokens_per_step=5, lr=1e-3, warmup_steps=0))
+    trainer.task.reward = lambda problem, completion: 1.0 + _length_reward(problem, completion)  # never 0 = value
     metrics = trainer.step(0)
     assert all(math.isfinite(v) for v in metrics.values()), metrics
-    assert metrics["max_abs_dlogp"] == 0.0
+    assert metrics["trained_tokens"] == 5 and metrics["max_abs_dlogp"] == 0.0
     assert trainer.value_head.weight.abs().sum() > 0  # zero-initialised, then trained on reward - value
+    assert all(p.isfinite().all() for p in trainer.policy.parameters())
 
 
 CHECKS = '''

@@ -174,7 +174,7 @@ class Rollouts:
     rewards: Tensor  # [B]
     response_lengths: Tensor  # [B], the stop token included
 
-    def select(self, rows: slice) -> Rollouts:
+    def select(self, rows: slice | Tensor) -> Rollouts:
         return Rollouts(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
 
 
@@ -324,7 +324,15 @@ class RLTrainer:
         t0 = time.perf_counter()
         batch = self.rollouts()
         t1 = time.perf_counter()
-        ids, mask, logp_rollout = batch.ids.to(self.device), batch.mask.to(self.device), batch.logp_rollout.to(self.device)
+        metrics = {"reward": batch.rewards.mean().item(),
+                   "response_length": batch.response_lengths.float().mean().item()}
+        # GRPO normalises over whole groups, the rows past the token budget included; those rows train
+        # on nothing, so they are dropped before any forward (and can leave no minibatch empty).
+        group_adv = group_advantages(batch.rewards, c.group_size) if self.value_head is None else None
+        kept = batch.mask.any(1)
+        batch = batch.select(kept)
+        ids, mask = batch.ids.to(self.device), batch.mask.to(self.device)
+        logp_rollout = batch.logp_rollout.to(self.device)
         # With one minibatch the first update's forward runs at the rollout weights over the whole batch:
         # it is the behaviour forward too (kept with its graph for the update).
         first = self._forward(self.policy, ids) if c.minibatches == 1 else None
@@ -335,13 +343,13 @@ class RLTrainer:
             entropy = -(logp_all.exp() * logp_all).sum(-1)[mask].mean()
             logp_reference = None if self.reference is None else self._forward(self.reference, ids)[0]
             rewards = batch.rewards.to(self.device)
-            if self.value_head is None:
-                advantages = group_advantages(rewards, c.group_size)[:, None].expand_as(mask)
+            if group_adv is not None:
+                advantages = group_adv[kept].to(self.device)[:, None].expand_as(mask)
             else:
                 advantages = rewards[:, None] - self.value_head(hidden)[..., 0]
                 advantages = (advantages - advantages[mask].mean()) / (advantages[mask].std() + 1e-6)
-        metrics = {"reward": rewards.mean().item(), "response_length": batch.response_lengths.float().mean().item(),
-                   "trained_tokens": int(mask.sum()), "entropy": entropy.item(), **_disparity(logp_old, logp_rollout, mask)}
+        metrics.update(trained_tokens=int(mask.sum()), entropy=entropy.item(),
+                       **_disparity(logp_old, logp_rollout, mask))
         behaviour = logp_rollout if c.ratio == "rollout" else logp_old
         weight = None if c.correction == "none" else mismatch_weight(logp_old, logp_rollout, c.correction, c.tis_cap,
                                                                     c.icepop_low, c.icepop_high)
@@ -350,6 +358,9 @@ class RLTrainer:
         for _ in range(c.epochs):
             for start, end in zip(bounds, bounds[1:]):
                 part = slice(start, end)
+                if start == end:  # fewer rows than minibatches
+                    continue
+                last = part
                 logp, _, hidden = first if first is not None else self._forward(self.policy, ids[part])
                 first = None
                 loss = clipped_surrogate(logp, behaviour[part], advantages[part], mask[part], c.clip,
@@ -364,9 +375,10 @@ class RLTrainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         self.sync()
-        ratio = (logp.detach() - behaviour[part]).exp()[mask[part]]
-        metrics.update(lr=lr, loss=loss.item(), grad_norm=grad_norm.item(), clip_fraction=((ratio - 1).abs() > c.clip).float().mean().item(),
-                       rollout_s=t1 - t0, update_s=time.perf_counter() - t1)
+        ratio = (logp.detach() - behaviour[last]).exp()[mask[last]]
+        metrics.update(lr=lr, loss=loss.item(), grad_norm=grad_norm.item(),
+                       clip_fraction=((ratio - 1).abs() > c.clip).float().mean().item(), rollout_s=t1 - t0,
+                       update_s=time.perf_counter() - t1)
         if self.reference is not None:
             metrics["kl"] = kl_penalty(logp_old, logp_reference, mask).item()
         return metrics
