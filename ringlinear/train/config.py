@@ -12,7 +12,8 @@ LR_SCHEDULES = ("wsd", "cosine", "wsm")
 PARAM_DTYPES = ("auto", "bfloat16", "float32")
 
 
-def _setting(default: Any, help: str) -> Any:
+def setting(default: Any, help: str) -> Any:
+    """A run-config field: its default and the help text its command-line flag shows."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
@@ -36,58 +37,58 @@ def parse_stages(stages: list[str], name: str) -> list[tuple[int, int]]:
 class TrainConfig:
     """Saved as `train_config.json` in the run folder; --resume needs the same values."""
 
-    out_dir: str = _setting("runs/tiny", "run folder: checkpoints/, checkpoint (the latest model), "
+    out_dir: str = setting("runs/tiny", "run folder: checkpoints/, checkpoint (the latest model), "
                             "metrics.jsonl, tensorboard/, train_config.json and the tokenized corpus (data/)")
-    preset: str = _setting("tiny", "model preset: tiny, mini or flash")
-    model_overrides: dict[str, Any] = _setting({}, "model config fields changed from the preset")
-    init_from: str = _setting("", "start from this checkpoint in the Hugging Face layout (e.g. one made by "
+    preset: str = setting("tiny", "model preset: tiny, mini or flash")
+    model_overrides: dict[str, Any] = setting({}, "model config fields changed from the preset")
+    init_from: str = setting("", "start from this checkpoint in the Hugging Face layout (e.g. one made by "
                               "`ringlinear convert`) instead of random weights; its config.json replaces --preset")
-    data: list[str] = _setting([], "text files or folders to train on; none = the Python standard "
+    data: list[str] = setting([], "text files or folders to train on; none = the Python standard "
                                "library's .py files")
-    tokenized: str = _setting("", "a folder written by `ringlinear tokenize` (memory-mapped token files and "
+    tokenized: str = setting("", "a folder written by `ringlinear tokenize` (memory-mapped token files and "
                               "document index) to train on instead of --data")
-    val_fraction: float = _setting(0.02, "fraction of the files held out for validation (by a hash "
+    val_fraction: float = setting(0.02, "fraction of the files held out for validation (by a hash "
                                    "of their path; at least one)")
-    steps: int = _setting(300, "optimizer steps")
-    batch_size: int = _setting(8, "sequences per optimizer step, over all processes")
-    batch_stages: list[str] = _setting([], "later batch sizes as STEP:SIZE, e.g. 900:32: the batch-size "
+    steps: int = setting(300, "optimizer steps")
+    batch_size: int = setting(8, "sequences per optimizer step, over all processes")
+    batch_stages: list[str] = setting([], "later batch sizes as STEP:SIZE, e.g. 900:32: the batch-size "
                                        "schedule's late switch from small to large batches")
-    grad_accum: int = _setting(1, "micro-batches each process splits its share of the batch into")
-    seq_len: int = _setting(256, "tokens per sequence (documents packed end to end, attention kept "
+    grad_accum: int = setting(1, "micro-batches each process splits its share of the batch into")
+    seq_len: int = setting(256, "tokens per sequence (documents packed end to end, attention kept "
                             "within each document)")
-    seq_len_stages: list[str] = _setting([], "later context lengths as STEP:LENGTH, e.g. 600:1024 "
+    seq_len_stages: list[str] = setting([], "later context lengths as STEP:LENGTH, e.g. 600:1024 "
                                          "(context extension in one run)")
-    lr: float = _setting(3e-3, "peak learning rate")
-    lr_schedule: str = _setting("wsd", "wsd (warmup, stable, linear decay), cosine, or wsm (warmup, then "
+    lr: float = setting(3e-3, "peak learning rate")
+    lr_schedule: str = setting("wsd", "wsd (warmup, stable, linear decay), cosine, or wsm (warmup, then "
                                 "constant: decay emulated afterwards by `ringlinear merge`)")
-    min_lr: float = _setting(3e-4, "learning rate at the end of the decay (wsd, cosine)")
-    warmup_steps: int = _setting(30, "steps of linear warmup from 0")
-    decay_fraction: float = _setting(0.2, "wsd: fraction of the steps, at the end, of linear decay to --min-lr")
-    weight_decay: float = _setting(0.1, "AdamW weight decay, on matrices only (not norms or biases)")
-    beta1: float = _setting(0.9, "AdamW beta1")
-    beta2: float = _setting(0.95, "AdamW beta2")
-    grad_clip: float = _setting(1.0, "clip the gradient norm to this (0 = off)")
-    bias_update_rate: float = _setting(1e-3, "step of the aux-loss-free expert-bias update after each "
+    min_lr: float = setting(3e-4, "learning rate at the end of the decay (wsd, cosine)")
+    warmup_steps: int = setting(30, "steps of linear warmup from 0")
+    decay_fraction: float = setting(0.2, "wsd: fraction of the steps, at the end, of linear decay to --min-lr")
+    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only (not norms or biases)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this (0 = off)")
+    bias_update_rate: float = setting(1e-3, "step of the aux-loss-free expert-bias update after each "
                                        "optimizer step")
-    eval_interval: int = _setting(50, "validate every this many steps (and at the first and last)")
-    eval_batches: int = _setting(4, "validation batches of --batch-size sequences of the first --seq-len, "
+    eval_interval: int = setting(50, "validate every this many steps (and at the first and last)")
+    eval_batches: int = setting(4, "validation batches of --batch-size sequences of the first --seq-len, "
                                  "spread evenly over the validation split")
-    checkpoint_interval: int = _setting(100, "save a checkpoint every this many steps (and at the end)")
-    keep_checkpoints: int = _setting(4, "keep the newest this many checkpoints (0 = all; WSM merges need "
+    checkpoint_interval: int = setting(100, "save a checkpoint every this many steps (and at the end)")
+    keep_checkpoints: int = setting(4, "keep the newest this many checkpoints (0 = all; WSM merges need "
                                      "as many as it averages)")
-    activation_checkpointing: int = _setting(0, "recompute the activations of every N-th layer in the "
+    activation_checkpointing: int = setting(0, "recompute the activations of every N-th layer in the "
                                              "backward instead of keeping them (1 = all layers, 0 = none)")
-    param_dtype: str = _setting("auto", "dtype the layers compute in (fp32 master weights and optimizer "
+    param_dtype: str = setting("auto", "dtype the layers compute in (fp32 master weights and optimizer "
                                 "state either way): bfloat16, float32, or auto = bfloat16 on GPUs, float32 on CPUs")
-    max_skipped_steps: int = _setting(5, "stop after this many steps in a row with a non-finite loss or "
+    max_skipped_steps: int = setting(5, "stop after this many steps in a row with a non-finite loss or "
                                       "gradient norm (each is skipped)")
-    spike_sigmas: float = _setting(4.0, "log a loss spike when the loss exceeds the mean of the last 50 "
+    spike_sigmas: float = setting(4.0, "log a loss spike when the loss exceeds the mean of the last 50 "
                                    "steps by this many standard deviations")
-    tensorboard: bool = _setting(True, "also write the metrics for TensorBoard (tensorboard/ in the run folder)")
-    peak_tflops: float = _setting(0.0, "the device's dense bf16 peak for MFU, in TFLOP/s per process; "
+    tensorboard: bool = setting(True, "also write the metrics for TensorBoard (tensorboard/ in the run folder)")
+    peak_tflops: float = setting(0.0, "the device's dense bf16 peak for MFU, in TFLOP/s per process; "
                                   "0 = known GPUs' (H100/H200: 989), no MFU on a CPU")
-    seed: int = _setting(0, "seed of the initial weights and of the order of training documents")
-    device: str = _setting("auto", "cpu, cuda, or auto (cuda when available; each process uses the GPU "
+    seed: int = setting(0, "seed of the initial weights and of the order of training documents")
+    device: str = setting("auto", "cpu, cuda, or auto (cuda when available; each process uses the GPU "
                            "of its LOCAL_RANK)")
 
     def __post_init__(self) -> None:
