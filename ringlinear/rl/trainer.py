@@ -75,19 +75,19 @@ class RLConfig:
 
     out_dir: str = setting("runs/rl", "run folder: rl_config.json, metrics.jsonl, reward.png, checkpoint/")
     model: str = setting("", "checkpoint folder to start from (config.json, safetensors, tokenizer.json); "
-                          "none: a new --preset model taught the task's format by --sft-steps of fine-tuning")
+                         "none: a new --preset model taught the task's format by --sft-steps of fine-tuning")
     preset: str = setting("tiny", "preset of a new model")
     model_overrides: dict[str, Any] = setting(SMALL, "model config fields of a new model changed from the preset")
     digits: int = setting(2, "arithmetic task: operands of up to this many digits")
     operators: str = setting("+", "arithmetic task: the operators drawn, among +-*")
     prompts: str = setting("", "JSON-lines file of {\"prompt\", \"answer\"} to train on instead of the "
-                            "arithmetic task (needs --model and --reward)")
+                           "arithmetic task (needs --model and --reward)")
     reward: str = setting("", "FILE.py:FUNCTION(problem, completion) -> float scoring --prompts, run in a "
-                           "subprocess per completion")
+                          "subprocess per completion")
     reward_timeout: float = setting(10.0, "seconds a --reward process may run before it scores 0")
     sft_steps: int = setting(1000, "most supervised fine-tuning steps of a new model on prompt + answer")
     sft_target_accuracy: float = setting(0.3, "stop fine-tuning once greedy accuracy on training problems "
-                                          "reaches this, leaving the rest to RL (1: run all --sft-steps)")
+                                         "reaches this, leaving the rest to RL (1: run all --sft-steps)")
     sft_check_interval: int = setting(10, "fine-tuning steps between checks of that accuracy")
     sft_batch_size: int = setting(64, "problems per fine-tuning step")
     sft_lr: float = setting(1e-3, "fine-tuning learning rate, constant (at 3e-3 the default model does not learn)")
@@ -96,13 +96,13 @@ class RLConfig:
     prompts_per_step: int = setting(32, "prompts per round of rollouts")
     group_size: int = setting(8, "completions per prompt")
     tokens_per_step: int = setting(0, "response tokens trained on per step: rounds of rollouts are drawn until "
-                                    "they are reached, the rest is cut (0: one round)")
+                                   "they are reached, the rest is cut (0: one round)")
     max_new_tokens: int = setting(8, "most tokens per completion")
     max_prompt_tokens: int = setting(64, "longest prompt (sizes the engine's cache)")
     ratio: str = setting("rollout", "importance ratio against the rollout engine's log-probs (Eq. 5) or the "
-                          "trainer's recomputed ones (Eq. 6): rollout or recompute")
+                         "trainer's recomputed ones (Eq. 6): rollout or recompute")
     correction: str = setting("none", "with --ratio recompute: none, tis (truncated importance sampling) or "
-                               "icepop (mask tokens whose train/infer probability ratio is outside the band)")
+                              "icepop (mask tokens whose train/infer probability ratio is outside the band)")
     clip: float = setting(0.2, "PPO clip range epsilon")
     tis_cap: float = setting(2.0, "tis: cap C of the train/infer probability ratio")
     icepop_low: float = setting(0.5, "icepop: lower edge of the kept band")
@@ -113,14 +113,14 @@ class RLConfig:
     minibatches: int = setting(1, "updates per pass")
     lr: float = setting(1e-4, "RL learning rate (AdamW)")
     warmup_steps: int = setting(10, "steps of linear learning-rate warmup: a fresh AdamW's first updates move "
-                                 "every weight by the full rate, which a freshly fine-tuned model does not survive")
+                                "every weight by the full rate, which a freshly fine-tuned model does not survive")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0 = off)")
     batch_invariant: bool = setting(True, "trainer and engine in batch-invariant mode (bit-identical log-probs)")
     eval_interval: int = setting(10, "greedy accuracy on held-out problems every this many steps (and at the "
-                                  "first and last)")
+                                 "first and last)")
     eval_problems: int = setting(200, "held-out problems per evaluation")
     seed: int = setting(0, "seed of the new model, the problems and the sampling")
     device: str = setting("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")

@@ -38,29 +38,29 @@ class TrainConfig:
     """Saved as `train_config.json` in the run folder; --resume needs the same values."""
 
     out_dir: str = setting("runs/tiny", "run folder: checkpoints/, checkpoint (the latest model), "
-                            "metrics.jsonl, tensorboard/, train_config.json and the tokenized corpus (data/)")
+                           "metrics.jsonl, tensorboard/, train_config.json and the tokenized corpus (data/)")
     preset: str = setting("tiny", "model preset: tiny, mini or flash")
     model_overrides: dict[str, Any] = setting({}, "model config fields changed from the preset")
     init_from: str = setting("", "start from this checkpoint in the Hugging Face layout (e.g. one made by "
-                              "`ringlinear convert`) instead of random weights; its config.json replaces --preset")
+                             "`ringlinear convert`) instead of random weights; its config.json replaces --preset")
     data: list[str] = setting([], "text files or folders to train on; none = the Python standard "
-                               "library's .py files")
+                              "library's .py files")
     tokenized: str = setting("", "a folder written by `ringlinear tokenize` (memory-mapped token files and "
-                              "document index) to train on instead of --data")
+                             "document index) to train on instead of --data")
     val_fraction: float = setting(0.02, "fraction of the files held out for validation (by a hash "
-                                   "of their path; at least one)")
+                                  "of their path; at least one)")
     steps: int = setting(300, "optimizer steps")
     batch_size: int = setting(8, "sequences per optimizer step, over all processes")
     batch_stages: list[str] = setting([], "later batch sizes as STEP:SIZE, e.g. 900:32: the batch-size "
-                                       "schedule's late switch from small to large batches")
+                                      "schedule's late switch from small to large batches")
     grad_accum: int = setting(1, "micro-batches each process splits its share of the batch into")
     seq_len: int = setting(256, "tokens per sequence (documents packed end to end, attention kept "
-                            "within each document)")
+                           "within each document)")
     seq_len_stages: list[str] = setting([], "later context lengths as STEP:LENGTH, e.g. 600:1024 "
-                                         "(context extension in one run)")
+                                        "(context extension in one run)")
     lr: float = setting(3e-3, "peak learning rate")
     lr_schedule: str = setting("wsd", "wsd (warmup, stable, linear decay), cosine, or wsm (warmup, then "
-                                "constant: decay emulated afterwards by `ringlinear merge`)")
+                               "constant: decay emulated afterwards by `ringlinear merge`)")
     min_lr: float = setting(3e-4, "learning rate at the end of the decay (wsd, cosine)")
     warmup_steps: int = setting(30, "steps of linear warmup from 0")
     decay_fraction: float = setting(0.2, "wsd: fraction of the steps, at the end, of linear decay to --min-lr")
@@ -69,27 +69,27 @@ class TrainConfig:
     beta2: float = setting(0.95, "AdamW beta2")
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0 = off)")
     bias_update_rate: float = setting(1e-3, "step of the aux-loss-free expert-bias update after each "
-                                       "optimizer step")
+                                      "optimizer step")
     eval_interval: int = setting(50, "validate every this many steps (and at the first and last)")
     eval_batches: int = setting(4, "validation batches of --batch-size sequences of the first --seq-len, "
-                                 "spread evenly over the validation split")
+                                "spread evenly over the validation split")
     checkpoint_interval: int = setting(100, "save a checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = setting(4, "keep the newest this many checkpoints (0 = all; WSM merges need "
-                                     "as many as it averages)")
+                                    "as many as it averages)")
     activation_checkpointing: int = setting(0, "recompute the activations of every N-th layer in the "
-                                             "backward instead of keeping them (1 = all layers, 0 = none)")
+                                            "backward instead of keeping them (1 = all layers, 0 = none)")
     param_dtype: str = setting("auto", "dtype the layers compute in (fp32 master weights and optimizer "
-                                "state either way): bfloat16, float32, or auto = bfloat16 on GPUs, float32 on CPUs")
+                               "state either way): bfloat16, float32, or auto = bfloat16 on GPUs, float32 on CPUs")
     max_skipped_steps: int = setting(5, "stop after this many steps in a row with a non-finite loss or "
-                                      "gradient norm (each is skipped)")
+                                     "gradient norm (each is skipped)")
     spike_sigmas: float = setting(4.0, "log a loss spike when the loss exceeds the mean of the last 50 "
-                                   "steps by this many standard deviations")
+                                  "steps by this many standard deviations")
     tensorboard: bool = setting(True, "also write the metrics for TensorBoard (tensorboard/ in the run folder)")
     peak_tflops: float = setting(0.0, "the device's dense bf16 peak for MFU, in TFLOP/s per process; "
-                                  "0 = known GPUs' (H100/H200: 989), no MFU on a CPU")
+                                 "0 = known GPUs' (H100/H200: 989), no MFU on a CPU")
     seed: int = setting(0, "seed of the initial weights and of the order of training documents")
     device: str = setting("auto", "cpu, cuda, or auto (cuda when available; each process uses the GPU "
-                           "of its LOCAL_RANK)")
+                          "of its LOCAL_RANK)")
 
     def __post_init__(self) -> None:
         rules = [(name, getattr(self, name) > 0, "must be positive")
