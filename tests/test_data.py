@@ -113,7 +113,7 @@ def test_encoded_documents_are_separated_by_eos_and_bytes_add_up(tokenizer):
 def test_bits_per_byte_against_a_hand_computation(tokenizer):
     texts = ["def add(a, b):\n    return a + b\n", "x = 1\n"]
     stream, offsets = encode_documents(tokenizer, texts)
-    batch = PackedDocuments(stream, offsets, 0).batch(0, 1, len(stream) + 2)  # both documents, EOS in front
+    batch = PackedDocuments(stream, offsets, 0).batch([0], len(stream) + 2)  # both documents, EOS in front
     assert batch.cu_seqlens.tolist() == [0, offsets[1] + 1, len(stream) + 2]
     torch.manual_seed(0)
     model = RingLinearForCausalLM(RingLinearConfig.preset("tiny", vocab_size=600, num_hidden_layers=3))

@@ -1,6 +1,7 @@
 """Packed rows: a deterministic, resumable document stream, and document masking in the model."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -47,9 +48,31 @@ def test_any_window_equals_the_same_slice_of_one_long_read():
         assert np.array_equal(ids, long_ids[start:start + length])
         cuts = {start + c for c in np.cumsum(sizes)[:-1].tolist()}
         assert cuts <= boundaries  # pieces end where documents end (or where the window does)
-    batch = stream.batch(10, rows=3, seq_len=16)
+    batch = stream.batch([10, 26, 42], seq_len=16)
     assert torch.equal(batch.input_ids[0], torch.from_numpy(long_ids[10:58]))
     assert {16, 32} <= set(batch.cu_seqlens.tolist()) and batch.cu_seqlens[-1] == 48
+
+
+def test_rows_are_taken_in_a_shuffled_order_that_covers_each_stage_once():
+    tokens, offsets = token_file(list(range(2, 40)))
+    stream = PackedDocuments(tokens, offsets, EOS, seed=5)
+    seq_len, origin = 8, 1000
+    window = stream.epoch_tokens // seq_len
+    stage_rows = 2 * window + 5  # two whole windows and a short one
+    starts = stream.row_starts(origin, seq_len, range(stage_rows), stage_rows)
+    assert sorted(starts.tolist()) == [origin + seq_len * r for r in range(stage_rows)]  # each row once
+    assert not np.array_equal(starts, np.sort(starts))
+    for w in range(3):  # a window's rows are the window's own: no row read twice, none of the next stage
+        part = starts[w * window:(w + 1) * window]
+        assert (part.min() - origin) // seq_len == w * window and (part.max() - origin) // seq_len < (w + 1) * window
+    again = PackedDocuments(tokens, offsets, EOS, seed=5)  # a fresh reader, as after a restart
+    assert np.array_equal(again.row_starts(origin, seq_len, range(40, 47), stage_rows), starts[40:47])
+    endless = again.row_starts(origin, seq_len, range(3 * window))  # the last stage: whole windows
+    assert sorted(endless.tolist()) == [origin + seq_len * r for r in range(3 * window)]
+    in_order = PackedDocuments(tokens, offsets, EOS).row_starts(origin, seq_len, range(5))
+    assert in_order.tolist() == [origin + seq_len * r for r in range(5)]
+    with pytest.raises(ValueError, match="past the stage"):
+        stream.row_starts(origin, seq_len, range(stage_rows, stage_rows + 1), stage_rows)
 
 
 def test_packed_documents_give_the_losses_of_the_documents_alone():
@@ -60,7 +83,7 @@ def test_packed_documents_give_the_losses_of_the_documents_alone():
     tokens = np.concatenate([np.append(np.random.default_rng(i).integers(1, 300, n - 1), EOS)
                              for i, n in enumerate(lengths)]).astype(np.uint16)
     stream = PackedDocuments(tokens, np.concatenate([[0], np.cumsum(lengths)]), EOS)
-    batch = stream.batch(0, rows=1, seq_len=sum(lengths) + len(lengths))
+    batch = stream.batch([0], seq_len=sum(lengths) + len(lengths))
     cu = batch.cu_seqlens.tolist()
     docs = [batch.input_ids[:, a:b] for a, b in zip(cu, cu[1:])]
     assert [d.shape[1] for d in docs] == [n + 1 for n in lengths]

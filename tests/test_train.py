@@ -133,6 +133,9 @@ def test_batch_size_and_context_stages():
     assert [(stages.batch_size(s), stages.seq_len(s)) for s in (0, 2, 3, 5, 6, 9)] == [
         (4, 32), (4, 32), (4, 64), (4, 64), (8, 64), (8, 64)]
     assert [stages.position(s) for s in (0, 1, 3, 4, 6, 7)] == [0, 128, 384, 640, 1152, 1664]
+    # rows of 32 tokens from 0 (12 of them), then of 64 from 384, endless: 4 rows a step, 8 from step 6
+    assert [stages.rows(s) for s in (0, 2, 3, 5, 6, 9)] == [
+        (0, 0, 12), (0, 8, 12), (384, 0, None), (384, 8, None), (384, 12, None), (384, 36, None)]
     with pytest.raises(ValueError, match="STEP:VALUE"):
         small_run("unused", batch_stages=["6"])
     with pytest.raises(ValueError, match="after the last step"):
@@ -220,7 +223,8 @@ def test_expert_bias_follows_the_load_of_each_step(tmp_path):
     torch.manual_seed(config.seed)
     fresh = RingLinearForCausalLM(config.model_config()).train()
     data = load_dataset(tmp_path / "data")
-    batch = PackedDocuments(data.train.tokens, data.train.offsets, 0, config.seed).batch(0, 4, config.seq_len)
+    stream = PackedDocuments(data.train.tokens, data.train.offsets, 0, config.seed)
+    batch = stream.batch(stream.row_starts(0, config.seq_len, range(4)), config.seq_len)
     fresh(batch.input_ids, labels=batch.input_ids, cu_seqlens=batch.cu_seqlens)
     routers = list(zip(fresh.routers(), trained.routers()))
     assert len(routers) == 2

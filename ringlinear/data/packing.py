@@ -10,6 +10,7 @@ tokens it has consumed can resume exactly, and every rank reads just its own row
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,22 +28,26 @@ class PackedBatch:
 
 
 class PackedDocuments:
+    max_window = 1 << 16  # rows shuffled together at most: a permutation of 512 KiB
+
     def __init__(self, tokens: np.ndarray, offsets: np.ndarray, eos_id: int, seed: int | None = None):
         if len(offsets) < 2:
             raise ValueError("the token file holds no document")
         self.tokens, self.offsets, self.eos_id, self.seed = tokens, offsets, eos_id, seed
         self.lengths = np.diff(offsets) + 1  # + the EOS in front
         self.epoch_tokens = int(self.lengths.sum())
-        self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._window: tuple[tuple, np.ndarray] | None = None
 
     def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(document order, start of each in the epoch's stream) for `epoch`."""
-        if self._epoch is None or self._epoch[0] != epoch:
+        if epoch not in self._epochs:
             n = len(self.lengths)
             order = np.arange(n) if self.seed is None else np.random.default_rng([self.seed, epoch]).permutation(n)
             starts = np.concatenate([[0], np.cumsum(self.lengths[order])[:-1]])
-            self._epoch = (epoch, order, starts)
-        return self._epoch[1], self._epoch[2]
+            # a shuffle window spans at most two epochs: keep those two
+            self._epochs = {e: v for e, v in self._epochs.items() if abs(e - epoch) == 1} | {epoch: (order, starts)}
+        return self._epochs[epoch]
 
     def read(self, start: int, length: int) -> tuple[np.ndarray, list[int]]:
         """`length` tokens from position `start` of the stream, and the lengths of the document pieces
@@ -63,11 +68,32 @@ class PackedDocuments:
             start, length = start + take, length - take
         return np.concatenate(pieces).astype(np.int64), sizes
 
-    def batch(self, start: int, rows: int, seq_len: int) -> PackedBatch:
-        """`rows` rows of `seq_len` tokens from position `start`, as one packed sequence."""
+    def row_starts(self, origin: int, seq_len: int, rows: range, stage_rows: int | None = None) -> np.ndarray:
+        """Stream positions of `rows` of a stage whose `stage_rows` rows (None: endless) are cut one after
+        another from `origin`, and taken in an order shuffled within windows of about an epoch."""
+        window = max(1, min(self.max_window, self.epoch_tokens // seq_len))
+        if stage_rows is not None and rows and rows[-1] >= stage_rows:
+            raise ValueError(f"row {rows[-1]} is past the stage's {stage_rows} rows")
+        slots = []
+        for row in rows:
+            first = row - row % window
+            slots.append(first + self._permutation(origin, seq_len, first, window, stage_rows)[row - first])
+        return origin + np.array(slots, dtype=np.int64) * seq_len
+
+    def _permutation(self, origin: int, seq_len: int, first: int, window: int, stage_rows: int | None) -> np.ndarray:
+        """The order of the rows first, first + 1, ... of a window (the last one of a stage may be short)."""
+        size = window if stage_rows is None else min(window, stage_rows - first)
+        key = (origin, seq_len, first, size)
+        if self._window is None or self._window[0] != key:
+            order = np.arange(size) if self.seed is None else np.random.default_rng([self.seed, *key]).permutation(size)
+            self._window = (key, order)
+        return self._window[1]
+
+    def batch(self, starts: Sequence[int], seq_len: int) -> PackedBatch:
+        """The rows of `seq_len` tokens at stream positions `starts`, as one packed sequence."""
         ids, sizes = [], []
-        for row in range(rows):
-            row_ids, row_sizes = self.read(start + row * seq_len, seq_len)
+        for start in starts:
+            row_ids, row_sizes = self.read(int(start), seq_len)
             ids.append(row_ids)
             sizes += row_sizes
         cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(sizes)]), dtype=torch.int64)
@@ -78,4 +104,4 @@ class PackedDocuments:
         if self.epoch_tokens < seq_len:
             raise ValueError(f"the split has {self.epoch_tokens} tokens, fewer than seq_len={seq_len}")
         starts = np.linspace(0, self.epoch_tokens - seq_len, num_rows).round().astype(np.int64)
-        return [self.batch(int(start), 1, seq_len) for start in starts]
+        return [self.batch([start], seq_len) for start in starts]

@@ -61,6 +61,15 @@ class Stages:
     def seq_len(self, step: int) -> int:
         return self._at(self.seq, step)
 
+    def rows(self, step: int) -> tuple[int, int, int | None]:
+        """The step's context-length stage as (its first token, the index in it of the step's first row,
+        its number of rows or None for the last stage)."""
+        begin = [start for start, _ in self.seq if start <= step][-1]
+        end = [start for start, _ in self.seq if start > step][:1]
+        origin, seq_len = self.position(begin), self.seq_len(step)
+        stage_rows = (self.position(end[0]) - origin) // seq_len if end else None
+        return origin, (self.position(step) - origin) // seq_len, stage_rows
+
     def position(self, step: int) -> int:
         bounds = sorted({start for start, _ in self.batch + self.seq if start < step} | {step})
         return sum((end - start) * self.batch_size(start) * self.seq_len(start)

@@ -153,12 +153,13 @@ class Trainer:
             group["lr"] = lr
         batch_size, seq_len = self.stages.batch_size(step), self.stages.seq_len(step)
         rows = batch_size // (world.size * c.grad_accum)
-        position = self.stages.position(step)
+        origin, step_row, stage_rows = self.stages.rows(step)
         t0 = time.perf_counter()
         totals = torch.zeros(4, dtype=torch.float64, device=world.device)  # loss, lm_loss, mtp_loss, FLOPs
         for micro in range(c.grad_accum):
-            first_row = (world.rank * c.grad_accum + micro) * rows
-            batch = self.train_stream.batch(position + first_row * seq_len, rows, seq_len).to(world.device)
+            first = step_row + (world.rank * c.grad_accum + micro) * rows
+            starts = self.train_stream.row_starts(origin, seq_len, range(first, first + rows), stage_rows)
+            batch = self.train_stream.batch(starts, seq_len).to(world.device)
             out = self.model(batch.input_ids, labels=batch.input_ids, cu_seqlens=batch.cu_seqlens,
                              return_logits=False)
             # A checkpointed layer routes again in the backward and counts its load twice: every expert
