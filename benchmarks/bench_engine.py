@@ -1,7 +1,7 @@
 """The inference engine on one GPU: the hybrid model (Ring-mini-linear-2.0 shapes, random bf16
 weights) side by side with the same model made all-softmax (layer_group_size = 1).
 
-    python benchmarks/bench_engine.py [--quick] [--out DIR]
+    python benchmarks/bench_engine.py [--quick] [--out DIR] [--profile TOKENS]
 
 For each model, built on the meta device and initialised on the GPU, one at a time:
 - prefill throughput, batch 1, at 4K, 32K and 128K prompt tokens (the last is 131,071 tokens: the
@@ -229,6 +229,18 @@ def bench_model(name: str, config: RingLinearConfig, shapes: Shapes) -> dict:
     return results
 
 
+def profile_prefill(shapes: Shapes, length: int, rows: int = 30) -> None:
+    """The hybrid's prefill of `length` tokens under the PyTorch profiler: the kernels that take the
+    GPU's time, on stdout."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = make_engine(build(RingLinearConfig.preset(shapes.preset)), shapes.engine, {})
+    prefill(engine, length)  # compiles the kernels
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        log(f"profiled prefill: {prefill(engine, length)}")
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=80))
+
+
 # -- report ------------------------------------------------------------------------------------
 
 def table(report: dict, shapes: Shapes) -> str:
@@ -272,10 +284,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test of every case")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--profile", type=int, metavar="TOKENS",
+                        help="only profile the hybrid's prefill of this many tokens and print its top kernels")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_engine needs a CUDA GPU")
     shapes = QUICK if args.quick else FULL
+    if args.profile:
+        return profile_prefill(shapes, args.profile)
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:

@@ -4,6 +4,7 @@ offline API, sampling options, aborts and the cache accounting."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from infer_helpers import byte_tokenizer, tiny_checkpoint, tiny_model
 
 from ringlinear.generate import generate
@@ -203,8 +204,11 @@ def test_grouped_mm_experts_equal_the_loop(dtype):
     down = torch.randn(E, hidden, inter, generator=g).to(dtype)
     counts = torch.tensor([3, 0, 7, 1, 0])
     x = torch.randn(int(counts.sum()), hidden, generator=g).to(dtype)
-    loop = grouped_swiglu_loop(x, gate, up, down, counts)
-    grouped = grouped_swiglu_grouped_mm(x, gate, up, down, counts)
+    scales = torch.rand(len(x), generator=g)
+    loop = grouped_swiglu_loop(x, gate, up, down, counts, scales)
+    grouped = grouped_swiglu_grouped_mm(x, gate, up, down, counts, scales)
+    first = F.linear(F.silu(F.linear(x[:3], gate[0])) * F.linear(x[:3], up[0]), down[0]) * scales[:3, None]
+    assert torch.allclose(loop[:3].float(), first.float(), rtol=2e-2, atol=2e-2 * first.float().abs().max().item())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(grouped.float(), loop.float(), rtol=tol, atol=tol * loop.float().abs().max().item())
 

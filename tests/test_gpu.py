@@ -133,3 +133,33 @@ def test_aligned_engine_log_probs_equal_the_training_forward(batch_size, dtype):
     """tests/test_batch_invariant.py's check on the GPU: Triton kernels, up to 64 sequences per step."""
     lengths = [14, 13, 15, 12, 30, 29, 11, 10] if batch_size <= 8 else [10 + 7 * i % 25 for i in range(batch_size)]
     check_engine_equals_training(tiny_model(num_hidden_layers=3).to("cuda", dtype), batch_size, lengths)
+
+
+def test_fused_chains_match_their_eager_ops():
+    """Norms, RoPE and SwiGLU compiled on large CUDA activations against the same functions run
+    op by op (`batch_invariant` turns the compilation off), forward and gradients."""
+    from ringlinear.model.layers import apply_rotary, rms_norm
+    from ringlinear.ops.fused import MIN_ELEMENTS, swiglu
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    T, H, D = MIN_ELEMENTS // 2048, 16, 128
+    x = torch.randn(1, T, H * D, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+    gate = torch.randn_like(x, requires_grad=True)
+    weight = torch.rand(H * D, device="cuda", generator=g, dtype=torch.bfloat16)
+    angles = torch.rand(1, T, 64, device="cuda", generator=g) * 100
+    scales = torch.rand(T, device="cuda", generator=g)
+    cases = {
+        "rms_norm": lambda: rms_norm(x, weight, 1e-6),
+        "gated group norm": lambda: rms_norm(x, weight, 1e-6, 4, gate),
+        "rope": lambda: apply_rotary(x.view(1, T, H, D), angles.cos(), angles.sin()),
+        "swiglu": lambda: swiglu(x[0], gate[0], scales),
+    }
+    for name, run in cases.items():
+        fused = run()
+        grads = torch.autograd.grad(fused.float().square().sum(), (x, gate), allow_unused=True)
+        with batch_invariant():
+            eager = run()
+        eager_grads = torch.autograd.grad(eager.float().square().sum(), (x, gate), allow_unused=True)
+        assert rel(fused, eager) < 1e-2, name
+        for a, b in zip(grads, eager_grads):
+            assert (a is None) == (b is None) and (a is None or rel(a, b) < 2e-2), name

@@ -58,8 +58,7 @@ class LightningAttention(_QKNorm):
         q, k, v = qkv.view(B, T, 3, H, D).unbind(2)  # layout [all q heads | all k heads | all v heads]
         q, k = self.norm_and_rotate(q, k, rope)
         o = context.lightning(self.layer_idx, q, k, v.contiguous(), self.log_decay(x.device))
-        o = self.g_norm(o.reshape(B, T, H * D)) * torch.sigmoid(self.g_proj(x))
-        return self.dense(o)
+        return self.dense(self.g_norm(o.reshape(B, T, H * D), self.g_proj(x)))
 
 
 class SoftmaxAttention(_QKNorm):

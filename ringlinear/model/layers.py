@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..ops.fused import fused, swiglu
 
 
 def at_least_fp32(x: Tensor) -> Tensor:
@@ -12,32 +13,36 @@ def at_least_fp32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-class RMSNorm(nn.Module):
-    """`weight * x / rms(x)`, the statistics in fp32 and the product in the input dtype (as HF)."""
+@fused
+def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor | None = None) -> Tensor:
+    """`weight * x / rms(x)` over each of `groups` equal slices of the last dimension, the
+    statistics in fp32 and the product in the input dtype (as HF); times `sigmoid(gate)` if given."""
+    x32 = at_least_fp32(x).unflatten(-1, (groups, -1))
+    normed = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2).to(x.dtype)
+    return normed if gate is None else normed * torch.sigmoid(gate)
 
+
+class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = at_least_fp32(x)
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class GroupRMSNorm(nn.Module):
-    """RMSNorm applied separately to `groups` equal slices of the last dimension."""
+    """RMSNorm applied separately to `groups` equal slices of the last dimension, then optionally
+    gated by `sigmoid(gate)`."""
 
     def __init__(self, dim: int, groups: int, eps: float = 1e-6):
         super().__init__()
         self.groups, self.eps = groups, eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = at_least_fp32(x).unflatten(-1, (self.groups, -1))
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.flatten(-2).to(x.dtype)
+    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
+        return rms_norm(x, self.weight, self.eps, self.groups, gate)
 
 
 class RotaryEmbedding(nn.Module):
@@ -56,6 +61,7 @@ class RotaryEmbedding(nn.Module):
         return angles.cos(), angles.sin()
 
 
+@fused
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x: [..., T, heads, D]; cos/sin: [..., T, rotary_dim] broadcast over heads. Computed in fp32."""
     rot = cos.shape[-1]
@@ -76,4 +82,4 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))

@@ -79,17 +79,19 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, hidden, inter))
 
     def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
-        """x [N, hidden], weights/experts [N, k] -> Σ_k weight · expert(x), summed in a fixed order."""
+        """x [N, hidden], weights/experts [N, k] -> Σ_k weight · expert(x), summed in a fixed order
+        (in fp32, or fp64 for an fp64 model: the router's dtype)."""
         N, k = experts.shape
         flat = experts.flatten()
         order = flat.argsort(stable=True)  # assignments grouped by expert, token order kept inside
         # bincount on CUDA reads the largest id on the host; scatter_add stays on the device
         counts = torch.zeros(self.gate_proj.shape[0], dtype=torch.long, device=flat.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat))
-        y_sorted = grouped_swiglu(x[order // k], self.gate_proj, self.up_proj, self.down_proj, counts)
-        y = torch.empty_like(y_sorted)
-        y[order] = y_sorted
-        return (at_least_fp32(y.view(N, k, -1)) * weights[..., None]).sum(1).to(x.dtype)
+        y_sorted = grouped_swiglu(x[order // k], self.gate_proj, self.up_proj, self.down_proj, counts,
+                                  weights.flatten()[order])
+        # back to token order by a gather (an index_put of whole rows is several times slower)
+        back = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+        return y_sorted[back].view(N, k, -1).sum(1, dtype=weights.dtype).to(x.dtype)
 
 
 class MoE(nn.Module):

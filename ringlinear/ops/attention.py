@@ -23,9 +23,15 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
     and including its own. With `cu_seqlens` (B = 1, Tq = Tk) a query sees only its own sequence.
     Returns [B, Tq, H, D].
     """
-    Tq, Tk = q.shape[1], k.shape[1]
     if batch_invariant.enabled():
+        if batch_invariant.on_kernels(q, k, v):
+            return _ByKeyBlocksFunction.apply(q, k, v, scale, cu_seqlens)
         return _causal_by_key_blocks(q, k, v, scale, cu_seqlens)
+    return _causal_fast(q, k, v, scale, cu_seqlens)
+
+
+def _causal_fast(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor | None) -> Tensor:
+    Tq, Tk = q.shape[1], k.shape[1]
     if cu_seqlens is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return _flash_varlen(q, k, v, scale, cu_seqlens)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
@@ -64,7 +70,12 @@ def attention_by_key_blocks(q: Tensor, k_blocks: Tensor, v_blocks: Tensor, block
     0, 1, ... lie in blocks of KB: block j is `k_blocks[block_table[t, j]]` ([P, KB, KV, D], likewise
     `v_blocks`). An online softmax visits the blocks in order j = 0, 1, ..., and blocks wholly past
     the query change nothing, so how many blocks the other queries need does not matter. Returns
-    [T, H, D] in q's dtype; the work is in fp32 (fp64 for fp64 inputs)."""
+    [T, H, D] in q's dtype; the work is in fp32 (fp64 for fp64 inputs). CUDA fp16, bf16 and fp32 take
+    a Triton kernel (one launch; not differentiable: `causal_attention` wraps it); the rest this loop
+    over blocks."""
+    if batch_invariant.on_kernels(q, k_blocks, v_blocks):
+        from .invariant_kernels import key_block_attention
+        return key_block_attention(q, k_blocks, v_blocks, block_table, positions, scale)
     (T, H, D), dtype = q.shape, q.dtype
     KB, KV = k_blocks.shape[1], k_blocks.shape[2]
     work = torch.promote_types(dtype, torch.float32)
@@ -106,3 +117,22 @@ def _causal_by_key_blocks(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seql
     positions = torch.arange(Tk - Tq, Tk, device=q.device).repeat(B)
     o = attention_by_key_blocks(q.reshape(B * Tq, H, D), k_blocks, v_blocks, block_table, positions, scale)
     return o.view(B, Tq, H, D)
+
+
+class _ByKeyBlocksFunction(torch.autograd.Function):
+    """`_causal_by_key_blocks` forward (on the kernel); the gradient is that of the same function
+    computed the ordinary way, recomputed in the backward, which needs no invariance."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor | None) -> Tensor:
+        ctx.save_for_backward(q, k, v, cu_seqlens)
+        ctx.scale = scale
+        return _causal_by_key_blocks(q, k, v, scale, cu_seqlens)
+
+    @staticmethod
+    def backward(ctx, do: Tensor):
+        q, k, v, cu_seqlens = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+            o = _causal_fast(*leaves, ctx.scale, cu_seqlens)
+        return *torch.autograd.grad(o, leaves, do), None, None

@@ -19,6 +19,11 @@ differs from the vector one in the last bit. In this mode:
   advanced token by token, the same code for training, prefill and decode, a Triton kernel on
   CUDA; `ops.attention`: an online softmax over fixed blocks of `KEY_BLOCK` keys).
 
+On CUDA, fp16, bf16 and fp32 tensors take Triton kernels that are invariant by construction, one
+launch where the blocks above take thousands (`ops.invariant_kernels`: products of one fixed tile,
+one program per row for sums and softmax, one per query for the attention); everything else (the
+CPU, fp64) takes the fixed-shape blocks.
+
 The mode is a `TorchFunctionMode`, so the model's code is the same in both modes; it is
 thread-local. Backward passes run outside it (their numerics need no invariance).
 """
@@ -38,6 +43,7 @@ ROWS = 16  # rows (or matrices) per product and per reduction call
 KEY_BLOCK = 16  # keys per block of the batch-invariant attention; engine pages hold whole blocks
 
 _local = threading.local()
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def enabled() -> bool:
@@ -57,6 +63,11 @@ def batch_invariant(on: bool = True) -> Iterator[None]:
             yield
     finally:
         _local.depth -= 1
+
+
+def on_kernels(*xs: Tensor) -> bool:
+    """Whether tensors go to the CUDA kernels of `ops.invariant_kernels` (one dtype among theirs)."""
+    return all(x.is_cuda and x.dtype == xs[0].dtype for x in xs) and xs[0].dtype in _KERNEL_DTYPES
 
 
 def fold_sum(x: Tensor, dim: int) -> Tensor:
@@ -83,27 +94,51 @@ def _in_blocks(fn: Callable[..., Tensor], *xs: Tensor, last: int = 1) -> Tensor:
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    out = _in_blocks(lambda rows: torch.mm(rows, weight.t()), x)
+    if on_kernels(x, weight):
+        from .invariant_kernels import invariant_linear
+        out = invariant_linear(x, weight)
+    else:
+        out = _in_blocks(lambda rows: torch.mm(rows, weight.t()), x)
     return out if bias is None else out + bias
 
 
 def _matmul(a: Tensor, b: Tensor) -> Tensor:
     if a.dim() < 2 or b.dim() < 2:
         raise NotImplementedError("batch-invariant matmul takes matrices, not vectors")
+    if on_kernels(a, b):
+        return _matmul_on_kernels(a, b)
     if b.dim() == 2:
         return _in_blocks(lambda rows: torch.mm(rows, b), a)
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     return _in_blocks(torch.bmm, a.expand(*batch, *a.shape[-2:]), b.expand(*batch, *b.shape[-2:]), last=2)
 
 
+def _matmul_on_kernels(a: Tensor, b: Tensor) -> Tensor:
+    """Rows of a times b; batched, matrix i of the batch is group i of a grouped product."""
+    from .invariant_kernels import invariant_grouped_mm, invariant_linear
+    if b.dim() == 2:
+        return invariant_linear(a, b.t())
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    (M, K), N = a.shape[-2:], b.shape[-1]
+    a, b = a.expand(*batch, M, K).reshape(-1, K), b.expand(*batch, K, N).reshape(-1, K, N)
+    counts = torch.full((b.shape[0],), M, device=a.device)
+    return invariant_grouped_mm(a, b.transpose(1, 2), counts).view(*batch, M, N)
+
+
 def _reduction(name: str) -> Callable[..., Tensor]:
     original = getattr(torch, name)
 
-    def reduce(x: Tensor, dim: int | tuple[int, ...] | None = None, keepdim: bool = False) -> Tensor:
+    def reduce(x: Tensor, dim: int | tuple[int, ...] | None = None, keepdim: bool = False,
+               dtype: torch.dtype | None = None) -> Tensor:
+        x = x if dtype is None else x.to(dtype)
         dims = [dim] if isinstance(dim, int) else list(dim or [])
         if len(dims) != 1 or not x.is_floating_point():  # whole-tensor or integer reductions
             return original(x) if dim is None else original(x, dim, keepdim=keepdim)
         d = dims[0] % x.dim()
+        if d == x.dim() - 1 and on_kernels(x):
+            from .invariant_kernels import row_sum
+            total = row_sum(x, mean=name == "mean")
+            return total.unsqueeze(-1) if keepdim else total
         if d == x.dim() - 1:
             return _in_blocks(lambda rows: original(rows, -1, keepdim=keepdim), x)
         total = fold_sum(x, d)
@@ -119,6 +154,9 @@ def _softmax(name: str) -> Callable[..., Tensor]:
     def normalise(x: Tensor, dim: int, _stacklevel: int = 3, dtype: torch.dtype | None = None) -> Tensor:
         if dim % x.dim() != x.dim() - 1:
             raise NotImplementedError(f"batch-invariant {name} runs over the last dimension")
+        if on_kernels(x) and (dtype is None or dtype in _KERNEL_DTYPES):
+            from .invariant_kernels import softmax
+            return softmax(x, log=name == "log_softmax", dtype=dtype)
         return _in_blocks(lambda rows: original(rows, -1, dtype=dtype), x)
     return normalise
 

@@ -1,0 +1,348 @@
+"""The Triton kernels of batch-invariant mode (`ops.invariant_kernels`) on one GPU: correctness,
+bit-identity, then speed.
+
+    PYTHONPATH=$PWD python3 benchmarks/check_invariant.py [--quick] [--seed N]
+
+At Ring-mini shapes (hidden 2048, 16 query / 4 KV heads of 128, 256 experts of 512, vocab 157,184):
+1. correctness against PyTorch in fp64/fp32: the grouped GEMM (up to 8,192 rows over 256 experts with
+   random counts, some experts empty), the linear (bf16, and fp32 with no TF32), row sums, softmax
+   and log_softmax, the key-block attention (2 sequences of 2,048 tokens against causal SDPA);
+2. bit-identity: rows (tokens) computed within batches of other sizes and contents, and from
+   misaligned views, must be torch.equal to the same rows of the full batch;
+3. speed (triton.testing.do_bench, median ms): each kernel against its fast PyTorch equivalent and,
+   where it runs in reasonable time, the fixed-block PyTorch form that aligned mode used before.
+Each case runs on its own: a failure is reported and the rest go on; the exit status is 1 if any
+check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from ringlinear.ops import attention
+from ringlinear.ops import batch_invariant as bi
+from ringlinear.ops.batch_invariant import KEY_BLOCK, batch_invariant
+from ringlinear.ops.invariant_kernels import (invariant_grouped_mm, invariant_linear, key_block_attention,
+                                              mm_config, row_sum, softmax)
+from ringlinear.ops.moe import grouped_swiglu
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, EXPERTS, INTER, TOPK, VOCAB = 2048, 16, 4, 128, 256, 512, 8, 157184
+T0 = time.time()
+FAILURES: list[str] = []
+
+
+def log(*args) -> None:
+    print(f"[{time.time() - T0:6.1f}s]", *args, flush=True)
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def check(name: str, ok: bool, detail: str = "") -> None:
+    log(f"{'ok  ' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}")
+    if not ok:
+        FAILURES.append(name)
+
+
+def case(name: str, fn: Callable[[], None]) -> None:
+    """Run one case; an exception is a failure of that case only."""
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - report and go on to the next case
+        log(f"FAIL {name}: raised\n{traceback.format_exc()}")
+        FAILURES.append(name)
+    finally:
+        torch.cuda.empty_cache()
+
+
+def misaligned(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x as a view one element past an aligned address."""
+    buffer = torch.empty(x.numel() + 1, device=x.device, dtype=x.dtype)
+    view = buffer[1:].view(x.shape)
+    view.copy_(x)
+    return view
+
+
+def random_counts(rows: int, gen: torch.Generator) -> torch.Tensor:
+    """Counts of `rows` rows over the experts: skewed, about a tenth of the experts empty."""
+    weights = torch.rand(EXPERTS, generator=gen, device="cuda") ** 3
+    weights[torch.rand(EXPERTS, generator=gen, device="cuda") < 0.1] = 0
+    experts = torch.multinomial(weights, rows, replacement=True, generator=gen)
+    return torch.bincount(experts, minlength=EXPERTS)
+
+
+def grouped_reference(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    parts = [rows.double() @ w_e.double().T for rows, w_e in zip(x.split(counts.tolist()), w) if len(rows)]
+    return torch.cat(parts)
+
+
+def row_subset(counts: torch.Tensor, keep: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random subset of the rows (order kept) and the counts of each group within it."""
+    mask = torch.rand(int(counts.sum()), generator=gen, device="cuda") < keep
+    mask[torch.randint(len(mask), (1,), generator=gen, device="cuda")] = True
+    group = torch.repeat_interleave(torch.arange(EXPERTS, device="cuda"), counts)
+    return mask, torch.bincount(group[mask], minlength=EXPERTS)
+
+
+# -- 1 and 2: correctness and bit-identity ---------------------------------------------------------
+
+@torch.no_grad()
+def check_grouped_mm(rows: int, N: int, K: int, gen: torch.Generator) -> None:
+    counts = random_counts(rows, gen)
+    x = torch.randn(rows, K, generator=gen, device="cuda").bfloat16()
+    w = (torch.randn(EXPERTS, N, K, generator=gen, device="cuda") * K**-0.5).bfloat16()
+    out = invariant_grouped_mm(x, w, counts)
+    ref = grouped_reference(x, w, counts)
+    fast = torch._grouped_mm(x, w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+    err = rel(out, ref)
+    check(f"grouped mm bf16 {rows}x{K} -> {N}, {EXPERTS} experts vs fp64", err < 1e-2,
+          f"rel err {err:.2e} (torch._grouped_mm {rel(fast, ref):.2e}; {int((counts == 0).sum())} empty)")
+    bad = []
+    for keep in (0.0, 0.001, 0.05, 0.5, 0.9):
+        mask, sub_counts = row_subset(counts, keep, gen)
+        for source in (x[mask], misaligned(x[mask])):
+            if not torch.equal(invariant_grouped_mm(source, w, sub_counts), out[mask]):
+                bad.append(f"{int(mask.sum())} rows")
+    check(f"grouped mm {N}x{K}: rows within other batches (5 subsets, aligned and not)", not bad, ", ".join(bad))
+
+
+@torch.no_grad()
+def check_linear(rows: int, N: int, K: int, dtype: torch.dtype, gen: torch.Generator) -> None:
+    x = torch.randn(rows, K, generator=gen, device="cuda").to(dtype)
+    w = (torch.randn(N, K, generator=gen, device="cuda") * K**-0.5).to(dtype)
+    out = invariant_linear(x, w)
+    ref = x.double() @ w.double().T
+    err = rel(out, ref)
+    name = f"linear {str(dtype).removeprefix('torch.')}"
+    check(f"{name} {rows}x{K} -> {N} vs fp64", err < (2e-6 if dtype == torch.float32 else 1e-2),
+          f"rel err {err:.2e}")
+    bad = []
+    for m in (1, 3, 16, 64, 65, 1000):
+        pick = torch.randperm(rows, generator=gen, device="cuda")[:m]
+        for source in (x[pick], misaligned(x[pick])):
+            if not torch.equal(invariant_linear(source, w), out[pick]):
+                bad.append(f"{m} rows")
+    check(f"{name} {N}x{K}: rows within batches of 1 to 1000, shuffled", not bad, ", ".join(bad))
+
+
+@torch.no_grad()
+def check_rows(rows: int, columns: int, gen: torch.Generator) -> None:
+    x = torch.randn(rows, columns, generator=gen, device="cuda") * 4
+    ops = {"sum": (row_sum, x.double().sum(-1)), "mean": (lambda t: row_sum(t, mean=True), x.double().mean(-1)),
+           "softmax": (softmax, x.double().softmax(-1)),
+           "log_softmax": (lambda t: softmax(t, log=True), x.double().log_softmax(-1))}
+    for name, (fn, ref) in ops.items():
+        out = fn(x)
+        err = rel(out, ref)
+        bad = []
+        for m in (1, 2, 7, 100):
+            pick = torch.randperm(rows, generator=gen, device="cuda")[:m]
+            for source in (x[pick], misaligned(x[pick])):
+                if not torch.equal(fn(source), out[pick]):
+                    bad.append(f"{m} rows")
+        check(f"{name} fp32 [{rows}, {columns}]", err < 1e-5 and not bad,
+              f"rel err {err:.2e} vs fp64; rows within other batches: {', '.join(bad) or 'bit-identical'}")
+    half = x.bfloat16()
+    err = rel(softmax(half), half.float().softmax(-1))
+    check(f"softmax bf16 [{rows}, {columns}]", err < 1e-2, f"rel err {err:.2e}")
+
+
+def paged_queries(lengths: list[int], dtype: torch.dtype, gen: torch.Generator):
+    """Every position of sequences of these lengths as queries against key blocks scattered in a
+    pool: q [T, H, D], k/v blocks, block table [T, max_blocks], positions [T]."""
+    blocks = [-(-n // KEY_BLOCK) for n in lengths]
+    pool = sum(blocks) + 3
+    k_blocks, v_blocks = (torch.randn(pool, KEY_BLOCK, KV_HEADS, HEAD_DIM, generator=gen, device="cuda").to(dtype)
+                          for _ in range(2))
+    order = torch.randperm(pool, generator=gen, device="cuda")
+    tables, start = [], 0
+    for b in blocks:
+        tables.append(F.pad(order[start:start + b], (0, max(blocks) - b)))
+        start += b
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda"))
+    positions = torch.cat([torch.arange(n, device="cuda") for n in lengths])
+    q = torch.randn(len(positions), HEADS, HEAD_DIM, generator=gen, device="cuda").to(dtype)
+    return q, k_blocks, v_blocks, torch.stack(tables)[seq], positions
+
+
+@torch.no_grad()
+def check_attention(seq_len: int, gen: torch.Generator) -> None:
+    scale = HEAD_DIM**-0.5
+    q, k, v = (torch.randn(2, seq_len, h, HEAD_DIM, generator=gen, device="cuda")
+               for h in (HEADS, KV_HEADS, KV_HEADS))
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        args = [t.to(dtype) for t in (q, k, v)]
+        out = attention._causal_by_key_blocks(*args, scale, None)
+        ref = F.scaled_dot_product_attention(*(t.double().transpose(1, 2) for t in args), is_causal=True,
+                                             scale=scale, enable_gqa=True).transpose(1, 2)
+        err = rel(out, ref)
+        check(f"attention {str(dtype).removeprefix('torch.')} B2 T{seq_len} vs causal SDPA fp64", err < tol,
+              f"rel err {err:.2e}")
+    lengths = [seq_len, 1, 17, seq_len // 3, 700]
+    q, k_blocks, v_blocks, table, positions = paged_queries(lengths, torch.bfloat16, gen)
+    out = key_block_attention(q, k_blocks, v_blocks, table, positions, scale)
+    bad = []
+    subsets = {"one query": torch.tensor([len(q) // 2], device="cuda"),
+               "a prefill chunk": torch.arange(100, 164, device="cuda"),
+               "decode of the last tokens": torch.tensor(lengths, device="cuda").cumsum(0) - 1,
+               "random 500": torch.randperm(len(q), generator=gen, device="cuda")[:500]}
+    for name, pick in subsets.items():
+        needed = int(positions[pick].max()) // KEY_BLOCK + 1  # a narrower table: another row stride
+        for source in (q[pick], misaligned(q[pick])):
+            got = key_block_attention(source, k_blocks, v_blocks, table[pick, :needed], positions[pick], scale)
+            if not torch.equal(got, out[pick]):
+                bad.append(name)
+    check(f"attention bf16: queries within other batches ({len(q)} queries of {len(lengths)} sequences)",
+          not bad, ", ".join(bad))
+
+
+def check_gradients(gen: torch.Generator) -> None:
+    counts = random_counts(512, gen)
+    x = torch.randn(512, 256, generator=gen, device="cuda", requires_grad=True)
+    w = torch.randn(EXPERTS, 128, 256, generator=gen, device="cuda", requires_grad=True)
+    dy = torch.randn(512, 128, generator=gen, device="cuda")
+    grads = torch.autograd.grad((invariant_grouped_mm(x, w, counts) * dy).sum(), [x, w])
+    with torch.no_grad():
+        ref = (grouped_reference(dy, w.transpose(1, 2), counts), torch.stack(
+            [d.double().T @ r.double() for d, r in zip(dy.split(counts.tolist()), x.split(counts.tolist()))]))
+    errs = [rel(a, b) for a, b in zip(grads, ref)]
+    check("grouped mm fp32 gradients", max(errs) < 1e-6, f"dx {errs[0]:.1e}, dw {errs[1]:.1e}")
+    q, k, v = (torch.randn(2, 300, h, HEAD_DIM, generator=gen, device="cuda", requires_grad=True)
+               for h in (HEADS, KV_HEADS, KV_HEADS))
+    do = torch.randn(2, 300, HEADS, HEAD_DIM, generator=gen, device="cuda")
+    with batch_invariant():
+        out = attention.causal_attention(q, k, v, 0.1)
+    grads = torch.autograd.grad((out * do).sum(), [q, k, v])
+    ref = torch.autograd.grad((attention.causal_attention(q, k, v, 0.1) * do).sum(), [q, k, v])
+    errs = [rel(a, b) for a, b in zip(grads, ref)]
+    check("attention fp32 gradients through batch_invariant()", max(errs) < 1e-5, ", ".join(f"{e:.1e}" for e in errs))
+
+
+# -- 3: speed --------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def aligned(kernels: bool = True) -> Iterator[None]:
+    """batch_invariant() on the Triton kernels, or as it ran before them (fixed-block PyTorch forms)."""
+    before = contextlib.nullcontext() if kernels else mock.patch.object(bi, "on_kernels", lambda *xs: False)
+    with before, batch_invariant():
+        yield
+
+
+def time_ms(fn: Callable[[], object], mode: bool | None = None, slow: bool = False) -> float:
+    """Median ms of fn, under `aligned(mode)` unless mode is None; `slow`: one timed call."""
+    def call():
+        if mode is None:
+            return fn()
+        with aligned(mode):
+            return fn()
+    if not slow:
+        return do_bench(call, warmup=10, rep=50, return_mode="median")
+    call()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    call()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+@torch.no_grad()
+def timings(tokens: int, seq_len: int, gen: torch.Generator) -> list[tuple[str, float, float, float | None]]:
+    """(case, ms under the mode on the kernels, ms of the fast path, ms under the mode before the
+    kernels or None where that takes minutes). Each op is called as the model calls it."""
+    rows: list[tuple[str, float, float, float | None]] = []
+    env: dict[str, torch.Tensor] = {}  # the current case's inputs, freed after it
+
+    def add(name: str, fn: Callable[[], object], inputs: Callable[[], None], old: bool = True) -> None:
+        try:
+            inputs()
+            rows.append((name, time_ms(fn, True), time_ms(fn), time_ms(fn, False, slow=True) if old else None))
+            log(f"timed {name}")
+        except Exception:  # noqa: BLE001 - report and go on
+            log(f"FAIL timing {name}:\n{traceback.format_exc()}")
+            FAILURES.append(f"timing {name}")
+        finally:
+            env.clear()
+            torch.cuda.empty_cache()
+
+    def randn(*shape: int, dtype: torch.dtype = torch.bfloat16, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device="cuda") * std).to(dtype)
+
+    def moe_inputs() -> None:
+        M = tokens * TOPK
+        env.update(x=randn(M, HIDDEN), gate=randn(EXPERTS, INTER, HIDDEN, std=0.02),
+                   up=randn(EXPERTS, INTER, HIDDEN, std=0.02), down=randn(EXPERTS, HIDDEN, INTER, std=0.02),
+                   counts=random_counts(M, gen), scales=torch.rand(M, generator=gen, device="cuda"))
+
+    add(f"MoE SwiGLU bf16, {tokens} tok x top-{TOPK}",
+        lambda: grouped_swiglu(env["x"], env["gate"], env["up"], env["down"], env["counts"], env["scales"]),
+        moe_inputs)
+    for name, M, N, K, dtype in ((f"linear bf16 {tokens}x{HIDDEN}->{HIDDEN}", tokens, HIDDEN, HIDDEN, torch.bfloat16),
+                                 (f"linear bf16 decode 64x{HIDDEN}->{HIDDEN}", 64, HIDDEN, HIDDEN, torch.bfloat16),
+                                 (f"router fp32 {tokens}x{HIDDEN}->{EXPERTS}", tokens, EXPERTS, HIDDEN, torch.float32),
+                                 (f"lm_head bf16 {tokens // 4}x{HIDDEN}->{VOCAB}", tokens // 4, VOCAB, HIDDEN,
+                                  torch.bfloat16)):
+        add(name, lambda: F.linear(env["x"], env["w"]),
+            lambda M=M, N=N, K=K, dtype=dtype: env.update(x=randn(M, K, dtype=dtype), w=randn(N, K, dtype=dtype)))
+    add(f"RMSNorm mean fp32 [{tokens}, {HIDDEN}]", lambda: env["x"].pow(2).mean(-1, keepdim=True),
+        lambda: env.update(x=randn(tokens, HIDDEN, dtype=torch.float32)))
+    add(f"router softmax fp32 [{tokens}, {EXPERTS}]", lambda: env["x"].softmax(-1),
+        lambda: env.update(x=randn(tokens, EXPERTS, dtype=torch.float32)))
+    add(f"log_softmax fp32 [{tokens // 4}, {VOCAB}]", lambda: env["x"].log_softmax(-1),
+        lambda: env.update(x=randn(tokens // 4, VOCAB, dtype=torch.float32)))
+    for B, T in ((1, seq_len // 2), (8, seq_len)):
+        # before the kernels, aligned attention ran ~T·H/16 products per key block: only the small case
+        add(f"attention bf16 B{B} T{T}",
+            lambda: attention.causal_attention(env["q"], env["k"], env["v"], HEAD_DIM**-0.5),
+            lambda B=B, T=T: env.update(q=randn(B, T, HEADS, HEAD_DIM), k=randn(B, T, KV_HEADS, HEAD_DIM),
+                                        v=randn(B, T, KV_HEADS, HEAD_DIM)), old=B == 1)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller shapes: a smoke test of every case")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("check_invariant needs a CUDA GPU")
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references and the fast fp32 path in IEEE fp32
+    gen = torch.Generator("cuda").manual_seed(args.seed)
+    rows, seq_len = (1024, 512) if args.quick else (8192, 2048)
+    log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; GEMM tiles bf16 {mm_config(torch.bfloat16)}, "
+        f"fp32 {mm_config(torch.float32)}")
+    case("grouped mm gate/up", lambda: check_grouped_mm(rows, INTER, HIDDEN, gen))
+    case("grouped mm down", lambda: check_grouped_mm(rows, HIDDEN, INTER, gen))
+    case("linear bf16", lambda: check_linear(rows // 2, HIDDEN, HIDDEN, torch.bfloat16, gen))
+    case("linear fp32", lambda: check_linear(rows // 2, EXPERTS, HIDDEN, torch.float32, gen))
+    case("lm_head bf16", lambda: check_linear(rows // 8, VOCAB, HIDDEN, torch.bfloat16, gen))
+    case("row ops, experts", lambda: check_rows(rows, EXPERTS, gen))
+    case("row ops, vocab", lambda: check_rows(rows // 8, VOCAB, gen))
+    case("attention", lambda: check_attention(seq_len, gen))
+    case("gradients", lambda: check_gradients(gen))
+    table = timings(rows // TOPK * (1 if args.quick else 4), seq_len, gen)
+    print(f"\n{'ms (median; old: one call)':<44}{'kernels':>10}{'fast':>10}{'kern/fast':>11}{'old aligned':>13}"
+          f"{'old/kern':>10}")
+    for name, ours, fast, old in table:
+        before = f"{old:>13.2f}{old / ours:>9.1f}x" if old is not None else f"{'-':>13}{'':>10}"
+        print(f"{name:<44}{ours:>10.3f}{fast:>10.3f}{ours / fast:>10.1f}x{before}")
+    print(f"\n{'FAIL: ' + ', '.join(FAILURES) if FAILURES else 'all checks PASS'}")
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Triton kernels of batch-invariant mode on CUDA: a row's numbers are computed by one instruction
+sequence whatever the other rows are, in one launch (the CPU form, `batch_invariant._in_blocks`,
+gets there with a Python loop over fixed-shape blocks).
+
+- `invariant_grouped_mm`: rows sorted by group, row r of group e times w[e]ᵀ (E = 1: F.linear). One
+  tile config per dtype, no autotuning and no split of K: an output element is one program's loop
+  over K in order, each step a `tl.dot` whose per-element arithmetic does not depend on the other
+  rows of the tile (zeros, or rows of other tokens).
+- `row_sum` (and `softmax` from it): one program per row, a fixed block over the columns; torch's
+  own reductions split a row over more threads when there are few rows.
+- `key_block_attention`: `attention.attention_by_key_blocks`, one program per (query, KV head)
+  visiting that query's key blocks in order.
+
+A `tl.sum` reduces in the order of its tile's layout, and Triton picks the layout of loads by what it
+knows of the pointers (16-byte alignment) and of the integer arguments (divisible by 16, equal to 1).
+So every such fact that varies with the batch is made fixed: tensors whose elements are summed are
+passed contiguous from an aligned address, and integers that vary (row counts, table strides) are
+left unspecialised. Lengths, flags and shapes of the model (K, N, D, the tile) select the binary.
+
+The backward passes need no invariance: they are ordinary PyTorch (or this file's GEMM) products.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _aligned(x: Tensor) -> Tensor:
+    """x contiguous from a 16-byte-aligned address: a view at another offset would compile another
+    variant of a kernel, with another load layout and so another order of its sums."""
+    x = x.contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
+# -- grouped GEMM ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MMConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def mm_config(dtype: torch.dtype) -> MMConfig:
+    """The one tile of a dtype (never a function of M: another tile could give other bits). fp32 runs
+    IEEE products on CUDA cores, not tensor cores, with twice the bytes per element: a smaller tile."""
+    if dtype == torch.float32:
+        return MMConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3)
+    return MMConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _grouped_mm_kernel(x, w, out, counts, M, N, K, E, stride_we, stride_wn, stride_wk,
+                       GROUPED: tl.constexpr, E_P2: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[r] = x[r] @ w[e]ᵀ for the rows r of group e; x [M, K] and out [M, N] contiguous, w [E, N, K]
+    strided. Program (i, j): the i-th row tile over all groups (each group starts a new tile), the
+    j-th tile of N. Without GROUPED there is one group of all M rows."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if GROUPED:
+        # each program finds its group from the counts alone: no host sync, nothing prepared by torch
+        groups = tl.arange(0, E_P2)
+        sizes = tl.load(counts + groups, mask=groups < E, other=0).to(tl.int64)
+        tiles = (sizes + BLOCK_M - 1) // BLOCK_M
+        tile_end = tl.cumsum(tiles, 0)
+        group = tl.sum((tile_end <= pid_m).to(tl.int32), 0)  # groups wholly before this tile
+        if group >= E:  # past the last tile: the grid is an upper bound
+            return
+        mine = groups == group
+        row_end = tl.sum(tl.where(mine, tl.cumsum(sizes, 0), 0), 0)
+        first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), 0)
+        row_start = row_end - tl.sum(tl.where(mine, sizes, 0), 0) + (pid_m - first_tile) * BLOCK_M
+        w += group.to(tl.int64) * stride_we
+    else:
+        row_end = M
+        row_start = pid_m.to(tl.int64) * BLOCK_M
+    rows = row_start + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < row_end
+    col_ok = cols < N
+    p_x = x + rows[:, None] * K + ks[None, :]
+    p_w = w + cols[None, :] * stride_wn + ks[:, None] * stride_wk
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(p_x, mask=row_ok[:, None] & (ks[None, :] < K - k0), other=0.0)
+        b = tl.load(p_w, mask=(ks[:, None] < K - k0) & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        p_x += BLOCK_K
+        p_w += BLOCK_K * stride_wk
+    tl.store(out + rows[:, None] * N + cols[None, :], acc.to(out.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _grouped_mm(x: Tensor, w: Tensor, counts: Tensor | None) -> Tensor:
+    """The launch: x [M, K], w [E, N, K] any strides; counts on x's device."""
+    x = _aligned(x)
+    M, K = x.shape
+    E, N = w.shape[0], w.shape[1]
+    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    if M == 0:
+        return out
+    c = mm_config(x.dtype)
+    # row tiles over all groups: a group of n rows takes ceil(n / block_m) ≤ (n + block_m - 1) / block_m,
+    # and at most min(E, M) groups hold rows; a bound from the shapes alone (CUDA-graph safe)
+    groups = 1 if counts is None else min(E, M)
+    grid = ((M + groups * (c.block_m - 1)) // c.block_m, triton.cdiv(N, c.block_n))
+    _grouped_mm_kernel[grid](
+        x, w, out, x if counts is None else counts, M, N, K, E, w.stride(0), w.stride(1), w.stride(2),
+        GROUPED=counts is not None, E_P2=triton.next_power_of_2(E),
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
+    return out
+
+
+class _GroupedMMFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, counts: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, w, counts)
+        return _grouped_mm(x, w, counts)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, w, counts = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = _grouped_mm(dy, w.transpose(1, 2), counts)
+        if ctx.needs_input_grad[1]:
+            sizes = [x.shape[0]] if counts is None else counts.tolist()
+            dw = torch.zeros(w.shape, device=w.device, dtype=w.dtype)
+            for e, (dy_e, x_e) in enumerate(zip(dy.split(sizes), x.split(sizes))):
+                if x_e.shape[0]:
+                    dw[e] = dy_e.t() @ x_e
+        return dx, dw, None
+
+
+def invariant_grouped_mm(x: Tensor, w: Tensor, counts: Tensor | None = None) -> Tensor:
+    """x [M, K] with rows sorted by group, `counts[e]` (an int tensor [E] on x's device, summing to M)
+    rows in group e; w [E, N, K]. Returns [M, N] in x's dtype: row r of group e is x[r] @ w[e]ᵀ,
+    accumulated in fp32 (IEEE for fp32, no TF32). counts=None: one group of all rows (E = 1).
+    Differentiable in x and w."""
+    if x.dim() != 2 or w.dim() != 3 or w.shape[2] != x.shape[1]:
+        raise ValueError(f"x must be [M, K] and w [E, N, K], got {list(x.shape)} and {list(w.shape)}")
+    if x.dtype not in KERNEL_DTYPES or w.dtype != x.dtype:
+        raise ValueError(f"x and w must share a dtype of fp16, bf16 or fp32, got {x.dtype} and {w.dtype}")
+    if counts is None and w.shape[0] != 1:
+        raise ValueError(f"without counts w must hold one group, got {w.shape[0]}")
+    if counts is not None and (counts.shape != (w.shape[0],) or counts.is_floating_point()
+                               or counts.device != x.device):
+        raise ValueError(f"counts must be an int tensor [E]=[{w.shape[0]}] on {x.device}, got "
+                         f"{list(counts.shape)} {counts.dtype} on {counts.device}")
+    return _GroupedMMFunction.apply(x, w, counts)
+
+
+def invariant_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """F.linear without bias over the last dim of x [..., K]; weight [N, K]."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [N, K], got {list(weight.shape)}")
+    out = invariant_grouped_mm(x.reshape(-1, x.shape[-1]), weight[None])
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+# -- row sums and softmax --------------------------------------------------------------------------
+
+def row_block(columns: int) -> int:
+    """Columns per step of a row's loop: fixed by the row length (so by the call site), never by the
+    number of rows."""
+    return min(1024, triton.next_power_of_2(columns))
+
+
+@triton.jit
+def _row_sum_kernel(x, out, C, scale, BLOCK: tl.constexpr):
+    """out[i] = scale · Σ_c x[i, c] in fp32, x [rows, C] contiguous: BLOCK partial sums per program,
+    reduced once at the end."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, C, BLOCK):
+        acc += tl.load(x + row * C + start + cols, mask=start + cols < C, other=0.0).to(tl.float32)
+    tl.store(out + row, (tl.sum(acc, 0) * scale).to(out.dtype.element_ty))
+
+
+def _row_sum(x: Tensor, scale: float) -> Tensor:
+    x = _aligned(x)
+    C = x.shape[-1]
+    out = torch.empty(x.shape[:-1], device=x.device, dtype=x.dtype)
+    if out.numel():
+        _row_sum_kernel[(out.numel(),)](x, out, C, scale, BLOCK=row_block(C), num_warps=4)
+    return out
+
+
+class _RowSumFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.shape, ctx.scale = x.shape, scale
+        return _row_sum(x, scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return (grad * ctx.scale)[..., None].expand(ctx.shape), None
+
+
+def row_sum(x: Tensor, mean: bool = False) -> Tensor:
+    """Sum (or mean) over the last dim of x [..., C] in fp32, returned in x's dtype as [...]."""
+    if x.dim() == 0 or x.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"row_sum takes an fp16, bf16 or fp32 tensor of at least one dim, got {x.dtype} "
+                         f"{list(x.shape)}")
+    C = x.shape[-1]
+    if C == 0:
+        return x.new_full(x.shape[:-1], float("nan") if mean else 0.0)
+    return _RowSumFunction.apply(x, 1.0 / C if mean else 1.0)
+
+
+def softmax(x: Tensor, log: bool = False, dtype: torch.dtype | None = None) -> Tensor:
+    """softmax (or log_softmax) over the last dim from exact ops and `row_sum`, in fp32 at least,
+    returned in `dtype` (x is cast to it first, as torch does) or x's dtype. Differentiable."""
+    if dtype is not None:
+        x = x.to(dtype)
+    work = x.to(torch.promote_types(x.dtype, torch.float32))
+    # the result does not depend on the max (it only keeps exp in range): no gradient through it
+    shifted = work - work.amax(-1, keepdim=True).detach()
+    e = torch.exp(shifted)
+    total = row_sum(e)[..., None]
+    return (shifted - torch.log(total) if log else e / total).to(x.dtype)
+
+
+# -- attention over key blocks ---------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["stride_table"])
+def _key_block_attention_kernel(q, k_blocks, v_blocks, block_table, positions, o, scale, stride_table,
+                                stride_kp, stride_kb, stride_kh, stride_vp, stride_vb, stride_vh,
+                                H: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, KB: tl.constexpr,
+                                D: tl.constexpr):
+    """Program (t, g): the G query heads of KV head g for query t. q and o [T, H, D] contiguous; key
+    j of block b is k_blocks[b, j, g] ([P, KB, KV, D], unit stride over D), likewise for values."""
+    KV: tl.constexpr = H // G
+    pid = tl.program_id(0)
+    t = (pid // KV).to(tl.int64)
+    g = pid % KV
+    heads = tl.arange(0, G_P2)
+    head_ok = heads < G
+    dims = tl.arange(0, D)
+    keys = tl.arange(0, KB)
+    p_q = (t * H + g * G + heads[:, None]) * D + dims[None, :]
+    bq = tl.load(q + p_q, mask=head_ok[:, None], other=0.0).to(tl.float32)  # [G_P2, D]
+    pos = tl.load(positions + t)
+    m = tl.full([G_P2], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([G_P2], dtype=tl.float32)
+    acc = tl.zeros([G_P2, D], dtype=tl.float32)
+    for j in range(0, pos // KB + 1):  # the query's own blocks: block 0 holds key 0, always visible
+        block = tl.load(block_table + t * stride_table + j).to(tl.int64)
+        visible = j * KB + keys <= pos
+        # keys past the query are not read: a cache page may hold anything there
+        bk = tl.load(k_blocks + block * stride_kp + keys[:, None] * stride_kb + g * stride_kh + dims[None, :],
+                     mask=visible[:, None], other=0.0).to(tl.float32)
+        bv = tl.load(v_blocks + block * stride_vp + keys[:, None] * stride_vb + g * stride_vh + dims[None, :],
+                     mask=visible[:, None], other=0.0).to(tl.float32)
+        scores = tl.sum(bq[:, None, :] * bk[None, :, :], 2) * scale  # [G_P2, KB]
+        scores = tl.where(visible[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        total = total * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * bv[None, :, :], 1)
+        m = m_new
+    tl.store(o + p_q, (acc / total[:, None]).to(o.dtype.element_ty), mask=head_ok[:, None])
+
+
+def key_block_attention(q: Tensor, k_blocks: Tensor, v_blocks: Tensor, block_table: Tensor, positions: Tensor,
+                        scale: float) -> Tensor:
+    """`attention.attention_by_key_blocks` (same arguments and result) in one launch; forward only.
+    q [T, H, D]; k_blocks, v_blocks [P, KB, KV, D]; block_table [T, max_blocks]; positions [T]."""
+    if q.dim() != 3 or k_blocks.dim() != 4 or v_blocks.shape != k_blocks.shape:
+        raise ValueError(f"q must be [T, H, D] and the key/value blocks [P, KB, KV, D], got {list(q.shape)}, "
+                         f"{list(k_blocks.shape)}, {list(v_blocks.shape)}")
+    T, H, D = q.shape
+    KB, KV = k_blocks.shape[1], k_blocks.shape[2]
+    if k_blocks.shape[3] != D or H % KV or D & (D - 1) or KB & (KB - 1):
+        raise ValueError(f"KV heads {KV} must divide query heads {H}, head dims must match and be powers of "
+                         f"two, and so must the block size {KB}; got q {list(q.shape)}, blocks "
+                         f"{list(k_blocks.shape)}")
+    if q.dtype not in KERNEL_DTYPES or k_blocks.dtype != q.dtype or v_blocks.dtype != q.dtype:
+        raise ValueError(f"q and the blocks must share a dtype of fp16, bf16 or fp32, got {q.dtype}, "
+                         f"{k_blocks.dtype}, {v_blocks.dtype}")
+    if block_table.dim() != 2 or block_table.shape[0] != T or positions.shape != (T,):
+        raise ValueError(f"block_table must be [T, max_blocks] and positions [T] for T={T}, got "
+                         f"{list(block_table.shape)} and {list(positions.shape)}")
+    if k_blocks.stride(3) != 1 or v_blocks.stride(3) != 1:
+        raise ValueError("the key and value blocks must have unit stride over D")
+    q = _aligned(q)
+    block_table = block_table.contiguous()
+    o = torch.empty_like(q)
+    if T == 0:
+        return o
+    G = H // KV
+    G_P2 = triton.next_power_of_2(G)
+    _key_block_attention_kernel[(T * KV,)](
+        q, k_blocks, v_blocks, block_table, positions.contiguous(), o, float(scale), block_table.stride(0),
+        *k_blocks.stride()[:3], *v_blocks.stride()[:3], H=H, G=G, G_P2=G_P2, KB=KB, D=D,
+        num_warps=4 if G_P2 * KB * D <= 8192 else 8)
+    return o
