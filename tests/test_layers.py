@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ringlinear import RingLinearConfig
-from ringlinear.model.layers import GroupRMSNorm, RMSNorm, RotaryEmbedding, apply_rotary
+from ringlinear.model.layers import RMSNorm, RotaryEmbedding, apply_rotary
 from ringlinear.model.moe import MoE
 from ringlinear.ops.attention import causal_attention
 
@@ -22,7 +22,7 @@ def test_rms_norm_and_group_norm():
     norm.weight.data.normal_()
     expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6) * norm.weight
     assert rel(norm(x), expected) < 1e-12
-    group = GroupRMSNorm(12, groups=3, eps=1e-6).double()
+    group = RMSNorm(12, eps=1e-6, groups=3).double()
     group.weight.data.normal_()
     parts = [p / torch.sqrt((p**2).mean(-1, keepdim=True) + 1e-6) for p in x.split(4, dim=-1)]
     assert rel(group(x), torch.cat(parts, -1) * group.weight) < 1e-12

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..config import RingLinearConfig, lightning_log_decay
 from .context import AttentionContext
-from .layers import GroupRMSNorm, RMSNorm, apply_rotary
+from .layers import RMSNorm, apply_rotary
 
 
 class _QKNorm(nn.Module):
@@ -38,7 +38,7 @@ class LightningAttention(_QKNorm):
         H, D, hidden = config.num_attention_heads, config.head_dim, config.hidden_size
         self.query_key_value = nn.Linear(hidden, 3 * H * D, bias=config.use_qkv_bias)
         self.g_proj = nn.Linear(hidden, H * D, bias=False)
-        self.g_norm = GroupRMSNorm(H * D, config.group_norm_size, config.rms_norm_eps)
+        self.g_norm = RMSNorm(H * D, config.rms_norm_eps, groups=config.group_norm_size)
         self.dense = nn.Linear(H * D, hidden, bias=config.use_bias)
         self._log_decay: Tensor | None = None  # built on first use so meta-device init stays cheap
 

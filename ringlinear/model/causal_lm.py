@@ -17,7 +17,7 @@ from ..config import RingLinearConfig
 from ..ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from .attention import LightningAttention, SoftmaxAttention
 from .context import AttentionContext, SequenceContext
-from .layers import MLP, GroupRMSNorm, RMSNorm, RotaryEmbedding
+from .layers import MLP, RMSNorm, RotaryEmbedding
 from .moe import Experts, MoE, Router
 
 
@@ -109,7 +109,7 @@ class RingLinearForCausalLM(nn.Module):
                 nn.init.normal_(module.weight, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, (RMSNorm, GroupRMSNorm)):
+            elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
             elif isinstance(module, Experts):
                 for param in module.parameters():

@@ -1,4 +1,4 @@
-"""Small building blocks: RMSNorm, the grouped output norm, partial NeoX RoPE and the SwiGLU MLP."""
+"""Small building blocks: RMSNorm (whole or grouped), partial NeoX RoPE and the SwiGLU MLP."""
 
 from __future__ import annotations
 
@@ -23,20 +23,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tenso
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+    """`rms_norm` with a learned weight: over the whole last dimension, or separately over `groups`
+    equal slices of it (the Lightning output's group norm), optionally gated by `sigmoid(gate)`."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
-
-
-class GroupRMSNorm(nn.Module):
-    """RMSNorm applied separately to `groups` equal slices of the last dimension, then optionally
-    gated by `sigmoid(gate)`."""
-
-    def __init__(self, dim: int, groups: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, groups: int = 1):
         super().__init__()
         self.groups, self.eps = groups, eps
         self.weight = nn.Parameter(torch.ones(dim))

@@ -43,7 +43,7 @@ ROWS = 16  # rows (or matrices) per product and per reduction call
 KEY_BLOCK = 16  # keys per block of the batch-invariant attention; engine pages hold whole blocks
 
 _local = threading.local()
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # dtypes of `invariant_kernels`
 
 
 def enabled() -> bool:
@@ -67,7 +67,7 @@ def batch_invariant(on: bool = True) -> Iterator[None]:
 
 def on_kernels(*xs: Tensor) -> bool:
     """Whether tensors go to the CUDA kernels of `ops.invariant_kernels` (one dtype among theirs)."""
-    return all(x.is_cuda and x.dtype == xs[0].dtype for x in xs) and xs[0].dtype in _KERNEL_DTYPES
+    return all(x.is_cuda and x.dtype == xs[0].dtype for x in xs) and xs[0].dtype in KERNEL_DTYPES
 
 
 def fold_sum(x: Tensor, dim: int) -> Tensor:
@@ -154,7 +154,7 @@ def _softmax(name: str) -> Callable[..., Tensor]:
     def normalise(x: Tensor, dim: int, _stacklevel: int = 3, dtype: torch.dtype | None = None) -> Tensor:
         if dim % x.dim() != x.dim() - 1:
             raise NotImplementedError(f"batch-invariant {name} runs over the last dimension")
-        if on_kernels(x) and (dtype is None or dtype in _KERNEL_DTYPES):
+        if on_kernels(x) and (dtype is None or dtype in KERNEL_DTYPES):
             from .invariant_kernels import softmax
             return softmax(x, log=name == "log_softmax", dtype=dtype)
         return _in_blocks(lambda rows: original(rows, -1, dtype=dtype), x)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .batch_invariant import KERNEL_DTYPES
 
 
 def _aligned(x: Tensor) -> Tensor:
