@@ -4,8 +4,11 @@ Per head, with λ = exp(g), g = log_decay[h] < 0, and chunks of BT tokens (n val
 
     o_i = scale · q_i (λ^(i+1) S + Σ_{j≤i} λ^(i-j) k_jᵀ v_j),      S ← λ^n S + Σ_j (λ^(n-1-j) k_j)ᵀ v_j
 
-with the fp32 state S [D, BV] held in registers across the chunk loop of one program. Every decay
-factor is exp(g·m) with m ≥ 0, so any λ over any length underflows to 0 at worst, never to inf/NaN.
+with the fp32 state held in registers across the chunk loop of one program, transposed: Sᵀ [BV, D]
+is updated as Sᵀ ← λ^n Sᵀ + (λ^(n-1-j) v)ᵀ k, so k is a tensor-core operand straight from shared
+memory (double-buffered by the pipeliner) and only the narrower v tile is decayed in registers
+(measured on an H100: 5-9% faster than carrying S [D, BV]). Every decay factor is exp(g·m) with
+m ≥ 0, so any λ over any length underflows to 0 at worst, never to inf/NaN.
 
 The backward is the same scan run three more times with other roles ("query", "key", "value"):
     dq = scan(do, v, k)             forward in time, initial state S0ᵀ
@@ -36,18 +39,20 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
 @dataclass(frozen=True)
 class KernelConfig:
-    block_v: int     # D_v tile of one program (the state it carries is [D, block_v] fp32)
+    block_v: int       # D_v tile of one program (the state it carries is [block_v, D] fp32)
     num_warps: int
-    num_stages: int
+    num_stages: int    # of the chunk loop
+    local_stages: int  # of the segments' local-state pass (few registers: deeper prefetch fits)
 
 
 def default_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
     if dtype == torch.float32:  # tiles twice the bytes: no prefetch stage, narrower at D = 256
         return KernelConfig(block_v=32 if head_dim == 256 else 64, num_warps=8 if head_dim == 256 else 4,
-                            num_stages=1)
+                            num_stages=1, local_stages=1)
     if head_dim == 256:
-        return KernelConfig(block_v=64, num_warps=8, num_stages=1)
-    return KernelConfig(block_v=64 if head_dim == 128 else 32, num_warps=4, num_stages=2)
+        return KernelConfig(block_v=64, num_warps=8, num_stages=1, local_stages=2)
+    # H100, D = 128: local pass 3 stages 0.162 ms vs 2 stages 0.203 ms at B1xT64K (2.9 TB/s)
+    return KernelConfig(block_v=64 if head_dim == 128 else 32, num_warps=4, num_stages=2, local_stages=3)
 
 
 @triton.jit
@@ -152,18 +157,18 @@ def _chunk_kernel(
     q_scale = tl.where(job == 0, scale, 1.0)
     k_scale = tl.where(job == 0, 1.0, scale)
     transposed = job < NJOBS - 1  # dq and dk (backward jobs 0, 1)
-    stride_r = tl.where(transposed, 1, D)
-    stride_c = tl.where(transposed, D, 1)
+    stride_k = tl.where(transposed, 1, D)  # strides of S[key dim, value dim] in a stored state
+    stride_v = tl.where(transposed, D, 1)
 
     g = tl.load(log_decay + i_h).to(tl.float32)
     rows = tl.arange(0, BT)
     cols_k = tl.arange(0, D)
     cols_v = i_v * BV + tl.arange(0, BV)
-    state_offs = cols_k[:, None] * stride_r + cols_v[None, :] * stride_c
+    state_offs = cols_v[:, None] * stride_v + cols_k[None, :] * stride_k  # of Sᵀ [BV, D]
     p0 = i_s * LS
     p1 = tl.minimum(p0 + LS, length)
 
-    S = tl.zeros([D, BV], dtype=tl.float32)
+    S = tl.zeros([BV, D], dtype=tl.float32)  # Sᵀ
     if has_init:
         S += tl.load(init + i_nh.to(tl.int64) * D * D + state_offs) * tl.exp(g * p0)
     if SPLIT:
@@ -188,11 +193,11 @@ def _chunk_kernel(
         dt = bv.dtype
         A = tl.dot(bq, tl.trans(bk), input_precision=DOT_PREC) * intra_decay
         # decays applied to fp32 products where possible: fewer roundings to 16 bits
-        bo = tl.dot(bq, S.to(dt), input_precision=DOT_PREC) * q_decay[:, None]
+        bo = tl.dot(bq, tl.trans(S.to(dt)), input_precision=DOT_PREC) * q_decay[:, None]
         bo = tl.dot(A.to(dt), bv, bo, input_precision=DOT_PREC)
         tl.store(out + off[:, None] + cols_v[None, :], bo.to(out.dtype.element_ty), mask=valid)
-        k_decay = tl.exp(g * tl.maximum(n - 1 - rows + rev, 0)) * k_scale
-        S = tl.dot(tl.trans((bk * k_decay[:, None]).to(dt)), bv, S * tl.exp(g * n), input_precision=DOT_PREC)
+        kv_decay = tl.exp(g * tl.maximum(n - 1 - rows + rev, 0)) * k_scale  # of row j's k_jᵀ v_j
+        S = tl.dot(tl.trans((bv * kv_decay[:, None]).to(dt)), bk, S * tl.exp(g * n), input_precision=DOT_PREC)
     if STORE_FINAL:
         if (job == NJOBS - 1) & (i_s == nseg - 1):
             tl.store(ht + i_nh.to(tl.int64) * D * D + state_offs, S)
@@ -259,7 +264,7 @@ def _scan(q: Tensor, k: Tensor, v: Tensor, do: Tensor | None, log_decay: Tensor,
         local_jobs = 2 if backward else 1
         hl = torch.empty(local_jobs, plan.total_segs, H, D, D, **f32)
         _local_state_kernel[(N * H * local_jobs * nv, plan.max_segs - 1)](
-            k, v, q, do if backward else v, hl, *common, NJOBS=local_jobs, **meta)
+            k, v, q, do if backward else v, hl, *common, NJOBS=local_jobs, **{**meta, "num_stages": config.local_stages})
     final = torch.empty(N, H, D, D, **f32) if store_final else none
     out = torch.empty_like(q)
     dk, dv = (torch.empty_like(k), torch.empty_like(v)) if backward else (out, out)
