@@ -33,9 +33,10 @@ from ringlinear.ops.lightning.decode import _decode_kernel, lightning_decode_tri
 H, D = 16, 128
 SHAPES = [(16, 4096), (4, 16384), (1, 65536)]
 DECODE_BATCHES = [1, 64, 256]
-# (block_v, num_warps, num_stages, local_stages); the first is the default for bf16 at D = 128
-CONFIGS = [KernelConfig(64, 4, 2, 3), KernelConfig(64, 4, 2, 2), KernelConfig(64, 4, 2, 4), KernelConfig(64, 4, 3, 3),
-           KernelConfig(64, 8, 2, 3), KernelConfig(128, 8, 2, 3), KernelConfig(32, 4, 2, 3)]
+# (block_v, num_warps, fwd_stages, bwd_stages, local_stages); the first is the default for bf16 at D = 128
+CONFIGS = [KernelConfig(64, 4, 3, 2, 3), KernelConfig(64, 4, 2, 2, 3), KernelConfig(64, 4, 3, 2, 2),
+           KernelConfig(64, 4, 3, 2, 4), KernelConfig(64, 8, 2, 2, 3), KernelConfig(128, 8, 2, 2, 3),
+           KernelConfig(32, 4, 3, 2, 3)]
 T0 = time.time()
 
 
@@ -207,7 +208,7 @@ def time_chunk(rep: Report, fla, B: int, T: int, bw: float, peak: float) -> dict
         out["fwd"] = t("fwd", "ours (default)", fwd(), fla_fwd)
         t("fwd", "ours via lightning_attn()", lambda: lightning_attn(q, k, v, g), fla_fwd)
         for cfg in CONFIGS:
-            t("fwd", f"ours BV{cfg.block_v} w{cfg.num_warps} s{cfg.num_stages} local s{cfg.local_stages}",
+            t("fwd", f"ours BV{cfg.block_v} w{cfg.num_warps} s{cfg.fwd_stages} local s{cfg.local_stages}",
               fwd(config=cfg), fla_fwd)
         for seg in sorted(s for s in {2048, 4096, 8192, T} if s <= T):
             t("fwd", f"ours seg_len {seg}" + (" (no split)" if seg == T else ""), fwd(seg_len=seg), fla_fwd)
@@ -220,8 +221,8 @@ def time_chunk(rep: Report, fla, B: int, T: int, bw: float, peak: float) -> dict
             o.backward(do)
         fla_fb = t("fwdbwd", "fla chunk_simple_gla", fla_step)
     out["fwdbwd"] = t("fwdbwd", "ours (default)", fwdbwd(), fla_fb)
-    for cfg in (KernelConfig(64, 4, 2, 2), KernelConfig(64, 8, 2, 3), KernelConfig(128, 8, 2, 3)):
-        t("fwdbwd", f"ours BV{cfg.block_v} w{cfg.num_warps} s{cfg.num_stages} local s{cfg.local_stages}",
+    for cfg in (KernelConfig(64, 4, 3, 3, 3), KernelConfig(64, 4, 3, 2, 2), KernelConfig(64, 8, 2, 2, 3)):
+        t("fwdbwd", f"ours BV{cfg.block_v} w{cfg.num_warps} s{cfg.fwd_stages}/{cfg.bwd_stages} local s{cfg.local_stages}",
           fwdbwd(config=cfg), fla_fb)
     t("fwdbwd", "ours seg_len T (no split)", fwdbwd(seg_len=T), fla_fb)
     out["fla_fwdbwd"] = fla_fb

@@ -41,18 +41,23 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 class KernelConfig:
     block_v: int       # D_v tile of one program (the state it carries is [block_v, D] fp32)
     num_warps: int
-    num_stages: int    # of the chunk loop
+    fwd_stages: int    # pipeline stages of the forward's chunk loop
+    bwd_stages: int    # of the backward's
     local_stages: int  # of the segments' local-state pass (few registers: deeper prefetch fits)
 
 
 def default_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
     if dtype == torch.float32:  # tiles twice the bytes: no prefetch stage, narrower at D = 256
         return KernelConfig(block_v=32 if head_dim == 256 else 64, num_warps=8 if head_dim == 256 else 4,
-                            num_stages=1, local_stages=1)
+                            fwd_stages=1, bwd_stages=1, local_stages=1)
     if head_dim == 256:
-        return KernelConfig(block_v=64, num_warps=8, num_stages=1, local_stages=2)
-    # H100, D = 128: local pass 3 stages 0.162 ms vs 2 stages 0.203 ms at B1xT64K (2.9 TB/s)
-    return KernelConfig(block_v=64 if head_dim == 128 else 32, num_warps=4, num_stages=2, local_stages=3)
+        return KernelConfig(block_v=64, num_warps=8, fwd_stages=1, bwd_stages=1, local_stages=2)
+    if head_dim == 64:
+        return KernelConfig(block_v=32, num_warps=4, fwd_stages=2, bwd_stages=2, local_stages=3)
+    # H100, D = 128 (benchmarks/NOTES_lightning.md): a 3-stage forward loop prefetches a whole chunk
+    # ahead at one program per SM (128 KB of shared memory) and beats 2 stages at two per SM by 8-25%;
+    # the backward (three jobs) is 16% slower that way. Local pass: 3 stages 0.16 ms vs 2: 0.20 ms.
+    return KernelConfig(block_v=64, num_warps=4, fwd_stages=3, bwd_stages=2, local_stages=3)
 
 
 @triton.jit
@@ -217,14 +222,16 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _plan(q: Tensor, offsets: list[int] | None, cu_seqlens: Tensor | None, programs_per_segment: int,
-          programs_per_sm: float, seg_len: int | None) -> _Plan:
-    """Cut the longest sequences into equal segments, as many as give `programs_per_sm`."""
+          full_per_sm: float, programs_per_sm: float, seg_len: int | None) -> _Plan:
+    """Cut the longest sequences into equal segments, as many as give `programs_per_sm`, unless the
+    unsplit grid already has `full_per_sm` programs per SM: then a split would only add its pass."""
     B, T = q.shape[:2]
     lengths = [T] * B if offsets is None else [b - a for a, b in zip(offsets, offsets[1:])]
     longest = max(max(lengths, default=0), 1)
     if seg_len is None:
-        batch = sum(lengths) / longest  # in units of the longest sequence
-        segments = max(1, round(programs_per_sm * _num_sms(q.device) / (programs_per_segment * batch)))
+        programs = programs_per_segment * sum(lengths) / longest  # in units of the longest sequence
+        sms = _num_sms(q.device)
+        segments = 1 if programs >= 0.9 * full_per_sm * sms else max(1, round(programs_per_sm * sms / programs))
         seg_len = max(4 * BT, triton.cdiv(triton.cdiv(longest, segments), BT) * BT)
     if seg_len % BT:
         raise ValueError(f"seg_len must be a multiple of {BT}, got {seg_len}")
@@ -249,14 +256,16 @@ def _scan(q: Tensor, k: Tensor, v: Tensor, do: Tensor | None, log_decay: Tensor,
     backward = do is not None
     njobs = 3 if backward else 1
     nv = D // config.block_v
-    # measured on an H100 (benchmarks/NOTES_lightning.md): the forward is best at ~2 programs per SM,
-    # the heavier backward at ~3.5 (B1xT64K: 5 segments, vs 3 segments 1.3x slower)
-    plan = _plan(q, offsets, cu_seqlens, njobs * nv * H, 3.5 if backward else 2.0, seg_len)
+    # measured on an H100 (benchmarks/NOTES_lightning.md): the forward fills the GPU with one program
+    # per SM (B4xT16K unsplit 0.40 ms vs 2 segments 0.51) and splits best to ~2 per SM (B1xT64K: 8
+    # segments), the heavier backward to ~3.5 (B1xT64K: 5 segments, vs 3 segments 1.3x slower)
+    plan = _plan(q, offsets, cu_seqlens, njobs * nv * H, 3.5 if backward else 1.0, 3.5 if backward else 2.0, seg_len)
     N = plan.num_seqs
     f32 = dict(device=q.device, dtype=torch.float32)
     none = torch.empty(0, **f32)  # stands for absent states; guarded by constexpr flags
     meta = dict(H=H, D=D, BT=BT, BV=config.block_v, IS_VARLEN=cu_seqlens is not None,
-                DOT_PREC=_dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
+                DOT_PREC=_dot_precision(q.dtype), num_warps=config.num_warps,
+                num_stages=config.bwd_stages if backward else config.fwd_stages)
     common = (cu_seqlens, plan.seg_base, log_decay, scale, T, plan.seg_len, plan.total_segs)
     split = plan.max_segs > 1
     hl = none
