@@ -55,8 +55,8 @@ def default_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
     if head_dim == 64:
         return KernelConfig(block_v=32, num_warps=4, fwd_stages=2, bwd_stages=2, local_stages=3)
     # H100, D = 128 (benchmarks/NOTES_lightning.md): a 3-stage forward loop prefetches a whole chunk
-    # ahead at one program per SM (128 KB of shared memory) and beats 2 stages at two per SM by 8-25%;
-    # the backward (three jobs) is 16% slower that way. Local pass: 3 stages 0.16 ms vs 2: 0.20 ms.
+    # ahead at one program per SM (128 KB of shared memory) and beats 2 stages at two per SM by 5-9%;
+    # the backward (three jobs) is up to 21% slower that way. Local pass: 3 stages 0.16 ms vs 2: 0.20 ms.
     return KernelConfig(block_v=64, num_warps=4, fwd_stages=3, bwd_stages=2, local_stages=3)
 
 
@@ -264,8 +264,7 @@ def _scan(q: Tensor, k: Tensor, v: Tensor, do: Tensor | None, log_decay: Tensor,
     f32 = dict(device=q.device, dtype=torch.float32)
     none = torch.empty(0, **f32)  # stands for absent states; guarded by constexpr flags
     meta = dict(H=H, D=D, BT=BT, BV=config.block_v, IS_VARLEN=cu_seqlens is not None,
-                DOT_PREC=_dot_precision(q.dtype), num_warps=config.num_warps,
-                num_stages=config.bwd_stages if backward else config.fwd_stages)
+                DOT_PREC=_dot_precision(q.dtype), num_warps=config.num_warps)
     common = (cu_seqlens, plan.seg_base, log_decay, scale, T, plan.seg_len, plan.total_segs)
     split = plan.max_segs > 1
     hl = none
@@ -273,14 +272,15 @@ def _scan(q: Tensor, k: Tensor, v: Tensor, do: Tensor | None, log_decay: Tensor,
         local_jobs = 2 if backward else 1
         hl = torch.empty(local_jobs, plan.total_segs, H, D, D, **f32)
         _local_state_kernel[(N * H * local_jobs * nv, plan.max_segs - 1)](
-            k, v, q, do if backward else v, hl, *common, NJOBS=local_jobs, **{**meta, "num_stages": config.local_stages})
+            k, v, q, do if backward else v, hl, *common, NJOBS=local_jobs, num_stages=config.local_stages, **meta)
     final = torch.empty(N, H, D, D, **f32) if store_final else none
     out = torch.empty_like(q)
     dk, dv = (torch.empty_like(k), torch.empty_like(v)) if backward else (out, out)
     _chunk_kernel[(N * H * njobs * nv, plan.max_segs)](
         q, k, v, do if backward else v, out, dk, dv, none if h0 is None else h0,
         none if dht is None else dht, final, hl, *common, NJOBS=njobs, HAS_H0=h0 is not None,
-        HAS_DHT=dht is not None, STORE_FINAL=store_final, SPLIT=split, **meta)
+        HAS_DHT=dht is not None, STORE_FINAL=store_final, SPLIT=split,
+        num_stages=config.bwd_stages if backward else config.fwd_stages, **meta)
     if backward:
         return out, dk, dv, final if store_final else None
     return out, final if store_final else None
