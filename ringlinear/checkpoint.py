@@ -1,15 +1,13 @@
-"""Hugging Face-layout checkpoints: `config.json`, safetensors (one file or shards with
-`model.safetensors.index.json`) and `tokenizer.json`. No pickle anywhere.
+"""Hugging Face-layout checkpoint folders: safetensors (one file or shards with
+`model.safetensors.index.json`) read and written by name, and `tokenizer.json`. No pickle anywhere.
 
-Names on disk are those of the published Ring-linear checkpoints; the only difference from our
-module tree is that routed experts are stored one by one (`mlp.experts.{e}.gate_proj.weight`) and
-stacked here (`mlp.experts.gate_proj` [E, ...]).
+This module knows files, not models: which tensor names a Ring-linear model has, and how routed
+experts are split on disk, is the model's own business (`ringlinear.model.weights`).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -18,48 +16,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .config import RingLinearConfig
-from .model import RingLinearForCausalLM
-
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_STACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
-_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-# Aliases some engines write for the routing bias.
-_ALIASES = {"e_score_correction_bias": "expert_bias"}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory that does not match the model it claims to hold."""
-
-
-def to_checkpoint_tensors(model: RingLinearForCausalLM) -> Iterator[tuple[str, Tensor]]:
-    """(checkpoint name, tensor) for every persistent tensor, experts split one by one."""
-    state = model.state_dict()
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    for name, tensor in state.items():
-        stacked = _STACKED.match(name)
-        if stacked:
-            prefix, proj = stacked.groups()
-            for e, weight in enumerate(tensor.unbind(0)):
-                yield f"{prefix}.{e}.{proj}.weight", weight
-        else:
-            yield name, tensor
-
-
-def save_model(model: RingLinearForCausalLM, directory: str | Path, max_shard_bytes: int = 5 * 2**30,
-               tokenizer=None) -> None:
-    """Write config.json, the weights (sharded above `max_shard_bytes`) and the tokenizer if given."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    dtype = next(model.parameters()).dtype
-    model.config.replace(torch_dtype=str(dtype).removeprefix("torch.")).save(directory)
-    save_tensors(to_checkpoint_tensors(model), directory, max_shard_bytes)
-    if tokenizer is not None:
-        tokenizer.save(str(directory / "tokenizer.json"))
 
 
 def save_tensors(named_tensors: Iterable[tuple[str, Tensor]], directory: Path,
@@ -163,74 +127,6 @@ def _open(path: Path):
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {path}: it is not a valid safetensors file ({e})") from None
-
-
-def _canonical(name: str) -> str:
-    head, _, last = name.rpartition(".")
-    return f"{head}.{_ALIASES.get(last, last)}" if last in _ALIASES else name
-
-
-def load_state(model: RingLinearForCausalLM, directory: str | Path) -> None:
-    """Copy the checkpoint's tensors into `model`, checking names and shapes first."""
-    reader = CheckpointReader(directory)
-    files = reader.files
-    state = model.state_dict()
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    E = model.config.num_experts
-    # Expected checkpoint names -> (our tensor, expert index or None)
-    expected: dict[str, tuple[Tensor, int | None]] = {}
-    for name, tensor in state.items():
-        stacked = _STACKED.match(name)
-        if stacked:
-            prefix, proj = stacked.groups()
-            expected.update({f"{prefix}.{e}.{proj}.weight": (tensor, e) for e in range(E)})
-        else:
-            expected[name] = (tensor, None)
-    present = {_canonical(name): name for name in files}
-    missing = sorted(set(expected) - set(present))
-    unexpected = sorted(set(present) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint {reader.directory} does not match the model of its config.json: "
-            f"{len(missing)} missing weights {_preview(missing)}, {len(unexpected)} unexpected weights "
-            f"{_preview(unexpected)}")
-    with reader:
-        for stored in reader.names():
-            _copy_into(expected[_canonical(stored)], reader[stored], stored, files[stored])
-
-
-def _copy_into(destination: tuple[Tensor, int | None], source: Tensor, stored: str, path: Path) -> None:
-    target, expert = destination
-    want = target.shape if expert is None else target.shape[1:]
-    if source.shape != want:
-        raise CheckpointError(f"{stored} in {path.name} has shape {list(source.shape)}, "
-                              f"the model expects {list(want)}")
-    with torch.no_grad():
-        (target if expert is None else target[expert]).copy_(source)
-
-
-def _preview(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return f"[{shown}{', ...' if len(names) > limit else ''}]"
-
-
-def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               config: RingLinearConfig | None = None) -> RingLinearForCausalLM:
-    """Build the model of `config` (default: `directory/config.json`) without initialising it, then
-    load its weights. `dtype` defaults to the config's `torch_dtype`; the routers' `expert_bias`
-    stays fp32."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"no checkpoint directory at {directory}")
-    config = config or RingLinearConfig.from_pretrained(directory)
-    dtype = dtype or DTYPES.get(config.torch_dtype, torch.float32)
-    with torch.device("meta"):
-        model = RingLinearForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
-    model.tie_weights()
-    load_state(model, directory)
-    return model.eval()
 
 
 def load_tokenizer(directory: str | Path):

@@ -3,50 +3,36 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-from tokenizers import Tokenizer
 
 from .checkpoint import load_tokenizer
+from .command import Parser, add_config_flags, config_from_args, run
 from .config import PRESETS, RingLinearConfig
-from .infer import Engine, EngineConfig, SamplingParams
+from .infer import EngineConfig
 from .infer.async_engine import MAX_QUEUED
 from .info import describe
 from .model import RingLinearForCausalLM
-from .train import TrainConfig, TrainingDiverged, resolve_device, train
-from .rl.trainer import RLConfig, train_rl
+from .rl.config import RLConfig
+from .train.cli import add_arguments as add_train_arguments
+from .train.cli import run_training
+from .train.config import TrainConfig
 from .train.merge import DECAYS
+from .train.parallel import resolve_device
 
 # Sampling defaults of `generate`, also used for the sample that ends `train`.
 MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, SEED = 200, 0.8, 0, 0.95, 0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _override(text: str) -> tuple[str, Any]:
-    """'KEY=VALUE' with VALUE parsed as JSON when it is JSON (numbers, true, lists), else a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
-def stream_samples(model: RingLinearForCausalLM, tokenizer: Tokenizer, prompt: str, num_samples: int = 1,
+def stream_samples(model, tokenizer, prompt: str, num_samples: int = 1,
                    max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = TEMPERATURE, top_k: int = TOP_K,
                    top_p: float = TOP_P, seed: int = SEED) -> None:
     """Print `prompt` and its continuations (sample i uses seed + i) as the inference engine makes
     them. Each starts a new document: the prompt follows the end-of-text token, as every document in
     training."""
+    from .infer import Engine, SamplingParams
+
     prompt_ids = model.config.eos_token_ids[:1] + tokenizer.encode(prompt, add_special_tokens=False).ids
     length = len(prompt_ids) + max_new_tokens
     engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=1, max_model_len=length, page_size=16,
@@ -65,23 +51,11 @@ def stream_samples(model: RingLinearForCausalLM, tokenizer: Tokenizer, prompt: s
         print()
 
 
-def _config(args: argparse.Namespace, config_class: type) -> Any:
-    """The run config (TrainConfig, RLConfig) from the flags `_add_config_flags` made of its fields."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)}
-    values["model_overrides"] = dict(values["model_overrides"])
-    return config_class(**values)
-
-
 def _train(args: argparse.Namespace) -> None:
-    config = _config(args, TrainConfig)
-    result = train(config, resume=args.resume)
-    if result.model is None:  # not the main process of a torchrun launch
-        return
-    print(f"\nvalidation: {result.val_bpb:.4f} bits per byte")
-    print(f"model saved in {result.checkpoint_dir}; sample it with: "
-          f"ringlinear generate --model {result.checkpoint_dir} --prompt 'def '")
-    print("sample (a new file):\n")
-    stream_samples(result.model, result.tokenizer, "", seed=config.seed)
+    result = run_training(args)
+    if result.model is not None:  # the main process
+        print("sample (a new file):\n")
+        stream_samples(result.model, result.tokenizer, "", seed=args.seed)
 
 
 def _tokenize(args: argparse.Namespace) -> None:
@@ -156,36 +130,15 @@ def _align(args: argparse.Namespace) -> None:
 
 
 def _rl(args: argparse.Namespace) -> None:
-    config = _config(args, RLConfig)
+    from .rl.trainer import train_rl
+
+    config = config_from_args(args, RLConfig)
     result = train_rl(config)
     print(f"model saved in {result.checkpoint_dir}; reward curve in {Path(config.out_dir) / 'reward.png'}")
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
-    for f in dataclasses.fields(config_class):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "model_overrides":
-            parser.add_argument("--override", dest=f.name, metavar="KEY=VALUE", type=_override, action="append",
-                                default=list(default.items()),
-                                help=f"{f.metadata['help']}, e.g. --override num_hidden_layers=4 "
-                                "(repeatable; see config.json for the fields)")
-        elif isinstance(default, list):
-            parser.add_argument(flag, dest=f.name, metavar="PATH" if f.name == "data" else "STEP:VALUE", nargs="+",
-                                default=[], help=f.metadata["help"])
-        elif isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=f"{f.metadata['help']} (default: {default})")
-        elif f.name == "preset":
-            parser.add_argument(flag, dest=f.name, choices=sorted(PRESETS), default=default,
-                                help=f"{f.metadata['help']} (default: {default})")
-        else:
-            parser.add_argument(flag, dest=f.name, type=type(default), default=default,
-                                help=f"{f.metadata['help']} (default: {default})")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ringlinear", description="Ring-linear hybrid linear-attention MoE language models.")
+    parser = Parser(prog="ringlinear", description="Ring-linear hybrid linear-attention MoE language models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train_parser = commands.add_parser(
@@ -193,10 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model. With no flags: the tiny preset on the standard library's .py files for a "
         "few minutes on a CPU, then the validation bits per byte and a sample. On several processes: "
         "torchrun --nproc-per-node N -m ringlinear.train [these flags] (FSDP2; gloo on CPUs, NCCL on GPUs).")
-    _add_config_flags(train_parser, TrainConfig)
-    train_parser.add_argument("--resume", action="store_true",
-                              help="continue the run in --out-dir from its last checkpoint; give the same settings "
-                              "as when it started (the losses then equal those of an uninterrupted run)")
+    add_train_arguments(train_parser)
     train_parser.set_defaults(run=_train)
 
     tok = commands.add_parser("tokenize", help="tokenize text once into memory-mapped token files for training",
@@ -311,21 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "the weights copied back into it after every step. With no flags: a small model is "
                              "taught the format of 2-digit addition by fine-tuning, then GRPO raises its held-out "
                              "accuracy; metrics.jsonl and reward.png go to --out-dir.")
-    _add_config_flags(rl, RLConfig)
+    add_config_flags(rl, RLConfig, {"preset": sorted(PRESETS)})
     rl.set_defaults(run=_rl)
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        args.run(args)
-    except (ValueError, FileNotFoundError, TrainingDiverged) as e:  # bad input or a diverged run: one line
-        parser.exit(2, f"ringlinear {args.command}: error: {e}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"ringlinear {args.command}: interrupted\n")
+    run(parser, argv, lambda args: args.run(args), "")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import INDEX_FILE, load_model
+from .checkpoint import INDEX_FILE
 from .config import RingLinearConfig
 from .model import RingLinearForCausalLM
 
@@ -61,7 +61,7 @@ def convert_checkpoint(source: str | Path, target: str | Path, layer_group_size:
     source, target = Path(source), Path(target)
     if not (source / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {source}")
-    model = load_model(source, config=source_config(json.loads((source / "config.json").read_text())))
+    model = RingLinearForCausalLM.from_pretrained(source, config=source_config(json.loads((source / "config.json").read_text())))
     hybrid = softmax_to_hybrid(model, layer_group_size, seed)
     hybrid.save_pretrained(target)
     for extra in source.iterdir():

@@ -16,7 +16,7 @@ from ringlinear import RingLinearConfig, RingLinearForCausalLM
 from ringlinear.checkpoint import load_tokenizer
 from ringlinear.cli import build_parser, main
 from ringlinear.generate import generate
-from ringlinear.rl.trainer import RLConfig
+from ringlinear.rl.config import RLConfig
 from ringlinear.train import TrainConfig
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

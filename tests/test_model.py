@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ringlinear import HybridCache, RingLinearConfig, RingLinearForCausalLM, SequenceContext
-from ringlinear.checkpoint import to_checkpoint_tensors
+from ringlinear.model.weights import checkpoint_tensors
 
 
 def tiny(**overrides):
@@ -135,17 +135,17 @@ def published_mini_shapes():
 def test_mini_weight_names_and_shapes_match_the_published_checkpoint():
     with torch.device("meta"):
         model = RingLinearForCausalLM(RingLinearConfig.preset("mini"))
-    ours = {name: tuple(t.shape) for name, t in to_checkpoint_tensors(model)}
+    ours = {name: tuple(t.shape) for name, t in checkpoint_tensors(model)}
     assert ours == published_mini_shapes()
-    assert dict(to_checkpoint_tensors(model))["model.layers.3.mlp.gate.expert_bias"].dtype == torch.float32
-    total = sum(t.numel() for _, t in to_checkpoint_tensors(model))
+    assert dict(checkpoint_tensors(model))["model.layers.3.mlp.gate.expert_bias"].dtype == torch.float32
+    total = sum(t.numel() for _, t in checkpoint_tensors(model))
     assert 16.3e9 < total < 16.5e9
 
 
 def test_flash_has_mtp_layer_after_the_main_stack():
     with torch.device("meta"):
         model = RingLinearForCausalLM(RingLinearConfig.preset("flash"))
-    names = {name for name, _ in to_checkpoint_tensors(model)}
+    names = {name for name, _ in checkpoint_tensors(model)}
     for part in ("enorm", "hnorm", "eh_proj", "final_layernorm", "attention.query_key_value", "mlp.gate"):
         assert any(re.fullmatch(rf"model\.layers\.32\.{re.escape(part)}\.weight", n) for n in names), part
     assert not any(n.startswith("model.layers.33.") for n in names)

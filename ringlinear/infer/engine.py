@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..checkpoint import load_model, load_tokenizer
+from ..checkpoint import load_tokenizer
 from ..model import RingLinearForCausalLM, SequenceContext
 from ..ops.batch_invariant import KEY_BLOCK, batch_invariant
 from ..sampling import apply_penalties, sample, token_logprobs
@@ -88,7 +88,7 @@ class Engine:
                         dtype: torch.dtype | None = None, **config) -> Engine:
         """Model and tokenizer (when the directory has one) of a checkpoint directory."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_model(directory, device=device, dtype=dtype)
+        model = RingLinearForCausalLM.from_pretrained(directory, device=device, dtype=dtype)
         tokenizer = load_tokenizer(directory) if Path(directory, "tokenizer.json").exists() else None
         return cls(model, tokenizer, EngineConfig(**config))
 

@@ -3,22 +3,26 @@ dense-then-MoE MLPs, optional multi-token-prediction (MTP) layers, and an untied
 
 Module names equal the checkpoint names of the published models (`model.word_embeddings`,
 `model.layers.{i}.attention.query_key_value`, ...); only the routed experts are stacked here and
-split into `mlp.experts.{e}.*` by `ringlinear.checkpoint`.
+split into `mlp.experts.{e}.*` on disk (`weights.py`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 from torch import Tensor, nn
 
+from ..checkpoint import DTYPES, save_tensors
 from ..config import RingLinearConfig
 from ..ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from .attention import LightningAttention, SoftmaxAttention
 from .context import AttentionContext, SequenceContext
 from .layers import MLP, RMSNorm, RotaryEmbedding
 from .moe import Experts, MoE, Router
+from .weights import checkpoint_tensors, load_weights
 
 
 class DecoderLayer(nn.Module):
@@ -120,13 +124,32 @@ class RingLinearForCausalLM(nn.Module):
                 module.expert_load.zero_()
 
     @classmethod
-    def from_pretrained(cls, directory, device="cpu", dtype: torch.dtype | None = None):
-        from ..checkpoint import load_model
-        return load_model(directory, device=device, dtype=dtype)
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None, config: RingLinearConfig | None = None
+                        ) -> RingLinearForCausalLM:
+        """The model of `config` (default: `directory/config.json`) with the checkpoint's weights, in
+        eval mode. `dtype` defaults to the config's `torch_dtype`; the routers' `expert_bias` stays fp32."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"no checkpoint directory at {directory}")
+        config = config or RingLinearConfig.from_pretrained(directory)
+        with torch.device("meta"):  # no initialisation: every tensor is read from the checkpoint
+            model = cls(config)
+        model = model.to_empty(device=device).to(dtype or DTYPES.get(config.torch_dtype, torch.float32))
+        model.tie_weights()
+        load_weights(model, directory)
+        return model.eval()
 
-    def save_pretrained(self, directory, max_shard_bytes: int = 5 * 2**30, tokenizer=None) -> None:
-        from ..checkpoint import save_model
-        save_model(self, directory, max_shard_bytes=max_shard_bytes, tokenizer=tokenizer)
+    def save_pretrained(self, directory: str | Path, max_shard_bytes: int = 5 * 2**30,
+                        tokenizer: Tokenizer | None = None) -> None:
+        """Write config.json, the weights (sharded above `max_shard_bytes`) and the tokenizer if given."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        dtype = next(self.parameters()).dtype
+        self.config.replace(torch_dtype=str(dtype).removeprefix("torch.")).save(directory)
+        save_tensors(checkpoint_tensors(self), directory, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save(str(directory / "tokenizer.json"))
 
     def routers(self) -> list[Router]:
         return [m for m in self.modules() if isinstance(m, Router)]

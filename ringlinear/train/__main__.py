@@ -1,8 +1,6 @@
 """`torchrun --nproc-per-node N -m ringlinear.train [train flags]`: `ringlinear train` in each process."""
 
-import sys
-
-from ..cli import main
+from .cli import main
 
 if __name__ == "__main__":
-    main(["train", *sys.argv[1:]])
+    main()

@@ -19,14 +19,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from ..checkpoint import load_model
-from ..data import EOS, Dataset, PackedBatch, PackedDocuments, load_dataset, prepare_dataset
+from ..command import RunFailed
+from ..data import EOS, Dataset, PackedDocuments, load_dataset, prepare_dataset
 from ..info import describe
 from ..model import RingLinearForCausalLM
 from .checkpoint import LATEST_LINK, checkpoint_dirs, load_checkpoint, save_checkpoint
@@ -37,7 +36,7 @@ from .parallel import World, all_reduce, compute_dtype, full_norm, parallelize, 
 from .schedule import LearningRate, Stages
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunFailed):
     """Too many steps in a row had a non-finite loss or gradient norm."""
 
 
@@ -114,8 +113,8 @@ class Trainer:
             (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
         torch.manual_seed(config.seed)
-        model = (load_model(config.init_from, dtype=torch.float32) if config.init_from
-                 else RingLinearForCausalLM(model_config))
+        model = (RingLinearForCausalLM.from_pretrained(config.init_from, dtype=torch.float32, config=model_config)
+                 if config.init_from else RingLinearForCausalLM(model_config))
         model = model.to(world.device).train()
         self.model = parallelize(model, world, compute_dtype(config.param_dtype, world.device),
                                  config.activation_checkpointing)
