@@ -3,6 +3,7 @@ advantages, user rewards in a subprocess with a time limit, the arithmetic task,
 reward rises, bit-identical trainer and engine log-probs in batch-invariant mode, a PPO step, and
 `ringlinear rl` on a user's prompts and reward."""
 
+import dataclasses
 import json
 import math
 import os
@@ -13,11 +14,12 @@ import pytest
 import torch
 from infer_helpers import byte_tokenizer, tiny_model
 
+from ringlinear import RingLinearConfig, RingLinearForCausalLM
 from ringlinear.cli import main
 from ringlinear.rl.loss import clipped_surrogate, group_advantages, kl_penalty, mismatch_weight
 from ringlinear.rl.rewards import SubprocessReward
 from ringlinear.rl.tasks import ArithmeticTask, Problem, _held_out
-from ringlinear.rl.trainer import RLConfig, RLTrainer, _pad, encode
+from ringlinear.rl.trainer import RLConfig, RLTrainer, _pad, encode, supervised_finetune
 
 # Three tokens; the third is masked out. Log-probs under the policy being trained, under the engine
 # that sampled the tokens (rollout), and under the trainer at the rollout weights (recomputed).
@@ -141,9 +143,9 @@ def exact_reward(trainer: RLTrainer, problems: list[Problem]) -> torch.Tensor:
 
 def test_a_short_grpo_run_raises_the_reward(tmp_path):
     """Fine-tuning stops at 70% greedy accuracy; 15 GRPO steps (batch-invariant, as by default) then
-    raise the expected reward over all training problems (0.55 -> 0.61 when written) and their
-    greedy accuracy (0.72 -> 0.87). Deterministic (fixed seed, CPU). Controls, run when written: with
-    a learning rate of 1e-12 neither moves; with random rewards they fall to 0.40 and 0.41."""
+    raise the expected reward over all training problems (0.463 -> 0.528 when written) without losing
+    greedy accuracy (0.777 -> 0.809). Deterministic (fixed seed, CPU). Controls, run when written: with
+    a learning rate of 1e-12 the reward stays at 0.463; with random rewards it falls to 0.342."""
     trainer = RLTrainer(RLConfig(out_dir=str(tmp_path), steps=15, **ONE_DIGIT))
     assert trainer.sft[-1]["sft_accuracy"] >= 0.7 and trainer.sft[-1]["sft_step"] < 200
     problems = [Problem(f"{a}+{b}=", str(a + b)) for a in range(10) for b in range(10)]
@@ -151,8 +153,8 @@ def test_a_short_grpo_run_raises_the_reward(tmp_path):
     reward_before, accuracy_before = exact_reward(trainer, problems).mean().item(), trainer.accuracy(problems)
     rewards = [trainer.step(step)["reward"] for step in range(15)]
     reward_after, accuracy_after = exact_reward(trainer, problems).mean().item(), trainer.accuracy(problems)
-    assert reward_after > reward_before + 0.03, (reward_before, reward_after, rewards)
-    assert accuracy_after > accuracy_before + 0.08, (accuracy_before, accuracy_after, rewards)
+    assert reward_after > reward_before + 0.04, (reward_before, reward_after, rewards)
+    assert accuracy_after > accuracy_before, (accuracy_before, accuracy_after, rewards)
 
 
 def _length_reward(problem: Problem, completion: str) -> float:
@@ -218,3 +220,39 @@ def test_rl_command_on_a_users_prompts_and_reward(tmp_path, capsys):
     assert (out / "reward.png").stat().st_size > 10_000 and (out / "checkpoint" / "config.json").exists()
     assert not (out / "sft_metrics.jsonl").exists()
     assert "held-out greedy accuracy" in capsys.readouterr().out
+
+
+def test_fine_tuning_balances_the_experts_and_rl_keeps_the_routing_bias(tmp_path):
+    """Fine-tuning moves the expert bias by each step's load, as pre-training does (recounted here from
+    the routers' own choices); RL steps leave the bias alone (bias_update_rate 0, the default) yet
+    reset the load every step, and move it when asked."""
+    config = RLConfig(out_dir=str(tmp_path), digits=1, sft_steps=1, sft_batch_size=8, prompts_per_step=2,
+                      group_size=2, warmup_steps=0, eval_problems=4)
+    task = ArithmeticTask(digits=1)
+    tokenizer = task.tokenizer()
+    model = RingLinearForCausalLM(RingLinearConfig.preset("tiny", vocab_size=tokenizer.get_vocab_size(),
+                                                          **config.model_overrides))
+    chosen = {router: [] for router in model.routers()}
+    for router, picks in chosen.items():
+        router.register_forward_hook(lambda module, args, output, picks=picks: picks.append(output[1].flatten()))
+    supervised_finetune(model, task, tokenizer, config)
+    assert len(chosen) == 3  # the MoE layers
+    for router, picks in chosen.items():
+        [experts] = picks  # one fine-tuning forward
+        load = torch.bincount(experts, minlength=model.config.num_experts).float()
+        sign = torch.sign(load.mean() - load)
+        assert torch.equal(router.expert_bias, config.sft_bias_update_rate * (sign - sign.mean()))
+        assert router.expert_bias.abs().max() > 0 and router.expert_load.sum() == 0
+
+    trainer = RLTrainer(dataclasses.replace(config, sft_steps=0))
+    trainer.task.reward = _length_reward
+    routers = trainer.policy.routers()
+    for router in routers:
+        router.expert_bias.uniform_(-1e-3, 1e-3)
+    trainer.sync()
+    biases = [router.expert_bias.clone() for router in routers]
+    trainer.step(0)
+    assert all(torch.equal(r.expert_bias, b) and r.expert_load.sum() == 0 for r, b in zip(routers, biases))
+    trainer.config.bias_update_rate = 1e-2
+    trainer.step(1)
+    assert all(not torch.equal(r.expert_bias, b) and r.expert_load.sum() == 0 for r, b in zip(routers, biases))

@@ -26,7 +26,8 @@ class Router(nn.Module):
         E = config.num_experts
         self.weight = nn.Parameter(torch.empty(E, config.hidden_size))
         self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
-        # Tokens routed to each expert since the last bias update (training only).
+        # Tokens routed to each expert since the last optimizer step (forwards that build a graph in
+        # training mode; `train.optimizer_step` turns it into the bias update and resets it).
         self.register_buffer("expert_load", torch.zeros(E, dtype=torch.float32), persistent=False)
 
     def _apply(self, fn, recurse=True):
@@ -54,7 +55,7 @@ class Router(nn.Module):
         weights = scores.gather(-1, experts)
         if c.norm_topk_prob and c.num_experts_per_tok > 1:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        if self.training:
+        if self.training and torch.is_grad_enabled():  # the load of the tokens a step trains on
             self.expert_load += torch.bincount(experts.flatten(), minlength=c.num_experts)
         return weights * c.routed_scaling_factor, experts
 

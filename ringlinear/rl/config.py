@@ -70,6 +70,11 @@ class RLConfig:
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0 = off)")
+    sft_bias_update_rate: float = setting(1e-3, "step of the aux-loss-free expert-bias update after each "
+                                          "fine-tuning step, as in pre-training")
+    bias_update_rate: float = setting(0.0, "step of the expert-bias update after each RL optimizer step; 0 keeps the "
+                                      "routing bias fixed, so the rollouts and every update of a step choose experts "
+                                      "with the same bias")
     batch_invariant: bool = setting(True, "trainer and engine in batch-invariant mode (bit-identical log-probs)")
     eval_interval: int = setting(10, "greedy accuracy on held-out problems every this many steps (and at the "
                                  "first and last)")
@@ -84,7 +89,7 @@ class RLConfig:
             "sft_check_interval")]
         rules += [(name, getattr(self, name) >= 0, "must be >= 0")
                   for name in ("sft_steps", "warmup_steps", "tokens_per_step", "kl_coef", "value_coef", "grad_clip",
-                               "weight_decay")]
+                               "weight_decay", "sft_bias_update_rate", "bias_update_rate")]
         rules += [
             ("algorithm", self.algorithm in ALGORITHMS, f"must be one of {ALGORITHMS}"),
             ("ratio", self.ratio in RATIOS, f"must be one of {RATIOS}"),

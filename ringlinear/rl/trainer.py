@@ -49,7 +49,7 @@ from ..model import RingLinearForCausalLM
 from ..ops.batch_invariant import batch_invariant
 from ..ops.cross_entropy import IGNORE_INDEX
 from ..sampling import token_logprobs
-from ..train import build_optimizer, resolve_device
+from ..train import build_optimizer, optimizer_step, resolve_device
 from .config import RLConfig
 from .loss import clipped_surrogate, group_advantages, kl_penalty, mismatch_weight
 from .probe import PROB_GAP
@@ -90,7 +90,7 @@ def supervised_finetune(model: RingLinearForCausalLM, task: ArithmeticTask, toke
     `sft_target_accuracy`. Returns one record per check: step, mean loss since the last, accuracy."""
     rng = random.Random(config.seed + 2)  # not the rollouts' problems (seed), nor the evaluation's (seed + 1)
     device = next(model.parameters()).device
-    optimizer = build_optimizer(model, dataclasses.replace(config, lr=config.sft_lr))
+    optimizer = build_optimizer(model, config.sft_lr, config.weight_decay, (config.beta1, config.beta2))
     eos, losses, log = tokenizer.token_to_id(EOS), [], []
     model.train()
     for step in range(1, config.sft_steps + 1):
@@ -101,10 +101,8 @@ def supervised_finetune(model: RingLinearForCausalLM, task: ArithmeticTask, toke
             [[IGNORE_INDEX] * len(p) + a for p, a in zip(prompts, answers)], IGNORE_INDEX)
         loss = model(ids.to(device), labels=labels.to(device), return_logits=False).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        optimizer_step(model, optimizer, losses[-1], config.grad_clip, config.sft_bias_update_rate)
         if step % config.sft_check_interval and step < config.sft_steps:
             continue
         record = {"sft_step": step, "sft_loss": sum(losses) / len(losses)}
@@ -160,7 +158,7 @@ class RLTrainer:
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
         self.trained = nn.ModuleList([self.policy] + ([self.value_head] if self.value_head is not None else []))
-        self.optimizer = build_optimizer(self.trained, config)
+        self.optimizer = build_optimizer(self.trained, config.lr, config.weight_decay, (config.beta1, config.beta2))
 
     def _initial_policy(self) -> tuple[RingLinearForCausalLM, Tokenizer]:
         c = self.config
@@ -271,12 +269,10 @@ class RLTrainer:
                     error = (self.value_head(hidden)[..., 0] - rewards[part, None]) ** 2
                     loss = loss + c.value_coef * 0.5 * (error * mask[part]).sum() / mask[part].sum()
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.trained.parameters(), c.grad_clip or math.inf)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                outcome = optimizer_step(self.trained, self.optimizer, loss.item(), c.grad_clip, c.bias_update_rate)
         self.sync()
         ratio = (logp.detach() - behaviour[last]).exp()[mask[last]]
-        metrics.update(lr=lr, loss=loss.item(), grad_norm=grad_norm.item(),
+        metrics.update(lr=lr, loss=loss.item(), grad_norm=outcome.grad_norm, skipped=not outcome.applied,
                        clip_fraction=((ratio - 1).abs() > c.clip).float().mean().item(), rollout_s=t1 - t0,
                        update_s=time.perf_counter() - t1)
         if self.reference is not None:

@@ -32,7 +32,8 @@ from .checkpoint import LATEST_LINK, checkpoint_dirs, load_checkpoint, save_chec
 from .config import TrainConfig
 from .evaluate import evaluate
 from .metrics import FlopCounter, MetricsLog, SpikeDetector, expert_load_stats, peak_flops, peak_memory_gib
-from .parallel import World, all_reduce, compute_dtype, full_norm, parallelize, process_group, resolve_device
+from .optimizer import build_optimizer, optimizer_step
+from .parallel import World, all_reduce, compute_dtype, parallelize, process_group, resolve_device
 from .schedule import LearningRate, Stages
 
 
@@ -46,14 +47,6 @@ class TrainResult:
     tokenizer: Tokenizer
     val_bpb: float
     checkpoint_dir: Path  # the final model in the Hugging Face layout
-
-
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on the matrices (and stacked expert weights), none on norms."""
-    params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
 
 
 def _check_run_folder(out: Path, config: TrainConfig, resume: bool) -> None:
@@ -118,9 +111,8 @@ class Trainer:
         model = model.to(world.device).train()
         self.model = parallelize(model, world, compute_dtype(config.param_dtype, world.device),
                                  config.activation_checkpointing)
-        self.optimizer = build_optimizer(self.model, config)
+        self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, (config.beta1, config.beta2))
         self.lr = LearningRate.of(config)
-        self.routers = self.model.routers()
         self.moe_layers = [i for i in range(model_config.num_hidden_layers + model_config.num_nextn_predict_layers)
                            if model_config.is_moe_layer(i)]
         eos = self.data.tokenizer.token_to_id(EOS)
@@ -168,32 +160,23 @@ class Trainer:
             totals[:3] += torch.tensor([out.loss.item(), out.lm_loss.item(), mtp], dtype=torch.float64,
                                        device=world.device) / c.grad_accum
             totals[3] += self.flops(batch.cu_seqlens.diff().tolist())
-        grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip or math.inf))
         all_reduce(totals)
         loss, lm_loss, mtp_loss = (totals[:3] / world.size).tolist()
-        loads = all_reduce(torch.stack([router.expert_load for router in self.routers])) if self.routers else None
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        rate = c.bias_update_rate if self.model.config.moe_router_enable_expert_bias and finite else 0.0
-        for router, load in zip(self.routers, loads if loads is not None else []):
-            router.expert_load.copy_(load)
-            router.update_bias(rate)  # and clears the load
+        outcome = optimizer_step(self.model, self.optimizer, loss, c.grad_clip, c.bias_update_rate)
         if world.device.type == "cuda":
             torch.cuda.synchronize(world.device)  # the step's time includes its queued GPU work
         seconds = time.perf_counter() - t0
 
-        metrics = {"loss": loss, "lm_loss": lm_loss, "lr": lr, "grad_norm": grad_norm}
+        metrics = {"loss": loss, "lm_loss": lm_loss, "lr": lr, "grad_norm": outcome.grad_norm}
         if out.mtp_loss is not None:
             metrics["mtp_loss"] = mtp_loss
         metrics.update(batch_size=batch_size, seq_len=seq_len, tokens=self.stages.position(step + 1),
                        tokens_per_s=batch_size * seq_len / seconds, memory_gib=peak_memory_gib(world.device))
         if self.peak:
             metrics["mfu"] = float(totals[3]) / (seconds * world.size * self.peak)
-        if loads is not None:
-            metrics["expert_load"] = expert_load_stats(loads, self.moe_layers)
-        if not finite:
+        if outcome.expert_load is not None:
+            metrics["expert_load"] = expert_load_stats(outcome.expert_load, self.moe_layers)
+        if not outcome.applied:
             metrics["skipped"] = True
         return metrics
 
