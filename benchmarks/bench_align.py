@@ -34,7 +34,8 @@ import torch
 
 from ringlinear import RingLinearConfig, RingLinearForCausalLM
 from ringlinear.infer import Engine, EngineConfig, SamplingParams
-from ringlinear.ops.batch_invariant import batch_invariant
+from ringlinear.model import SequenceContext
+from ringlinear.ops.policy import KernelPolicy
 from ringlinear.rl.probe import probe
 from ringlinear.sampling import token_logprobs
 
@@ -121,10 +122,13 @@ def training_logprobs(model, sequences, first, aligned):
     device = next(model.parameters()).device
     T = max(map(len, sequences))
     ids = torch.tensor([s + [0] * (T - len(s)) for s in sequences], device=device)
-    with torch.no_grad(), batch_invariant(aligned):
-        logits = model(ids, logits_indices=torch.arange(first, T - 1, device=device)).logits
-        return [token_logprobs(logits[b, :len(s) - 1 - first], ids[b, first + 1:len(s)], 0)[0].cpu()
-                for b, s in enumerate(sequences)]
+    policy = KernelPolicy(invariant=aligned)
+    with torch.no_grad():
+        logits = model(ids, context=SequenceContext(policy=policy),
+                       logits_indices=torch.arange(first, T - 1, device=device)).logits
+        with policy.numerics():
+            return [token_logprobs(logits[b, :len(s) - 1 - first], ids[b, first + 1:len(s)], 0)[0].cpu()
+                    for b, s in enumerate(sequences)]
 
 
 def bit_identity(model, sizes: Sizes) -> dict:
@@ -178,14 +182,14 @@ def cost(model, sizes: Sizes) -> dict:
     ids = torch.randint(1, vocab, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
     for aligned in (False, True):
         mode = "aligned" if aligned else "fast"
+        context = SequenceContext(policy=KernelPolicy(invariant=aligned))
 
         def forward():
-            with torch.no_grad(), batch_invariant(aligned):
-                model(ids)
+            with torch.no_grad():
+                model(ids, context=context)
 
         def forward_backward():
-            with batch_invariant(aligned):
-                logits = model(ids).logits
+            logits = model(ids, context=context).logits
             logits.float().logsumexp(-1).mean().backward()
             model.zero_grad(set_to_none=True)
 

@@ -122,8 +122,9 @@ def prefill(engine: Engine, length: int) -> dict:
 
 
 def largest_batch(engine: Engine, context: int) -> int:
-    pages = engine.pool.pages_for(context + DECODE_WARMUP + DECODE_STEPS + 2)
-    return min(engine.scheduler.max_num_seqs, engine.pool.num_free_pages // pages)
+    cache = engine.scheduler.cache
+    pages = cache.pages_for(context + DECODE_WARMUP + DECODE_STEPS + 2)
+    return min(engine.scheduler.max_num_seqs, cache.num_free_pages // pages)
 
 
 def decode(engine: Engine, batch: int, context: int) -> dict:
@@ -147,7 +148,7 @@ def decode(engine: Engine, batch: int, context: int) -> dict:
     sync()
     seconds = time.perf_counter() - start
     engine.abort_all()
-    return {"batch": batch, "context": context, "fits": True, "graphs": engine.graphs is not None,
+    return {"batch": batch, "context": context, "fits": True, "graphs": engine.runner.graphs is not None,
             "ms_per_step": round(1e3 * seconds / DECODE_STEPS, 3),
             "tokens_per_s": round(batch * DECODE_STEPS / seconds)}
 
@@ -210,10 +211,10 @@ def bench_model(name: str, config: RingLinearConfig, shapes: Shapes) -> dict:
     results["weights_gib"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 2)
     case(results, "plain_loop", plain_loop, model, shapes.plain_context)
     engine = make_engine(model, shapes.engine, results)
-    size = engine.pool.size
+    size = engine.scheduler.cache.size
     results["cache"] = {"slots": size.num_slots, "pages": size.num_pages, "page_size": size.page_size,
-                        "gib": round(engine.pool.nbytes() / 2**30, 2), "max_model_len": engine.max_model_len,
-                        "graphs": engine.graphs is not None}
+                        "gib": round(engine.runner.cache.nbytes() / 2**30, 2), "max_model_len": engine.max_model_len,
+                        "graphs": engine.runner.graphs is not None}
     log(f"  cache: {results['cache']}")
     case(results, "prefill_warmup", prefill, engine, min(shapes.prefill[0], 2048))
     for length in shapes.prefill:

@@ -18,23 +18,25 @@ check failed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from unittest import mock
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
 from ringlinear.ops import attention
-from ringlinear.ops import batch_invariant as bi
-from ringlinear.ops.batch_invariant import KEY_BLOCK, batch_invariant
+from ringlinear.ops.batch_invariant import KEY_BLOCK
 from ringlinear.ops.invariant_kernels import (invariant_grouped_mm, invariant_linear, key_block_attention,
                                               mm_config, row_sum, softmax)
 from ringlinear.ops.moe import grouped_swiglu
+from ringlinear.ops.policy import KernelPolicy
+
+ALIGNED = KernelPolicy(invariant=True)  # on the Triton kernels
+ALIGNED_BLOCKS = KernelPolicy("torch", invariant=True)  # as aligned mode ran before them: fixed-block PyTorch forms
+FAST = KernelPolicy()
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, EXPERTS, INTER, TOPK, VOCAB = 2048, 16, 4, 128, 256, 512, 8, 157184
 T0 = time.time()
@@ -186,7 +188,7 @@ def check_attention(seq_len: int, gen: torch.Generator) -> None:
                for h in (HEADS, KV_HEADS, KV_HEADS))
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         args = [t.to(dtype) for t in (q, k, v)]
-        out = attention._causal_by_key_blocks(*args, scale, None)
+        out = attention._causal_by_key_blocks(*args, scale, None, ALIGNED)
         ref = F.scaled_dot_product_attention(*(t.double().transpose(1, 2) for t in args), is_causal=True,
                                              scale=scale, enable_gqa=True).transpose(1, 2)
         err = rel(out, ref)
@@ -224,31 +226,20 @@ def check_gradients(gen: torch.Generator) -> None:
     q, k, v = (torch.randn(2, 300, h, HEAD_DIM, generator=gen, device="cuda", requires_grad=True)
                for h in (HEADS, KV_HEADS, KV_HEADS))
     do = torch.randn(2, 300, HEADS, HEAD_DIM, generator=gen, device="cuda")
-    with batch_invariant():
-        out = attention.causal_attention(q, k, v, 0.1)
+    out = attention.causal_attention(q, k, v, 0.1, policy=ALIGNED)
     grads = torch.autograd.grad((out * do).sum(), [q, k, v])
     ref = torch.autograd.grad((attention.causal_attention(q, k, v, 0.1) * do).sum(), [q, k, v])
     errs = [rel(a, b) for a, b in zip(grads, ref)]
-    check("attention fp32 gradients through batch_invariant()", max(errs) < 1e-5, ", ".join(f"{e:.1e}" for e in errs))
+    check("attention fp32 gradients through the aligned kernel", max(errs) < 1e-5, ", ".join(f"{e:.1e}" for e in errs))
 
 
 # -- 3: speed --------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def aligned(kernels: bool = True) -> Iterator[None]:
-    """batch_invariant() on the Triton kernels, or as it ran before them (fixed-block PyTorch forms)."""
-    before = contextlib.nullcontext() if kernels else mock.patch.object(bi, "on_kernels", lambda *xs: False)
-    with before, batch_invariant():
-        yield
-
-
-def time_ms(fn: Callable[[], object], mode: bool | None = None, slow: bool = False) -> float:
-    """Median ms of fn, under `aligned(mode)` unless mode is None; `slow`: one timed call."""
+def time_ms(fn: Callable[[KernelPolicy], object], policy: KernelPolicy, slow: bool = False) -> float:
+    """Median ms of fn(policy) inside the policy's numerics; `slow`: one timed call."""
     def call():
-        if mode is None:
-            return fn()
-        with aligned(mode):
-            return fn()
+        with policy.numerics():
+            return fn(policy)
     if not slow:
         return do_bench(call, warmup=10, rep=50, return_mode="median")
     call()
@@ -266,10 +257,11 @@ def timings(tokens: int, seq_len: int, gen: torch.Generator) -> list[tuple[str, 
     rows: list[tuple[str, float, float, float | None]] = []
     env: dict[str, torch.Tensor] = {}  # the current case's inputs, freed after it
 
-    def add(name: str, fn: Callable[[], object], inputs: Callable[[], None], old: bool = True) -> None:
+    def add(name: str, fn: Callable[[KernelPolicy], object], inputs: Callable[[], None], old: bool = True) -> None:
         try:
             inputs()
-            rows.append((name, time_ms(fn, True), time_ms(fn), time_ms(fn, False, slow=True) if old else None))
+            rows.append((name, time_ms(fn, ALIGNED), time_ms(fn, FAST),
+                         time_ms(fn, ALIGNED_BLOCKS, slow=True) if old else None))
             log(f"timed {name}")
         except Exception:  # noqa: BLE001 - report and go on
             log(f"FAIL timing {name}:\n{traceback.format_exc()}")
@@ -288,25 +280,26 @@ def timings(tokens: int, seq_len: int, gen: torch.Generator) -> list[tuple[str, 
                    counts=random_counts(M, gen), scales=torch.rand(M, generator=gen, device="cuda"))
 
     add(f"MoE SwiGLU bf16, {tokens} tok x top-{TOPK}",
-        lambda: grouped_swiglu(env["x"], env["gate"], env["up"], env["down"], env["counts"], env["scales"]),
+        lambda policy: grouped_swiglu(env["x"], env["gate"], env["up"], env["down"], env["counts"], env["scales"],
+                                      policy),
         moe_inputs)
     for name, M, N, K, dtype in ((f"linear bf16 {tokens}x{HIDDEN}->{HIDDEN}", tokens, HIDDEN, HIDDEN, torch.bfloat16),
                                  (f"linear bf16 decode 64x{HIDDEN}->{HIDDEN}", 64, HIDDEN, HIDDEN, torch.bfloat16),
                                  (f"router fp32 {tokens}x{HIDDEN}->{EXPERTS}", tokens, EXPERTS, HIDDEN, torch.float32),
                                  (f"lm_head bf16 {tokens // 4}x{HIDDEN}->{VOCAB}", tokens // 4, VOCAB, HIDDEN,
                                   torch.bfloat16)):
-        add(name, lambda: F.linear(env["x"], env["w"]),
+        add(name, lambda policy: F.linear(env["x"], env["w"]),
             lambda M=M, N=N, K=K, dtype=dtype: env.update(x=randn(M, K, dtype=dtype), w=randn(N, K, dtype=dtype)))
-    add(f"RMSNorm mean fp32 [{tokens}, {HIDDEN}]", lambda: env["x"].pow(2).mean(-1, keepdim=True),
+    add(f"RMSNorm mean fp32 [{tokens}, {HIDDEN}]", lambda policy: env["x"].pow(2).mean(-1, keepdim=True),
         lambda: env.update(x=randn(tokens, HIDDEN, dtype=torch.float32)))
-    add(f"router softmax fp32 [{tokens}, {EXPERTS}]", lambda: env["x"].softmax(-1),
+    add(f"router softmax fp32 [{tokens}, {EXPERTS}]", lambda policy: env["x"].softmax(-1),
         lambda: env.update(x=randn(tokens, EXPERTS, dtype=torch.float32)))
-    add(f"log_softmax fp32 [{tokens // 4}, {VOCAB}]", lambda: env["x"].log_softmax(-1),
+    add(f"log_softmax fp32 [{tokens // 4}, {VOCAB}]", lambda policy: env["x"].log_softmax(-1),
         lambda: env.update(x=randn(tokens // 4, VOCAB, dtype=torch.float32)))
     for B, T in ((1, seq_len // 2), (8, seq_len)):
         # before the kernels, aligned attention ran ~T·H/16 products per key block: only the small case
         add(f"attention bf16 B{B} T{T}",
-            lambda: attention.causal_attention(env["q"], env["k"], env["v"], HEAD_DIM**-0.5),
+            lambda policy: attention.causal_attention(env["q"], env["k"], env["v"], HEAD_DIM**-0.5, policy=policy),
             lambda B=B, T=T: env.update(q=randn(B, T, HEADS, HEAD_DIM), k=randn(B, T, KV_HEADS, HEAD_DIM),
                                         v=randn(B, T, KV_HEADS, HEAD_DIM)), old=B == 1)
     return rows

@@ -3,13 +3,13 @@
     python benchmarks/check_recurrent.py
 
 Bit-identity (bf16, H = 16, D = 128, Ring-mini-like decays): 64 sequences of mixed lengths (1 to
-1,500 tokens) are run alone under `batch_invariant()`; then, for batches of 1 to 64 of them in a
+1,500 tokens) are run alone under an invariant kernel policy; then, for batches of 1 to 64 of them in a
 random order, packed along T (`cu_seqlens`), right-padded in a [B, T] batch, and as the engine runs
 them (a packed prefill chunk of a random length from state-pool slots, then one decode call per
 token for the sequences still running). Every output and final state must equal the alone run's bit
 for bit. Speed (B = 8, T = 256 / 1,024 / 4,096): the recurrent kernel against the chunked Triton
-forward and the PyTorch recurrent form it replaces (under `batch_invariant()`, as aligned mode ran
-it); one decode step at N = 64 against the fast decode kernel and the PyTorch form. About 30 s on an
+forward and the PyTorch recurrent form it replaces (the invariant policy on the torch backend, as
+aligned mode ran it); one decode step at N = 64 against the fast decode kernel and the PyTorch form. About 30 s on an
 H100 (the first run adds Triton's compilation).
 """
 
@@ -24,10 +24,13 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from ringlinear.ops import lightning_attn, lightning_decode
-from ringlinear.ops.batch_invariant import batch_invariant
 from ringlinear.ops.lightning.chunk import lightning_attn_triton
 from ringlinear.ops.lightning.decode import lightning_decode_triton
 from ringlinear.ops.lightning.recurrent import lightning_decode_recurrent_triton, recurrent_config
+from ringlinear.ops.policy import KernelPolicy
+
+ALIGNED = KernelPolicy(invariant=True)
+ALIGNED_TORCH = KernelPolicy("torch", invariant=True)  # the PyTorch recurrent form the kernel replaced
 
 H, D, DTYPE = 16, 128, torch.bfloat16
 BATCHES = [1, 2, 3, 8, 17, 33, 64]
@@ -68,39 +71,37 @@ def check_bit_identity() -> bool:
     g = decays()
     lengths = [1] + [rng.randint(1, 1500) for _ in range(63)]
     seqs = [random_qkv(n, gen) for n in lengths]
-    with batch_invariant():
-        alone = [lightning_attn(*x, g, output_final_state=True) for x in seqs]
+    alone = [lightning_attn(*x, g, output_final_state=True, policy=ALIGNED) for x in seqs]
     ok = True
     for B in BATCHES:
         order = rng.sample(range(len(seqs)), B)
         xs, ns, ref = [seqs[i] for i in order], [lengths[i] for i in order], [alone[i] for i in order]
         bad = []
-        with batch_invariant():
-            o, final = lightning_attn(*(torch.cat(x, 1) for x in zip(*xs)), g, output_final_state=True,
-                                      cu_seqlens=cumulative(ns))
-            bad += mismatches("packed", o[0].split(ns), final, ref)
-            T = max(ns)
-            o, final = lightning_attn(*(torch.cat([F.pad(x, (0, 0, 0, 0, 0, T - x.shape[1])) for x in column])
-                                        for column in zip(*xs)), g, output_final_state=True)
-            bad += mismatches("[B, T]", [o[b, :n] for b, n in enumerate(ns)],
-                              [f if n == T else None for f, n in zip(final, ns)], ref)
-            pool = torch.randn(B + 5, H, D, D, device="cuda")
-            slots = torch.tensor(rng.sample(range(B + 5), B), device="cuda")
-            pool[slots] = 0
-            prefill = [rng.randint(0, n) for n in ns]
-            o, final = lightning_attn(*(torch.cat([x[:, :p] for x, p in zip(column, prefill)], 1)
-                                        for column in zip(*xs)), g, initial_state=pool[slots],
-                                      output_final_state=True, cu_seqlens=cumulative(prefill))
-            pool[slots] = final
-            outputs = [[part] for part in o[0].split(prefill)]
-            for t in range(min(prefill), T):
-                running = [b for b, (p, n) in enumerate(zip(prefill, ns)) if p <= t < n]
-                if running:
-                    step = [torch.cat([xs[b][i][0, t:t + 1] for b in running]) for i in range(3)]
-                    o = lightning_decode(*step, g, pool, slots[running])
-                    for j, b in enumerate(running):
-                        outputs[b].append(o[j:j + 1])
-            bad += mismatches("prefill + decode", [torch.cat(x) for x in outputs], pool[slots], ref)
+        o, final = lightning_attn(*(torch.cat(x, 1) for x in zip(*xs)), g, output_final_state=True,
+                                  cu_seqlens=cumulative(ns), policy=ALIGNED)
+        bad += mismatches("packed", o[0].split(ns), final, ref)
+        T = max(ns)
+        o, final = lightning_attn(*(torch.cat([F.pad(x, (0, 0, 0, 0, 0, T - x.shape[1])) for x in column])
+                                    for column in zip(*xs)), g, output_final_state=True, policy=ALIGNED)
+        bad += mismatches("[B, T]", [o[b, :n] for b, n in enumerate(ns)],
+                          [f if n == T else None for f, n in zip(final, ns)], ref)
+        pool = torch.randn(B + 5, H, D, D, device="cuda")
+        slots = torch.tensor(rng.sample(range(B + 5), B), device="cuda")
+        pool[slots] = 0
+        prefill = [rng.randint(0, n) for n in ns]
+        o, final = lightning_attn(*(torch.cat([x[:, :p] for x, p in zip(column, prefill)], 1)
+                                    for column in zip(*xs)), g, initial_state=pool[slots],
+                                  output_final_state=True, cu_seqlens=cumulative(prefill), policy=ALIGNED)
+        pool[slots] = final
+        outputs = [[part] for part in o[0].split(prefill)]
+        for t in range(min(prefill), T):
+            running = [b for b, (p, n) in enumerate(zip(prefill, ns)) if p <= t < n]
+            if running:
+                step = [torch.cat([xs[b][i][0, t:t + 1] for b in running]) for i in range(3)]
+                o = lightning_decode(*step, g, pool, slots[running], policy=ALIGNED)
+                for j, b in enumerate(running):
+                    outputs[b].append(o[j:j + 1])
+        bad += mismatches("prefill + decode", [torch.cat(x) for x in outputs], pool[slots], ref)
         log(f"B = {B:2d} ({sum(ns):6d} tokens, lengths {min(ns)}-{max(ns)}): "
             f"{'bit-identical' if not bad else 'DIFFERS'} (packed, [B, T], prefill + decode)")
         for line in bad[:5]:
@@ -130,13 +131,12 @@ def timings() -> list[tuple[str, float, float, float]]:
         q, k, v = (torch.randn(8, T, H, D, generator=gen, device="cuda").to(DTYPE) for _ in range(3))
 
         def recurrent():
-            with batch_invariant():
-                lightning_attn(q, k, v, g)
+            lightning_attn(q, k, v, g, policy=ALIGNED)
 
         chunked = time_ms(lambda: lightning_attn_triton(q, k, v, g, None, None, False, None, None))
         def torch_recurrent():
-            with batch_invariant():
-                lightning_attn(q, k, v, g, backend="torch")
+            with ALIGNED_TORCH.numerics():  # its products in fixed blocks, as aligned mode ran it
+                lightning_attn(q, k, v, g, policy=ALIGNED_TORCH)
 
         rows.append((f"forward B8 T{T}", time_ms(recurrent), chunked, time_ms(torch_recurrent, slow=True)))
         log(f"T = {T}: recurrent {rows[-1][1]:.3f} ms, chunked {chunked:.3f} ms, torch {rows[-1][3]:.1f} ms")
@@ -145,8 +145,8 @@ def timings() -> list[tuple[str, float, float, float]]:
     slots = torch.arange(64, device="cuda")
 
     def torch_decode():
-        with batch_invariant():
-            lightning_decode(q, k, v, g, pool, slots, backend="torch")
+        with ALIGNED_TORCH.numerics():
+            lightning_decode(q, k, v, g, pool, slots, policy=ALIGNED_TORCH)
 
     rows.append(("decode N64", time_ms(lambda: lightning_decode_recurrent_triton(q, k, v, g, pool, slots)),
                  time_ms(lambda: lightning_decode_triton(q, k, v, g, pool, slots)), time_ms(torch_decode)))

@@ -34,7 +34,7 @@ def test_a_planted_bf16_state_is_found_where_it_enters(model, monkeypatch):
 
     def bf16_state(self, layer_idx, q, k, v, log_decay):
         o = lightning(self, layer_idx, q, k, v, log_decay)
-        states = self.pool.states[self.pool.linear_index[layer_idx]]
+        states = self.cache.states[self.cache.linear_index[layer_idx]]
         states.copy_(states.to(torch.bfloat16))
         return o
 

@@ -6,9 +6,12 @@ import pytest
 import torch
 from infer_helpers import tiny_model
 
+from ringlinear import SequenceContext
 from ringlinear.infer import Engine, EngineConfig, SamplingParams
-from ringlinear.ops.batch_invariant import batch_invariant
+from ringlinear.ops.policy import KernelPolicy
 from ringlinear.sampling import token_logprobs
+
+ALIGNED = KernelPolicy(invariant=True)
 
 NEW_TOKENS = 6
 
@@ -46,9 +49,10 @@ def training_logprobs(model, sequences):
     """Log-probs of every token after the first, from one right-padded [B, T] training forward."""
     T = max(map(len, sequences))
     ids = torch.tensor([s + [0] * (T - len(s)) for s in sequences], device=next(model.parameters()).device)
-    with torch.no_grad(), batch_invariant():
-        logits = model(ids).logits[:, :-1]
-        logp = token_logprobs(logits.flatten(0, 1), ids[:, 1:].flatten(), 0)[0].view(len(sequences), T - 1)
+    with torch.no_grad():
+        logits = model(ids, context=SequenceContext(policy=ALIGNED)).logits[:, :-1]
+        with ALIGNED.numerics():
+            logp = token_logprobs(logits.flatten(0, 1), ids[:, 1:].flatten(), 0)[0].view(len(sequences), T - 1)
     return [logp[b, :len(s) - 1].cpu() for b, s in enumerate(sequences)]
 
 
@@ -77,9 +81,9 @@ def test_the_mode_computes_the_same_function(model):
     ids = torch.randint(1, 257, (2, 37), generator=torch.Generator().manual_seed(0))
     cu_seqlens = torch.tensor([0, 20, 37])
     with torch.no_grad():
-        fast = [model(ids).logits, model(ids[:1], cu_seqlens=cu_seqlens).logits]
-        with batch_invariant():
-            invariant = [model(ids).logits, model(ids[:1], cu_seqlens=cu_seqlens).logits]
+        fast = [model(ids).logits, model(ids[:1], context=SequenceContext(cu_seqlens)).logits]
+        invariant = [model(ids, context=SequenceContext(policy=ALIGNED)).logits,
+                     model(ids[:1], context=SequenceContext(cu_seqlens, ALIGNED)).logits]
     for a, b in zip(invariant, fast):
         assert ((a - b).norm() / b.norm()).item() < 1e-5
 
@@ -90,7 +94,7 @@ def test_a_products_bits_do_not_follow_its_operands_layout():
     its kernel by the layout, so the blocks must be made contiguous for the bits to agree."""
     g = torch.Generator().manual_seed(0)
     q, keys = torch.randn(5, 16, 1, 64, generator=g), torch.randn(5, 16, 16, 64, generator=g).transpose(1, 2)
-    with batch_invariant():
+    with ALIGNED.numerics():
         together = q @ keys.transpose(-1, -2)
         alone = [q[t:t + 1] @ keys[t:t + 1].transpose(-1, -2) for t in range(5)]
     assert all(torch.equal(a[0], together[t]) for t, a in enumerate(alone))

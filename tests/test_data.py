@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from ringlinear import RingLinearConfig, RingLinearForCausalLM
+from ringlinear import RingLinearConfig, RingLinearForCausalLM, SequenceContext
 from ringlinear.data import (EOS, Document, PackedDocuments, encode_documents, load_dataset, load_documents,
                              prepare_dataset, split_documents, token_byte_lengths, train_tokenizer)
 from ringlinear.data import dataset as dataset_module
+from ringlinear.ops.policy import KernelPolicy
 from ringlinear.train import evaluate
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -118,12 +119,12 @@ def test_bits_per_byte_against_a_hand_computation(tokenizer):
     torch.manual_seed(0)
     model = RingLinearForCausalLM(RingLinearConfig.preset("tiny", vocab_size=600, num_hidden_layers=3))
     with torch.no_grad():
-        logp = model(batch.input_ids, cu_seqlens=batch.cu_seqlens).logits[0].double().log_softmax(-1)
+        logp = model(batch.input_ids, context=SequenceContext(batch.cu_seqlens)).logits[0].double().log_softmax(-1)
     ids, cu = batch.input_ids[0].tolist(), batch.cu_seqlens.tolist()
     predicted = [t for a, b in zip(cu, cu[1:]) for t in range(a, b - 1)]  # within each document
     nats = -sum(logp[t, ids[t + 1]].item() for t in predicted)
     num_bytes = sum(len(t.encode()) for t in texts)  # every text token is predicted; EOS has no bytes
-    loss, bpb = evaluate(model, [batch], token_byte_lengths(tokenizer, 600), torch.device("cpu"))
+    loss, bpb = evaluate(model, [batch], token_byte_lengths(tokenizer, 600), KernelPolicy())
     assert loss == pytest.approx(nats / len(predicted), rel=1e-5)
     assert bpb == pytest.approx(nats / math.log(2) / num_bytes, rel=1e-5)
 

@@ -9,7 +9,7 @@ from infer_helpers import byte_tokenizer, tiny_checkpoint, tiny_model
 
 from ringlinear.generate import generate
 from ringlinear.infer import LLM, Engine, EngineConfig, InvalidRequest, SamplingParams
-from ringlinear.infer.cache import CacheSize, CachePool, size_cache
+from ringlinear.infer.cache import CacheManager, fixed_cache_size, size_cache
 from ringlinear.infer.graphs import capture_sizes
 from ringlinear.infer.scheduler import Scheduler, Sequence
 from ringlinear.info import model_info
@@ -55,7 +55,7 @@ def test_greedy_equals_generate_under_batching_chunking_and_preemption(model):
     assert [outputs[str(i)] for i in range(len(prompts))] == expected
     stats = engine.stats()
     assert stats["preemptions"] > 0 and stats["page_usage"] == stats["slot_usage"] == 0
-    assert engine.pool.num_free_pages == 24 and engine.pool.num_free_slots == 4
+    assert engine.scheduler.cache.num_free_pages == 24 and engine.scheduler.cache.num_free_slots == 4
 
 
 def test_step_logits_equal_a_full_forward(model):
@@ -68,14 +68,9 @@ def test_step_logits_equal_a_full_forward(model):
     engine.step()  # both prompts whole
     engine.add_request("c", prompts[2], params)
     captured = {}
-    forward = engine._forward
-
-    def spy(batch):
-        captured["logits"] = logits = forward(batch)
-        return logits
-
-    engine._forward = spy
+    hook = model.lm_head.register_forward_hook(lambda module, args, logits: captured.update(logits=logits[0]))
     outputs = engine.step()  # a and b decode, c's first 18 tokens
+    hook.remove()
     assert [o.request_id for o in outputs] == ["a", "b"]
     with torch.no_grad():
         for row, output in enumerate(outputs):
@@ -138,11 +133,11 @@ def test_stops(model):
     eos = SamplingParams(max_tokens=12, temperature=0)
     engine.model.config.eos_token_id = free[4]
     try:
-        engine.eos_token_ids = {free[4]}
+        engine.scheduler.eos_token_ids = {free[4]}
         assert run(engine, {0: [("e", prompt, eos)]})["e"] == free[:free.index(free[4])]
     finally:
         engine.model.config.eos_token_id = 0
-    engine.eos_token_ids = {0}
+    engine.scheduler.eos_token_ids = {0}
     by_token = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[free[6]])
     assert run(engine, {0: [("t", prompt, by_token)]})["t"] == free[:free.index(free[6])]
     text = byte_tokenizer().decode(free)
@@ -164,8 +159,8 @@ def test_abort_frees_the_cache_and_bad_requests_are_named(model):
     assert engine.stats()["running"] == 2
     engine.abort("a")
     engine.abort("nonexistent")
-    assert engine.stats()["running"] == 1 and engine.pool.num_free_slots == 2
-    assert engine.abort_all() == ["b"] and engine.pool.num_free_pages == 32 and not engine.has_unfinished()
+    assert engine.stats()["running"] == 1 and engine.scheduler.cache.num_free_slots == 2
+    assert engine.abort_all() == ["b"] and engine.scheduler.cache.num_free_pages == 32 and not engine.has_unfinished()
     for prompt, params, field in [([], SamplingParams(), "prompt"), ([1, 10**6], SamplingParams(), "prompt"),
                                   ("text", SamplingParams(), "prompt"),  # no tokenizer
                                   ([1] * 128, SamplingParams(), "prompt"),  # the whole context
@@ -220,30 +215,37 @@ def test_cuda_graph_decode_equals_eager():
     results = []
     for graphs in (True, False):
         engine = Engine(model, None, EngineConfig(max_num_seqs=8, page_size=16, num_pages=64, cuda_graphs=graphs))
-        assert (engine.graphs is not None) == graphs
+        assert (engine.runner.graphs is not None) == graphs
         greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
         results.append(run(engine, {0: [(str(i), p, greedy) for i, p in enumerate(prompts)]}))
     assert results[0] == results[1]
 
 
 def test_scheduler_preempts_the_newest_and_resumes_it_first():
-    config = tiny_model().config
-    pool = CachePool(config, CacheSize(num_slots=4, num_pages=6, page_size=4), max_pages_per_seq=6,
-                     device="cpu", dtype=torch.float32)
-    scheduler = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=64, watermark=0.0)
+    cache = CacheManager(fixed_cache_size(num_slots=4, num_pages=6, page_size=4, max_model_len=24))
+    scheduler = Scheduler(cache, max_num_seqs=4, max_num_batched_tokens=64, eos_token_ids=[0], watermark=0.0)
     seqs = [Sequence(str(i), [1] * 8, 8, SamplingParams(), arrival=i) for i in range(3)]
+
+    def chunks(output):
+        return [(chunk.seq, chunk.num_tokens) for chunk in output.chunks]
+
     for seq in seqs[:2]:
         scheduler.add(seq)
-    assert scheduler.schedule() == [(seqs[0], 8), (seqs[1], 8)]  # 4 of the 6 pages
+    output = scheduler.schedule()
+    assert chunks(output) == [(seqs[0], 8), (seqs[1], 8)]  # 4 of the 6 pages
+    assert output.new_slots == [1, 2] and len(output.new_pages) == 4
+    scheduler.update(output, [2, 2], [None, None])  # both prompts done, one token sampled each
     scheduler.add(seqs[2])
-    for seq in seqs[:2]:  # both prompts done, one token sampled each
-        seq.num_computed, seq.token_ids = 8, seq.token_ids + [2]
-    assert scheduler.schedule() == [(seqs[0], 1), (seqs[1], 1)]  # a page each; none left to admit seqs[2]
+    output = scheduler.schedule()
+    assert chunks(output) == [(seqs[0], 1), (seqs[1], 1)]  # a page each; none left to admit seqs[2]
     assert scheduler.waiting == [seqs[2]]
-    for seq in seqs[:2]:  # three more tokens each: the next one needs a 4th page
-        seq.num_computed, seq.token_ids = 12, seq.token_ids + [3] * 4
-    assert scheduler.schedule() == [(seqs[0], 1)]  # seqs[1], the newest running, made room
+    for _ in range(4):  # decode until the next token needs a 4th page
+        scheduler.update(output, [3] * len(output.sampled), [None] * len(output.sampled))
+        output = scheduler.schedule()
+    assert chunks(output) == [(seqs[0], 1)]  # seqs[1], the newest running, made room
     assert scheduler.waiting == [seqs[1], seqs[2]] and seqs[1].num_computed == 0 and scheduler.num_preemptions == 1
-    scheduler.finish(seqs[0], "stop")
-    assert scheduler.schedule() == [(seqs[1], 13), (seqs[2], 8)]  # recomputed whole, before the newer one
-    assert pool.num_free_slots == 2 and pool.num_free_pages == 0
+    [finished] = scheduler.update(output, [0], [None])  # an end-of-text token finishes seqs[0]
+    assert finished.finish_reason == "stop" and seqs[0].status.value == "finished"
+    output = scheduler.schedule()
+    assert chunks(output) == [(seqs[1], 13), (seqs[2], 8)]  # recomputed whole, before the newer one
+    assert cache.num_free_slots == 2 and cache.num_free_pages == 0

@@ -12,11 +12,15 @@ from conftest import INTERPRET
 
 triton = pytest.importorskip("triton")
 
-from ringlinear.ops import attention, batch_invariant  # noqa: E402
-from ringlinear.ops.invariant_kernels import (KERNEL_DTYPES, invariant_grouped_mm, invariant_linear,  # noqa: E402
-                                              key_block_attention, row_sum, softmax)
+from ringlinear import SequenceContext  # noqa: E402
+from ringlinear.ops import attention  # noqa: E402
+from ringlinear.ops.batch_invariant import KEY_BLOCK  # noqa: E402
+from ringlinear.ops.invariant_kernels import (invariant_grouped_mm, invariant_linear, key_block_attention,  # noqa: E402
+                                              row_sum, softmax)
+from ringlinear.ops.policy import KernelPolicy  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
+ALIGNED = KernelPolicy("triton", invariant=True)  # the invariant kernels, through the interpreter on a CPU
 
 
 @pytest.fixture
@@ -145,7 +149,7 @@ def test_row_sum_and_softmax_gradients_match_torch():
 
 def paged(T=6, H=4, KV=2, D=32, dtype=torch.float32):
     """Queries of three sequences at various positions, their key blocks scattered over a pool."""
-    KB = batch_invariant.KEY_BLOCK
+    KB = KEY_BLOCK
     q = randn(T, H, D, dtype=dtype)
     k_blocks, v_blocks = randn(9, KB, KV, D, seed=1, dtype=dtype), randn(9, KB, KV, D, seed=2, dtype=dtype)
     tables = torch.tensor([[4, 0, 7], [1, 8, 2], [3, 5, 6]], device=DEVICE)
@@ -159,7 +163,8 @@ def paged(T=6, H=4, KV=2, D=32, dtype=torch.float32):
 def test_key_block_attention_matches_the_reference(H, KV, dtype, tol):
     q, k_blocks, v_blocks, table, positions = paged(H=H, KV=KV, dtype=dtype)
     out = key_block_attention(q, k_blocks, v_blocks, table, positions, 0.2)
-    ref = attention.attention_by_key_blocks(q.float(), k_blocks.float(), v_blocks.float(), table, positions, 0.2)
+    ref = attention.attention_by_key_blocks(q.float(), k_blocks.float(), v_blocks.float(), table, positions, 0.2,
+                                            KernelPolicy("torch", invariant=True))
     assert out.dtype == dtype and torch.allclose(out.float(), ref, atol=tol)
 
 
@@ -168,7 +173,7 @@ def test_key_block_attention_query_alone_equals_it_among_others():
     together = key_block_attention(q, k_blocks, v_blocks, table, positions, 0.2)
     for t in range(q.shape[0]):
         # alone, with a table cut to its own blocks and the keys past it overwritten
-        KB = batch_invariant.KEY_BLOCK
+        KB = KEY_BLOCK
         own = table[t:t + 1, :int(positions[t]) // KB + 1]
         k_other = k_blocks.clone()
         k_other[own[0, -1], int(positions[t]) % KB + 1:] = float("nan")
@@ -191,11 +196,11 @@ def test_the_wrapped_attention_has_the_ordinary_gradient():
     do = randn(2, 21, 4, 16, seed=3)
     for cu_seqlens in (None, torch.tensor([0, 9, 21], device=DEVICE)):
         B = 2 if cu_seqlens is None else 1
-        out = attention._ByKeyBlocksFunction.apply(q[:B], k[:B], v[:B], 0.25, cu_seqlens)
+        out = attention._ByKeyBlocksFunction.apply(q[:B], k[:B], v[:B], 0.25, cu_seqlens, ALIGNED)
         with torch.no_grad():
-            assert torch.equal(out, attention._causal_by_key_blocks(q[:B], k[:B], v[:B], 0.25, cu_seqlens))
+            assert torch.equal(out, attention._causal_by_key_blocks(q[:B], k[:B], v[:B], 0.25, cu_seqlens, ALIGNED))
         grads = torch.autograd.grad((out * do[:B]).sum(), [q, k, v])
-        ref = attention._causal_by_key_blocks(*(x[:B].double() for x in (q, k, v)), 0.25, cu_seqlens)
+        ref = attention._causal_by_key_blocks(*(x[:B].double() for x in (q, k, v)), 0.25, cu_seqlens, ALIGNED)
         ref_grads = torch.autograd.grad((ref * do[:B].double()).sum(), [q, k, v])
         for a, b in zip(grads, ref_grads):
             assert torch.allclose(a, b.float(), atol=1e-5)
@@ -203,21 +208,18 @@ def test_the_wrapped_attention_has_the_ordinary_gradient():
 
 # -- the mode on the kernels -----------------------------------------------------------------------
 
-def test_the_mode_on_the_kernels(monkeypatch, row_by_row_dot):
-    """The tiny model under `batch_invariant()` with the kernels taking CPU tensors too: a sequence's
-    logits alone equal its logits in a padded batch bit for bit, they agree with the fast path, and
-    gradients flow through the aligned forward (RL trains on it)."""
+def test_the_mode_on_the_kernels(row_by_row_dot):
+    """The tiny model under an invariant policy on the Triton backend (the kernels take CPU tensors
+    through the interpreter): a sequence's logits alone equal its logits in a padded batch bit for bit,
+    they agree with the fast path, and gradients flow through the aligned forward (RL trains on it)."""
     from infer_helpers import tiny_model
 
-    monkeypatch.setattr(batch_invariant, "on_kernels",
-                        lambda *xs: all(x.dtype == xs[0].dtype for x in xs) and xs[0].dtype in KERNEL_DTYPES)
     model = tiny_model(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=2,
                        num_key_value_heads=1, head_dim=32, moe_intermediate_size=32,
                        moe_shared_expert_intermediate_size=32, num_experts=8).to(DEVICE)
     ids = torch.randint(1, 257, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    with batch_invariant.batch_invariant():
-        batch = model(ids).logits
-        alone = model(ids[1:2, :5]).logits
+    batch = model(ids, context=SequenceContext(policy=ALIGNED)).logits
+    alone = model(ids[1:2, :5], context=SequenceContext(policy=ALIGNED)).logits
     assert torch.equal(alone[0], batch[1, :5])
     with torch.no_grad():
         fast = model(ids).logits

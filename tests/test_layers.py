@@ -7,8 +7,11 @@ import torch.nn.functional as F
 
 from ringlinear import RingLinearConfig
 from ringlinear.model.layers import RMSNorm, RotaryEmbedding, apply_rotary
+from ringlinear.ops.policy import KernelPolicy
 from ringlinear.model.moe import MoE
 from ringlinear.ops.attention import causal_attention
+
+POLICY = KernelPolicy()  # the default kernels of the tensors' device
 
 
 def rel(a, b):
@@ -20,11 +23,11 @@ def test_rms_norm_and_group_norm():
     norm = RMSNorm(12, eps=1e-6).double()
     norm.weight.data.normal_()
     expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6) * norm.weight
-    assert rel(norm(x), expected) < 1e-12
+    assert rel(norm(x, POLICY), expected) < 1e-12
     group = RMSNorm(12, eps=1e-6, groups=3).double()
     group.weight.data.normal_()
     parts = [p / torch.sqrt((p**2).mean(-1, keepdim=True) + 1e-6) for p in x.split(4, dim=-1)]
-    assert rel(group(x), torch.cat(parts, -1) * group.weight) < 1e-12
+    assert rel(group(x, POLICY), torch.cat(parts, -1) * group.weight) < 1e-12
 
 
 def test_partial_neox_rope_rotates_pairs_by_position():
@@ -32,7 +35,7 @@ def test_partial_neox_rope_rotates_pairs_by_position():
     x = torch.randn(2, 6, 3, D, dtype=torch.float64)
     positions = torch.tensor([[0, 1, 2, 3, 4, 5], [7, 9, 11, 13, 15, 17]])
     cos, sin = RotaryEmbedding(rot, theta)(positions)
-    out = apply_rotary(x, cos, sin)
+    out = apply_rotary(x, cos, sin, policy=POLICY)
     # NeoX pairs channel i with i + rot/2 and turns the pair by angle pos * theta^(-2i/rot).
     expected = x.clone()
     for i in range(rot // 2):
@@ -91,12 +94,12 @@ def test_moe_matches_a_per_token_loop():
         p.data.normal_(std=0.3)
     moe.gate.expert_bias.normal_(std=0.5)  # large enough to change the choice
     x = torch.randn(2, 9, 32, dtype=torch.float64)
-    out = moe(x)
+    out = moe(x, POLICY)
     E = moe.experts
     for b in range(2):
         for t in range(9):
             xt = x[b, t]
-            expected = moe.shared_experts(xt)
+            expected = moe.shared_experts(xt, POLICY)
             for e, w in route_one_token(xt, config, moe.gate.weight.detach(), moe.gate.expert_bias).items():
                 h = F.silu(E.gate_proj[e] @ xt) * (E.up_proj[e] @ xt)
                 expected = expected + w * (E.down_proj[e] @ h)
@@ -129,7 +132,7 @@ def test_expert_bias_update_balances_load():
     sign = torch.sign(load.mean() - load)
     assert torch.allclose(moe.gate.expert_bias, 1e-3 * (sign - sign.mean()))
     assert moe.gate.expert_load.sum() == 0
-    moe(torch.randn(4, 5, 32))
+    moe(torch.randn(4, 5, 32), POLICY)
     assert moe.gate.expert_load.sum() == 4 * 5 * config.num_experts_per_tok
 
 

@@ -15,21 +15,22 @@ pytest.importorskip("triton")
 from test_lightning_triton import DEVICE, TOL, inputs, reference, rel, state  # noqa: E402
 
 from ringlinear.ops import lightning_attn, lightning_decode  # noqa: E402
-from ringlinear.ops.batch_invariant import batch_invariant  # noqa: E402
 from ringlinear.ops.lightning import lightning_decode_reference  # noqa: E402
 from ringlinear.ops.lightning.recurrent import lightning_decode_recurrent_triton  # noqa: E402
+from ringlinear.ops.policy import KernelPolicy  # noqa: E402
 
 H, D = 2, 64
 
 
+ALIGNED = KernelPolicy("triton", invariant=True)  # the recurrent kernel, through the interpreter on a CPU
+
+
 def attn(*args, **kwargs):
-    with batch_invariant():
-        return lightning_attn(*args, backend="triton", **kwargs)
+    return lightning_attn(*args, policy=ALIGNED, **kwargs)
 
 
 def decode(*args):
-    with batch_invariant():
-        return lightning_decode(*args, backend="triton")
+    return lightning_decode(*args, policy=ALIGNED)
 
 
 @pytest.mark.parametrize("dtype,offsets,with_state", [

@@ -14,8 +14,10 @@ from ringlinear.ops import lightning_attn, lightning_decode  # noqa: E402
 from ringlinear.ops.lightning import lightning_attn_quadratic, lightning_decode_reference  # noqa: E402
 from ringlinear.ops.lightning.chunk import lightning_attn_triton  # noqa: E402
 from ringlinear.ops.lightning.decode import lightning_decode_triton  # noqa: E402
+from ringlinear.ops.policy import KernelPolicy  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
+TRITON = KernelPolicy("triton")  # the kernels, through the interpreter on a CPU
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 5e-3}
 
 
@@ -109,7 +111,7 @@ def test_gradients_match_float64_autograd(T, dtype, offsets, with_state):
     h0 = state(N, H, D, requires_grad=True) if with_state else None
     cu = None if offsets is None else torch.tensor(offsets, device=DEVICE)
     o, ht = lightning_attn(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu,
-                           backend="triton")
+                           policy=TRITON)
     gen = torch.Generator().manual_seed(2)
     do, dht = (torch.randn(x.shape, generator=gen).to(DEVICE, x.dtype) for x in (o, ht))
     leaves = [q, k, v] + ([h0] if with_state else [])
@@ -125,7 +127,7 @@ def test_gradients_match_float64_autograd(T, dtype, offsets, with_state):
 def test_backward_over_segments_without_final_state():
     # the backward splits the sequence itself (no dht): force it with a long T on few heads
     q, k, v, g = inputs(1, 1100, 2, 64, torch.float32, requires_grad=True)
-    o, _ = lightning_attn(q, k, v, g, backend="triton")
+    o, _ = lightning_attn(q, k, v, g, policy=TRITON)
     do = torch.randn_like(o)
     grads = torch.autograd.grad((o * do).sum(), [q, k, v])
     ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
@@ -146,7 +148,7 @@ def test_decode_updates_only_its_slots(D, dtype):
     slots = torch.tensor([4, 0, 2], device=DEVICE)
     ref_state = s.double()
     ref_o = lightning_decode_reference(q.double(), k.double(), v.double(), g, ref_state, slots)
-    o = lightning_decode(q, k, v, g, s, slots, backend="triton")
+    o = lightning_decode(q, k, v, g, s, slots, policy=TRITON)
     assert o.dtype == dtype and o.shape == (N, H, D)
     assert rel(o, ref_o) < TOL[dtype]
     assert rel(s, ref_state) < 1e-6
@@ -170,23 +172,23 @@ def test_decode_small_blocks_into_given_output():
 def test_bad_inputs_raise_value_error():
     q, k, v, g = inputs(1, 8, 2, 64, torch.float32)
     with pytest.raises(ValueError, match="head dims"):
-        lightning_attn(q[..., :32], k[..., :32], v[..., :32], g, backend="triton")
+        lightning_attn_triton(q[..., :32], k[..., :32], v[..., :32], g, None, None, False, None, None)
     with pytest.raises(ValueError, match="fp16, bf16 or fp32"):
-        lightning_attn(q.double(), k.double(), v.double(), g, backend="triton")
+        lightning_attn_triton(q.double(), k.double(), v.double(), g, None, None, False, None, None)
     with pytest.raises(ValueError, match="same shape"):
-        lightning_attn(q, k[:, :4], v, g, backend="triton")
+        lightning_attn(q, k[:, :4], v, g, policy=TRITON)
     with pytest.raises(ValueError, match="negative"):
-        lightning_attn(q, k, v, -g, backend="triton")
+        lightning_attn(q, k, v, -g, policy=TRITON)
     checked = g.clone()
-    lightning_attn(q, k, v, checked, backend="triton")
+    lightning_attn(q, k, v, checked, policy=TRITON)
     checked.neg_()  # the sign check is cached per tensor, but not across an in-place change
     with pytest.raises(ValueError, match="negative"):
-        lightning_attn(q, k, v, checked, backend="triton")
+        lightning_attn(q, k, v, checked, policy=TRITON)
     with pytest.raises(ValueError, match="initial_state"):
-        lightning_attn(q, k, v, g, initial_state=state(2, 2, 64), backend="triton")
+        lightning_attn(q, k, v, g, initial_state=state(2, 2, 64), policy=TRITON)
     for bad in ([0, 5, 3, 8], [0, 4, 7]):
         with pytest.raises(ValueError, match="cu_seqlens"):
-            lightning_attn(q, k, v, g, cu_seqlens=torch.tensor(bad, device=DEVICE), backend="triton")
+            lightning_attn(q, k, v, g, cu_seqlens=torch.tensor(bad, device=DEVICE), policy=TRITON)
     with pytest.raises(ValueError, match="seg_len"):
         lightning_attn_triton(q, k, v, g, None, None, False, None, None, seg_len=100)
     strided = torch.randn(1, 64, 2, device=DEVICE).transpose(1, 2)  # [1, H, D] with D not unit-stride

@@ -7,6 +7,7 @@ import torch
 
 from ringlinear import HybridCache, RingLinearConfig, RingLinearForCausalLM, SequenceContext
 from ringlinear.model.weights import checkpoint_tensors
+from ringlinear.ops.policy import KernelPolicy
 
 
 def tiny(**overrides):
@@ -50,7 +51,7 @@ def test_packed_documents_equal_separate_runs():
     docs = [torch.randint(0, model.config.vocab_size, (1, n)) for n in lengths]
     cu = torch.tensor([0, 7, 8, 20])
     with torch.no_grad():
-        packed = model(torch.cat(docs, 1), cu_seqlens=cu).logits
+        packed = model(torch.cat(docs, 1), context=SequenceContext(cu)).logits
         alone = torch.cat([model(d).logits for d in docs], 1)
     assert max_rel(packed, alone) <= 1e-5
 
@@ -58,7 +59,7 @@ def test_packed_documents_equal_separate_runs():
 def test_loss_is_shifted_cross_entropy_and_ignores_document_boundaries():
     model = tiny()
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
-    out = model(ids, labels=ids, cu_seqlens=torch.tensor([0, 5, 12]))
+    out = model(ids, labels=ids, context=SequenceContext(torch.tensor([0, 5, 12])))
     logp = out.logits.log_softmax(-1)[0]
     targets = [(t, ids[0, t + 1]) for t in range(11) if t != 4]  # position 4 ends document 0
     expected = -torch.stack([logp[t, y] for t, y in targets]).mean()
@@ -86,7 +87,7 @@ def test_mtp_predicts_two_ahead_causally():
             shifted = torch.roll(shifted, -1, dims=1)
             h = layer(model.model.word_embeddings(shifted), h, model.model.rotary(torch.arange(16)[None]),
                       SequenceContext())
-            per_depth.append(model.lm_head(layer.final_layernorm(h)))
+            per_depth.append(model.lm_head(layer.final_layernorm(h, KernelPolicy())))
         losses.append(per_depth)
     # (equal up to rounding: the rows each expert multiplies differ between the two runs)
     assert torch.allclose(losses[0][0][:, :9], losses[1][0][:, :9], atol=1e-5)
@@ -156,5 +157,4 @@ def test_forward_rejects_bad_input():
     with pytest.raises(ValueError, match=r"\[B, T\]"):
         model(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="not both"):
-        model(torch.zeros(1, 4, dtype=torch.long), cu_seqlens=torch.tensor([0, 4]),
-              context=HybridCache(model.config, 1, 8))
+        model(torch.zeros(1, 4, dtype=torch.long), logits_to_keep=1, logits_indices=torch.tensor([0]))

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ringlinear import RingLinearConfig, RingLinearForCausalLM
+from ringlinear import RingLinearConfig, RingLinearForCausalLM, SequenceContext
 from ringlinear.data import PackedDocuments
 
 EOS = 0
@@ -88,7 +88,7 @@ def test_packed_documents_give_the_losses_of_the_documents_alone():
     docs = [batch.input_ids[:, a:b] for a, b in zip(cu, cu[1:])]
     assert [d.shape[1] for d in docs] == [n + 1 for n in lengths]
     with torch.no_grad():
-        packed = model(batch.input_ids, labels=batch.input_ids, cu_seqlens=batch.cu_seqlens)
+        packed = model(batch.input_ids, labels=batch.input_ids, context=SequenceContext(batch.cu_seqlens))
         alone = [model(d, labels=d) for d in docs]
     for (a, b), doc, out in zip(zip(cu, cu[1:]), docs, alone):
         per_token = F.cross_entropy(packed.logits[0, a:b - 1], doc[0, 1:], reduction="mean")

@@ -10,6 +10,7 @@ triton = pytest.importorskip("triton")
 
 from ringlinear.ops.paged_attention import paged_attention, paged_attention_reference  # noqa: E402
 from ringlinear.ops.paged_attention.kernel import paged_attention_triton  # noqa: E402
+from ringlinear.ops.policy import KernelPolicy  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 
@@ -82,5 +83,5 @@ def test_dispatch_checks_shapes():
         paged_attention(q[:, :3], k_cache, v_cache, tables, lens, starts, 1.0, 1)
     with pytest.raises(ValueError, match="query_start"):
         paged_attention(q, k_cache, v_cache, tables, lens, starts[:1], 1.0, 1)
-    with pytest.raises(ValueError, match="backend"):
-        paged_attention(q, k_cache, v_cache, tables, lens, starts, 1.0, 1, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        paged_attention(q, k_cache, v_cache, tables, lens, starts, 1.0, 1, policy=KernelPolicy("cuda"))

@@ -254,7 +254,7 @@ def test_over_capacity_requests_queue_then_get_503():
 def test_load_hundreds_of_concurrent_requests(server):
     url, engine = server
     start = wait_idle(engine)
-    free_pages = engine.pool.num_free_pages
+    free_pages = engine.scheduler.cache.num_free_pages
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
     async def one(i: int) -> int:
@@ -275,5 +275,5 @@ def test_load_hundreds_of_concurrent_requests(server):
 
     assert sum(asyncio.run(all_requests())) == 300
     end = wait_idle(engine)
-    assert engine.pool.num_free_pages == free_pages and end["generated_tokens"] > start["generated_tokens"]
+    assert engine.scheduler.cache.num_free_pages == free_pages and end["generated_tokens"] > start["generated_tokens"]
     assert httpx2.get(url + "/health").status_code == 200

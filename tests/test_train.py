@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ringlinear import RingLinearConfig, RingLinearForCausalLM
+from ringlinear import RingLinearConfig, RingLinearForCausalLM, SequenceContext
 from ringlinear.data import PackedDocuments, load_dataset
 from ringlinear.train import LearningRate, Stages, TrainConfig, Trainer, TrainingDiverged, build_optimizer, train
 from ringlinear.train import checkpoint as checkpoint_module
+from ringlinear.ops.policy import KernelPolicy
 from ringlinear.train import evaluate
 from ringlinear.train.checkpoint import checkpoint_dirs
 from ringlinear.train.metrics import FlopCounter, SpikeDetector
@@ -57,7 +58,7 @@ def test_validation_loss_falls_below_a_unigram_model(tmp_path):
     # The exported model is the trained one: it validates to the same bits per byte.
     data = load_dataset(tmp_path / "data")
     rows = PackedDocuments(data.val.tokens, data.val.offsets, 0).spread(4 * 8, config.seq_len)
-    exported = evaluate(result.model, rows, data.token_bytes, torch.device("cpu"))
+    exported = evaluate(result.model, rows, data.token_bytes, KernelPolicy())
     assert exported[1] == pytest.approx(result.val_bpb, rel=1e-6)
     steps = [m for m in metrics if "loss" in m]
     assert {"lr", "grad_norm", "tokens_per_s", "memory_gib", "tokens", "expert_load"} <= set(steps[-1])
@@ -225,7 +226,7 @@ def test_expert_bias_follows_the_load_of_each_step(tmp_path):
     data = load_dataset(tmp_path / "data")
     stream = PackedDocuments(data.train.tokens, data.train.offsets, 0, config.seed)
     batch = stream.batch(stream.row_starts(0, config.seq_len, range(4)), config.seq_len)
-    fresh(batch.input_ids, labels=batch.input_ids, cu_seqlens=batch.cu_seqlens)
+    fresh(batch.input_ids, labels=batch.input_ids, context=SequenceContext(batch.cu_seqlens))
     routers = list(zip(fresh.routers(), trained.routers()))
     assert len(routers) == 2
     for counted, updated in routers:

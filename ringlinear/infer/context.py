@@ -1,5 +1,5 @@
 """One engine step as the model sees it: every scheduled token of every sequence packed along T
-(B = 1), and the attention context that runs it against the `CachePool`."""
+(B = 1), and the attention context that runs it against the `PagedCache`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from torch import Tensor
 from ..model.context import AttentionContext
 from ..ops import lightning_attn, lightning_decode
 from ..ops.paged_attention import paged_attention
-from .cache import CachePool
+from ..ops.policy import KernelPolicy
+from .cache import PagedCache
+from .scheduler import ScheduledChunk
 
 
 @dataclass
@@ -35,23 +37,24 @@ class StepBatch:
         return self.slots.shape[0]
 
     @classmethod
-    def build(cls, token_ids: Seq[list[int]], num_computed: Seq[int], num_new: Seq[int], slots: Seq[int],
-              pool: CachePool) -> StepBatch:
-        """Host tensors for sequences that hold `num_computed[i]` tokens in the cache and now add the
-        next `num_new[i]` of their `token_ids[i]`, which must start with the single-token ones."""
+    def build(cls, chunks: Seq[ScheduledChunk], cache: PagedCache) -> StepBatch:
+        """Host tensors for the scheduled chunks (single-token ones first), each adding `num_tokens`
+        of its sequence's tokens to the `start` it holds in the cache."""
+        token_ids = [c.seq.token_ids for c in chunks]
+        num_computed, num_new = [c.start for c in chunks], [c.num_tokens for c in chunks]
         counts = np.asarray(num_new, dtype=np.int64)
         computed = np.asarray(num_computed, dtype=np.int64)
-        slot_array = np.asarray(slots, dtype=np.int64)
+        slot_array = np.asarray([c.seq.slot for c in chunks], dtype=np.int64)
         query_start = np.zeros(len(counts) + 1, dtype=np.int64)
         np.cumsum(counts, out=query_start[1:])
         total = int(query_start[-1])
         positions = np.repeat(computed - query_start[:-1], counts) + np.arange(total)
         input_ids = np.fromiter(itertools.chain.from_iterable(
             ids[c:c + n] for ids, c, n in zip(token_ids, num_computed, num_new)), dtype=np.int64, count=total)
-        page = pool.page_size
-        slot_mapping = pool.host_tables[np.repeat(slot_array, counts), positions // page] * page + positions % page
+        page = cache.page_size
+        slot_mapping = cache.host_tables[np.repeat(slot_array, counts), positions // page] * page + positions % page
         ends = computed + counts
-        complete = ends == np.fromiter((len(ids) for ids in token_ids), dtype=np.int64, count=len(counts))
+        complete = np.fromiter((c.sample for c in chunks), dtype=bool, count=len(counts))
         num_decodes = int((counts == 1).sum())
         assert (counts[:num_decodes] == 1).all(), "single-token sequences must come first"
         arrays = (input_ids, positions, slot_mapping, slot_array, ends, query_start, query_start[1:][complete] - 1)
@@ -73,12 +76,12 @@ class PagedContext(AttentionContext):
     """Lightning layers: single-token sequences update their state slots in place (decode kernel);
     longer runs continue from their slots' states (varlen chunk kernel) and write the final states
     back. Softmax layers: the new keys and values go to their pages, then paged attention reads the
-    cached prefix and the new tokens. `backend` picks the kernels ("auto": Triton on CUDA)."""
+    cached prefix and the new tokens. `policy` picks the kernels."""
 
-    def __init__(self, pool: CachePool, batch: StepBatch, backend: str = "auto"):
-        self.pool, self.batch, self.backend = pool, batch, backend
+    def __init__(self, cache: PagedCache, batch: StepBatch, policy: KernelPolicy):
+        self.cache, self.batch, self.policy = cache, batch, policy
         decodes = batch.num_decodes
-        self.block_tables = pool.block_tables[batch.slots]
+        self.block_tables = cache.block_tables[batch.slots]
         self.prefill_slots = batch.slots[decodes:]
         self.prefill_cu_seqlens = batch.query_start[decodes:] - decodes
 
@@ -89,25 +92,25 @@ class PagedContext(AttentionContext):
         return self.batch.positions[None]
 
     def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor) -> Tensor:
-        states = self.pool.states[self.pool.linear_index[layer_idx]]
+        states = self.cache.states[self.cache.linear_index[layer_idx]]
         decodes = self.batch.num_decodes
         outputs = []
         if decodes:
             outputs.append(lightning_decode(q[0, :decodes], k[0, :decodes], v[0, :decodes], log_decay, states,
-                                            self.batch.slots[:decodes], backend=self.backend))
+                                            self.batch.slots[:decodes], policy=self.policy))
         if decodes < q.shape[1]:
             o, final = lightning_attn(q[:, decodes:], k[:, decodes:], v[:, decodes:], log_decay,
                                       initial_state=states[self.prefill_slots], output_final_state=True,
-                                      cu_seqlens=self.prefill_cu_seqlens, backend=self.backend)
+                                      cu_seqlens=self.prefill_cu_seqlens, policy=self.policy)
             states[self.prefill_slots] = final
             outputs.append(o[0])
         return (outputs[0] if len(outputs) == 1 else torch.cat(outputs))[None]
 
     def softmax(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        k_cache, v_cache = self.pool.kv[self.pool.softmax_index[layer_idx]]
+        k_cache, v_cache = self.cache.kv[self.cache.softmax_index[layer_idx]]
         for cache, new in ((k_cache, k), (v_cache, v)):
             cache.view(-1, *new.shape[2:]).index_copy_(0, self.batch.slot_mapping, new[0])
         batch = self.batch
         o = paged_attention(q[0], k_cache, v_cache, self.block_tables, batch.seq_lens, batch.query_start, scale,
-                            batch.max_query_len, backend=self.backend)
+                            batch.max_query_len, policy=self.policy)
         return o[None]

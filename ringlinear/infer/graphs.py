@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from ..model import RingLinearForCausalLM
-from .cache import CachePool
+from ..ops.policy import KernelPolicy
+from .cache import PagedCache
 from .context import PagedContext, StepBatch
 
 _INPUTS = ("input_ids", "positions", "slot_mapping", "slots", "seq_lens")
@@ -34,10 +35,10 @@ def capture_sizes(max_size: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: RingLinearForCausalLM, pool: CachePool, max_size: int, backend: str = "auto"):
-        self.model, self.pool, self.backend = model, pool, backend
+    def __init__(self, model: RingLinearForCausalLM, cache: PagedCache, max_size: int, policy: KernelPolicy):
+        self.model, self.cache, self.policy = model, cache, policy
         self.sizes = capture_sizes(max_size)
-        device, n = pool.device, self.sizes[-1]
+        device, n = cache.device, self.sizes[-1]
         self.host = {name: torch.full((n,), _PADDING.get(name, 0), dtype=torch.long).pin_memory()
                      for name in _INPUTS}
         self.static = {name: tensor.to(device) for name, tensor in self.host.items()}
@@ -62,7 +63,7 @@ class DecodeGraphs:
 
     @torch.no_grad()
     def _forward(self, batch: StepBatch) -> None:
-        context = PagedContext(self.pool, batch, self.backend)
+        context = PagedContext(self.cache, batch, self.policy)
         logits = self.model(batch.input_ids[None], context=context).logits[0]
         self.logits[:batch.num_seqs].copy_(logits)  # one output buffer shared by all sizes
 

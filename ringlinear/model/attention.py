@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import RingLinearConfig, lightning_log_decay
+from ..ops.policy import KernelPolicy
 from .context import AttentionContext
 from .layers import RMSNorm, apply_rotary
 
@@ -22,11 +23,12 @@ class _QKNorm(nn.Module):
             self.query_layernorm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.key_layernorm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
-    def norm_and_rotate(self, q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def norm_and_rotate(self, q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor],
+                        policy: KernelPolicy) -> tuple[Tensor, Tensor]:
         dtype = q.dtype  # under autocast fp32 norm weights would promote q and k away from v's dtype
         if hasattr(self, "query_layernorm"):
-            q, k = self.query_layernorm(q), self.key_layernorm(k)
-        return apply_rotary(q, *rope).to(dtype), apply_rotary(k, *rope).to(dtype)
+            q, k = self.query_layernorm(q, policy), self.key_layernorm(k, policy)
+        return apply_rotary(q, *rope, policy=policy).to(dtype), apply_rotary(k, *rope, policy=policy).to(dtype)
 
 
 class LightningAttention(_QKNorm):
@@ -56,9 +58,9 @@ class LightningAttention(_QKNorm):
         if self.config.linear_silu:
             qkv = F.silu(qkv)
         q, k, v = qkv.view(B, T, 3, H, D).unbind(2)  # layout [all q heads | all k heads | all v heads]
-        q, k = self.norm_and_rotate(q, k, rope)
+        q, k = self.norm_and_rotate(q, k, rope, context.policy)
         o = context.lightning(self.layer_idx, q, k, v.contiguous(), self.log_decay(x.device))
-        return self.dense(self.g_norm(o.reshape(B, T, H * D), self.g_proj(x)))
+        return self.dense(self.g_norm(o.reshape(B, T, H * D), context.policy, gate=self.g_proj(x)))
 
 
 class SoftmaxAttention(_QKNorm):
@@ -75,6 +77,6 @@ class SoftmaxAttention(_QKNorm):
         B, T, _ = x.shape
         H, KV, D = self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim
         q, k, v = self.query_key_value(x).view(B, T, H + 2 * KV, D).split([H, KV, KV], dim=2)
-        q, k = self.norm_and_rotate(q, k, rope)
+        q, k = self.norm_and_rotate(q, k, rope, context.policy)
         o = context.softmax(self.layer_idx, q, k, v, D**-0.5)
         return self.dense(o.reshape(B, T, H * D))

@@ -37,8 +37,9 @@ class DecoderLayer(nn.Module):
                                                                           config.intermediate_size)
 
     def forward(self, h: Tensor, rope: tuple[Tensor, Tensor], context: AttentionContext) -> Tensor:
-        h = h + self.attention(self.input_layernorm(h), rope, context)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        policy = context.policy
+        h = h + self.attention(self.input_layernorm(h, policy), rope, context)
+        return h + self.mlp(self.post_attention_layernorm(h, policy), policy)
 
 
 class MTPLayer(DecoderLayer):
@@ -55,7 +56,7 @@ class MTPLayer(DecoderLayer):
 
     def forward(self, embedded: Tensor, h: Tensor, rope: tuple[Tensor, Tensor],
                 context: AttentionContext) -> Tensor:
-        x = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(h)], dim=-1))
+        x = self.eh_proj(torch.cat([self.enorm(embedded, context.policy), self.hnorm(h, context.policy)], dim=-1))
         return super().forward(x, rope, context)
 
 
@@ -154,31 +155,35 @@ class RingLinearForCausalLM(nn.Module):
     def routers(self) -> list[Router]:
         return [m for m in self.modules() if isinstance(m, Router)]
 
-    def forward(self, input_ids: Tensor, labels: Tensor | None = None,
-                context: AttentionContext | None = None, cu_seqlens: Tensor | None = None,
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, context: AttentionContext | None = None,
                 logits_to_keep: int = 0, logits_indices: Tensor | None = None,
                 return_logits: bool = True) -> CausalLMOutput:
         """input_ids [B, T]. `labels` [B, T] are the input ids themselves (shifted here; -100 is
-        ignored); with `cu_seqlens` (B = 1) documents packed along T are kept apart and no token is
-        predicted across a boundary. `context` runs attention against a cache (inference).
-        Logits are computed for every position, the last `logits_to_keep`, or the positions
-        `logits_indices` along T (e.g. the last token of each sequence packed in one step), or not at
-        all with `return_logits=False` (training: the losses come from the hidden states, one chunk
-        of fp32 logits at a time)."""
+        ignored). `context` decides how attention runs and with which kernels: by default whole
+        sequences (`SequenceContext()`), `SequenceContext(cu_seqlens)` for documents packed along T
+        (B = 1; kept apart, no token predicted across a boundary), a cache for inference. Logits are
+        computed for every position, the last `logits_to_keep`, or the positions `logits_indices`
+        along T (e.g. the last token of each sequence packed in one step), or not at all with
+        `return_logits=False` (training: the losses come from the hidden states, one chunk of fp32
+        logits at a time)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
-        if context is not None and cu_seqlens is not None:
-            raise ValueError("pass cu_seqlens or a context, not both")
         if logits_to_keep > 0 and logits_indices is not None:
             raise ValueError("pass logits_to_keep or logits_indices, not both")
-        context = context or SequenceContext(cu_seqlens)
+        context = context or SequenceContext()
+        with context.policy.numerics():  # the generic ops' batch-invariant forms, if the policy asks
+            return self._forward(input_ids, labels, context, logits_to_keep, logits_indices, return_logits)
+
+    def _forward(self, input_ids: Tensor, labels: Tensor | None, context: AttentionContext, logits_to_keep: int,
+                 logits_indices: Tensor | None, return_logits: bool) -> CausalLMOutput:
+        policy = context.policy
         B, T = input_ids.shape
         embeds = self.model.word_embeddings(input_ids)
         rope = self.model.rotary(context.positions(B, T, input_ids.device))
         h = embeds
         for layer in self.model.decoder_layers:
             h = layer(h, rope, context)
-        h = self.model.norm(h)
+        h = self.model.norm(h, policy)
         context.advance(T)
         if logits_indices is not None:
             kept = h[:, logits_indices]
@@ -195,7 +200,7 @@ class RingLinearForCausalLM(nn.Module):
         for depth, layer in enumerate(self.model.mtp_layers, start=1):
             ids = torch.roll(ids, shifts=-1, dims=1)  # token t + depth at position t
             h_prev = layer(self.model.word_embeddings(ids), h_prev, rope, context)
-            mtp_hidden = layer.final_layernorm(h_prev)
+            mtp_hidden = layer.final_layernorm(h_prev, policy)
             mtp_losses.append(_shifted_cross_entropy(mtp_hidden, self.lm_head.weight, labels, documents,
                                                      shift=depth + 1))
         mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else None

@@ -7,8 +7,9 @@ positions the tokens have, what the attention sees besides them, and what is kep
 - `HybridCache`: B sequences advanced together (prefill, then decode), keeping per linear layer one
   fp32 state [B, H, D, D] and per softmax layer the keys and values.
 
-Both take the Lightning `backend` ("auto": Triton on CUDA, else the PyTorch reference). The
-inference engine supplies its own context (state slots, paged KV) with the same methods.
+Every context carries the run's `KernelPolicy` (`ops.policy`): which kernels its attention calls and
+the layers' norms, MLPs and MoE run, and whether the forward is batch-invariant. The inference
+engine supplies its own context (state slots, paged KV) with the same methods.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from torch import Tensor
 from ..config import RingLinearConfig
 from ..ops import lightning_attn, lightning_decode
 from ..ops.attention import causal_attention, document_ids
+from ..ops.policy import KernelPolicy
 
 
 class AttentionContext(ABC):
     """Interface every context implements."""
+
+    policy: KernelPolicy  # the kernels of this forward
 
     @abstractmethod
     def positions(self, batch: int, seq_len: int, device: torch.device) -> Tensor:
@@ -46,8 +50,8 @@ class SequenceContext(AttentionContext):
     """Whole sequences from position 0. With `cu_seqlens` ([N+1] offsets, B = 1) the documents packed
     along T neither attend to each other nor share a Lightning state, and positions restart at 0."""
 
-    def __init__(self, cu_seqlens: Tensor | None = None, backend: str = "auto"):
-        self.cu_seqlens, self.backend = cu_seqlens, backend
+    def __init__(self, cu_seqlens: Tensor | None = None, policy: KernelPolicy = KernelPolicy()):
+        self.cu_seqlens, self.policy = cu_seqlens, policy
 
     def document_ids(self, seq_len: int, device: torch.device) -> Tensor:
         if self.cu_seqlens is None:
@@ -62,18 +66,19 @@ class SequenceContext(AttentionContext):
         return positions.expand(batch, seq_len)
 
     def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor) -> Tensor:
-        return lightning_attn(q, k, v, log_decay, cu_seqlens=self.cu_seqlens, backend=self.backend)[0]
+        return lightning_attn(q, k, v, log_decay, cu_seqlens=self.cu_seqlens, policy=self.policy)[0]
 
     def softmax(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        return causal_attention(q, k, v, scale, cu_seqlens=self.cu_seqlens)
+        return causal_attention(q, k, v, scale, cu_seqlens=self.cu_seqlens, policy=self.policy)
 
 
 class HybridCache(AttentionContext):
     """Inference cache for B sequences of equal length, preallocated for `max_length` tokens."""
 
     def __init__(self, config: RingLinearConfig, batch_size: int, max_length: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "auto"):
-        self.backend = backend
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 policy: KernelPolicy = KernelPolicy()):
+        self.policy = policy
         H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.batch_size, self.max_length, self.length = batch_size, max_length, 0
         self.states: dict[int, Tensor] = {}
@@ -104,9 +109,9 @@ class HybridCache(AttentionContext):
         state = self.states[layer_idx]
         if q.shape[1] == 1:
             return lightning_decode(q[:, 0], k[:, 0], v[:, 0], log_decay, state, self._slots,
-                                    backend=self.backend)[:, None]
+                                    policy=self.policy)[:, None]
         o, final = lightning_attn(q, k, v, log_decay, initial_state=state, output_final_state=True,
-                                  backend=self.backend)
+                                  policy=self.policy)
         state.copy_(final)
         return o
 
@@ -114,7 +119,8 @@ class HybridCache(AttentionContext):
         end = self.length + q.shape[1]
         self.keys[layer_idx][:, self.length:end] = k
         self.values[layer_idx][:, self.length:end] = v
-        return causal_attention(q, self.keys[layer_idx][:, :end], self.values[layer_idx][:, :end], scale)
+        return causal_attention(q, self.keys[layer_idx][:, :end], self.values[layer_idx][:, :end], scale,
+                                policy=self.policy)
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens

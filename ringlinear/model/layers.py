@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.fused import fused, swiglu
+from ..ops.policy import KernelPolicy
 
 
 def at_least_fp32(x: Tensor) -> Tensor:
@@ -31,8 +32,8 @@ class RMSNorm(nn.Module):
         self.groups, self.eps = groups, eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
-        return rms_norm(x, self.weight, self.eps, self.groups, gate)
+    def forward(self, x: Tensor, policy: KernelPolicy, gate: Tensor | None = None) -> Tensor:
+        return rms_norm(x, self.weight, self.eps, self.groups, gate, policy=policy)
 
 
 class RotaryEmbedding(nn.Module):
@@ -71,5 +72,5 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x: Tensor, policy: KernelPolicy) -> Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), policy=policy))

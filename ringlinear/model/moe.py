@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..config import RingLinearConfig
 from ..ops.moe import grouped_swiglu
+from ..ops.policy import KernelPolicy
 from .layers import MLP, at_least_fp32
 
 
@@ -79,7 +80,7 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(E, hidden, inter))
 
-    def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
+    def forward(self, x: Tensor, weights: Tensor, experts: Tensor, policy: KernelPolicy) -> Tensor:
         """x [N, hidden], weights/experts [N, k] -> Σ_k weight · expert(x), summed in a fixed order
         (in fp32, or fp64 for an fp64 model: the router's dtype)."""
         N, k = experts.shape
@@ -89,7 +90,7 @@ class Experts(nn.Module):
         counts = torch.zeros(self.gate_proj.shape[0], dtype=torch.long, device=flat.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat))
         y_sorted = grouped_swiglu(x[order // k], self.gate_proj, self.up_proj, self.down_proj, counts,
-                                  weights.flatten()[order])
+                                  weights.flatten()[order], policy)
         # back to token order by a gather (an index_put of whole rows is several times slower)
         back = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
         return y_sorted[back].view(N, k, -1).sum(1, dtype=weights.dtype).to(x.dtype)
@@ -103,10 +104,10 @@ class MoE(nn.Module):
         if config.num_shared_experts > 0:
             self.shared_experts = MLP(config.hidden_size, config.shared_expert_intermediate_size)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, policy: KernelPolicy) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weights, experts = self.gate(flat)
-        y = self.experts(flat, weights, experts)
+        y = self.experts(flat, weights, experts, policy)
         if hasattr(self, "shared_experts"):
-            y = y + self.shared_experts(flat)
+            y = y + self.shared_experts(flat, policy)
         return y.view_as(x)

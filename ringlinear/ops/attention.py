@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import batch_invariant
+from .batch_invariant import KEY_BLOCK
+from .policy import KernelPolicy, causal_attention_kernel
 
 
 def document_ids(cu_seqlens: Tensor, seq_len: int) -> Tensor:
@@ -15,25 +16,28 @@ def document_ids(cu_seqlens: Tensor, seq_len: int) -> Tensor:
     return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
-                     cu_seqlens: Tensor | None = None) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor | None = None,
+                     policy: KernelPolicy = KernelPolicy()) -> Tensor:
     """q: [B, Tq, H, D]; k, v: [B, Tk, KV, D] with Tk ≥ Tq and KV dividing H.
 
     Query i sits at key position Tk - Tq + i (new tokens after a cached prefix) and sees keys up to
     and including its own. With `cu_seqlens` (B = 1, Tq = Tk) a query sees only its own sequence.
-    Returns [B, Tq, H, D].
+    Returns [B, Tq, H, D]. `policy` picks the kernel (`ops.policy`).
     """
-    if batch_invariant.enabled():
-        if batch_invariant.on_kernels(q, k, v):
-            return _ByKeyBlocksFunction.apply(q, k, v, scale, cu_seqlens)
-        return _causal_by_key_blocks(q, k, v, scale, cu_seqlens)
-    return _causal_fast(q, k, v, scale, cu_seqlens)
+    match causal_attention_kernel(policy, q, k, v, packed=cu_seqlens is not None):
+        case "flash_varlen":
+            return _flash_varlen(q, k, v, scale, cu_seqlens)
+        case "sdpa":
+            return _sdpa(q, k, v, scale, cu_seqlens)
+        case "key_blocks":
+            return _ByKeyBlocksFunction.apply(q, k, v, scale, cu_seqlens, policy)
+        case "key_blocks_reference":
+            return _causal_by_key_blocks(q, k, v, scale, cu_seqlens, policy)
 
 
-def _causal_fast(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor | None) -> Tensor:
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor | None) -> Tensor:
+    """PyTorch's scaled_dot_product_attention, with a mask for a cached prefix or packed documents."""
     Tq, Tk = q.shape[1], k.shape[1]
-    if cu_seqlens is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        return _flash_varlen(q, k, v, scale, cu_seqlens)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     gqa = q.shape[1] != k.shape[1]
     if cu_seqlens is None and Tq == Tk:
@@ -63,17 +67,17 @@ def _flash_varlen(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Ten
 
 
 def attention_by_key_blocks(q: Tensor, k_blocks: Tensor, v_blocks: Tensor, block_table: Tensor, positions: Tensor,
-                            scale: float) -> Tensor:
+                            scale: float, policy: KernelPolicy) -> Tensor:
     """Causal attention whose arithmetic per query is fixed by the query alone (batch-invariant).
 
     q [T, H, D]: queries of any sequences; query t sits at `positions[t]` of its sequence, whose keys
     0, 1, ... lie in blocks of KB: block j is `k_blocks[block_table[t, j]]` ([P, KB, KV, D], likewise
     `v_blocks`). An online softmax visits the blocks in order j = 0, 1, ..., and blocks wholly past
     the query change nothing, so how many blocks the other queries need does not matter. Returns
-    [T, H, D] in q's dtype; the work is in fp32 (fp64 for fp64 inputs). CUDA fp16, bf16 and fp32 take
-    a Triton kernel (one launch; not differentiable: `causal_attention` wraps it); the rest this loop
-    over blocks."""
-    if batch_invariant.on_kernels(q, k_blocks, v_blocks):
+    [T, H, D] in q's dtype; the work is in fp32 (fp64 for fp64 inputs). On the Triton backend fp16,
+    bf16 and fp32 take a Triton kernel (one launch; not differentiable: `causal_attention` wraps it);
+    the rest this loop over blocks."""
+    if policy.triton(q, k_blocks, v_blocks):
         from .invariant_kernels import key_block_attention
         return key_block_attention(q, k_blocks, v_blocks, block_table, positions, scale)
     (T, H, D), dtype = q.shape, q.dtype
@@ -99,40 +103,42 @@ def attention_by_key_blocks(q: Tensor, k_blocks: Tensor, v_blocks: Tensor, block
     return (acc / total[..., None]).to(dtype)
 
 
-def _causal_by_key_blocks(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor | None) -> Tensor:
+def _causal_by_key_blocks(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor | None,
+                          policy: KernelPolicy) -> Tensor:
     """`causal_attention` through `attention_by_key_blocks`: each sequence's keys cut into blocks
     from its first position on."""
     if cu_seqlens is not None:  # packed documents, B = 1: one call per document
         offsets = cu_seqlens.tolist()
-        return torch.cat([_causal_by_key_blocks(q[:, a:b], k[:, a:b], v[:, a:b], scale, None)
+        return torch.cat([_causal_by_key_blocks(q[:, a:b], k[:, a:b], v[:, a:b], scale, None, policy)
                           for a, b in zip(offsets, offsets[1:])], dim=1)
     B, Tq, H, D = q.shape
     Tk, KV = k.shape[1], k.shape[2]
-    KB = batch_invariant.KEY_BLOCK
+    KB = KEY_BLOCK
     nb = -(-Tk // KB)
     pad = (0, 0, 0, 0, 0, nb * KB - Tk)
     k_blocks, v_blocks = (F.pad(x, pad).reshape(B * nb, KB, KV, D) for x in (k, v))
     block_table = (torch.arange(B, device=q.device)[:, None] * nb + torch.arange(nb, device=q.device))
     block_table = block_table.repeat_interleave(Tq, dim=0)  # [B*Tq, nb]
     positions = torch.arange(Tk - Tq, Tk, device=q.device).repeat(B)
-    o = attention_by_key_blocks(q.reshape(B * Tq, H, D), k_blocks, v_blocks, block_table, positions, scale)
+    o = attention_by_key_blocks(q.reshape(B * Tq, H, D), k_blocks, v_blocks, block_table, positions, scale, policy)
     return o.view(B, Tq, H, D)
 
 
 class _ByKeyBlocksFunction(torch.autograd.Function):
     """`_causal_by_key_blocks` forward (on the kernel); the gradient is that of the same function
-    computed the ordinary way, recomputed in the backward, which needs no invariance."""
+    computed the ordinary way (SDPA), recomputed in the backward, which needs no invariance."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor | None) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor | None,
+                policy: KernelPolicy) -> Tensor:
         ctx.save_for_backward(q, k, v, cu_seqlens)
         ctx.scale = scale
-        return _causal_by_key_blocks(q, k, v, scale, cu_seqlens)
+        return _causal_by_key_blocks(q, k, v, scale, cu_seqlens, policy)
 
     @staticmethod
     def backward(ctx, do: Tensor):
         q, k, v, cu_seqlens = ctx.saved_tensors
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-            o = _causal_fast(*leaves, ctx.scale, cu_seqlens)
-        return *torch.autograd.grad(o, leaves, do), None, None
+            o = causal_attention(*leaves, ctx.scale, cu_seqlens)  # the fast kernels of this device
+        return *torch.autograd.grad(o, leaves, do), None, None, None

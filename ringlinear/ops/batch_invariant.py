@@ -1,4 +1,4 @@
-"""Batch-invariant numerics: inside `batch_invariant()`, a token's numbers do not depend on what
+"""Batch-invariant numerics: under an invariant `KernelPolicy`, a token's numbers do not depend on what
 else is in the batch, so the training forward over whole sequences and an engine step that mixes
 prefill chunks with other requests' decodes give bit-identical logits.
 
@@ -15,9 +15,9 @@ differs from the vector one in the last bit. In this mode:
 - `sigmoid` and `silu` are composed from `exp` and IEEE division, which every code path computes
   alike;
 - `topk` is a stable sort: ties go to the lower index (the MoE router's choice);
-- the attention ops switch to forms whose per-token order is fixed (`ops.lightning`: the state
-  advanced token by token, the same code for training, prefill and decode, a Triton kernel on
-  CUDA; `ops.attention`: an online softmax over fixed blocks of `KEY_BLOCK` keys).
+- the attention ops take forms whose per-token order is fixed (`ops.lightning`: the state advanced
+  token by token, the same code for training, prefill and decode; `ops.attention`: an online
+  softmax over fixed blocks of `KEY_BLOCK` keys).
 
 On CUDA, fp16, bf16 and fp32 tensors take Triton kernels that are invariant by construction, one
 launch where the blocks above take thousands (`ops.invariant_kernels`: products of one fixed tile,
@@ -30,44 +30,17 @@ thread-local. Backward passes run outside it (their numerics need no invariance)
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from .policy import KERNEL_DTYPES, KernelPolicy
+
 ROWS = 16  # rows (or matrices) per product and per reduction call
 KEY_BLOCK = 16  # keys per block of the batch-invariant attention; engine pages hold whole blocks
-
-_local = threading.local()
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # dtypes of `invariant_kernels`
-
-
-def enabled() -> bool:
-    """Whether the calling thread is inside `batch_invariant()`."""
-    return getattr(_local, "depth", 0) > 0
-
-
-@contextlib.contextmanager
-def batch_invariant(on: bool = True) -> Iterator[None]:
-    """Run the enclosed forward with batch-invariant numerics (a no-op with `on=False`)."""
-    if not on:
-        yield
-        return
-    _local.depth = getattr(_local, "depth", 0) + 1
-    try:
-        with _Mode():
-            yield
-    finally:
-        _local.depth -= 1
-
-
-def on_kernels(*xs: Tensor) -> bool:
-    """Whether tensors go to the CUDA kernels of `ops.invariant_kernels` (one dtype among theirs)."""
-    return all(x.is_cuda and x.dtype == xs[0].dtype for x in xs) and xs[0].dtype in KERNEL_DTYPES
 
 
 def fold_sum(x: Tensor, dim: int) -> Tensor:
@@ -93,8 +66,8 @@ def _in_blocks(fn: Callable[..., Tensor], *xs: Tensor, last: int = 1) -> Tensor:
     return out.reshape(*lead, *out.shape[1:])
 
 
-def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    if on_kernels(x, weight):
+def _linear(policy: KernelPolicy, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    if policy.triton(x, weight):
         from .invariant_kernels import invariant_linear
         out = invariant_linear(x, weight)
     else:
@@ -102,10 +75,10 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return out if bias is None else out + bias
 
 
-def _matmul(a: Tensor, b: Tensor) -> Tensor:
+def _matmul(policy: KernelPolicy, a: Tensor, b: Tensor) -> Tensor:
     if a.dim() < 2 or b.dim() < 2:
         raise NotImplementedError("batch-invariant matmul takes matrices, not vectors")
-    if on_kernels(a, b):
+    if policy.triton(a, b):
         return _matmul_on_kernels(a, b)
     if b.dim() == 2:
         return _in_blocks(lambda rows: torch.mm(rows, b), a)
@@ -128,14 +101,14 @@ def _matmul_on_kernels(a: Tensor, b: Tensor) -> Tensor:
 def _reduction(name: str) -> Callable[..., Tensor]:
     original = getattr(torch, name)
 
-    def reduce(x: Tensor, dim: int | tuple[int, ...] | None = None, keepdim: bool = False,
+    def reduce(policy: KernelPolicy, x: Tensor, dim: int | tuple[int, ...] | None = None, keepdim: bool = False,
                dtype: torch.dtype | None = None) -> Tensor:
         x = x if dtype is None else x.to(dtype)
         dims = [dim] if isinstance(dim, int) else list(dim or [])
         if len(dims) != 1 or not x.is_floating_point():  # whole-tensor or integer reductions
             return original(x) if dim is None else original(x, dim, keepdim=keepdim)
         d = dims[0] % x.dim()
-        if d == x.dim() - 1 and on_kernels(x):
+        if d == x.dim() - 1 and policy.triton(x):
             from .invariant_kernels import row_sum
             total = row_sum(x, mean=name == "mean")
             return total.unsqueeze(-1) if keepdim else total
@@ -151,25 +124,26 @@ def _reduction(name: str) -> Callable[..., Tensor]:
 def _softmax(name: str) -> Callable[..., Tensor]:
     original = getattr(torch, name)
 
-    def normalise(x: Tensor, dim: int, _stacklevel: int = 3, dtype: torch.dtype | None = None) -> Tensor:
+    def normalise(policy: KernelPolicy, x: Tensor, dim: int, _stacklevel: int = 3,
+                  dtype: torch.dtype | None = None) -> Tensor:
         if dim % x.dim() != x.dim() - 1:
             raise NotImplementedError(f"batch-invariant {name} runs over the last dimension")
-        if on_kernels(x) and (dtype is None or dtype in KERNEL_DTYPES):
+        if policy.triton(x) and (dtype is None or dtype in KERNEL_DTYPES):
             from .invariant_kernels import softmax
             return softmax(x, log=name == "log_softmax", dtype=dtype)
         return _in_blocks(lambda rows: original(rows, -1, dtype=dtype), x)
     return normalise
 
 
-def _sigmoid(x: Tensor) -> Tensor:
+def _sigmoid(policy: KernelPolicy, x: Tensor) -> Tensor:
     return 1 / (1 + torch.exp(-x))
 
 
-def _silu(x: Tensor, inplace: bool = False) -> Tensor:
-    return x * _sigmoid(x)
+def _silu(policy: KernelPolicy, x: Tensor, inplace: bool = False) -> Tensor:
+    return x * _sigmoid(policy, x)
 
 
-def _topk(x: Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):
+def _topk(policy: KernelPolicy, x: Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):
     values, indices = x.sort(dim=dim, descending=largest, stable=True)
     return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))
 
@@ -185,6 +159,15 @@ _OVERRIDES: dict[Callable, Callable] = {
 }
 
 
-class _Mode(TorchFunctionMode):
+class InvariantMode(TorchFunctionMode):
+    """The generic ops in their batch-invariant forms, on the kernels or blocks `policy` picks."""
+
+    def __init__(self, policy: KernelPolicy):
+        super().__init__()
+        self.policy = policy
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        return _OVERRIDES.get(func, func)(*args, **(kwargs or {}))
+        override = _OVERRIDES.get(func)
+        if override is None:
+            return func(*args, **(kwargs or {}))
+        return override(self.policy, *args, **(kwargs or {}))

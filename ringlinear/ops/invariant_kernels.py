@@ -1,5 +1,5 @@
 """Triton kernels of batch-invariant mode on CUDA: a row's numbers are computed by one instruction
-sequence whatever the other rows are, in one launch (the CPU form, `batch_invariant._in_blocks`,
+sequence whatever the other rows are, in one launch (the PyTorch form, `batch_invariant._in_blocks`,
 gets there with a Python loop over fixed-shape blocks).
 
 - `invariant_grouped_mm`: rows sorted by group, row r of group e times w[e]ᵀ (E = 1: F.linear). One
@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .batch_invariant import KERNEL_DTYPES
+from .policy import KERNEL_DTYPES
 
 
 def _aligned(x: Tensor) -> Tensor:

@@ -19,8 +19,10 @@ import torch
 from torch import Tensor
 
 from ..infer import Engine, EngineConfig, SamplingParams
-from ..model import RingLinearForCausalLM
-from ..ops.batch_invariant import batch_invariant
+from ..infer.context import StepBatch
+from ..infer.scheduler import SchedulerOutput
+from ..model import RingLinearForCausalLM, SequenceContext
+from ..ops.policy import KernelPolicy
 from ..sampling import token_logprobs
 
 Key = tuple[int, int]  # (sequence, position)
@@ -180,7 +182,7 @@ def probe(model: RingLinearForCausalLM, prompts: list[list[int]], max_new_tokens
     try:
         engine_logprobs = _engine_run(engine, recorder, prompts, max_new_tokens, seed)
         sequences = [p + [lp.token_id for lp in lps] for p, lps in zip(prompts, engine_logprobs)]
-        train_logprobs = _training_run(model, recorder, sequences, [len(p) for p in prompts], aligned)
+        train_logprobs = _training_run(model, recorder, sequences, [len(p) for p in prompts], engine.policy)
     finally:
         recorder.remove()
     diffs = [(t - e.logprob, abs(math.exp(t) - math.exp(e.logprob)))
@@ -200,35 +202,33 @@ def probe(model: RingLinearForCausalLM, prompts: list[list[int]], max_new_tokens
 
 def _engine_run(engine: Engine, recorder: _Recorder, prompts: list[list[int]], max_new_tokens: int,
                 seed: int) -> list[list]:
-    """Requests arrive one per step; the engine's steps are tracked so the hooks know their tokens."""
-    forward = engine._forward
-
-    def tracked(batch):
-        sequence_of_slot = {s.slot: int(s.request_id) for s in engine.scheduler.running}
-        sequences = [sequence_of_slot[slot] for slot in batch.slots.tolist()]
+    """Requests arrive one per step; each step's rows are keyed for the hooks by the runner's step hook."""
+    def key_rows(output: SchedulerOutput, batch: StepBatch) -> None:
         starts, positions = batch.query_start.tolist(), batch.positions.tolist()
-        recorder.tokens = [(sequences[n], positions[i]) for n in range(len(sequences))
+        recorder.tokens = [(int(chunk.seq.request_id), positions[i]) for n, chunk in enumerate(output.chunks)
                            for i in range(starts[n], starts[n + 1])]
         recorder.logit_tokens = [recorder.tokens[i] for i in batch.logits_indices.tolist()]
-        return forward(batch)
 
-    engine._forward = tracked
+    handle = engine.runner.register_step_hook(key_rows)
     recorder.run, recorder.layout = "engine", None
     logprobs: list[list] = [[] for _ in prompts]
     step = 0
-    while step < len(prompts) or engine.has_unfinished():
-        if step < len(prompts):
-            engine.add_request(str(step), prompts[step], SamplingParams(
-                max_tokens=max_new_tokens, seed=seed + step, logprobs=0, ignore_eos=True))
-        for output in engine.step():
-            logprobs[int(output.request_id)] += output.logprobs
-        step += 1
-    recorder.run = None
+    try:
+        while step < len(prompts) or engine.has_unfinished():
+            if step < len(prompts):
+                engine.add_request(str(step), prompts[step], SamplingParams(
+                    max_tokens=max_new_tokens, seed=seed + step, logprobs=0, ignore_eos=True))
+            for output in engine.step():
+                logprobs[int(output.request_id)] += output.logprobs
+            step += 1
+    finally:
+        handle.remove()
+        recorder.run = None
     return logprobs
 
 
 def _training_run(model: RingLinearForCausalLM, recorder: _Recorder, sequences: list[list[int]],
-                  prompt_lengths: list[int], aligned: bool) -> list[list[float]]:
+                  prompt_lengths: list[int], kernels: KernelPolicy) -> list[list[float]]:
     """One right-padded [B, T] forward; logits only at the positions that predict generated tokens."""
     B, T = len(sequences), max(map(len, sequences))
     device = next(model.parameters()).device
@@ -237,9 +237,10 @@ def _training_run(model: RingLinearForCausalLM, recorder: _Recorder, sequences: 
     recorder.run, recorder.layout = "train", (B, T)
     recorder.tokens = [(b, t) for b in range(B) for t in range(T)]
     recorder.logit_tokens = [(b, t) for b in range(B) for t in range(first, T - 1)]
-    with batch_invariant(aligned):
-        logits = model(ids, logits_indices=torch.arange(first, T - 1, device=device)).logits
-        targets = ids[:, first + 1:]
+    logits = model(ids, context=SequenceContext(policy=kernels),
+                   logits_indices=torch.arange(first, T - 1, device=device)).logits
+    targets = ids[:, first + 1:]
+    with kernels.numerics():
         logp = token_logprobs(logits.flatten(0, 1), targets.flatten(), 0)[0].view(B, -1)
     recorder.run = None
     return [logp[b, n - 1 - first:len(s) - 1 - first].tolist() for b, (s, n) in enumerate(zip(sequences, prompt_lengths))]

@@ -34,7 +34,7 @@ import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -45,8 +45,8 @@ from ..checkpoint import load_tokenizer
 from ..config import RingLinearConfig
 from ..infer import LLM, Engine, EngineConfig, SamplingParams
 from ..infer.outputs import Completion
-from ..model import RingLinearForCausalLM
-from ..ops.batch_invariant import batch_invariant
+from ..model import RingLinearForCausalLM, SequenceContext
+from ..ops.policy import KernelPolicy
 from ..ops.cross_entropy import IGNORE_INDEX
 from ..sampling import token_logprobs
 from ..train import build_optimizer, optimizer_step, resolve_device
@@ -84,7 +84,8 @@ def encode(tokenizer: Tokenizer, text: str) -> list[int]:
 
 
 def supervised_finetune(model: RingLinearForCausalLM, task: ArithmeticTask, tokenizer: Tokenizer,
-                        config: RLConfig, accuracy: Callable[[], float] | None = None) -> list[dict[str, float]]:
+                        config: RLConfig, accuracy: Callable[[], float] | None = None,
+                        kernels: KernelPolicy = KernelPolicy()) -> list[dict[str, float]]:
     """Teach the format: cross-entropy on answer + EOS after the prompt, at a constant rate. Every
     `sft_check_interval` steps `accuracy()` is measured and the fine-tuning stops once it reaches
     `sft_target_accuracy`. Returns one record per check: step, mean loss since the last, accuracy."""
@@ -99,7 +100,8 @@ def supervised_finetune(model: RingLinearForCausalLM, task: ArithmeticTask, toke
         answers = [encode(tokenizer, p.answer) + [eos] for p in problems]
         ids, labels = _pad([p + a for p, a in zip(prompts, answers)], 0), _pad(
             [[IGNORE_INDEX] * len(p) + a for p, a in zip(prompts, answers)], IGNORE_INDEX)
-        loss = model(ids.to(device), labels=labels.to(device), return_logits=False).loss
+        loss = model(ids.to(device), labels=labels.to(device), context=SequenceContext(policy=kernels),
+                     return_logits=False).loss
         loss.backward()
         losses.append(loss.item())
         optimizer_step(model, optimizer, losses[-1], config.grad_clip, config.sft_bias_update_rate)
@@ -125,6 +127,8 @@ class RLTrainer:
     def __init__(self, config: RLConfig):
         self.config = config
         self.device = resolve_device(config.device)
+        # the kernels of the trainer's forwards; the engine resolves the same from its config
+        self.kernels = KernelPolicy(invariant=config.batch_invariant).resolve(self.device)
         self.rng = random.Random(config.seed)
         torch.manual_seed(config.seed)
         if config.prompts:
@@ -149,7 +153,8 @@ class RLTrainer:
                 self.sync()
                 return self.accuracy(check_set)
 
-            self.sft = supervised_finetune(self.policy, self.task, self.tokenizer, config, train_accuracy)
+            self.sft = supervised_finetune(self.policy, self.task, self.tokenizer, config, train_accuracy,
+                                           replace(self.kernels, invariant=False))  # no log-probs to match
             self.sync()
         self.reference = copy.deepcopy(self.policy).eval() if config.kl_coef > 0 else None
         hidden = self.policy.config.hidden_size
@@ -208,9 +213,9 @@ class RLTrainer:
 
     def _forward(self, model: RingLinearForCausalLM, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Log-probs [B, T - 1] of each next token, the logits and the hidden states before them."""
-        with batch_invariant(self.config.batch_invariant):
-            out = model(ids)
-            logits = out.logits[:, :-1]
+        out = model(ids, context=SequenceContext(policy=self.kernels))
+        logits = out.logits[:, :-1]
+        with self.kernels.numerics():  # the engine's sampler takes its log-probs the same way
             logp = token_logprobs(logits.flatten(0, 1), ids[:, 1:].flatten(), 0)[0].view(ids.shape[0], -1)
         return logp, logits, out.hidden_states[:, :-1]
 

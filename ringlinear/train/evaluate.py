@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from ..data import PackedBatch, bits_per_byte
+from ..model import SequenceContext
+from ..ops.policy import KernelPolicy
 from .parallel import all_reduce
 
 
@@ -20,16 +22,17 @@ def predicted_tokens(batch: PackedBatch) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Sequence[PackedBatch], token_bytes: np.ndarray,
-             device: torch.device) -> tuple[float, float]:
+             policy: KernelPolicy) -> tuple[float, float]:
     """(nats per predicted token, bits per byte) over this process's `batches` and every other
     process's: each predicted token's loss counts over the UTF-8 bytes of its text."""
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
     for batch in batches:
         targets = predicted_tokens(batch)
         batch = batch.to(device)
-        lm_loss = model(batch.input_ids, labels=batch.input_ids, cu_seqlens=batch.cu_seqlens,
+        lm_loss = model(batch.input_ids, labels=batch.input_ids, context=SequenceContext(batch.cu_seqlens, policy),
                         return_logits=False).lm_loss
         totals += torch.tensor([lm_loss.item() * len(targets), len(targets), token_bytes[targets].sum()],
                                dtype=torch.float64, device=device)

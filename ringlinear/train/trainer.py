@@ -26,7 +26,8 @@ from tqdm import tqdm
 from ..command import RunFailed
 from ..data import EOS, Dataset, PackedDocuments, load_dataset, prepare_dataset
 from ..info import describe
-from ..model import RingLinearForCausalLM
+from ..model import RingLinearForCausalLM, SequenceContext
+from ..ops.policy import KernelPolicy
 from .checkpoint import LATEST_LINK, checkpoint_dirs, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .evaluate import evaluate
@@ -110,6 +111,7 @@ class Trainer:
         model = model.to(world.device).train()
         self.model = parallelize(model, world, compute_dtype(config.param_dtype, world.device),
                                  config.activation_checkpointing)
+        self.policy = KernelPolicy().resolve(world.device)
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, (config.beta1, config.beta2))
         self.lr = LearningRate.of(config)
         self.moe_layers = [i for i in range(model_config.num_hidden_layers + model_config.num_nextn_predict_layers)
@@ -150,8 +152,8 @@ class Trainer:
             first = step_row + (world.rank * c.grad_accum + micro) * rows
             starts = self.train_stream.row_starts(origin, seq_len, range(first, first + rows), stage_rows)
             batch = self.train_stream.batch(starts, seq_len).to(world.device)
-            out = self.model(batch.input_ids, labels=batch.input_ids, cu_seqlens=batch.cu_seqlens,
-                             return_logits=False)
+            out = self.model(batch.input_ids, labels=batch.input_ids,
+                             context=SequenceContext(batch.cu_seqlens, self.policy), return_logits=False)
             # A checkpointed layer routes again in the backward and counts its load twice: every expert
             # of that layer alike, which neither the bias update (signs) nor the logged shares see.
             (out.loss / c.grad_accum).backward()
@@ -185,7 +187,7 @@ class Trainer:
         say = tqdm.write if world.is_main else (lambda text: None)
 
         def validate(step: int) -> float:
-            val_loss, val_bpb = evaluate(self.model, self.val_batches, self.data.token_bytes, world.device)
+            val_loss, val_bpb = evaluate(self.model, self.val_batches, self.data.token_bytes, self.policy)
             log.write(step, val_loss=val_loss, val_bpb=val_bpb)
             say(f"step {step}: validation loss {val_loss:.4f} nats/token, {val_bpb:.4f} bits/byte")
             return val_bpb

@@ -1,22 +1,20 @@
-"""Lightning attention: the public entry points, input checks and backend dispatch.
+"""Lightning attention: the public entry points, input checks and kernel dispatch.
 
 `lightning_attn` runs whole sequences (training, prefill); `lightning_decode` advances N sequences
-by one token against a pool of fp32 states. The "torch" backend is the chunked reference in
-`naive.py`; the Triton kernels (`chunk.py`, `decode.py`) take its place on CUDA. Under
-`batch_invariant()` every call runs a recurrent form, one token per step, so that a token gets the
-same bits in training, prefill and decode: `recurrent.py` on the Triton backend, else
+by one token against a pool of fp32 states. The kernel policy (`ops.policy.lightning_kernel`) picks
+the Triton kernels (`chunk.py`, `decode.py`) or the chunked reference in `naive.py`; in invariant
+mode every call runs a recurrent form, one token per step, so that a token gets the same bits in
+training, prefill and decode: `recurrent.py` on the Triton backend, else
 `naive.lightning_attn_recurrent`.
 """
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .. import batch_invariant
+from ..policy import KernelPolicy, lightning_kernel
 from .naive import (lightning_attn_chunked, lightning_attn_quadratic, lightning_attn_recurrent,
                     lightning_decode_reference)
 
@@ -24,7 +22,6 @@ __all__ = ["lightning_attn", "lightning_decode", "lightning_attn_chunked", "ligh
            "lightning_attn_recurrent", "lightning_decode_reference"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKENDS = ("auto", "torch", "triton")
 
 
 def _capturing() -> bool:
@@ -63,30 +60,16 @@ def _check_cu_seqlens(cu_seqlens: Tensor, batch: int, seq_len: int) -> list[int]
     return offsets
 
 
-def _pick_backend(backend: str, x: Tensor) -> str:
-    """"auto" is Triton for CUDA tensors of a kernel dtype; float64 stays on the reference."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        fast = x.device.type == "cuda" and x.dtype != torch.float64 and _triton_available()
-        return "triton" if fast else "torch"
-    return backend
-
-
-def _triton_available() -> bool:
-    # find_spec, not an import: importing triton here would fix TRITON_INTERPRET for the process
-    return importlib.util.find_spec("triton") is not None
-
-
 def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None = None,
                    initial_state: Tensor | None = None, output_final_state: bool = False,
-                   cu_seqlens: Tensor | None = None, backend: str = "auto") -> tuple[Tensor, Tensor | None]:
+                   cu_seqlens: Tensor | None = None, policy: KernelPolicy = KernelPolicy()
+                   ) -> tuple[Tensor, Tensor | None]:
     """Causal linear attention with a per-head decay over whole sequences.
 
     q, k, v: [B, T, H, D]; log_decay: [H], negative; initial_state: [N, H, D, D] fp32 where N is B,
     or the number of packed sequences when `cu_seqlens` ([N+1] offsets into T, B = 1) is given.
     Returns o [B, T, H, D] in the input dtype and, if asked, the final states [N, H, D, D] in fp32.
-    Differentiable with respect to q, k, v and the initial state.
+    Differentiable with respect to q, k, v and the initial state. `policy` picks the kernel.
     """
     if q.dim() != 4:
         raise ValueError(f"q must be [B, T, H, D], got shape {list(q.shape)}")
@@ -102,15 +85,26 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: fl
     if initial_state is not None and initial_state.shape != (num_seqs, H, D, D):
         raise ValueError(f"initial_state must have shape [N, H, D, D]={[num_seqs, H, D, D]}, "
                          f"got {list(initial_state.shape)}")
-    if _pick_backend(backend, q) == "triton":
-        if batch_invariant.enabled():
-            from .recurrent import lightning_attn_recurrent_triton as triton_attn
-        else:
-            from .chunk import lightning_attn_triton as triton_attn
-        return triton_attn(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, offsets)
-    if batch_invariant.enabled():
-        o, final = lightning_attn_recurrent(q, k, v, log_decay, scale, initial_state, cu_seqlens)
-        return o, final if output_final_state else None
+    match lightning_kernel(policy, q):
+        case "chunk":
+            from .chunk import lightning_attn_triton
+            return lightning_attn_triton(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens,
+                                         offsets)
+        case "recurrent":
+            from .recurrent import lightning_attn_recurrent_triton
+            return lightning_attn_recurrent_triton(q, k, v, log_decay, scale, initial_state, output_final_state,
+                                                   cu_seqlens, offsets)
+        case "recurrent_reference":
+            o, final = lightning_attn_recurrent(q, k, v, log_decay, scale, initial_state, cu_seqlens)
+            return o, final if output_final_state else None
+        case "chunked_reference":
+            return _chunked_reference(q, k, v, log_decay, scale, initial_state, output_final_state, offsets)
+
+
+def _chunked_reference(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None,
+                       initial_state: Tensor | None, output_final_state: bool,
+                       offsets: list[int] | None) -> tuple[Tensor, Tensor | None]:
+    """`lightning_attn_chunked` over each packed sequence in turn."""
     if offsets is None:
         o, final = lightning_attn_chunked(q, k, v, log_decay, scale, initial_state)
     else:
@@ -128,7 +122,7 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: fl
 
 
 def lightning_decode(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor, slots: Tensor,
-                     scale: float | None = None, backend: str = "auto") -> Tensor:
+                     scale: float | None = None, policy: KernelPolicy = KernelPolicy()) -> Tensor:
     """One decode step for N sequences: q, k, v [N, H, D]; state pool [S, H, D, D] fp32, updated in
     place at rows `slots` [N]. No host synchronisation and no allocation in the Triton path, so it
     can be captured in a CUDA graph. Returns o [N, H, D] in the dtype of q."""
@@ -144,15 +138,17 @@ def lightning_decode(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: 
     if slots.shape != (N,) or slots.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slots must be an int tensor [N]=[{N}], got shape {list(slots.shape)} "
                          f"dtype {slots.dtype}")
-    if _pick_backend(backend, q) == "triton":
-        if batch_invariant.enabled():
+    match lightning_kernel(policy, q):
+        case "chunk":
+            from .decode import lightning_decode_triton
+            return lightning_decode_triton(q, k, v, log_decay, state, slots, scale)
+        case "recurrent":
             from .recurrent import lightning_decode_recurrent_triton
             return lightning_decode_recurrent_triton(q, k, v, log_decay, state, slots, scale)
-        from .decode import lightning_decode_triton
-        return lightning_decode_triton(q, k, v, log_decay, state, slots, scale)
-    if batch_invariant.enabled():
-        one_each = torch.arange(N + 1, device=q.device)
-        o, state[slots] = lightning_attn_recurrent(q[None], k[None], v[None], log_decay, scale, state[slots],
-                                                   cu_seqlens=one_each)
-        return o[0]
-    return lightning_decode_reference(q, k, v, log_decay, state, slots, scale)
+        case "recurrent_reference":
+            one_each = torch.arange(N + 1, device=q.device)
+            o, state[slots] = lightning_attn_recurrent(q[None], k[None], v[None], log_decay, scale, state[slots],
+                                                       cu_seqlens=one_each)
+            return o[0]
+        case "chunked_reference":
+            return lightning_decode_reference(q, k, v, log_decay, state, slots, scale)

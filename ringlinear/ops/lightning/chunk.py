@@ -33,8 +33,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..policy import LIGHTNING_HEAD_DIMS
+
 BT = 64  # chunk length; segments are multiples of it
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -310,8 +311,8 @@ def kernel_inputs(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: flo
     """The inputs as every Triton Lightning kernel (chunked, recurrent) takes them: a head dim and
     dtype they support, contiguous q, k, v, fp32 decays and state, a float scale."""
     D = q.shape[-1]
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"the Triton kernels support head dims {SUPPORTED_HEAD_DIMS}, got D={D}")
+    if D not in LIGHTNING_HEAD_DIMS:
+        raise ValueError(f"the Triton kernels support head dims {LIGHTNING_HEAD_DIMS}, got D={D}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"the Triton kernels take fp16, bf16 or fp32 inputs, got {q.dtype}")
     scale = D**-0.5 if scale is None else float(scale)

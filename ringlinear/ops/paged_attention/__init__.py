@@ -4,8 +4,8 @@ The cache of one layer is `k_cache`, `v_cache` [num_pages, page_size, KV, D]; se
 pages `block_tables[n, :ceil(seq_lens[n] / page_size)]`, in order. Its new tokens (rows
 `query_start[n]:query_start[n + 1]` of q, already written to the cache) are its last ones, so a
 decode step is a query length of 1 and a prefill chunk attends to the cached prefix and causally
-to itself. The "torch" backend is the gather-then-SDPA reference; the Triton kernel takes its
-place on CUDA. Under `batch_invariant()` every backend gives way to `attention_by_key_blocks`.
+to itself. The kernel policy picks the Triton kernel or the gather-then-SDPA reference, and in
+invariant mode `attention_by_key_blocks` over the pages' key blocks (`ops.policy`).
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import batch_invariant
 from ..attention import attention_by_key_blocks
+from ..batch_invariant import KEY_BLOCK
+from ..policy import KernelPolicy, paged_attention_kernel
 from .reference import paged_attention_reference
 
 __all__ = ["paged_attention", "paged_attention_reference"]
 
-BACKENDS = ("auto", "torch", "triton")
-
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
-                    query_start: Tensor, scale: float, max_query_len: int, backend: str = "auto") -> Tensor:
+                    query_start: Tensor, scale: float, max_query_len: int,
+                    policy: KernelPolicy = KernelPolicy()) -> Tensor:
     """q [T, H, D] (all sequences' new tokens packed); k_cache, v_cache [P, page_size, KV, D];
     block_tables [N, max_pages] int32; seq_lens [N] int32 (tokens in the cache after this step);
     query_start [N+1] int32 offsets into T; `max_query_len` the longest run of new tokens (a host
@@ -42,23 +42,23 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
     if block_tables.dim() != 2 or block_tables.shape[0] != N or query_start.shape != (N + 1,):
         raise ValueError(f"block_tables must be [N, max_pages] and query_start [N+1] for N={N} sequences, "
                          f"got {list(block_tables.shape)} and {list(query_start.shape)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if batch_invariant.enabled():
-        return _paged_by_key_blocks(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale)
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
-        from .kernel import paged_attention_triton
-        return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale,
-                                      max_query_len)
-    return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale)
+    match paged_attention_kernel(policy, q, k_cache):
+        case "paged":
+            from .kernel import paged_attention_triton
+            return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale,
+                                          max_query_len)
+        case "gather_reference":
+            return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale)
+        case "key_blocks":
+            return _paged_by_key_blocks(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale, policy)
 
 
 def _paged_by_key_blocks(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
-                         query_start: Tensor, scale: float) -> Tensor:
+                         query_start: Tensor, scale: float, policy: KernelPolicy) -> Tensor:
     """Each page holds whole key blocks of `attention_by_key_blocks`, so the blocks a query visits
     are those of the training forward over the same sequence."""
     P, page, KV, D = k_cache.shape
-    KB = batch_invariant.KEY_BLOCK
+    KB = KEY_BLOCK
     if page % KB:
         raise ValueError(f"batch-invariant attention needs pages of a multiple of {KB} tokens, got {page}")
     per_page = page // KB
@@ -67,4 +67,4 @@ def _paged_by_key_blocks(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tabl
     seq = torch.repeat_interleave(torch.arange(len(query_lens), device=q.device), query_lens)
     positions = (seq_lens - query_lens)[seq] + torch.arange(q.shape[0], device=q.device) - query_start[seq]
     table = (block_tables.long()[:, :, None] * per_page + torch.arange(per_page, device=q.device)).flatten(1)
-    return attention_by_key_blocks(q, k_blocks, v_blocks, table[seq], positions, scale)
+    return attention_by_key_blocks(q, k_blocks, v_blocks, table[seq], positions, scale, policy)

@@ -1,0 +1,61 @@
+"""The engine's sampler: the next token of every sampled sequence from its logits row, with each
+request's own options, penalties and generator, and the log-probs it asked for."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops.policy import KernelPolicy
+from ..sampling import apply_penalties, sample, token_logprobs
+from .outputs import TokenLogprob
+from .scheduler import Sequence
+
+
+class Sampler:
+    def __init__(self, policy: KernelPolicy, device: torch.device, seed: int):
+        self.policy = policy  # invariant: log-probs bit-identical to the training forward's
+        self.device = device
+        self.generator = torch.Generator(device).manual_seed(seed)  # shared by requests without a seed
+
+    def __call__(self, logits: Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """logits [len(seqs), V] fp32 -> the token of each sequence and its log-probs (None where not asked)."""
+        with self.policy.numerics():
+            return self._sample(logits, seqs)
+
+    def _sample(self, logits: Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        params = [s.params for s in seqs]
+        if all(p.greedy and not p.penalised for p in params):
+            tokens = logits.argmax(-1)
+        else:
+            def per_row(name: str, dtype: torch.dtype = torch.float32) -> Tensor:
+                return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=logits.device)
+
+            processed = logits
+            if any(p.penalised for p in params):
+                counts, seen = self._token_counts(seqs, logits.shape[-1])
+                processed = apply_penalties(logits, counts, seen, per_row("repetition_penalty"),
+                                            per_row("presence_penalty"), per_row("frequency_penalty"))
+            tokens = sample(processed, per_row("temperature"), per_row("top_k", torch.long), per_row("top_p"),
+                            self.generator, min_p=per_row("min_p"),
+                            row_generators={i: s.generator for i, s in enumerate(seqs) if s.generator})
+        token_list = tokens.tolist()
+        num_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        if num_top is None:
+            return token_list, [None] * len(seqs)
+        chosen, top_values, top_ids = (t.tolist() for t in token_logprobs(logits, tokens, num_top))
+        logprobs = [None if p.logprobs is None else
+                    TokenLogprob(token, chosen[i], list(zip(top_ids[i][:p.logprobs], top_values[i][:p.logprobs])))
+                    for i, (p, token) in enumerate(zip(params, token_list))]
+        return token_list, logprobs
+
+    def _token_counts(self, seqs: list[Sequence], vocab: int) -> tuple[Tensor, Tensor]:
+        """[N, V] counts of each generated token and whether each token was seen (prompt or output)."""
+        counts = torch.zeros(len(seqs), vocab, device=self.device)
+        seen = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=self.device)
+        for i, seq in enumerate(seqs):
+            if seq.params.penalised:
+                output = torch.tensor(seq.output_ids, dtype=torch.long, device=self.device)
+                counts[i].index_add_(0, output, torch.ones_like(output, dtype=counts.dtype))
+                seen[i, torch.tensor(seq.token_ids, device=self.device)] = True
+        return counts, seen

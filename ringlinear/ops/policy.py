@@ -1,0 +1,149 @@
+"""Which kernel runs: a run's kernel policy and the one rule table every op's dispatcher follows.
+
+The owner of a run (the Engine, the Trainer, the RL trainer, the alignment probe) makes one
+`KernelPolicy` and hands it down: the attention context that every layer's forward receives carries
+it, the layers pass it to their norms, MLP and MoE, and each op takes it as an argument. No op reads
+a global flag, and a reader answers "which kernel runs here?" from this file alone.
+
+`backend` ("auto" is "triton" for CUDA tensors when Triton is installed, else "torch"):
+- "torch": the readable PyTorch reference of every op: no Triton, no torch.compile, no
+  torch._grouped_mm, no FlashAttention varlen call.
+- "triton": the Triton kernel of every op that has one, on CUDA and (for tests, through
+  TRITON_INTERPRET=1) on the CPU; on CUDA also PyTorch's own fast paths. Triton kernels take fp16,
+  bf16 and fp32; float64 tensors always take the references.
+
+`invariant`: batch-invariant numerics. A token's numbers do not depend on what else is in its batch
+(see `batch_invariant.py`), so the training forward and any engine step give the same bits. Generic
+torch ops (`F.linear`, `@`, reductions, softmax, `sigmoid`, `topk`) take invariant forms inside
+`policy.numerics()`, which the model's forward enters for its whole body (and the sampler for its
+log-probs); the ops below switch by the table. Backward passes run outside it.
+
+| op (module)                          | triton                          | torch                  | invariant, triton          | invariant, torch            |
+|--------------------------------------|---------------------------------|------------------------|----------------------------|-----------------------------|
+| lightning_attn (lightning/)          | chunk.py                        | naive chunked          | recurrent.py               | naive recurrent             |
+| lightning_decode (lightning/)        | decode.py                       | naive decode           | recurrent.py               | naive recurrent             |
+| causal_attention (attention.py)      | SDPA; FlashAttention varlen for packed CUDA fp16/bf16 | SDPA (masked) | key blocks: invariant_kernels | key blocks: PyTorch loop |
+| paged_attention (paged_attention/)   | kernel.py                       | gather + SDPA          | key blocks: invariant_kernels | key blocks: PyTorch loop |
+| grouped_swiglu (moe.py)              | torch._grouped_mm (CUDA bf16), else the loop | loop over experts | invariant_kernels grouped GEMM | loop over experts    |
+| elementwise chains (fused.py)        | torch.compile (CUDA, ≥ COMPILE_MIN_ELEMENTS) | eager     | eager                      | eager                       |
+| F.linear, @, sum, mean, softmax      | PyTorch                         | PyTorch                | invariant_kernels          | fixed row blocks            |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Backend = Literal["auto", "torch", "triton"]
+BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton kernels take
+LIGHTNING_HEAD_DIMS = (64, 128, 256)  # what the Triton Lightning kernels take; other head sizes run the references
+# A compiled chain costs more host time than the few launches it replaces, which a small step
+# (launch-bound) would feel: compile from 2,048 tokens of a 2,048-wide activation (prefill chunks, training).
+COMPILE_MIN_ELEMENTS = 1 << 22
+
+
+def triton_installed() -> bool:
+    # find_spec, not an import: importing triton here would fix TRITON_INTERPRET for the process
+    return importlib.util.find_spec("triton") is not None
+
+
+@dataclass(frozen=True)
+class KernelPolicy:
+    backend: Backend = "auto"
+    invariant: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def resolve(self, device: torch.device | str) -> KernelPolicy:
+        """This policy with "auto" made concrete for tensors on `device` (what an owner logs and passes)."""
+        return replace(self, backend=self._backend_on(torch.device(device)))
+
+    def _backend_on(self, device: torch.device) -> Backend:
+        if self.backend != "auto":
+            return self.backend
+        return "triton" if device.type == "cuda" and triton_installed() else "torch"
+
+    def triton(self, *xs: Tensor) -> bool:
+        """Whether the Triton kernels take these tensors: the backend is Triton on their device and they
+        share one of KERNEL_DTYPES."""
+        return (self._backend_on(xs[0].device) == "triton" and xs[0].dtype in KERNEL_DTYPES
+                and all(x.dtype == xs[0].dtype for x in xs))
+
+    def cuda_fast_paths(self, x: Tensor) -> bool:
+        """Whether PyTorch's CUDA-only fast paths (FlashAttention varlen, torch._grouped_mm, compiled
+        chains) may run on `x`: Triton backend, CUDA, and not invariant (their arithmetic follows the shapes)."""
+        return not self.invariant and x.is_cuda and self._backend_on(x.device) == "triton"
+
+    @contextlib.contextmanager
+    def numerics(self) -> Iterator[None]:
+        """Generic torch ops in their batch-invariant forms while inside, if `invariant`; else nothing."""
+        if not self.invariant:
+            yield
+            return
+        from .batch_invariant import InvariantMode
+        with InvariantMode(self):
+            yield
+
+
+# -- the rule table, one function per row ----------------------------------------------------------
+
+LightningKernel = Literal["chunk", "recurrent", "chunked_reference", "recurrent_reference"]
+
+
+def lightning_kernel(policy: KernelPolicy, q: Tensor) -> LightningKernel:
+    """lightning_attn and lightning_decode: `chunk` is chunk.py for whole sequences and decode.py for
+    one token; invariant mode runs the recurrent form for both, so a token gets the same bits whether
+    it was prefilled or decoded."""
+    triton = policy.triton(q) and q.shape[-1] in LIGHTNING_HEAD_DIMS
+    if policy.invariant:
+        return "recurrent" if triton else "recurrent_reference"
+    return "chunk" if triton else "chunked_reference"
+
+
+AttentionKernel = Literal["sdpa", "flash_varlen", "key_blocks", "key_blocks_reference"]
+
+
+def causal_attention_kernel(policy: KernelPolicy, q: Tensor, k: Tensor, v: Tensor, packed: bool) -> AttentionKernel:
+    """causal_attention. Both invariant forms are `attention.attention_by_key_blocks`, which takes the
+    Triton kernel by the same test (`policy.triton`), as do the generic ops inside `numerics()`."""
+    if policy.invariant:
+        return "key_blocks" if policy.triton(q, k, v) else "key_blocks_reference"
+    if packed and policy.cuda_fast_paths(q) and q.dtype in (torch.float16, torch.bfloat16):
+        return "flash_varlen"
+    return "sdpa"
+
+
+PagedKernel = Literal["paged", "gather_reference", "key_blocks"]
+
+
+def paged_attention_kernel(policy: KernelPolicy, q: Tensor, k_cache: Tensor) -> PagedKernel:
+    """paged_attention. Invariant: `attention_by_key_blocks` over the pages' key blocks (kernel or loop
+    as for causal_attention), so a query visits the blocks the training forward visits."""
+    if policy.invariant:
+        return "key_blocks"
+    return "paged" if policy.triton(q, k_cache) else "gather_reference"
+
+
+ExpertsKernel = Literal["grouped_mm", "invariant_grouped_mm", "loop"]
+
+
+def experts_kernel(policy: KernelPolicy, x: Tensor, *weights: Tensor) -> ExpertsKernel:
+    """grouped_swiglu. torch._grouped_mm (no host sync, so CUDA-graph safe) takes bf16 on CUDA."""
+    if policy.invariant:
+        return "invariant_grouped_mm" if policy.triton(x, *weights) else "loop"
+    return "grouped_mm" if policy.cuda_fast_paths(x) and x.dtype == torch.bfloat16 else "loop"
+
+
+def compiles_chain(policy: KernelPolicy, x: Tensor) -> bool:
+    """fused.py: compile an elementwise chain into one kernel. Invariant mode runs it eagerly, so its
+    reductions keep their fixed form."""
+    return policy.cuda_fast_paths(x) and x.numel() >= COMPILE_MIN_ELEMENTS
