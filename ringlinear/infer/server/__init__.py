@@ -5,9 +5,10 @@ Every bad request gets a 4xx with an OpenAI error body naming the field; a clien
 has its requests aborted at once (their slots and pages are free after the current step); beyond
 the running batch requests queue, and beyond `max_queued` more they get 503.
 
-Modules: `app` (the factory and `serve`), `routes` (the endpoints), `state` (what they share),
-`auth` (the API key), `errors` (OpenAI's error body and the handlers), `streaming` (submitting,
-collecting and streaming a request's outputs), `logprobs` and `protocol` (the request bodies).
+Modules: `app` (the factory, the served names and `serve`), `routes` (the endpoints), `state`
+(what they share), `auth` (the API key), `errors` (OpenAI's error body and the handlers),
+`streaming` (submitting, collecting and streaming a request's outputs), `logprobs` and `protocol`
+(the request bodies).
 """
 
 from .app import create_app, serve

@@ -17,7 +17,7 @@ from .errors import APIError
 @dataclass(frozen=True)
 class ServerState:
     runner: AsyncEngine
-    model_name: str
+    model_names: tuple[str, ...]  # the names requests may use; /v1/models and responses give the first
     chat_template: ChatTemplate | None
     api_key: str | None
 
@@ -25,9 +25,14 @@ class ServerState:
     def engine(self) -> Engine:
         return self.runner.engine
 
+    @property
+    def model_name(self) -> str:
+        return self.model_names[0]
+
     def check_model(self, name: str) -> None:
-        if name != self.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server has {self.model_name!r}", "model",
+        if name not in self.model_names:
+            served = " or ".join(map(repr, self.model_names))
+            raise APIError(404, f"the model {name!r} does not exist; this server has {served}", "model",
                            code="model_not_found")
 
 
