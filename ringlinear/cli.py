@@ -103,7 +103,7 @@ def _generate(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     from .infer.server import serve  # FastAPI and uvicorn load only to serve
 
-    serve(args.model, args.host, args.port, args.api_key, max_queued=args.max_queued,
+    serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_queued,
           device=resolve_device(args.device), max_num_seqs=args.max_num_seqs)
 
 
@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: no key)")
+    srv.add_argument("--served-model-name", metavar="NAME", help="the model's name in requests (default: --model "
+                     "as given, e.g. runs/tiny/checkpoint, or its folder's name, e.g. checkpoint)")
     srv.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
                      help=f"requests running at once (default: {EngineConfig.max_num_seqs})")
     srv.add_argument("--max-queued", type=int, default=MAX_QUEUED,

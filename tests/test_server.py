@@ -12,12 +12,13 @@ import httpx2
 import openai
 import pytest
 import uvicorn
-from infer_helpers import CHAT_TEMPLATE, EOS, byte_tokenizer, tiny_model
+from infer_helpers import CHAT_TEMPLATE, EOS, byte_tokenizer, tiny_checkpoint, tiny_model
 
 from ringlinear.generate import generate
 from ringlinear.infer import Engine, EngineConfig
 from ringlinear.infer.chat import ChatTemplate
 from ringlinear.infer.server import create_app
+from ringlinear.infer.server.app import load_app, served_model_names
 
 KEY = "test-key"
 MODEL = "tiny"
@@ -28,7 +29,13 @@ def running(engine_config: EngineConfig, chat_template: bool = True, **app_optio
     """A server on a free loopback port; yields (base url, engine)."""
     engine = Engine(tiny_model(), byte_tokenizer(), engine_config)
     template = ChatTemplate(CHAT_TEMPLATE, eos_token=EOS) if chat_template else None
-    app = create_app(engine, MODEL, template, api_key=KEY, **app_options)
+    with serving(create_app(engine, MODEL, template, api_key=KEY, **app_options)) as url:
+        yield url, engine
+
+
+@contextlib.contextmanager
+def serving(app):
+    """`app` on a free loopback port; yields its base url."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
@@ -39,7 +46,7 @@ def running(engine_config: EngineConfig, chat_template: bool = True, **app_optio
         assert time.monotonic() < deadline, "server did not start"
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -206,6 +213,26 @@ def test_api_key_and_the_unguarded_endpoints(server):
                  "ringlinear_inter_token_latency_seconds_bucket", "ringlinear_request_latency_seconds_count"):
         assert name in metrics
     assert post(url, "/v1/completions", GOOD).status_code == 200  # still serving after all of it
+
+
+def test_the_model_answers_to_its_path_as_given_and_to_its_folder_name(tmp_path, monkeypatch):
+    tiny_checkpoint(tmp_path / "runs/tiny/checkpoints/step_000300/model")
+    (tmp_path / "runs/tiny/checkpoint").symlink_to("checkpoints/step_000300/model")  # as the trainer links it
+    monkeypatch.chdir(tmp_path)
+    app = load_app("runs/tiny/checkpoint", KEY, device="cpu", max_num_seqs=2, page_size=8, num_pages=32)
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["runs/tiny/checkpoint"]
+        out = client.completions.create(model="runs/tiny/checkpoint", prompt="hi", max_tokens=2)
+        assert out.model == "runs/tiny/checkpoint" and out.usage.completion_tokens >= 1
+        chat = client.chat.completions.create(model="checkpoint", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=2)
+        assert chat.model == "runs/tiny/checkpoint" and chat.usage.completion_tokens >= 1
+        for unknown in ("model", "runs/tiny", "tiny"):  # not the symlink's target, nor another folder
+            response = post(url, "/v1/completions", {**GOOD, "model": unknown})
+            assert response.status_code == 404 and response.json()["error"]["param"] == "model"
+    assert served_model_names("runs/tiny/checkpoint", "tiny-chat") == ("tiny-chat",)
+    assert served_model_names("checkpoint/") == ("checkpoint/", "checkpoint")
 
 
 def test_chat_without_a_template_is_refused_clearly():

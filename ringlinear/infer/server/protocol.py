@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .params import InvalidRequest, SamplingParams
+from ..params import InvalidRequest, SamplingParams
 
 
 class _Body(BaseModel):
@@ -37,6 +37,11 @@ class _GenerationRequest(_Body):
     repetition_penalty: float = 1.0
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return self.stream_options is not None and self.stream_options.include_usage
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         if self.n != 1:
