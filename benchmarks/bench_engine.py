@@ -1,7 +1,7 @@
 """The inference engine on one GPU: the hybrid model (Ring-mini-linear-2.0 shapes, random bf16
 weights) side by side with the same model made all-softmax (layer_group_size = 1).
 
-    python benchmarks/bench_engine.py [--quick] [--out DIR] [--profile TOKENS]
+    python benchmarks/bench_engine.py [--quick] [--models hybrid all_softmax] [--out DIR] [--profile TOKENS]
 
 For each model, built on the meta device and initialised on the GPU, one at a time:
 - prefill throughput, batch 1, at 4K, 32K and 128K prompt tokens (the last is 131,071 tokens: the
@@ -245,7 +245,7 @@ def profile_prefill(shapes: Shapes, length: int, rows: int = 30) -> None:
 # -- report ------------------------------------------------------------------------------------
 
 def table(report: dict, shapes: Shapes) -> str:
-    hybrid, softmax = report["models"]["hybrid"], report["models"]["all_softmax"]
+    hybrid, softmax = report["models"].get("hybrid", {}), report["models"].get("all_softmax", {})
 
     def value(results: dict, name: str, key: str) -> float | None:
         row = results.get(name, {})
@@ -284,6 +284,8 @@ def table(report: dict, shapes: Shapes) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test of every case")
+    parser.add_argument("--models", nargs="+", choices=("hybrid", "all_softmax"), default=["hybrid", "all_softmax"],
+                        help="which of the two models to run (default: both)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--profile", type=int, metavar="TOKENS",
                         help="only profile the hybrid's prefill of this many tokens and print its top kernels")
@@ -303,6 +305,8 @@ def main() -> None:
     path = os.path.join(args.out, "bench_engine.json")
     os.makedirs(args.out, exist_ok=True)
     for name, group in (("hybrid", None), ("all_softmax", 1)):
+        if name not in args.models:
+            continue
         config = RingLinearConfig.preset(shapes.preset)
         if group is not None:
             config = config.replace(layer_group_size=group)
