@@ -58,6 +58,8 @@ def test_float64_and_unsupported_head_sizes_take_the_references():
     assert row(KernelPolicy("triton"), Stand(dtype=torch.float64))[:4] == REFERENCES[:4]
     assert lightning_kernel(KernelPolicy("triton"), Stand(shape=(1, 64, 4, 32))) == "chunked_reference"
     assert paged_attention_kernel(KernelPolicy("triton"), Stand(shape=(64, 4, 32)), Stand()) == "paged"
+    for page, kernel in ((8, "gather_reference"), (16, "paged"), (48, "gather_reference"), (64, "paged")):
+        assert paged_attention_kernel(KernelPolicy("triton"), Stand(), Stand(shape=(9, page, 2, 128))) == kernel
 
 
 def test_invariant_mode_takes_the_fixed_order_forms():

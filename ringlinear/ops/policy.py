@@ -126,11 +126,14 @@ PagedKernel = Literal["paged", "gather_reference", "key_blocks"]
 
 
 def paged_attention_kernel(policy: KernelPolicy, q: Tensor, k_cache: Tensor) -> PagedKernel:
-    """paged_attention. Invariant: `attention_by_key_blocks` over the pages' key blocks (kernel or loop
-    as for causal_attention), so a query visits the blocks the training forward visits."""
+    """paged_attention, k_cache [P, page_size, KV, D]. The kernel multiplies a page of keys on the tensor
+    cores: pages of a power of two ≥ 16 tokens; others take the reference. Invariant:
+    `attention_by_key_blocks` over the pages' key blocks (kernel or loop as for causal_attention), so a
+    query visits the blocks the training forward visits."""
     if policy.invariant:
         return "key_blocks"
-    return "paged" if policy.triton(q, k_cache) else "gather_reference"
+    page = k_cache.shape[1]
+    return "paged" if policy.triton(q, k_cache) and page >= 16 and page & (page - 1) == 0 else "gather_reference"
 
 
 ExpertsKernel = Literal["grouped_mm", "invariant_grouped_mm", "loop"]
