@@ -18,8 +18,7 @@ LOGITS_PER_CHUNK = 2**27  # fp32 logits of one chunk: 512 MiB
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
-        needs_grad = any(ctx.needs_input_grad[:2])
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, needs_grad: bool) -> Tensor:
         fp = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for a float64 check
         total = torch.zeros((), dtype=fp, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if needs_grad else None
@@ -44,11 +43,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output.to(grad_hidden.dtype), grad_weight * grad_output.to(grad_weight.dtype), None, None
+        return (grad_hidden * grad_output.to(grad_hidden.dtype), grad_weight * grad_output.to(grad_weight.dtype),
+                None, None, None)
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
     """Σ over rows with a target of cross_entropy(hidden @ weightᵀ, target), in at least fp32.
     hidden [N, d], weight [V, d], targets [N] (IGNORE_INDEX = no target)."""
     chunk_rows = max(1, LOGITS_PER_CHUNK // weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+    # ctx.needs_input_grad follows requires_grad even under no_grad (validation): ask the grad mode too
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, needs_grad)
