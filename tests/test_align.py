@@ -47,13 +47,32 @@ def test_a_planted_bf16_state_is_found_where_it_enters(model, monkeypatch):
 
 
 def test_align_command_writes_its_report_and_plot(tmp_path, capsys):
+    """`ringlinear align`: in batch-invariant mode every module and every log-prob agrees exactly; in
+    fast mode the summary, the first divergence and the table are those of the per-module and
+    per-token differences it saved."""
     checkpoint = tiny_checkpoint(tmp_path / "model")
     (tmp_path / "prompts.txt").write_text("def f(x):\n\nimport os\n")
-    main(["align", "--model", str(checkpoint), "--prompts", str(tmp_path / "prompts.txt"), "--max-new-tokens", "4",
-          "--out", str(tmp_path / "out")])
-    output = capsys.readouterr().out
-    report = json.loads((tmp_path / "out" / "align.json").read_text())
-    assert report["num_sequences"] == 2 and report["logprobs"]["tokens"] == 8
-    assert f"first module whose outputs differ: {report['first_divergence'] or 'none'}" in output
-    assert "|Δp| > 0.8" in output
-    assert (tmp_path / "out" / "align.png").stat().st_size > 10_000
+    reports = {}
+    for mode in ("aligned", "fast"):
+        main(["align", "--model", str(checkpoint), "--prompts", str(tmp_path / "prompts.txt"), "--max-new-tokens", "4",
+              "--out", str(tmp_path / mode), *(["--batch-invariant"] if mode == "aligned" else [])])
+        reports[mode] = json.loads((tmp_path / mode / "align.json").read_text()), capsys.readouterr().out
+        assert (tmp_path / mode / "align.png").stat().st_size > 10_000
+    aligned, output = reports["aligned"]
+    layers = {f"model.layers.{i}" for i in range(6)}  # the tiny preset's decoder layers
+    assert aligned["num_sequences"] == 2 and aligned["logprobs"]["tokens"] == 8
+    assert layers <= {m["name"] for m in aligned["modules"]} and all(m["max_abs"] == 0 for m in aligned["modules"])
+    assert aligned["logprob_diffs"] == [0.0] * 8 and aligned["first_divergence"] is None
+    assert "identical 100.0%" in output and "\nfirst module whose outputs differ: none\n" in output
+
+    fast, output = reports["fast"]
+    gaps = [abs(d) for d in fast["logprob_diffs"]]
+    assert len(gaps) == 8 and fast["logprobs"]["max_abs_dlogp"] == max(gaps)
+    assert abs(fast["logprobs"]["mean_abs_dlogp"] - sum(gaps) / 8) < 1e-12
+    assert fast["logprobs"]["identical_fraction"] == sum(g == 0 for g in gaps) / 8
+    first = next((m["name"] for m in fast["modules"] if m["max_abs"] > 0), None)
+    assert fast["first_divergence"] == first
+    rows = {line.split()[0]: float(line.split()[1]) for line in output.splitlines()
+            if line.startswith(("model.", "lm_head"))}
+    assert rows.keys() == {m["name"] for m in fast["modules"]}
+    assert all(abs(rows[m["name"]] - m["max_abs"]) <= 1e-3 * m["max_abs"] for m in fast["modules"])
