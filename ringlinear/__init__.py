@@ -2,6 +2,8 @@
 
 from .config import RingLinearConfig
 from .model import CausalLMOutput, HybridCache, RingLinearForCausalLM, SequenceContext
+from .ops.policy import KernelPolicy
 
 __version__ = "0.1.0"
-__all__ = ["CausalLMOutput", "HybridCache", "RingLinearConfig", "RingLinearForCausalLM", "SequenceContext"]
+__all__ = ["CausalLMOutput", "HybridCache", "KernelPolicy", "RingLinearConfig", "RingLinearForCausalLM",
+           "SequenceContext"]
