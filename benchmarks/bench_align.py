@@ -35,6 +35,7 @@ import torch
 from ringlinear import RingLinearConfig, RingLinearForCausalLM
 from ringlinear.infer import Engine, EngineConfig, SamplingParams
 from ringlinear.model import SequenceContext
+from ringlinear.ops.batch_invariant import numerics
 from ringlinear.ops.policy import KernelPolicy
 from ringlinear.rl.probe import probe
 from ringlinear.sampling import token_logprobs
@@ -126,7 +127,7 @@ def training_logprobs(model, sequences, first, aligned):
     with torch.no_grad():
         logits = model(ids, context=SequenceContext(policy=policy),
                        logits_indices=torch.arange(first, T - 1, device=device)).logits
-        with policy.numerics():
+        with numerics(policy):
             return [token_logprobs(logits[b, :len(s) - 1 - first], ids[b, first + 1:len(s)], 0)[0].cpu()
                     for b, s in enumerate(sequences)]
 

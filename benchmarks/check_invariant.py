@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from ringlinear.ops import attention
-from ringlinear.ops.batch_invariant import KEY_BLOCK
+from ringlinear.ops.batch_invariant import KEY_BLOCK, numerics
 from ringlinear.ops.invariant_kernels import (invariant_grouped_mm, invariant_linear, key_block_attention,
                                               mm_config, row_sum, softmax)
 from ringlinear.ops.moe import grouped_swiglu
@@ -238,7 +238,7 @@ def check_gradients(gen: torch.Generator) -> None:
 def time_ms(fn: Callable[[KernelPolicy], object], policy: KernelPolicy, slow: bool = False) -> float:
     """Median ms of fn(policy) inside the policy's numerics; `slow`: one timed call."""
     def call():
-        with policy.numerics():
+        with numerics(policy):
             return fn(policy)
     if not slow:
         return do_bench(call, warmup=10, rep=50, return_mode="median")

@@ -27,6 +27,7 @@ from ringlinear.ops import lightning_attn, lightning_decode
 from ringlinear.ops.lightning.chunk import lightning_attn_triton
 from ringlinear.ops.lightning.decode import lightning_decode_triton
 from ringlinear.ops.lightning.recurrent import lightning_decode_recurrent_triton, recurrent_config
+from ringlinear.ops.batch_invariant import numerics
 from ringlinear.ops.policy import KernelPolicy
 
 ALIGNED = KernelPolicy(invariant=True)
@@ -135,7 +136,7 @@ def timings() -> list[tuple[str, float, float, float]]:
 
         chunked = time_ms(lambda: lightning_attn_triton(q, k, v, g, None, None, False, None, None))
         def torch_recurrent():
-            with ALIGNED_TORCH.numerics():  # its products in fixed blocks, as aligned mode ran it
+            with numerics(ALIGNED_TORCH):  # its products in fixed blocks, as aligned mode ran it
                 lightning_attn(q, k, v, g, policy=ALIGNED_TORCH)
 
         rows.append((f"forward B8 T{T}", time_ms(recurrent), chunked, time_ms(torch_recurrent, slow=True)))
@@ -145,7 +146,7 @@ def timings() -> list[tuple[str, float, float, float]]:
     slots = torch.arange(64, device="cuda")
 
     def torch_decode():
-        with ALIGNED_TORCH.numerics():
+        with numerics(ALIGNED_TORCH):
             lightning_decode(q, k, v, g, pool, slots, policy=ALIGNED_TORCH)
 
     rows.append(("decode N64", time_ms(lambda: lightning_decode_recurrent_triton(q, k, v, g, pool, slots)),

@@ -8,6 +8,7 @@ from infer_helpers import tiny_model
 
 from ringlinear import SequenceContext
 from ringlinear.infer import Engine, EngineConfig, SamplingParams
+from ringlinear.ops.batch_invariant import numerics
 from ringlinear.ops.policy import KernelPolicy
 from ringlinear.sampling import token_logprobs
 
@@ -51,7 +52,7 @@ def training_logprobs(model, sequences):
     ids = torch.tensor([s + [0] * (T - len(s)) for s in sequences], device=next(model.parameters()).device)
     with torch.no_grad():
         logits = model(ids, context=SequenceContext(policy=ALIGNED)).logits[:, :-1]
-        with ALIGNED.numerics():
+        with numerics(ALIGNED):
             logp = token_logprobs(logits.flatten(0, 1), ids[:, 1:].flatten(), 0)[0].view(len(sequences), T - 1)
     return [logp[b, :len(s) - 1].cpu() for b, s in enumerate(sequences)]
 
@@ -94,7 +95,7 @@ def test_a_products_bits_do_not_follow_its_operands_layout():
     its kernel by the layout, so the blocks must be made contiguous for the bits to agree."""
     g = torch.Generator().manual_seed(0)
     q, keys = torch.randn(5, 16, 1, 64, generator=g), torch.randn(5, 16, 16, 64, generator=g).transpose(1, 2)
-    with ALIGNED.numerics():
+    with numerics(ALIGNED):
         together = q @ keys.transpose(-1, -2)
         alone = [q[t:t + 1] @ keys[t:t + 1].transpose(-1, -2) for t in range(5)]
     assert all(torch.equal(a[0], together[t]) for t, a in enumerate(alone))

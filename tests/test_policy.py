@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from ringlinear.ops.batch_invariant import numerics
 from ringlinear.ops.policy import (COMPILE_MIN_ELEMENTS, KernelPolicy, causal_attention_kernel, compiles_chain,
                                    experts_kernel, lightning_kernel, paged_attention_kernel, triton_installed)
 
@@ -89,9 +90,9 @@ def test_numerics_switch_the_generic_ops_only_inside_and_only_when_invariant():
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(64, 256, generator=g), torch.randn(512, 256, generator=g)
     modes = torch._C._len_torch_function_stack
-    with KernelPolicy(invariant=True).numerics():
+    with numerics(KernelPolicy(invariant=True)):
         assert modes() == 1
         assert torch.equal(torch.nn.functional.linear(x[:1], w)[0], torch.nn.functional.linear(x, w)[0])
-    with KernelPolicy().numerics():
+    with numerics(KernelPolicy()):
         assert modes() == 0
     assert modes() == 0

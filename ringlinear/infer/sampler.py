@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..ops.batch_invariant import numerics
 from ..ops.policy import KernelPolicy
 from ..sampling import apply_penalties, sample, token_logprobs
 from .outputs import TokenLogprob
@@ -20,7 +21,7 @@ class Sampler:
 
     def __call__(self, logits: Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits [len(seqs), V] fp32 -> the token of each sequence and its log-probs (None where not asked)."""
-        with self.policy.numerics():
+        with numerics(self.policy):
             return self._sample(logits, seqs)
 
     def _sample(self, logits: Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:

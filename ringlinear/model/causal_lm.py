@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import DTYPES, save_tensors
 from ..config import RingLinearConfig
+from ..ops.batch_invariant import numerics
 from ..ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from .attention import LightningAttention, SoftmaxAttention
 from .context import AttentionContext, SequenceContext
@@ -171,7 +172,7 @@ class RingLinearForCausalLM(nn.Module):
         if logits_to_keep > 0 and logits_indices is not None:
             raise ValueError("pass logits_to_keep or logits_indices, not both")
         context = context or SequenceContext()
-        with context.policy.numerics():  # the generic ops' batch-invariant forms, if the policy asks
+        with numerics(context.policy):  # the generic ops' batch-invariant forms, if the policy asks
             return self._forward(input_ids, labels, context, logits_to_keep, logits_indices, return_logits)
 
     def _forward(self, input_ids: Tensor, labels: Tensor | None, context: AttentionContext, logits_to_keep: int,

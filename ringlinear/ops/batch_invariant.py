@@ -19,18 +19,21 @@ differs from the vector one in the last bit. In this mode:
   token by token, the same code for training, prefill and decode; `ops.attention`: an online
   softmax over fixed blocks of `KEY_BLOCK` keys).
 
-On CUDA, fp16, bf16 and fp32 tensors take Triton kernels that are invariant by construction, one
-launch where the blocks above take thousands (`ops.invariant_kernels`: products of one fixed tile,
-one program per row for sums and softmax, one per query for the attention); everything else (the
-CPU, fp64) takes the fixed-shape blocks.
+On the Triton backend (`policy.KernelPolicy`), fp16, bf16 and fp32 tensors take Triton kernels that
+are invariant by construction, one launch where the blocks above take thousands
+(`ops.invariant_kernels`: products of one fixed tile, one program per row for sums and softmax, one
+per query for the attention); everything else (the torch backend, fp64) takes the fixed-shape blocks.
 
-The mode is a `TorchFunctionMode`, so the model's code is the same in both modes; it is
-thread-local. Backward passes run outside it (their numerics need no invariance).
+The generic ops are switched by `InvariantMode`, a `TorchFunctionMode` that `numerics(policy)` enters
+for an invariant policy (the model's forward does, for its whole body), so the model's code is the
+same in both modes; the attention, Lightning and MoE ops choose their form from the policy they are
+given. Backward passes run outside it (their numerics need no invariance).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -171,3 +174,13 @@ class InvariantMode(TorchFunctionMode):
         if override is None:
             return func(*args, **(kwargs or {}))
         return override(self.policy, *args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def numerics(policy: KernelPolicy) -> Iterator[None]:
+    """Generic torch ops in their batch-invariant forms while inside, if `policy.invariant`; else nothing."""
+    if not policy.invariant:
+        yield
+        return
+    with InvariantMode(policy):
+        yield

@@ -15,8 +15,8 @@ a global flag, and a reader answers "which kernel runs here?" from this file alo
 `invariant`: batch-invariant numerics. A token's numbers do not depend on what else is in its batch
 (see `batch_invariant.py`), so the training forward and any engine step give the same bits. Generic
 torch ops (`F.linear`, `@`, reductions, softmax, `sigmoid`, `topk`) take invariant forms inside
-`policy.numerics()`, which the model's forward enters for its whole body (and the sampler for its
-log-probs); the ops below switch by the table. Backward passes run outside it.
+`batch_invariant.numerics(policy)`, which the model's forward enters for its whole body (and the
+sampler for its log-probs); the ops below switch by the table. Backward passes run outside it.
 
 | op (module)                          | triton                          | torch                  | invariant, triton          | invariant, torch            |
 |--------------------------------------|---------------------------------|------------------------|----------------------------|-----------------------------|
@@ -31,9 +31,7 @@ log-probs); the ops below switch by the table. Backward passes run outside it.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -83,16 +81,6 @@ class KernelPolicy:
         chains) may run on `x`: Triton backend, CUDA, and not invariant (their arithmetic follows the shapes)."""
         return not self.invariant and x.is_cuda and self._backend_on(x.device) == "triton"
 
-    @contextlib.contextmanager
-    def numerics(self) -> Iterator[None]:
-        """Generic torch ops in their batch-invariant forms while inside, if `invariant`; else nothing."""
-        if not self.invariant:
-            yield
-            return
-        from .batch_invariant import InvariantMode
-        with InvariantMode(self):
-            yield
-
 
 # -- the rule table, one function per row ----------------------------------------------------------
 
@@ -114,7 +102,7 @@ AttentionKernel = Literal["sdpa", "flash_varlen", "key_blocks", "key_blocks_refe
 
 def causal_attention_kernel(policy: KernelPolicy, q: Tensor, k: Tensor, v: Tensor, packed: bool) -> AttentionKernel:
     """causal_attention. Both invariant forms are `attention.attention_by_key_blocks`, which takes the
-    Triton kernel by the same test (`policy.triton`), as do the generic ops inside `numerics()`."""
+    Triton kernel by the same test (`policy.triton`), as do the generic ops inside `batch_invariant.numerics`."""
     if policy.invariant:
         return "key_blocks" if policy.triton(q, k, v) else "key_blocks_reference"
     if packed and policy.cuda_fast_paths(q) and q.dtype in (torch.float16, torch.bfloat16):

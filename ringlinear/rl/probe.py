@@ -22,6 +22,7 @@ from ..infer import Engine, EngineConfig, SamplingParams
 from ..infer.context import StepBatch
 from ..infer.scheduler import SchedulerOutput
 from ..model import RingLinearForCausalLM, SequenceContext
+from ..ops.batch_invariant import numerics
 from ..ops.policy import KernelPolicy
 from ..sampling import token_logprobs
 
@@ -240,7 +241,7 @@ def _training_run(model: RingLinearForCausalLM, recorder: _Recorder, sequences: 
     logits = model(ids, context=SequenceContext(policy=kernels),
                    logits_indices=torch.arange(first, T - 1, device=device)).logits
     targets = ids[:, first + 1:]
-    with kernels.numerics():
+    with numerics(kernels):
         logp = token_logprobs(logits.flatten(0, 1), targets.flatten(), 0)[0].view(B, -1)
     recorder.run = None
     return [logp[b, n - 1 - first:len(s) - 1 - first].tolist() for b, (s, n) in enumerate(zip(sequences, prompt_lengths))]

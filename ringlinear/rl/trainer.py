@@ -46,6 +46,7 @@ from ..config import RingLinearConfig
 from ..infer import LLM, Engine, EngineConfig, SamplingParams
 from ..infer.outputs import Completion
 from ..model import RingLinearForCausalLM, SequenceContext
+from ..ops.batch_invariant import numerics
 from ..ops.policy import KernelPolicy
 from ..ops.cross_entropy import IGNORE_INDEX
 from ..sampling import token_logprobs
@@ -215,7 +216,7 @@ class RLTrainer:
         """Log-probs [B, T - 1] of each next token, the logits and the hidden states before them."""
         out = model(ids, context=SequenceContext(policy=self.kernels))
         logits = out.logits[:, :-1]
-        with self.kernels.numerics():  # the engine's sampler takes its log-probs the same way
+        with numerics(self.kernels):  # the engine's sampler takes its log-probs the same way
             logp = token_logprobs(logits.flatten(0, 1), ids[:, 1:].flatten(), 0)[0].view(ids.shape[0], -1)
         return logp, logits, out.hidden_states[:, :-1]
 
