@@ -15,7 +15,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .corpus import load_documents, split_documents
-from .tokenizer import encode_documents, token_byte_lengths, train_tokenizer
+from .tokenizer import encode_documents, read_tokenizer, token_byte_lengths, train_tokenizer
 
 
 @dataclass
@@ -57,7 +57,7 @@ def load_dataset(directory: str | Path) -> Dataset:
     if not meta_path.exists():
         raise FileNotFoundError(f"no tokenized dataset in {directory} (no meta.json; write one with "
                                 "`ringlinear tokenize`)")
-    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tokenizer = read_tokenizer(directory / "tokenizer.json")
     splits = [TokenSplit(np.load(directory / f"{split}.npy", mmap_mode="r", allow_pickle=False),
                          np.load(directory / f"{split}_offsets.npy", allow_pickle=False)) for split in ("train", "val")]
     summary = json.loads(meta_path.read_text())["summary"]
@@ -71,7 +71,7 @@ def prepare_dataset(cache_dir: str | Path, paths: Sequence[str | Path], vocab_si
     both, unless `cache_dir` already holds exactly that."""
     cache_dir = Path(cache_dir)
     documents = load_documents(paths)
-    given = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file else None
+    given = read_tokenizer(tokenizer_file) if tokenizer_file else None
     key = _fingerprint(documents, vocab_size, val_fraction, given.to_str() if given else "")
     meta_path = cache_dir / "meta.json"
     if meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key:

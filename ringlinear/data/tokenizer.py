@@ -5,12 +5,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 EOS = "<|endoftext|>"  # id 0: ends every document
+
+
+def read_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer.json; an error naming the file when it is absent or not a tokenizer."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer file at {path}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # `tokenizers` raises a bare Exception for every problem
+        raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
