@@ -31,6 +31,14 @@ def read_text(path: Path) -> str | None:
         return None
 
 
+def text_file(path: Path) -> str:
+    """The text of a file the user named; ValueError naming it when it is not UTF-8 text."""
+    text = read_text(path)
+    if text is None:
+        raise ValueError(f"{path} is not a UTF-8 text file")
+    return text
+
+
 def stdlib_documents() -> list[Document]:
     """Every `.py` file of the standard library, sorted by path. The few that are not UTF-8
     (test data for other encodings) are left out."""
@@ -47,10 +55,7 @@ def user_documents(paths: Sequence[str | Path]) -> list[Document]:
     documents: list[Document] = []
     for path in map(Path, paths):
         if path.is_file():
-            text = read_text(path)
-            if text is None:
-                raise ValueError(f"{path} is not a UTF-8 text file")
-            documents.append(Document(path.name, text))
+            documents.append(Document(path.name, text_file(path)))
         elif path.is_dir():
             for file in sorted(p for p in path.rglob("*") if p.is_file()):
                 relative = file.relative_to(path)
