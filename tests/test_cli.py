@@ -93,7 +93,8 @@ def test_resume_through_the_cli(trained, capsys):
     assert exit_info.value.code == 2 and "already holds a run" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*train_argv(out_dir), "--steps", "40", "--resume"])
-    assert "steps: 30 in the run, 40 now" in capsys.readouterr().err
+    assert "--steps 40: the wsd schedule of 30 steps would change the learning rate of step 26" in \
+        capsys.readouterr().err
     steps_before = (out_dir / "metrics.jsonl").read_text().count('"loss"')
     output = run([*train_argv(out_dir), "--resume"])  # the run is complete: nothing left to train
     assert "validation:" in output

@@ -16,8 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser, TrainConfig, {"preset": sorted(PRESETS)},
                      {"init_from": checkpoint_folder, "out_dir": output_folder})
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out-dir from its last checkpoint; give the same settings as when "
-                        "it started (the losses then equal those of an uninterrupted run)")
+                        help="continue the run in --out-dir from its last checkpoint (from step 0 if it stopped before "
+                        "one was complete); give the settings it started with (the losses then equal those of an "
+                        "uninterrupted run), or a larger --steps where the learning rates of the steps taken stay the "
+                        "same (wsm; wsd before its decay)")
 
 
 def run_training(args: argparse.Namespace) -> TrainResult:

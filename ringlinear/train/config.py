@@ -35,7 +35,8 @@ def parse_stages(stages: list[str], name: str) -> list[tuple[int, int]]:
 
 @dataclass
 class TrainConfig:
-    """Saved as `train_config.json` in the run folder; --resume needs the same values."""
+    """Saved as `train_config.json` in the run folder; --resume needs the same values, but for the device
+    and a number of steps that keeps the learning rates of the steps taken."""
 
     out_dir: str = setting("runs/tiny", "run folder: checkpoints/, checkpoint (the latest model), "
                            "metrics.jsonl, tensorboard/, train_config.json and the tokenized corpus (data/)")
