@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--tokenizer", metavar="FILE", help="use this tokenizer.json (e.g. a pretrained model's) "
                      "instead of training one")
     tok.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
-                     help=f"fraction of the files held out for validation (default: {TrainConfig.val_fraction})")
+                     help=f"fraction of the files held out for validation; of a single file, the fraction of its "
+                     f"text at its end (default: {TrainConfig.val_fraction})")
     tok.set_defaults(run=_tokenize)
 
     mrg = commands.add_parser("merge", help="WSM: average checkpoints with weights that emulate a learning-rate decay",

@@ -12,6 +12,7 @@ from ringlinear import RingLinearConfig, RingLinearForCausalLM
 from ringlinear.data import (EOS, Document, PackedDocuments, encode_documents, load_dataset, load_documents,
                              prepare_dataset, split_documents, token_byte_lengths, train_tokenizer)
 from ringlinear.data import dataset as dataset_module
+from ringlinear.data.corpus import split_text
 from ringlinear.train import evaluate
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -56,8 +57,27 @@ def test_split_holds_out_at_least_one_document():
     docs = [Document(f"{i}.txt", "x") for i in range(3)]
     train, val = split_documents(docs, 1e-9)
     assert len(val) == 1 and len(train) == 2
-    with pytest.raises(ValueError, match="at least 2 documents"):
-        split_documents(docs[:1], 0.5)
+    for fraction in (0, 1, 1.5):
+        with pytest.raises(ValueError, match=f"invalid val_fraction={fraction}: must be in"):
+            split_documents(docs, fraction)
+
+
+def test_a_single_file_is_split_within_its_text(tmp_path):
+    lines = [f"line {i:02d}\n" for i in range(100)]  # 8 characters each
+    train, val = split_documents([Document("book.txt", "".join(lines))], 0.1)
+    assert train == [Document("book.txt", "".join(lines[:90]))] and val == [Document("book.txt", "".join(lines[90:]))]
+    # 3.5% is 28 characters, from within line 96: validation starts at that line
+    train, val = split_documents([Document("book.txt", "".join(lines))], 0.035)
+    assert (train[0].text, val[0].text) == ("".join(lines[:96]), "".join(lines[96:]))
+    # no line start close enough: cut at the character
+    assert split_text("short\n" + "x" * 994, 0.02, "one.txt") == ("short\n" + "x" * 974, "x" * 20)
+    assert split_text("word " * 200, 0.01, "one.txt") == ("word " * 198, "word " * 2)
+    with pytest.raises(ValueError, match="one.txt is too short to hold out val_fraction=0.5 of it"):
+        split_text("x", 0.5, "one.txt")
+    (tmp_path / "book.txt").write_text("".join(lines) * 20)
+    data = prepare_dataset(tmp_path / "data", [tmp_path / "book.txt"], vocab_size=300, val_fraction=0.1)
+    assert "book.txt (one file: its last 10% held out for validation)" in data.describe()
+    assert data.tokenizer.decode(data.val.tokens[:-1].tolist()) == "".join(lines) * 2  # the last 2 of 20 copies
 
 
 def test_user_files_and_folders(tmp_path):

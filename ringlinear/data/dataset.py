@@ -80,6 +80,8 @@ def prepare_dataset(cache_dir: str | Path, paths: Sequence[str | Path], vocab_si
     train_docs, val_docs = split_documents(documents, val_fraction)
     tokenizer = given or train_tokenizer([d.text for d in train_docs], vocab_size)
     summary = {"source": ", ".join(map(str, paths)) if paths else "Python standard library (.py files)"}
+    if len(documents) == 1:
+        summary["source"] += f" (one file: its last {val_fraction * 100:g}% held out for validation)"
     splits = {}
     for split, docs in (("train", train_docs), ("val", val_docs)):
         splits[split] = TokenSplit(*encode_documents(tokenizer, [d.text for d in docs]))

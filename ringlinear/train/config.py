@@ -49,7 +49,8 @@ class TrainConfig:
     tokenized: str = setting("", "a folder written by `ringlinear tokenize` (memory-mapped token files and "
                              "document index) to train on instead of --data")
     val_fraction: float = setting(0.02, "fraction of the files held out for validation (by a hash "
-                                  "of their path; at least one)")
+                                  "of their path; at least one); of a single file, the fraction of its text at "
+                                  "its end")
     steps: int = setting(300, "optimizer steps")
     batch_size: int = setting(8, "sequences per optimizer step, over all processes")
     batch_stages: list[str] = setting([], "later batch sizes as STEP:SIZE, e.g. 900:32: the batch-size "

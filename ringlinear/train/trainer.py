@@ -116,6 +116,14 @@ class Trainer:
                 raise ValueError(f"batch size {self.stages.batch_size(step)} (from step {step}) must be a multiple of "
                                  f"processes × grad_accum = {world.size} × {config.grad_accum}")
         self.data = _dataset(config, model_config.vocab_size, world)
+        eos = self.data.tokenizer.token_to_id(EOS)
+        # validation: fixed rows of the first seq_len spread over the validation documents in file order
+        try:
+            val_rows = PackedDocuments(self.data.val.tokens, self.data.val.offsets, eos).spread(
+                config.eval_batches * config.batch_size, config.seq_len)
+        except ValueError as e:
+            raise ValueError(f"validation: {e}; give more text, a larger --val-fraction or a smaller --seq-len") from None
+        self.val_batches = val_rows[world.rank::world.size]
         if world.is_main:
             print(self.data.describe())
             print(describe(model_config))
@@ -132,12 +140,7 @@ class Trainer:
         self.lr = LearningRate.of(config)
         self.moe_layers = [i for i in range(model_config.num_hidden_layers + model_config.num_nextn_predict_layers)
                            if model_config.is_moe_layer(i)]
-        eos = self.data.tokenizer.token_to_id(EOS)
         self.train_stream = PackedDocuments(self.data.train.tokens, self.data.train.offsets, eos, config.seed)
-        # validation: fixed rows of the first seq_len spread over the validation documents in file order
-        val_rows = PackedDocuments(self.data.val.tokens, self.data.val.offsets, eos).spread(
-            config.eval_batches * config.batch_size, config.seq_len)
-        self.val_batches = val_rows[world.rank::world.size]
         self.flops, self.peak = FlopCounter(model_config), peak_flops(config.peak_tflops, world.device)
         self.start, self.skipped_in_a_row, self.spikes = 0, 0, SpikeDetector(config.spike_sigmas)
         if resume:
