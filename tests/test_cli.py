@@ -168,6 +168,8 @@ def config_json(**changes) -> str:
     (["rl", "--model", "{tmp}/nowhere"], "argument --model: no checkpoint directory at {tmp}/nowhere", {}),
     (["train", "--data", "{tmp}/one.txt"], "one.txt is too short to hold out val_fraction=0.02 of it",
      {"one.txt": "x"}),
+    (["tokenize", "--out", "{tmp}/tokens", "--data", str(STDLIB / "json"), "--vocab-size", "100"],
+     "invalid vocab_size=100: a byte-level BPE has 256 byte tokens and <|endoftext|>, so at least 257 tokens", {}),
     (["tokenize", "--out", "{tmp}/tokens", "--val-fraction", "2"], "invalid val_fraction=2.0: must be in (0, 1)", {}),
     (["serve", "--model", "{tmp}/ckpt", "--port", "99999"], "invalid --port 99999: must be in [0, 65535]", {}),
     (["serve", "--model", "{tmp}/ckpt", "--max-queued", "-1"], "invalid --max-queued -1: must be >= 0", {}),

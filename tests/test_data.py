@@ -13,6 +13,7 @@ from ringlinear.data import (EOS, Document, PackedDocuments, encode_documents, l
                              prepare_dataset, split_documents, token_byte_lengths, train_tokenizer)
 from ringlinear.data import dataset as dataset_module
 from ringlinear.data.corpus import split_text
+from ringlinear.data.tokenizer import MAX_PIECE, split_at_words
 from ringlinear.train import evaluate
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -114,6 +115,41 @@ def test_tokenizer_round_trips_any_text(tokenizer):
         ids = tokenizer.encode(text, add_special_tokens=False).ids
         assert 0 not in ids
         assert tokenizer.decode(ids) == text
+
+
+def test_long_texts_are_cut_in_bounded_pieces_where_words_end():
+    text = "def f(x):\n    return x  \n\n\n" * 20 + "y" * 250 + " z\n"
+    pieces = list(split_at_words(text, 100))
+    assert "".join(pieces) == text and all(0 < len(p) <= 100 for p in pieces)
+    forced = [i for i, (a, b) in enumerate(zip(pieces, pieces[1:])) if not (b[0] in "\n " and not a[-1].isspace())]
+    assert [pieces[i][-1] + pieces[i + 1][0] for i in forced] == ["yy", "yy"]  # only inside the 250 y's
+    assert list(split_at_words("short", 100)) == ["short"] and list(split_at_words("", 100)) == [""]
+
+
+def test_pieces_train_the_tokenizer_and_encode_as_the_whole_text():
+    text = "".join(d.text for d in load_documents([STDLIB / "json"]))
+    pieces = list(split_at_words(text, 500))
+    assert len(pieces) > len(text) // 500
+    whole = train_tokenizer([text], vocab_size=500)
+    assert train_tokenizer(pieces, vocab_size=500).to_str() == whole.to_str()
+    ids = whole.encode(text, add_special_tokens=False).ids
+    assert [i for p in pieces for i in whole.encode(p, add_special_tokens=False).ids] == ids
+
+    class Recording:  # the tokenizer, noting the characters of each batch it encodes
+        def __init__(self):
+            self.batches = []
+
+        def __getattr__(self, name):
+            return getattr(whole, name)
+
+        def encode_batch_fast(self, texts, **kwargs):
+            self.batches.append(sum(map(len, texts)))
+            return whole.encode_batch_fast(texts, **kwargs)
+
+    recording, copies = Recording(), MAX_PIECE // len(text) + 2
+    stream, offsets = encode_documents(recording, [text, text * copies], batch_chars=MAX_PIECE)
+    assert stream[offsets[1]:-1].tolist() == ids * copies and offsets[1] == len(ids) + 1
+    assert len(recording.batches) == 2 and max(recording.batches) <= 2 * MAX_PIECE  # whole, the long one is 1 batch
 
 
 def test_encoded_documents_are_separated_by_eos_and_bytes_add_up(tokenizer):
