@@ -205,12 +205,9 @@ class RingLinearConfig:
         """The config of a config.json, which must give `REQUIRED_IN_FILES` unless `defaults` does; an
         error names the file."""
         path = Path(path)
-        try:
-            values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no config file at {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not path.exists():
+            raise FileNotFoundError(f"no config file at {path}")
+        values = read_json(path)
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a JSON object")
         values = {**FILE_DEFAULTS, **(defaults or {}), **values}
@@ -240,6 +237,14 @@ class RingLinearConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def read_json(path: str | Path) -> Any:
+    """The value of a JSON file; ValueError naming the file when it holds no JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 @functools.cache

@@ -171,6 +171,11 @@ def config_json(**changes) -> str:
     (["tokenize", "--out", "{tmp}/tokens", "--data", str(STDLIB / "json"), "--vocab-size", "100"],
      "invalid vocab_size=100: a byte-level BPE has 256 byte tokens and <|endoftext|>, so at least 257 tokens", {}),
     (["tokenize", "--out", "{tmp}/tokens", "--val-fraction", "2"], "invalid val_fraction=2.0: must be in (0, 1)", {}),
+    (["train", "--resume", "--out-dir", "{tmp}/old"], "{tmp}/old/train_config.json is not valid JSON",
+     {"old/train_config.json": "{"}),
+    (["train", "--tokenized", "{tmp}/tokens"], "{tmp}/tokens/meta.json is not the meta.json of a tokenized dataset",
+     {"tokens/meta.json": "{}"}),
+    (["plot", "{tmp}/old"], "{tmp}/old/metrics.jsonl line 2 is not JSON", {"old/metrics.jsonl": '{"step": 1}\n{"st'}),
     (["serve", "--model", "{tmp}/ckpt", "--port", "99999"], "invalid --port 99999: must be in [0, 65535]", {}),
     (["serve", "--model", "{tmp}/ckpt", "--max-queued", "-1"], "invalid --max-queued -1: must be >= 0", {}),
     (["generate", "--model", "/no/such/dir"], "no checkpoint directory at /no/such/dir", {}),
@@ -192,6 +197,7 @@ def test_bad_input_is_one_line_without_traceback(argv, message, files, small_che
     (tmp_path / "bad.txt").write_bytes(b"a prompt\n\xff\n")
     (tmp_path / "empty.txt").write_text("\n \n")
     for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     argv = [arg.format(tmp=tmp_path) for arg in argv]
     if argv[0] in ("train", "rl") and "--out-dir" not in argv:

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from ..command import RunFailed
+from ..config import read_json
 from ..data import EOS, Dataset, PackedDocuments, load_dataset, prepare_dataset
 from ..info import describe
 from ..model import RingLinearForCausalLM
@@ -58,7 +59,7 @@ def _check_run_folder(out: Path, config: TrainConfig, resume: bool) -> Path | No
         return None
     if not saved_path.exists():
         raise FileNotFoundError(f"nothing to resume: no {saved_path}")
-    saved = json.loads(saved_path.read_text())
+    saved = read_json(saved_path)
     now = dataclasses.asdict(config)
     # The device may change (same math, not bit-identical across devices), and the number of steps as long
     # as the steps taken keep their learning rates (below); the rest defines the run.
@@ -69,7 +70,7 @@ def _check_run_folder(out: Path, config: TrainConfig, resume: bool) -> Path | No
     checkpoints = checkpoint_dirs(out)
     if not checkpoints:
         return None
-    taken = json.loads((checkpoints[-1] / STATE_FILE).read_text())["step"]
+    taken = read_json(checkpoints[-1] / STATE_FILE)["step"]
     if config.steps < taken:
         raise ValueError(f"--steps {config.steps}: the run has already taken {taken} steps")
     before, after = LearningRate.of(dataclasses.replace(config, steps=saved["steps"])), LearningRate.of(config)
