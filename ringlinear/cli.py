@@ -142,6 +142,8 @@ def _rl(args: argparse.Namespace) -> None:
     from .rl.trainer import train_rl
 
     config = config_from_args(args, RLConfig)
+    if Path(config.out_dir, "metrics.jsonl").exists():  # train_rl would write over that run's results
+        raise ValueError(f"{config.out_dir} already holds an RL run; choose another --out-dir")
     resolve_device(config.device)  # a device that cannot be used stops the run before its folder is made
     result = train_rl(config)
     print(f"model saved in {result.checkpoint_dir}; reward curve in {Path(config.out_dir) / 'reward.png'}")

@@ -176,6 +176,8 @@ def config_json(**changes) -> str:
     (["train", "--tokenized", "{tmp}/tokens"], "{tmp}/tokens/meta.json is not the meta.json of a tokenized dataset",
      {"tokens/meta.json": "{}"}),
     (["plot", "{tmp}/old"], "{tmp}/old/metrics.jsonl line 2 is not JSON", {"old/metrics.jsonl": '{"step": 1}\n{"st'}),
+    (["rl", "--out-dir", "{tmp}/old"], "{tmp}/old already holds an RL run; choose another --out-dir",
+     {"old/metrics.jsonl": '{"step": 0}\n'}),
     (["serve", "--model", "{tmp}/ckpt", "--port", "99999"], "invalid --port 99999: must be in [0, 65535]", {}),
     (["serve", "--model", "{tmp}/ckpt", "--max-queued", "-1"], "invalid --max-queued -1: must be >= 0", {}),
     (["generate", "--model", "/no/such/dir"], "no checkpoint directory at /no/such/dir", {}),
