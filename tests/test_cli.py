@@ -105,7 +105,8 @@ def test_resume_through_the_cli(trained, capsys):
 def small_checkpoint(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("checkpoint")
     tokenizer = train_tokenizer(["def f(x):\n    return x\n"] * 10, SMALL_MODEL["vocab_size"])
-    RingLinearForCausalLM(RingLinearConfig.preset("tiny", **SMALL_MODEL)).save_pretrained(directory, tokenizer=tokenizer)
+    model = RingLinearForCausalLM(RingLinearConfig.preset("tiny", **SMALL_MODEL))
+    model.save_pretrained(directory, tokenizer=tokenizer)
     return directory
 
 

@@ -178,6 +178,13 @@ def test_more_steps_are_refused_once_the_wsd_decay_began(tmp_path):
         assert Trainer(dataclasses.replace(config, steps=9), world, resume=True).start == 3
 
 
+def test_a_validation_split_shorter_than_a_row_stops_the_run_before_its_folder_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"validation: the split has \d+ tokens, fewer than seq_len=100000; give more "
+                                         r"text, a larger --val-fraction or a smaller --seq-len"):
+        train(small_run(tmp_path, seq_len=100000))
+    assert not (tmp_path / "train_config.json").exists() and not (tmp_path / "checkpoints").exists()
+
+
 def test_learning_rate_schedules():
     wsd = LearningRate("wsd", peak_lr=1.0, warmup_steps=10, total_steps=100, decay_steps=20, min_lr=0.1)
     expected = {0: 0.1, 4: 0.5, 9: 1.0, 50: 1.0, 80: 1.0, 90: 0.55, 99: 0.145}

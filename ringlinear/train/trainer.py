@@ -123,7 +123,8 @@ class Trainer:
             val_rows = PackedDocuments(self.data.val.tokens, self.data.val.offsets, eos).spread(
                 config.eval_batches * config.batch_size, config.seq_len)
         except ValueError as e:
-            raise ValueError(f"validation: {e}; give more text, a larger --val-fraction or a smaller --seq-len") from None
+            raise ValueError(f"validation: {e}; give more text, a larger --val-fraction or a smaller --seq-len") \
+                from None
         self.val_batches = val_rows[world.rank::world.size]
         if world.is_main:
             print(self.data.describe())
