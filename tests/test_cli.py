@@ -215,6 +215,7 @@ def test_bad_input_is_one_line_without_traceback(argv, message, files, small_che
     assert (tmp_path / "file").read_text() == "a file, not a folder\n"
 
 
+@pytest.mark.slow  # a Python that imports torch
 def test_a_reader_that_closes_the_pipe_ends_the_command_quietly():
     """`ringlinear info --preset mini | head -1`: the reader is gone before the output is written."""
     root = Path(__file__).resolve().parents[1]
