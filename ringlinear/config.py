@@ -213,8 +213,10 @@ class RingLinearConfig:
         values = {**FILE_DEFAULTS, **(defaults or {}), **values}
         missing = [name for name in REQUIRED_IN_FILES if name not in values]
         if missing:
+            ling = " (an all-softmax Ling 2.0 checkpoint has none: make it hybrid with `ringlinear convert`)" \
+                if "layer_group_size" in missing else ""
             raise ValueError(f"{path} lacks {', '.join(missing)}: a config.json must give the fields that fix "
-                             "the weights' shapes")
+                             f"the weights' shapes{ling}")
         try:
             return cls.from_dict(values)
         except ValueError as e:

@@ -118,9 +118,10 @@ def test_the_published_ring_mini_config_json_loads(tmp_path):
                                    "layer_group_size"])
 def test_a_config_json_must_give_the_fields_that_fix_the_shapes(field, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in RING_MINI_CONFIG_JSON.items() if k != field}))
-    with pytest.raises(ValueError, match=rf"config.json lacks {field}: a config.json must give"):
+    with pytest.raises(ValueError, match=rf"config.json lacks {field}: a config.json must give") as error:
         RingLinearConfig.from_pretrained(tmp_path)
     assert RingLinearConfig().vocab_size == 157184  # in Python the defaults stay Ring-mini's
+    assert ("ringlinear convert" in str(error.value)) == (field == "layer_group_size")
 
 
 def test_a_config_json_without_head_dim_derives_it_as_hugging_face_does(tmp_path):
