@@ -131,8 +131,8 @@ def _open(path: Path):
 
 def load_tokenizer(directory: str | Path):
     """The `tokenizers.Tokenizer` saved beside a checkpoint."""
-    from tokenizers import Tokenizer
+    from .data.tokenizer import read_tokenizer
     path = Path(directory, "tokenizer.json")
     if not path.exists():
         raise FileNotFoundError(f"no tokenizer.json in {directory}")
-    return Tokenizer.from_file(str(path))
+    return read_tokenizer(path)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .checkpoint import load_tokenizer
-from .command import Parser, add_config_flags, config_from_args, run
+from .command import Parser, add_config_flags, checkpoint_folder, config_from_args, output_folder, run, utf8_text
 from .config import PRESETS, RingLinearConfig
 from .infer import EngineConfig
 from .infer.async_engine import MAX_QUEUED
@@ -101,6 +101,10 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"invalid --port {args.port}: must be in [0, 65535]")
+    if args.max_queued < 0:
+        raise ValueError(f"invalid --max-queued {args.max_queued}: must be >= 0")
     from .infer.server import serve  # FastAPI and uvicorn load only to serve
 
     serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_queued,
@@ -113,12 +117,17 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def _align(args: argparse.Namespace) -> None:
+    from .data.corpus import text_file
     from .rl.probe import DEFAULT_PROMPTS, probe
 
+    if args.max_new_tokens < 1:
+        raise ValueError(f"invalid --max-new-tokens {args.max_new_tokens}: must be >= 1")
+    texts = [line for line in text_file(Path(args.prompts)).splitlines() if line.strip()] if args.prompts \
+        else DEFAULT_PROMPTS
+    if not texts:
+        raise ValueError(f"--prompts {args.prompts} holds no prompt (one per line)")
     model = RingLinearForCausalLM.from_pretrained(args.model, device=resolve_device(args.device))
     tokenizer = load_tokenizer(args.model)
-    texts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()] if args.prompts \
-        else DEFAULT_PROMPTS
     prompts = [model.config.eos_token_ids[:1] + tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
     report = probe(model, prompts, args.max_new_tokens, args.batch_invariant, seed=args.seed)
     print(report.table())
@@ -133,6 +142,9 @@ def _rl(args: argparse.Namespace) -> None:
     from .rl.trainer import train_rl
 
     config = config_from_args(args, RLConfig)
+    if Path(config.out_dir, "metrics.jsonl").exists():  # train_rl would write over that run's results
+        raise ValueError(f"{config.out_dir} already holds an RL run; choose another --out-dir")
+    resolve_device(config.device)  # a device that cannot be used stops the run before its folder is made
     result = train_rl(config)
     print(f"model saved in {result.checkpoint_dir}; reward curve in {Path(config.out_dir) / 'reward.png'}")
 
@@ -155,33 +167,36 @@ def build_parser() -> argparse.ArgumentParser:
                               "document index, for `ringlinear train --tokenized DIR`.")
     tok.add_argument("--data", metavar="PATH", nargs="+", default=[],
                      help="text files or folders (default: the Python standard library's .py files)")
-    tok.add_argument("--out", required=True, metavar="DIR", help="folder to write")
+    tok.add_argument("--out", required=True, metavar="DIR", type=output_folder, help="folder to write")
     tok.add_argument("--vocab-size", type=int, default=RingLinearConfig.preset("tiny").vocab_size,
                      help="tokens of the BPE tokenizer to train; at most the model's vocab_size (default: the tiny "
                      "preset's)")
     tok.add_argument("--tokenizer", metavar="FILE", help="use this tokenizer.json (e.g. a pretrained model's) "
                      "instead of training one")
     tok.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
-                     help=f"fraction of the files held out for validation (default: {TrainConfig.val_fraction})")
+                     help=f"fraction of the files held out for validation; of a single file, the fraction of its "
+                     f"text at its end (default: {TrainConfig.val_fraction})")
     tok.set_defaults(run=_tokenize)
 
     mrg = commands.add_parser("merge", help="WSM: average checkpoints with weights that emulate a learning-rate decay",
                               description="Merge checkpoints taken at equal intervals of a constant-learning-rate "
                               "run (--lr-schedule wsm) into one whose weights equal those the chosen decay over the "
                               "same interval would give (c_k = w_k, c_j = w_j - w_{j+1}, c_0 = 1 - w_1).")
-    mrg.add_argument("--ckpts", required=True, nargs="+", metavar="DIR",
+    mrg.add_argument("--ckpts", required=True, nargs="+", metavar="DIR", type=checkpoint_folder,
                      help="checkpoint folders in the Hugging Face layout, oldest first (e.g. "
                      "runs/x/checkpoints/step_*/model)")
     mrg.add_argument("--decay", choices=sorted(DECAYS), default="1-sqrt", help="decay shape (default: 1-sqrt)")
-    mrg.add_argument("--out", required=True, metavar="DIR", help="folder for the merged checkpoint")
+    mrg.add_argument("--out", required=True, metavar="DIR", type=output_folder,
+                     help="folder for the merged checkpoint")
     mrg.set_defaults(run=_merge)
 
     cnv = commands.add_parser("convert", help="turn an all-softmax (Ling 2.0 style) checkpoint into a hybrid one",
                               description="Make every layer the hybrid layout makes linear a Lightning layer: its "
                               "QKV expanded from GQA to MHA by repeating K/V heads, g_proj and g_norm newly "
                               "initialised; everything else copied. The start of continued pre-training.")
-    cnv.add_argument("--from-softmax", required=True, metavar="DIR", help="all-softmax checkpoint folder")
-    cnv.add_argument("--to", required=True, metavar="DIR", help="folder for the hybrid checkpoint")
+    cnv.add_argument("--from-softmax", required=True, metavar="DIR", type=checkpoint_folder,
+                     help="all-softmax checkpoint folder")
+    cnv.add_argument("--to", required=True, metavar="DIR", type=output_folder, help="folder for the hybrid checkpoint")
     cnv.add_argument("--layer-group-size", required=True, type=int,
                      help="G: G-1 linear layers then one softmax layer per group")
     cnv.add_argument("--seed", type=int, default=0, help="seed of the new g_proj weights (default: 0)")
@@ -198,9 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="continue a prompt with a trained model, streaming the text",
                               description="Continue a prompt, printing the text as it is produced. Generation "
                               "stops at the end-of-text token or after --max-new-tokens.")
-    gen.add_argument("--model", required=True, metavar="DIR",
+    gen.add_argument("--model", required=True, metavar="DIR", type=checkpoint_folder,
                      help="checkpoint folder (config.json, safetensors, tokenizer.json), e.g. runs/tiny/checkpoint")
-    gen.add_argument("--prompt", default="", help="text to continue (default: empty, i.e. the start of a new file)")
+    gen.add_argument("--prompt", default="", type=utf8_text,
+                     help="text to continue (default: empty, i.e. the start of a new file)")
     gen.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
                      help=f"most tokens to generate per sample (default: {MAX_NEW_TOKENS})")
     gen.add_argument("--temperature", type=float, default=TEMPERATURE,
@@ -219,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                               description="Serve a checkpoint: /v1/completions and /v1/chat/completions "
                               "(streamed or not), /v1/models, /health and Prometheus /metrics.")
-    srv.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder (config.json, safetensors, "
-                     "tokenizer.json; tokenizer_config.json's chat_template for /v1/chat/completions)")
+    srv.add_argument("--model", required=True, metavar="DIR", type=checkpoint_folder,
+                     help="checkpoint folder (config.json, safetensors, tokenizer.json; tokenizer_config.json's "
+                     "chat_template for /v1/chat/completions)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: no key)")
@@ -237,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Parameters (total and active per token), the layer map and the "
                                "inference cache memory of a checkpoint or a preset.")
     which = info.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", metavar="DIR", help="checkpoint folder holding config.json")
+    which.add_argument("--model", metavar="DIR", type=checkpoint_folder, help="checkpoint folder holding config.json")
     which.add_argument("--preset", choices=sorted(PRESETS), help="a built-in preset")
     info.set_defaults(run=_info)
 
@@ -247,13 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
                               "and report per module the largest and the relative difference, the first module "
                               "whose outputs differ, and the generated tokens' log-prob differences; writes "
                               "align.json and align.png (divergence by layer).")
-    aln.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder with tokenizer.json")
+    aln.add_argument("--model", required=True, metavar="DIR", type=checkpoint_folder,
+                     help="checkpoint folder with tokenizer.json")
     aln.add_argument("--prompts", metavar="FILE", help="one prompt per line (default: a few lines of Python)")
     aln.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt (default: 32)")
     aln.add_argument("--batch-invariant", action="store_true",
                      help="run both in batch-invariant mode (expected: bit-identical)")
-    aln.add_argument("--out", default="align", metavar="DIR", help="folder for align.json and align.png "
-                     "(default: align)")
+    aln.add_argument("--out", default="align", metavar="DIR", type=output_folder,
+                     help="folder for align.json and align.png (default: align)")
     aln.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i uses seed + i (default: 0)")
     aln.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     aln.set_defaults(run=_align)
@@ -263,14 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "the weights copied back into it after every step. With no flags: a small model is "
                              "taught the format of 2-digit addition by fine-tuning, then GRPO raises its held-out "
                              "accuracy; metrics.jsonl and reward.png go to --out-dir.")
-    add_config_flags(rl, RLConfig, {"preset": sorted(PRESETS)})
+    add_config_flags(rl, RLConfig, {"preset": sorted(PRESETS)}, {"model": checkpoint_folder, "out_dir": output_folder})
     rl.set_defaults(run=_rl)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
-    run(parser, argv, lambda args: args.run(args), "")
+    run(parser, argv, lambda args: args.run(args))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
+
 
 class RunFailed(RuntimeError):
     """A run that stopped itself for a reason the user can act on (the message says which)."""
@@ -33,10 +35,41 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_class: type, choices: dict[str, Sequence[str]]) -> None:
+def checkpoint_folder(path: str) -> str:
+    """Type of a flag naming a checkpoint folder ('' = none): a folder that exists, not a file in it."""
+    if path and Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"{path} is a file: give the checkpoint folder that holds config.json")
+    if path and not Path(path).is_dir():
+        raise argparse.ArgumentTypeError(f"no checkpoint directory at {path}")
+    return path
+
+
+def output_folder(path: str) -> str:
+    """Type of a flag naming a folder to write into: new or a folder, not a file."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a file, not a folder")
+    return path
+
+
+def utf8_text(text: str) -> str:
+    """Type of a text flag: bytes that are not UTF-8 reach Python as lone surrogates, which no
+    tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(text[e.start]) - 0xDC00  # the surrogate escape of an undecodable byte
+        what = f"byte 0x{byte:02x}" if 0x80 <= byte <= 0xFF else f"character {text[e.start]!r}"
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 text ({what} at position {e.start})") from None
+    return text
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type, choices: dict[str, Sequence[str]],
+                     types: dict[str, Callable[[str], Any]] | None = None) -> None:
     """One flag per field of a run config (a dataclass made with `train.config.setting`): --field-name
     with the field's help; lists take several values, booleans --x / --no-x, `model_overrides` is
-    --override KEY=VALUE (repeatable); `choices` restricts the fields it names."""
+    --override KEY=VALUE (repeatable); `choices` restricts the fields it names, `types` parses the
+    values of the fields it names (default: the type of the field's default)."""
+    types = types or {}
     for f in dataclasses.fields(config_class):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         flag = "--" + f.name.replace("_", "-")
@@ -52,7 +85,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, choice
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=f"{f.metadata['help']} (default: {default})")
         else:
-            parser.add_argument(flag, dest=f.name, type=type(default), default=default, choices=choices.get(f.name),
+            parser.add_argument(flag, dest=f.name, type=types.get(f.name, type(default)), default=default,
+                                choices=choices.get(f.name),
                                 help=f"{f.metadata['help']} (default: {default})")
 
 
@@ -63,13 +97,14 @@ def config_from_args(args: argparse.Namespace, config_class: type) -> Any:
     return config_class(**values)
 
 
-def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, command: Callable[[argparse.Namespace], None],
-        name: str) -> None:
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+        command: Callable[[argparse.Namespace], None]) -> None:
     """Parse `argv` and run `command`; bad input, a missing or unusable file and a run that stopped
-    itself end in one line on stderr and exit 2, an interrupt in exit 130, and a reader that closed
-    the pipe (`| head`) in the silent exit 141 of a process killed by SIGPIPE."""
+    itself end in one line on stderr (`PROG [COMMAND]: error: ...`) and exit 2, an interrupt in exit
+    130, and a reader that closed the pipe (`| head`) in the silent exit 141 of a process killed by
+    SIGPIPE."""
     args = parser.parse_args(argv)
-    label = f"{parser.prog} {name}".strip() if name else parser.prog
+    label = " ".join(filter(None, [parser.prog, getattr(args, "command", None)]))
     try:
         command(args)
         sys.stdout.flush()

@@ -7,13 +7,25 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 SCORE_FUNCTIONS = ("sigmoid", "softmax")
+
+# Fields a config.json must give: they fix the weights' shapes, and the defaults (Ring-mini's) would
+# quietly describe another model. Ring-linear files give all of them, Ling 2.0 files all but
+# layer_group_size (they are all softmax: `ringlinear convert` supplies 1).
+REQUIRED_IN_FILES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "num_experts", "num_shared_experts", "moe_intermediate_size",
+                     "first_k_dense_replace", "layer_group_size")
+# What a file means without these, as in the Hugging Face configs: derived from the fields above.
+FILE_DEFAULTS = {"head_dim": None, "moe_shared_expert_intermediate_size": None}
 
 
 @dataclass
@@ -75,6 +87,7 @@ class RingLinearConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.head_dim is None:
             self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
         self.validate()
@@ -109,6 +122,14 @@ class RingLinearConfig:
         return ["softmax" if self.is_softmax_layer(i) else "linear" for i in range(self.num_hidden_layers)]
 
     # -- validation -----------------------------------------------------------------------------
+
+    def _check_types(self) -> None:
+        """Each field against its annotation, so that a wrong-typed config.json value or --override is
+        named here rather than failing as a TypeError inside the model."""
+        for name, annotation in _field_types().items():
+            value = getattr(self, name)
+            if not _has_type(value, annotation):
+                raise ValueError(f"invalid config: {name}={value!r}: must be {_type_name(annotation)}")
 
     def validate(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -180,17 +201,26 @@ class RingLinearConfig:
         return {**self.extra, **values}
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> RingLinearConfig:
+    def from_json_file(cls, path: str | Path, defaults: dict[str, Any] | None = None) -> RingLinearConfig:
+        """The config of a config.json, which must give `REQUIRED_IN_FILES` unless `defaults` does; an
+        error names the file."""
         path = Path(path)
-        try:
-            values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no config file at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not path.exists():
+            raise FileNotFoundError(f"no config file at {path}")
+        values = read_json(path)
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a JSON object")
-        return cls.from_dict(values)
+        values = {**FILE_DEFAULTS, **(defaults or {}), **values}
+        missing = [name for name in REQUIRED_IN_FILES if name not in values]
+        if missing:
+            ling = " (an all-softmax Ling 2.0 checkpoint has none: make it hybrid with `ringlinear convert`)" \
+                if "layer_group_size" in missing else ""
+            raise ValueError(f"{path} lacks {', '.join(missing)}: a config.json must give the fields that fix "
+                             f"the weights' shapes{ling}")
+        try:
+            return cls.from_dict(values)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def save(self, directory: str | Path) -> None:
         Path(directory, "config.json").write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -209,6 +239,47 @@ class RingLinearConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def read_json(path: str | Path) -> Any:
+    """The value of a JSON file; ValueError naming the file when it holds no JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(RingLinearConfig)
+
+
+def _has_type(value: Any, annotation: Any) -> bool:
+    """Whether a JSON-like value fits a field's annotation: ints are not bools, floats may be ints."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if annotation is Any:
+        return True
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    """'an integer', 'an integer, a list of integers or null', ... (JSON's words: a config is a file)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in args]
+        return ", ".join(names[:-1]) + " or " + names[-1]
+    if origin is list:
+        return f"a list of {_type_name(args[0]).split(' ', 1)[1]}s"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object",
+            type(None): "null"}[origin or annotation]
 
 
 PRESETS: dict[str, dict[str, Any]] = {

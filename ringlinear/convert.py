@@ -8,7 +8,6 @@ gate (`g_proj`) and group norm (`g_norm`). Everything else is copied unchanged.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -28,9 +27,9 @@ def expand_gqa_to_mha(qkv: Tensor, heads: int, kv_heads: int) -> Tensor:
     return torch.cat([q, k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)]).flatten(0, 1)
 
 
-def source_config(values: dict) -> RingLinearConfig:
+def source_config(directory: str | Path) -> RingLinearConfig:
     """Config of a softmax checkpoint; Ling-2.0 configs have no `layer_group_size`: all softmax."""
-    return RingLinearConfig.from_dict({**values, "layer_group_size": values.get("layer_group_size", 1)})
+    return RingLinearConfig.from_json_file(Path(directory, "config.json"), defaults={"layer_group_size": 1})
 
 
 @torch.no_grad()
@@ -59,9 +58,7 @@ def convert_checkpoint(source: str | Path, target: str | Path, layer_group_size:
     """`softmax_to_hybrid` from checkpoint folder to checkpoint folder, in the source's dtype; the
     tokenizer and other files beside the weights are copied."""
     source, target = Path(source), Path(target)
-    if not (source / "config.json").exists():
-        raise FileNotFoundError(f"no config.json in {source}")
-    model = RingLinearForCausalLM.from_pretrained(source, config=source_config(json.loads((source / "config.json").read_text())))
+    model = RingLinearForCausalLM.from_pretrained(source, config=source_config(source))
     hybrid = softmax_to_hybrid(model, layer_group_size, seed)
     hybrid.save_pretrained(target)
     for extra in source.iterdir():

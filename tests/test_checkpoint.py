@@ -95,6 +95,10 @@ def test_corrupt_and_absent_files(model, tmp_path):
         RingLinearForCausalLM.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         load_tokenizer(tmp_path)
+    for corrupt in ("{}", "garbage", ""):
+        (tmp_path / "tokenizer.json").write_text(corrupt)
+        with pytest.raises(ValueError, match=f"{tmp_path / 'tokenizer.json'} is not a valid tokenizer.json"):
+            load_tokenizer(tmp_path)
 
 
 def test_tied_embeddings_save_one_tensor(tmp_path):

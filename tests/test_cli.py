@@ -6,6 +6,10 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
+import shutil
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -15,18 +19,19 @@ import torch
 from ringlinear import RingLinearConfig, RingLinearForCausalLM
 from ringlinear.checkpoint import load_tokenizer
 from ringlinear.cli import build_parser, main
+from ringlinear.data import train_tokenizer
 from ringlinear.generate import generate
 from ringlinear.rl.config import RLConfig
 from ringlinear.train import TrainConfig
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
+SMALL_MODEL = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, head_dim=16, intermediate_size=128,
+                   moe_intermediate_size=32, moe_shared_expert_intermediate_size=32)
 
 
 def train_argv(out_dir) -> list[str]:
-    overrides = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, head_dim=16, intermediate_size=128,
-                     moe_intermediate_size=32, moe_shared_expert_intermediate_size=32)
     return ["train", "--out-dir", str(out_dir), "--data", str(STDLIB / "json"), str(STDLIB / "email"),
-            *[arg for key, value in overrides.items() for arg in ("--override", f"{key}={value}")],
+            *[arg for key, value in SMALL_MODEL.items() for arg in ("--override", f"{key}={value}")],
             "--steps", "30", "--batch-size", "4", "--seq-len", "32", "--warmup-steps", "3",
             "--eval-interval", "10", "--eval-batches", "2", "--val-fraction", "0.1"]
 
@@ -88,36 +93,137 @@ def test_resume_through_the_cli(trained, capsys):
     assert exit_info.value.code == 2 and "already holds a run" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*train_argv(out_dir), "--steps", "40", "--resume"])
-    assert "steps: 30 in the run, 40 now" in capsys.readouterr().err
+    assert "--steps 40: the wsd schedule of 30 steps would change the learning rate of step 26" in \
+        capsys.readouterr().err
     steps_before = (out_dir / "metrics.jsonl").read_text().count('"loss"')
     output = run([*train_argv(out_dir), "--resume"])  # the run is complete: nothing left to train
     assert "validation:" in output
     assert (out_dir / "metrics.jsonl").read_text().count('"loss"') == steps_before
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["generate", "--model", "/no/such/dir"], "no checkpoint directory at /no/such/dir"),
-    (["generate"], "the following arguments are required: --model"),
-    (["serve", "--model", "/no/such/dir"], "no checkpoint directory at /no/such/dir"),
-    (["info"], "one of the arguments --model --preset is required"),
-    (["info", "--preset", "huge"], "invalid choice: 'huge'"),
-    (["frobnicate"], "invalid choice: 'frobnicate'"),
-    (["train", "--steps", "0"], "invalid steps=0: must be positive"),
-    (["train", "--steps", "ten"], "invalid int value: 'ten'"),
-    (["train", "--data", "/no/such/file.txt"], "no such file or folder: /no/such/file.txt"),
-    (["train", "--override", "hidden_size"], "expected KEY=VALUE"),
-    (["train", "--override", "hiden_size=64"], "unknown model config fields in model_overrides: ['hiden_size']"),
-    (["train", "--override", "num_key_value_heads=3"], "num_key_value_heads=3: must divide num_attention_heads"),
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("checkpoint")
+    tokenizer = train_tokenizer(["def f(x):\n    return x\n"] * 10, SMALL_MODEL["vocab_size"])
+    model = RingLinearForCausalLM(RingLinearConfig.preset("tiny", **SMALL_MODEL))
+    model.save_pretrained(directory, tokenizer=tokenizer)
+    return directory
+
+
+def config_json(**changes) -> str:
+    """The small checkpoint's config.json with fields changed (None: left out)."""
+    values = {**RingLinearConfig.preset("tiny", **SMALL_MODEL).to_dict(), **changes}
+    return json.dumps({key: value for key, value in values.items() if value is not None})
+
+
+# {tmp} is the test's folder, which holds ckpt/ (a small checkpoint), file, bad.txt (not UTF-8) and empty.txt;
+# `files` are written there too.
+@pytest.mark.parametrize("argv, message, files", [
+    (["generate", "--model", "{tmp}/ckpt", "--device", "gpu"], "invalid --device 'gpu': expected cpu, cuda, cuda:N or "
+     "auto", {}),
+    (["align", "--model", "{tmp}/ckpt", "--device", "gpu"], "invalid --device 'gpu'", {}),
+    (["serve", "--model", "{tmp}/ckpt", "--device", "gpu"], "invalid --device 'gpu'", {}),
+    (["train", "--device", "gpu"], "invalid --device 'gpu'", {}),
+    (["rl", "--device", "gpu"], "invalid --device 'gpu'", {}),
+    (["info", "--model", "{tmp}/ckpt"], "{tmp}/ckpt/config.json: invalid config: rope_theta='10000': must be a number",
+     {"ckpt/config.json": config_json(rope_theta="10000")}),
+    (["info", "--model", "{tmp}/ckpt"], "config.json: invalid config: num_experts='16': must be an integer",
+     {"ckpt/config.json": config_json(num_experts="16")}),
+    (["generate", "--model", "{tmp}/ckpt"], "config.json: invalid config: partial_rotary_factor='half': must be a "
+     "number", {"ckpt/config.json": config_json(partial_rotary_factor="half")}),
+    (["info", "--model", "{tmp}/ckpt"], "config.json: invalid config: hidden_size=True: must be an integer",
+     {"ckpt/config.json": config_json(hidden_size=True)}),
+    (["train", "--override", "rope_theta=abc"], "invalid config: rope_theta='abc': must be a number", {}),
+    (["generate", "--model", "{tmp}/ckpt"], "{tmp}/ckpt/config.json lacks vocab_size",
+     {"ckpt/config.json": config_json(vocab_size=None)}),
+    (["info", "--model", "{tmp}/ckpt"], "config.json is not valid JSON", {"ckpt/config.json": "{"}),
+    (["generate", "--model", "{tmp}/ckpt"], "{tmp}/ckpt/tokenizer.json is not a valid tokenizer.json",
+     {"ckpt/tokenizer.json": "{}"}),
+    (["generate", "--model", "{tmp}/ckpt"], "tokenizer.json is not a valid tokenizer.json",
+     {"ckpt/tokenizer.json": "garbage"}),
+    (["tokenize", "--out", "{tmp}/tokens", "--data", str(STDLIB / "json"), "--tokenizer", "{tmp}/bad.txt"],
+     "{tmp}/bad.txt is not a valid tokenizer.json", {}),
+    (["generate", "--model", "{tmp}/ckpt", "--prompt", "ab\udcff"], "argument --prompt: not valid UTF-8 text (byte "
+     "0xff at position 2)", {}),
+    (["align", "--model", "{tmp}/ckpt", "--prompts", "{tmp}/bad.txt"], "{tmp}/bad.txt is not a UTF-8 text file", {}),
+    (["align", "--model", "{tmp}/ckpt", "--prompts", "{tmp}/none.txt"], "{tmp}/none.txt: No such file or directory",
+     {}),
+    (["align", "--model", "{tmp}/ckpt", "--prompts", "{tmp}/empty.txt"], "--prompts {tmp}/empty.txt holds no prompt",
+     {}),
+    (["align", "--model", "{tmp}/ckpt", "--max-new-tokens", "0"], "invalid --max-new-tokens 0: must be >= 1", {}),
+    (["align", "--model", "{tmp}/ckpt", "--out", "{tmp}/file"], "argument --out: {tmp}/file is a file, not a folder",
+     {}),
+    (["train", "--out-dir", "{tmp}/file"], "argument --out-dir: {tmp}/file is a file, not a folder", {}),
+    (["rl", "--out-dir", "{tmp}/file"], "argument --out-dir: {tmp}/file is a file, not a folder", {}),
+    (["tokenize", "--out", "{tmp}/file"], "argument --out: {tmp}/file is a file, not a folder", {}),
+    (["merge", "--ckpts", "{tmp}/ckpt", "--out", "{tmp}/file"], "argument --out: {tmp}/file is a file", {}),
+    (["convert", "--from-softmax", "{tmp}/ckpt", "--to", "{tmp}/file", "--layer-group-size", "2"],
+     "argument --to: {tmp}/file is a file", {}),
+    *[([command, "--model", "{tmp}/ckpt/config.json"], "argument --model: {tmp}/ckpt/config.json is a file: give the "
+       "checkpoint folder that holds config.json", {}) for command in ("generate", "serve", "align", "info", "rl")],
+    (["train", "--init-from", "{tmp}/ckpt/config.json"], "argument --init-from: {tmp}/ckpt/config.json is a file", {}),
+    (["merge", "--ckpts", "{tmp}/ckpt", "{tmp}/ckpt/model.safetensors", "--out", "{tmp}/merged"],
+     "argument --ckpts: {tmp}/ckpt/model.safetensors is a file", {}),
+    (["convert", "--from-softmax", "{tmp}/nowhere", "--to", "{tmp}/hybrid", "--layer-group-size", "2"],
+     "argument --from-softmax: no checkpoint directory at {tmp}/nowhere", {}),
+    (["rl", "--model", "{tmp}/nowhere"], "argument --model: no checkpoint directory at {tmp}/nowhere", {}),
+    (["train", "--data", "{tmp}/one.txt"], "one.txt is too short to hold out val_fraction=0.02 of it",
+     {"one.txt": "x"}),
+    (["tokenize", "--out", "{tmp}/tokens", "--data", str(STDLIB / "json"), "--vocab-size", "100"],
+     "invalid vocab_size=100: a byte-level BPE has 256 byte tokens and <|endoftext|>, so at least 257 tokens", {}),
+    (["tokenize", "--out", "{tmp}/tokens", "--val-fraction", "2"], "invalid val_fraction=2.0: must be in (0, 1)", {}),
+    (["train", "--resume", "--out-dir", "{tmp}/old"], "{tmp}/old/train_config.json is not valid JSON",
+     {"old/train_config.json": "{"}),
+    (["train", "--tokenized", "{tmp}/tokens"], "{tmp}/tokens/meta.json is not the meta.json of a tokenized dataset",
+     {"tokens/meta.json": "{}"}),
+    (["plot", "{tmp}/old"], "{tmp}/old/metrics.jsonl line 2 is not JSON", {"old/metrics.jsonl": '{"step": 1}\n{"st'}),
+    (["rl", "--out-dir", "{tmp}/old"], "{tmp}/old already holds an RL run; choose another --out-dir",
+     {"old/metrics.jsonl": '{"step": 0}\n'}),
+    (["serve", "--model", "{tmp}/ckpt", "--port", "99999"], "invalid --port 99999: must be in [0, 65535]", {}),
+    (["serve", "--model", "{tmp}/ckpt", "--max-queued", "-1"], "invalid --max-queued -1: must be >= 0", {}),
+    (["generate", "--model", "/no/such/dir"], "no checkpoint directory at /no/such/dir", {}),
+    (["generate"], "the following arguments are required: --model", {}),
+    (["serve", "--model", "/no/such/dir"], "no checkpoint directory at /no/such/dir", {}),
+    (["info"], "one of the arguments --model --preset is required", {}),
+    (["info", "--preset", "huge"], "invalid choice: 'huge'", {}),
+    (["frobnicate"], "invalid choice: 'frobnicate'", {}),
+    (["train", "--steps", "0"], "invalid steps=0: must be positive", {}),
+    (["train", "--steps", "ten"], "invalid int value: 'ten'", {}),
+    (["train", "--data", "/no/such/file.txt"], "no such file or folder: /no/such/file.txt", {}),
+    (["train", "--override", "hidden_size"], "expected KEY=VALUE", {}),
+    (["train", "--override", "hiden_size=64"], "unknown model config fields in model_overrides: ['hiden_size']", {}),
+    (["train", "--override", "num_key_value_heads=3"], "num_key_value_heads=3: must divide num_attention_heads", {}),
 ])
-def test_bad_input_is_one_line_without_traceback(argv, message, tmp_path, capsys):
-    if argv[0] == "train":
+def test_bad_input_is_one_line_without_traceback(argv, message, files, small_checkpoint, tmp_path, capsys):
+    shutil.copytree(small_checkpoint, tmp_path / "ckpt")
+    (tmp_path / "file").write_text("a file, not a folder\n")
+    (tmp_path / "bad.txt").write_bytes(b"a prompt\n\xff\n")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    if argv[0] in ("train", "rl") and "--out-dir" not in argv:
         argv = [*argv, "--out-dir", str(tmp_path / "run")]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
-    assert err.count("\n") == 1 and err.startswith("ringlinear") and message in err, err
-    assert not (tmp_path / "run").exists()
+    label = "ringlinear" if argv[0] == "frobnicate" else f"ringlinear {argv[0]}"  # the command's name, if any
+    assert err.count("\n") == 1 and err.startswith(f"{label}: error: ") and message.format(tmp=tmp_path) in err, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "align").exists()
+    assert (tmp_path / "file").read_text() == "a file, not a folder\n"
+
+
+@pytest.mark.slow  # a Python that imports torch
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly():
+    """`ringlinear info --preset mini | head -1`: the reader is gone before the output is written."""
+    root = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen([sys.executable, "-m", "ringlinear.cli", "info", "--preset", "mini"], cwd=root,
+                               env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()
+    assert process.stderr.read().decode() == "" and process.wait() == 141
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no GPU")

@@ -85,3 +85,73 @@ def test_config_file_errors(tmp_path):
         RingLinearConfig.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="unknown preset"):
         RingLinearConfig.preset("huge")
+
+
+# Ring-mini-linear-2.0's config.json as published (docs: /work/shared/reference/ring_linear_model.md §1).
+RING_MINI_CONFIG_JSON = {
+    "architectures": ["BailingMoeLinearV2ForCausalLM"], "model_type": "bailing_moe_linear",
+    "auto_map": {"AutoConfig": "configuration_bailing_moe_linear_v2.BailingMoeLinearV2Config"},
+    "hidden_size": 2048, "intermediate_size": 5120, "num_hidden_layers": 20, "num_attention_heads": 16,
+    "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 157184, "max_position_embeddings": 131072,
+    "rope_theta": 1000000, "rope_scaling": None, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-06,
+    "hidden_act": "silu", "use_rmsnorm": True, "use_bias": False, "use_qkv_bias": False, "use_qk_norm": True,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.56.1", "num_experts": 256,
+    "num_experts_per_tok": 8, "num_shared_experts": 1, "moe_intermediate_size": 512,
+    "moe_shared_expert_intermediate_size": 512, "first_k_dense_replace": 1, "n_group": 8, "topk_group": 4,
+    "score_function": "sigmoid", "moe_router_enable_expert_bias": True, "router_dtype": "fp32",
+    "routed_scaling_factor": 2.5, "norm_topk_prob": True, "layer_group_size": 5, "group_norm_size": 4,
+    "linear_silu": False, "num_nextn_predict_layers": 0, "embedding_dropout": 0.0, "attention_dropout": 0.0,
+    "output_dropout": 0.0,
+}
+
+
+def test_the_published_ring_mini_config_json_loads(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(RING_MINI_CONFIG_JSON))
+    config = RingLinearConfig.from_pretrained(tmp_path)
+    mini = RingLinearConfig.preset("mini")
+    assert config.layer_types == mini.layer_types and config.decay_layer_offset == 0
+    assert {k: getattr(config, k) for k in RING_MINI_CONFIG_JSON if k != "auto_map"} == \
+        {k: getattr(mini, k) for k in RING_MINI_CONFIG_JSON if k != "auto_map"}
+
+
+@pytest.mark.parametrize("field", ["vocab_size", "hidden_size", "num_hidden_layers", "num_experts",
+                                   "layer_group_size"])
+def test_a_config_json_must_give_the_fields_that_fix_the_shapes(field, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in RING_MINI_CONFIG_JSON.items() if k != field}))
+    with pytest.raises(ValueError, match=rf"config.json lacks {field}: a config.json must give") as error:
+        RingLinearConfig.from_pretrained(tmp_path)
+    assert RingLinearConfig().vocab_size == 157184  # in Python the defaults stay Ring-mini's
+    assert ("ringlinear convert" in str(error.value)) == (field == "layer_group_size")
+
+
+def test_a_config_json_without_head_dim_derives_it_as_hugging_face_does(tmp_path):
+    values = {**RING_MINI_CONFIG_JSON, "hidden_size": 1024, "num_attention_heads": 16, "moe_intermediate_size": 256}
+    del values["head_dim"], values["moe_shared_expert_intermediate_size"], values["group_norm_size"]
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    config = RingLinearConfig.from_pretrained(tmp_path)
+    assert config.head_dim == 64 and config.shared_expert_intermediate_size == 256
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("rope_theta", "10000", "rope_theta='10000': must be a number"),
+    ("num_experts", "16", "num_experts='16': must be an integer"),
+    ("partial_rotary_factor", "half", "partial_rotary_factor='half': must be a number"),
+    ("hidden_size", True, "hidden_size=True: must be an integer"),
+    ("hidden_size", 2048.0, "hidden_size=2048.0: must be an integer"),
+    ("use_qk_norm", 1, "use_qk_norm=1: must be true or false"),
+    ("eos_token_id", [1, "2"], "eos_token_id=[1, '2']: must be an integer, a list of integers or null"),
+    ("architectures", "BailingMoeLinearV2ForCausalLM", "must be a list of strings"),
+    ("rope_scaling", [], "rope_scaling=[]: must be an object or null"),
+])
+def test_wrong_typed_fields_name_the_field_and_the_file(field, value, expected, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**RING_MINI_CONFIG_JSON, field: value}))
+    with pytest.raises(ValueError) as error:
+        RingLinearConfig.from_pretrained(tmp_path)
+    assert str(error.value).startswith(f"{tmp_path / 'config.json'}: ") and expected in str(error.value)
+    with pytest.raises(ValueError, match=f"invalid config: {field}="):
+        RingLinearConfig.preset("tiny", **{field: value})
+
+
+def test_numbers_may_be_integers_and_token_ids_lists():
+    config = RingLinearConfig.preset("tiny", rope_theta=10000, partial_rotary_factor=1, eos_token_id=[0, 1])
+    assert (config.rope_theta, config.rotary_dim, config.eos_token_ids) == (10000, config.head_dim, [0, 1])

@@ -1,3 +1,4 @@
+import json
 import sysconfig
 from pathlib import Path
 
@@ -19,10 +20,11 @@ def test_gqa_heads_are_repeated_for_the_query_heads_that_shared_them():
         assert torch.equal(mha[2 * H + h], heads[H + KV + h // 2])  # v likewise
 
 
-def test_ling_config_without_layer_group_size_is_all_softmax():
+def test_ling_config_without_layer_group_size_is_all_softmax(tmp_path):
     values = RingLinearConfig.preset("tiny").to_dict()
     del values["layer_group_size"]
-    config = source_config(values)
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    config = source_config(tmp_path)
     assert all(config.is_softmax_layer(i) for i in range(config.num_hidden_layers))
 
 

@@ -12,6 +12,8 @@ from ringlinear import RingLinearConfig, RingLinearForCausalLM, SequenceContext
 from ringlinear.data import (EOS, Document, PackedDocuments, encode_documents, load_dataset, load_documents,
                              prepare_dataset, split_documents, token_byte_lengths, train_tokenizer)
 from ringlinear.data import dataset as dataset_module
+from ringlinear.data.corpus import split_text
+from ringlinear.data.tokenizer import MAX_PIECE, split_at_words
 from ringlinear.ops.policy import KernelPolicy
 from ringlinear.train import evaluate
 
@@ -57,8 +59,27 @@ def test_split_holds_out_at_least_one_document():
     docs = [Document(f"{i}.txt", "x") for i in range(3)]
     train, val = split_documents(docs, 1e-9)
     assert len(val) == 1 and len(train) == 2
-    with pytest.raises(ValueError, match="at least 2 documents"):
-        split_documents(docs[:1], 0.5)
+    for fraction in (0, 1, 1.5):
+        with pytest.raises(ValueError, match=f"invalid val_fraction={fraction}: must be in"):
+            split_documents(docs, fraction)
+
+
+def test_a_single_file_is_split_within_its_text(tmp_path):
+    lines = [f"line {i:02d}\n" for i in range(100)]  # 8 characters each
+    train, val = split_documents([Document("book.txt", "".join(lines))], 0.1)
+    assert train == [Document("book.txt", "".join(lines[:90]))] and val == [Document("book.txt", "".join(lines[90:]))]
+    # 3.5% is 28 characters, from within line 96: validation starts at that line
+    train, val = split_documents([Document("book.txt", "".join(lines))], 0.035)
+    assert (train[0].text, val[0].text) == ("".join(lines[:96]), "".join(lines[96:]))
+    # no line start close enough: cut at the character
+    assert split_text("short\n" + "x" * 994, 0.02, "one.txt") == ("short\n" + "x" * 974, "x" * 20)
+    assert split_text("word " * 200, 0.01, "one.txt") == ("word " * 198, "word " * 2)
+    with pytest.raises(ValueError, match="one.txt is too short to hold out val_fraction=0.5 of it"):
+        split_text("x", 0.5, "one.txt")
+    (tmp_path / "book.txt").write_text("".join(lines) * 20)
+    data = prepare_dataset(tmp_path / "data", [tmp_path / "book.txt"], vocab_size=300, val_fraction=0.1)
+    assert "book.txt (one file: its last 10% held out for validation)" in data.describe()
+    assert data.tokenizer.decode(data.val.tokens[:-1].tolist()) == "".join(lines) * 2  # the last 2 of 20 copies
 
 
 def test_user_files_and_folders(tmp_path):
@@ -95,6 +116,41 @@ def test_tokenizer_round_trips_any_text(tokenizer):
         ids = tokenizer.encode(text, add_special_tokens=False).ids
         assert 0 not in ids
         assert tokenizer.decode(ids) == text
+
+
+def test_long_texts_are_cut_in_bounded_pieces_where_words_end():
+    text = "def f(x):\n    return x  \n\n\n" * 20 + "y" * 250 + " z\n"
+    pieces = list(split_at_words(text, 100))
+    assert "".join(pieces) == text and all(0 < len(p) <= 100 for p in pieces)
+    forced = [i for i, (a, b) in enumerate(zip(pieces, pieces[1:])) if not (b[0] in "\n " and not a[-1].isspace())]
+    assert [pieces[i][-1] + pieces[i + 1][0] for i in forced] == ["yy", "yy"]  # only inside the 250 y's
+    assert list(split_at_words("short", 100)) == ["short"] and list(split_at_words("", 100)) == [""]
+
+
+def test_pieces_train_the_tokenizer_and_encode_as_the_whole_text():
+    text = "".join(d.text for d in load_documents([STDLIB / "json"]))
+    pieces = list(split_at_words(text, 500))
+    assert len(pieces) > len(text) // 500
+    whole = train_tokenizer([text], vocab_size=500)
+    assert train_tokenizer(pieces, vocab_size=500).to_str() == whole.to_str()
+    ids = whole.encode(text, add_special_tokens=False).ids
+    assert [i for p in pieces for i in whole.encode(p, add_special_tokens=False).ids] == ids
+
+    class Recording:  # the tokenizer, noting the characters of each batch it encodes
+        def __init__(self):
+            self.batches = []
+
+        def __getattr__(self, name):
+            return getattr(whole, name)
+
+        def encode_batch_fast(self, texts, **kwargs):
+            self.batches.append(sum(map(len, texts)))
+            return whole.encode_batch_fast(texts, **kwargs)
+
+    recording, copies = Recording(), MAX_PIECE // len(text) + 2
+    stream, offsets = encode_documents(recording, [text, text * copies], batch_chars=MAX_PIECE)
+    assert stream[offsets[1]:-1].tolist() == ids * copies and offsets[1] == len(ids) + 1
+    assert len(recording.batches) == 2 and max(recording.batches) <= 2 * MAX_PIECE  # whole, the long one is 1 batch
 
 
 def test_encoded_documents_are_separated_by_eos_and_bytes_add_up(tokenizer):

@@ -4,6 +4,7 @@ schedules, the NaN guard and the expert-bias update."""
 import dataclasses
 import json
 import math
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -71,11 +72,27 @@ class Killed(Exception):
     pass
 
 
-def test_kill_inside_a_save_keeps_the_previous_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
-    config = small_run(tmp_path / "whole", grad_accum=2, keep_checkpoints=2)
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory) -> tuple[TrainConfig, list[dict]]:
+    """An uninterrupted run: what the stopped and resumed ones must log."""
+    config = small_run(tmp_path_factory.mktemp("whole"), grad_accum=2, keep_checkpoints=2)
     train(config)
-    whole = read_metrics(tmp_path / "whole")
-    assert [p.name for p in checkpoint_dirs(tmp_path / "whole")] == ["step_000006", "step_000008"]  # keep 2
+    return config, read_metrics(config.out_dir)
+
+
+def assert_same_steps(metrics: list[dict], reference: list[dict]) -> None:
+    """Every record logged (a step run again after a resume too) equals the reference's of that step."""
+    by_step = {(m["step"], "val_bpb" in m): m for m in reference}
+    for m in metrics:
+        expected = by_step[(m["step"], "val_bpb" in m)]
+        for key in ("loss", "lm_loss", "mtp_loss", "grad_norm", "lr", "val_bpb", "expert_load"):
+            assert m.get(key) == expected.get(key), (m["step"], key)
+    assert {m["step"] for m in metrics} == {m["step"] for m in reference}
+
+
+def test_kill_inside_a_save_keeps_the_previous_checkpoint_and_resume_is_exact(whole_run, tmp_path, monkeypatch):
+    config, whole = whole_run
+    assert [p.name for p in checkpoint_dirs(Path(config.out_dir))] == ["step_000006", "step_000008"]  # keep 2
 
     stopped = dataclasses.replace(config, out_dir=str(tmp_path / "stopped"))
     real_export = checkpoint_module.export_model
@@ -102,17 +119,71 @@ def test_kill_inside_a_save_keeps_the_previous_checkpoint_and_resume_is_exact(tm
     train(stopped, resume=True)
 
     resumed = read_metrics(run)
-    by_step = {(m["step"], "val_bpb" in m): m for m in whole}
     assert sum(m["step"] == 4 and "loss" in m for m in resumed) == 2  # steps 4-6 ran again after the kill
-    for m in resumed:
-        reference = by_step[(m["step"], "val_bpb" in m)]
-        for key in ("loss", "lm_loss", "mtp_loss", "grad_norm", "lr", "val_bpb", "expert_load"):
-            assert m.get(key) == reference.get(key), (m["step"], key)
-    assert {m["step"] for m in resumed} == {m["step"] for m in whole}
+    assert_same_steps(resumed, whole)
     assert not (run / "checkpoints" / "step_000006.tmp").exists()
-    a, b = (load_file(r / "checkpoint" / "model.safetensors") for r in (tmp_path / "whole", run))
+    a, b = (load_file(r / "checkpoint" / "model.safetensors") for r in (Path(config.out_dir), run))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any("expert_bias" in k and a[k].abs().max() > 0 for k in a)
+
+
+def test_a_run_killed_in_its_first_save_resumes_from_step_0(whole_run, tmp_path, monkeypatch, capsys):
+    config, whole = whole_run
+    stopped = dataclasses.replace(config, out_dir=str(tmp_path))
+
+    def die_in_the_first_save(*args):  # the DCP shards of step 3 are written, the model is not
+        raise Killed
+
+    monkeypatch.setattr(checkpoint_module, "export_model", die_in_the_first_save)
+    with pytest.raises(Killed):
+        train(stopped)
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000003.tmp"]
+    assert (tmp_path / "train_config.json").exists() and (tmp_path / "data" / "meta.json").exists()
+    with pytest.raises(ValueError, match="already holds a run; add --resume to continue it"):
+        train(stopped)
+    capsys.readouterr()
+    train(stopped, resume=True)
+    assert f"no complete checkpoint in {tmp_path / 'checkpoints'}: the run starts again from step 0" in \
+        capsys.readouterr().out
+    resumed = read_metrics(tmp_path)
+    assert [m["step"] for m in resumed if "loss" in m] == [1, 2, 3, *range(1, 9)]
+    assert_same_steps(resumed, whole)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000006", "step_000008"]
+    assert not (tmp_path / "checkpoints" / "step_000003.tmp").exists()
+
+
+@pytest.mark.slow
+def test_more_steps_extend_a_wsm_run_as_if_it_had_been_that_long(tmp_path):
+    long = small_run(tmp_path / "long", steps=9, lr_schedule="wsm", eval_interval=3)
+    train(long)
+    short = dataclasses.replace(long, out_dir=str(tmp_path / "short"), steps=6)
+    train(short)
+    train(dataclasses.replace(short, steps=9), resume=True)
+    extended = read_metrics(tmp_path / "short")
+    assert [m["step"] for m in extended if "loss" in m] == list(range(1, 10))  # steps 7-9 continue from step 6
+    assert_same_steps(extended, read_metrics(tmp_path / "long"))
+
+
+def test_more_steps_are_refused_once_the_wsd_decay_began(tmp_path):
+    config = small_run(tmp_path, steps=6, decay_fraction=0.5, checkpoint_interval=3, keep_checkpoints=0,
+                       eval_interval=100, model_overrides={**SMALL_MODEL, "num_nextn_predict_layers": 0})
+    train(config)  # decays over steps 5 and 6: 0.0021, 0.0012
+    with pytest.raises(ValueError, match=r"--steps 9: the wsd schedule of 6 steps would change the learning rate "
+                                         r"of step 5, already taken, from 0\.0021 to 0\.003; .* --init-from"):
+        train(dataclasses.replace(config, steps=9), resume=True)
+    with pytest.raises(ValueError, match="--steps 5: the run has already taken 6 steps"):
+        train(dataclasses.replace(config, steps=5), resume=True)
+    shutil.rmtree(tmp_path / "checkpoints" / "step_000006")  # as if it had stopped at step 3, before the decay
+    with process_group(torch.device("cpu")) as world:
+        assert Trainer(dataclasses.replace(config, steps=9), world, resume=True).start == 3
+
+
+def test_a_validation_split_shorter_than_a_row_stops_the_run_before_its_folder_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"validation: the split has \d+ tokens, fewer than seq_len=100000; give more "
+                                         r"text, a larger --val-fraction or a smaller --seq-len"):
+        train(small_run(tmp_path, seq_len=100000))
+    assert not (tmp_path / "train_config.json").exists() and not (tmp_path / "checkpoints").exists()
 
 
 def test_learning_rate_schedules():

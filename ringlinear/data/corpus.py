@@ -31,6 +31,14 @@ def read_text(path: Path) -> str | None:
         return None
 
 
+def text_file(path: Path) -> str:
+    """The text of a file the user named; ValueError naming it when it is not UTF-8 text."""
+    text = read_text(path)
+    if text is None:
+        raise ValueError(f"{path} is not a UTF-8 text file")
+    return text
+
+
 def stdlib_documents() -> list[Document]:
     """Every `.py` file of the standard library, sorted by path. The few that are not UTF-8
     (test data for other encodings) are left out."""
@@ -47,10 +55,7 @@ def user_documents(paths: Sequence[str | Path]) -> list[Document]:
     documents: list[Document] = []
     for path in map(Path, paths):
         if path.is_file():
-            text = read_text(path)
-            if text is None:
-                raise ValueError(f"{path} is not a UTF-8 text file")
-            documents.append(Document(path.name, text))
+            documents.append(Document(path.name, text_file(path)))
         elif path.is_dir():
             for file in sorted(p for p in path.rglob("*") if p.is_file()):
                 relative = file.relative_to(path)
@@ -79,9 +84,15 @@ def _hash_fraction(name: str) -> float:
 def split_documents(documents: Sequence[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
     """(train, validation): a document goes to validation when the hash of its name falls below
     `val_fraction`, so adding or removing other files never moves it. At least one document is held
-    out (the one of smallest hash), and at least one is kept for training."""
-    if len(documents) < 2:
-        raise ValueError(f"need at least 2 documents to hold one out for validation, got {len(documents)}")
+    out (the one of smallest hash), and at least one is kept for training. A corpus of one document
+    (one file) is split within it by `split_text`."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"invalid val_fraction={val_fraction!r}: must be in (0, 1)")
+    if not documents:
+        raise ValueError("no document to split into training and validation")
+    if len(documents) == 1:
+        train, val = split_text(documents[0].text, val_fraction, documents[0].name)
+        return [Document(documents[0].name, train)], [Document(documents[0].name, val)]
     fractions = [_hash_fraction(d.name) for d in documents]
     threshold = max(val_fraction, min(fractions) + 1e-12)
     val = [d for d, f in zip(documents, fractions) if f < threshold]
@@ -89,3 +100,15 @@ def split_documents(documents: Sequence[Document], val_fraction: float) -> tuple
         raise ValueError(f"val_fraction={val_fraction} leaves no document for training")
     train = [d for d, f in zip(documents, fractions) if f >= threshold]
     return train, val
+
+
+def split_text(text: str, val_fraction: float, name: str) -> tuple[str, str]:
+    """(training, validation) parts of one text: validation is its last `val_fraction` of characters
+    (at least one), begun instead at the start of their first line when that keeps it under twice its
+    share; each part keeps at least one character."""
+    point = len(text) - max(1, round(len(text) * val_fraction))
+    if point < 1:
+        raise ValueError(f"{name} is too short to hold out val_fraction={val_fraction} of it for validation")
+    line = text.rfind("\n", 0, point) + 1
+    cut = line if line and len(text) - line <= 2 * (len(text) - point) else point
+    return text[:cut], text[cut:]

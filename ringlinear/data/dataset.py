@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from ..config import read_json
 from .corpus import load_documents, split_documents
-from .tokenizer import encode_documents, token_byte_lengths, train_tokenizer
+from .tokenizer import encode_documents, read_tokenizer, token_byte_lengths, train_tokenizer
 
 
 @dataclass
@@ -57,11 +58,13 @@ def load_dataset(directory: str | Path) -> Dataset:
     if not meta_path.exists():
         raise FileNotFoundError(f"no tokenized dataset in {directory} (no meta.json; write one with "
                                 "`ringlinear tokenize`)")
-    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict) or "summary" not in meta:
+        raise ValueError(f"{meta_path} is not the meta.json of a tokenized dataset: it has no summary")
+    tokenizer = read_tokenizer(directory / "tokenizer.json")
     splits = [TokenSplit(np.load(directory / f"{split}.npy", mmap_mode="r", allow_pickle=False),
                          np.load(directory / f"{split}_offsets.npy", allow_pickle=False)) for split in ("train", "val")]
-    summary = json.loads(meta_path.read_text())["summary"]
-    return Dataset(tokenizer, *splits, token_byte_lengths(tokenizer, tokenizer.get_vocab_size()), summary)
+    return Dataset(tokenizer, *splits, token_byte_lengths(tokenizer, tokenizer.get_vocab_size()), meta["summary"])
 
 
 def prepare_dataset(cache_dir: str | Path, paths: Sequence[str | Path], vocab_size: int,
@@ -71,15 +74,17 @@ def prepare_dataset(cache_dir: str | Path, paths: Sequence[str | Path], vocab_si
     both, unless `cache_dir` already holds exactly that."""
     cache_dir = Path(cache_dir)
     documents = load_documents(paths)
-    given = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file else None
+    given = read_tokenizer(tokenizer_file) if tokenizer_file else None
     key = _fingerprint(documents, vocab_size, val_fraction, given.to_str() if given else "")
     meta_path = cache_dir / "meta.json"
-    if meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key:
+    if meta_path.exists() and read_json(meta_path).get("key") == key:
         return load_dataset(cache_dir)
     meta_path.unlink(missing_ok=True)
     train_docs, val_docs = split_documents(documents, val_fraction)
     tokenizer = given or train_tokenizer([d.text for d in train_docs], vocab_size)
     summary = {"source": ", ".join(map(str, paths)) if paths else "Python standard library (.py files)"}
+    if len(documents) == 1:
+        summary["source"] += f" (one file: its last {val_fraction * 100:g}% held out for validation)"
     splits = {}
     for split, docs in (("train", train_docs), ("val", val_docs)):
         splits[split] = TokenSplit(*encode_documents(tokenizer, [d.text for d in docs]))

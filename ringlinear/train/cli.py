@@ -6,17 +6,20 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from ..command import Parser, add_config_flags, config_from_args, run
+from ..command import Parser, add_config_flags, checkpoint_folder, config_from_args, output_folder, run
 from ..config import PRESETS
 from .config import TrainConfig
 from .trainer import TrainResult, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_flags(parser, TrainConfig, {"preset": sorted(PRESETS)})
+    add_config_flags(parser, TrainConfig, {"preset": sorted(PRESETS)},
+                     {"init_from": checkpoint_folder, "out_dir": output_folder})
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out-dir from its last checkpoint; give the same settings as when "
-                        "it started (the losses then equal those of an uninterrupted run)")
+                        help="continue the run in --out-dir from its last checkpoint (from step 0 if it stopped before "
+                        "one was complete); give the settings it started with (the losses then equal those of an "
+                        "uninterrupted run), or a larger --steps where the learning rates of the steps taken stay the "
+                        "same (wsm; wsd before its decay)")
 
 
 def run_training(args: argparse.Namespace) -> TrainResult:
@@ -34,4 +37,4 @@ def main(argv: Sequence[str] | None = None) -> None:
                     description="`ringlinear train` in each process of a torchrun launch: torchrun --nproc-per-node N "
                     "-m ringlinear.train [train flags].")
     add_arguments(parser)
-    run(parser, argv, run_training, "")
+    run(parser, argv, run_training)

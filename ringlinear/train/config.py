@@ -35,7 +35,8 @@ def parse_stages(stages: list[str], name: str) -> list[tuple[int, int]]:
 
 @dataclass
 class TrainConfig:
-    """Saved as `train_config.json` in the run folder; --resume needs the same values."""
+    """Saved as `train_config.json` in the run folder; --resume needs the same values, but for the device
+    and a number of steps that keeps the learning rates of the steps taken."""
 
     out_dir: str = setting("runs/tiny", "run folder: checkpoints/, checkpoint (the latest model), "
                            "metrics.jsonl, tensorboard/, train_config.json and the tokenized corpus (data/)")
@@ -48,7 +49,8 @@ class TrainConfig:
     tokenized: str = setting("", "a folder written by `ringlinear tokenize` (memory-mapped token files and "
                              "document index) to train on instead of --data")
     val_fraction: float = setting(0.02, "fraction of the files held out for validation (by a hash "
-                                  "of their path; at least one)")
+                                  "of their path; at least one); of a single file, the fraction of its text at "
+                                  "its end")
     steps: int = setting(300, "optimizer steps")
     batch_size: int = setting(8, "sequences per optimizer step, over all processes")
     batch_stages: list[str] = setting([], "later batch sizes as STEP:SIZE, e.g. 900:32: the batch-size "

@@ -10,6 +10,7 @@ computing in fp32 has nothing to shard or cast, and keeps the plain module.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ class World:
 
 def resolve_device(name: str) -> torch.device:
     """'auto' is CUDA when available, else the CPU; a process of torchrun takes the GPU of its LOCAL_RANK."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|auto", name):
+        raise ValueError(f"invalid --device {name!r}: expected cpu, cuda, cuda:N or auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -45,6 +48,8 @@ def resolve_device(name: str) -> torch.device:
             raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} asked for, but there are {torch.cuda.device_count()} GPUs here")
         torch.cuda.set_device(device)
     return device
 

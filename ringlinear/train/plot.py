@@ -13,8 +13,11 @@ def read_curve(run_dir: Path, metric: str) -> tuple[list[int], list[float]]:
     if not path.exists():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
     points = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {number} is not JSON: {e}") from None
         if isinstance(record.get(metric), (int, float)):
             points[record["step"]] = record[metric]
     steps = sorted(points)

@@ -24,11 +24,12 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from ..command import RunFailed
+from ..config import read_json
 from ..data import EOS, Dataset, PackedDocuments, load_dataset, prepare_dataset
 from ..info import describe
 from ..model import RingLinearForCausalLM, SequenceContext
 from ..ops.policy import KernelPolicy
-from .checkpoint import LATEST_LINK, checkpoint_dirs, load_checkpoint, save_checkpoint
+from .checkpoint import LATEST_LINK, STATE_FILE, checkpoint_dirs, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .evaluate import evaluate
 from .metrics import FlopCounter, MetricsLog, SpikeDetector, expert_load_stats, peak_flops, peak_memory_gib
@@ -49,21 +50,39 @@ class TrainResult:
     checkpoint_dir: Path  # the final model in the Hugging Face layout
 
 
-def _check_run_folder(out: Path, config: TrainConfig, resume: bool) -> None:
+def _check_run_folder(out: Path, config: TrainConfig, resume: bool) -> Path | None:
+    """Check that a new run's folder holds no run, or that the run resumed has these settings; return the
+    checkpoint to resume from (None: start at step 0)."""
     saved_path = out / "train_config.json"
     if not resume:
         if (out / "checkpoints").exists():
             raise ValueError(f"{out} already holds a run; add --resume to continue it, or choose another --out-dir")
-        return
+        return None
     if not saved_path.exists():
         raise FileNotFoundError(f"nothing to resume: no {saved_path}")
-    saved = json.loads(saved_path.read_text())
+    saved = read_json(saved_path)
     now = dataclasses.asdict(config)
-    # The device may change (same math, not bit-identical across devices); the rest defines the run.
+    # The device may change (same math, not bit-identical across devices), and the number of steps as long
+    # as the steps taken keep their learning rates (below); the rest defines the run.
     differ = [f"{k}: {saved.get(k)!r} in the run, {now[k]!r} now" for k in now
-              if k not in ("device", "out_dir") and saved.get(k) != now[k]]
+              if k not in ("device", "out_dir", "steps") and saved.get(k) != now[k]]
     if differ:
         raise ValueError(f"--resume needs the settings the run was started with; these differ: {'; '.join(differ)}")
+    checkpoints = checkpoint_dirs(out)
+    if not checkpoints:
+        return None
+    taken = read_json(checkpoints[-1] / STATE_FILE)["step"]
+    if config.steps < taken:
+        raise ValueError(f"--steps {config.steps}: the run has already taken {taken} steps")
+    before, after = LearningRate.of(dataclasses.replace(config, steps=saved["steps"])), LearningRate.of(config)
+    changed = next((s for s in range(taken) if before(s) != after(s)), None)
+    if changed is not None:
+        raise ValueError(f"--steps {config.steps}: the {config.lr_schedule} schedule of {saved['steps']} steps would "
+                         f"change the learning rate of step {changed + 1}, already taken, from {before(changed):.4g} "
+                         f"to {after(changed):.4g}; a run extends while the learning rates of its steps stay (wsm: "
+                         f"always, wsd: before its decay), or start a new one from its weights with --init-from "
+                         f"{out / LATEST_LINK}")
+    return checkpoints[-1]
 
 
 def _dataset(config: TrainConfig, vocab_size: int, world: World) -> Dataset:
@@ -91,7 +110,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, world: World, resume: bool = False):
         self.config, self.world = config, world
         self.out = Path(config.out_dir)
-        _check_run_folder(self.out, config, resume)
+        checkpoint = _check_run_folder(self.out, config, resume)
         model_config = config.model_config()
         self.stages = Stages(config)
         for step, _ in self.stages.batch:
@@ -99,6 +118,15 @@ class Trainer:
                 raise ValueError(f"batch size {self.stages.batch_size(step)} (from step {step}) must be a multiple of "
                                  f"processes × grad_accum = {world.size} × {config.grad_accum}")
         self.data = _dataset(config, model_config.vocab_size, world)
+        eos = self.data.tokenizer.token_to_id(EOS)
+        # validation: fixed rows of the first seq_len spread over the validation documents in file order
+        try:
+            val_rows = PackedDocuments(self.data.val.tokens, self.data.val.offsets, eos).spread(
+                config.eval_batches * config.batch_size, config.seq_len)
+        except ValueError as e:
+            raise ValueError(f"validation: {e}; give more text, a larger --val-fraction or a smaller --seq-len") \
+                from None
+        self.val_batches = val_rows[world.rank::world.size]
         if world.is_main:
             print(self.data.describe())
             print(describe(model_config))
@@ -116,26 +144,23 @@ class Trainer:
         self.lr = LearningRate.of(config)
         self.moe_layers = [i for i in range(model_config.num_hidden_layers + model_config.num_nextn_predict_layers)
                            if model_config.is_moe_layer(i)]
-        eos = self.data.tokenizer.token_to_id(EOS)
         self.train_stream = PackedDocuments(self.data.train.tokens, self.data.train.offsets, eos, config.seed)
-        # validation: fixed rows of the first seq_len spread over the validation documents in file order
-        val_rows = PackedDocuments(self.data.val.tokens, self.data.val.offsets, eos).spread(
-            config.eval_batches * config.batch_size, config.seq_len)
-        self.val_batches = val_rows[world.rank::world.size]
         self.flops, self.peak = FlopCounter(model_config), peak_flops(config.peak_tflops, world.device)
         self.start, self.skipped_in_a_row, self.spikes = 0, 0, SpikeDetector(config.spike_sigmas)
         if resume:
-            self._resume()
+            self._resume(checkpoint)
 
-    def _resume(self) -> None:
-        checkpoints = checkpoint_dirs(self.out)
-        if not checkpoints:
-            raise FileNotFoundError(f"nothing to resume: no complete checkpoint in {self.out / 'checkpoints'}")
-        state = load_checkpoint(checkpoints[-1], self.model, self.optimizer, self.world)
+    def _resume(self, checkpoint: Path | None) -> None:
+        if checkpoint is None:  # stopped before its first checkpoint was complete
+            if self.world.is_main:
+                print(f"no complete checkpoint in {self.out / 'checkpoints'}: the run starts again from step 0, "
+                      "with its settings and data")
+            return
+        state = load_checkpoint(checkpoint, self.model, self.optimizer, self.world)
         self.start, self.skipped_in_a_row = state["step"], state["skipped_in_a_row"]
         self.spikes = SpikeDetector(self.config.spike_sigmas, history=state["loss_history"])
         if state["tokens"] != self.stages.position(self.start):
-            raise ValueError(f"{checkpoints[-1]} was saved at data position {state['tokens']}, but the schedule "
+            raise ValueError(f"{checkpoint} was saved at data position {state['tokens']}, but the schedule "
                              f"places step {self.start} at {self.stages.position(self.start)}")
 
     def train_step(self, step: int) -> dict:
