@@ -46,6 +46,7 @@ def test_a_planted_bf16_state_is_found_where_it_enters(model, monkeypatch):
     assert report.summary()["max_abs_dlogp"] > 0
 
 
+@pytest.mark.slow
 def test_align_command_writes_its_report_and_plot(tmp_path, capsys):
     """`ringlinear align`: in batch-invariant mode every module and every log-prob agrees exactly; in
     fast mode the summary, the first divergence and the table are those of the per-module and

@@ -57,7 +57,7 @@ def training_logprobs(model, sequences):
     return [logp[b, :len(s) - 1].cpu() for b, s in enumerate(sequences)]
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 8])
+@pytest.mark.parametrize("batch_size", [1, 3, pytest.param(8, marks=pytest.mark.slow)])
 def test_engine_log_probs_equal_the_training_forward_bit_for_bit(model, batch_size):
     check_engine_equals_training(model, batch_size, [14, 13, 15, 12, 30, 29, 11, 10][:max(batch_size, 2)])
 

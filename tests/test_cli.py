@@ -49,6 +49,7 @@ def trained(tmp_path_factory):
     return out_dir, run(train_argv(out_dir))
 
 
+@pytest.mark.slow
 def test_train_reports_validation_bits_per_byte_and_a_sample(trained):
     out_dir, output = trained
     evals = [m for m in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines()) if "val_bpb" in m]
@@ -59,6 +60,7 @@ def test_train_reports_validation_bits_per_byte_and_a_sample(trained):
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (out_dir / "checkpoint").iterdir()}
 
 
+@pytest.mark.slow  # the trained fixture: a training run
 def test_generate_prints_the_prompt_and_its_continuation(trained):
     model_dir = trained[0] / "checkpoint"
     output = run(["generate", "--model", str(model_dir), "--prompt", "def ", "--temperature", "0",
@@ -69,6 +71,7 @@ def test_generate_prints_the_prompt_and_its_continuation(trained):
     assert output == "def " + tokenizer.decode(greedy) + "\n"
 
 
+@pytest.mark.slow  # the trained fixture: a training run
 def test_generate_samples_are_seeded(trained):
     def sample(num_samples: int, seed: int) -> str:
         return run(["generate", "--model", str(trained[0] / "checkpoint"), "--prompt", "import ", "--max-new-tokens",
@@ -80,12 +83,14 @@ def test_generate_samples_are_seeded(trained):
     assert both.split("--- sample 2 ---\n")[1] == sample(1, seed=4)  # sample i uses seed + i
 
 
+@pytest.mark.slow  # the trained fixture: a training run
 def test_info_of_a_checkpoint_and_of_the_presets(trained):
     assert "LLS " in run(["info", "--model", str(trained[0] / "checkpoint")])
     assert "LLLLSLLLLSLLLLSLLLLS " in run(["info", "--preset", "mini"])  # softmax layers 4, 9, 14, 19
     assert "LLLLLLLSLLLLLLLSLLLLLLLSLLLLLLLS+S " in run(["info", "--preset", "flash"])  # 7, 15, 23, 31; MTP
 
 
+@pytest.mark.slow
 def test_resume_through_the_cli(trained, capsys):
     out_dir, _ = trained
     with pytest.raises(SystemExit) as exit_info:
@@ -264,6 +269,7 @@ def test_help_explains_every_flag(capsys):
         assert all(flag in text for flag in expected[name])
 
 
+@pytest.mark.slow
 def test_tokenize_then_train_on_the_token_files_and_plot(tmp_path):
     output = run(["tokenize", "--data", str(STDLIB / "json"), "--out", str(tmp_path / "tokens"), "--vocab-size", "400",
                   "--val-fraction", "0.2"])

@@ -41,6 +41,7 @@ def loss_on(model, batches, n=4):
         return sum(model(ids, labels=ids).loss.item() for ids, _ in zip(batches, range(n))) / n
 
 
+@pytest.mark.slow
 def test_converted_model_starts_far_below_a_random_one():
     text = Path(sysconfig.get_paths()["stdlib"], "textwrap.py").read_bytes()
     train, held_out = text[: len(text) * 9 // 10], text[len(text) * 9 // 10:]

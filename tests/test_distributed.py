@@ -32,6 +32,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     data = tmp_path / "data"
     prepare_dataset(data, small_run("unused").data, 512, 0.1)

@@ -189,6 +189,7 @@ def test_key_block_attention_rejects_bad_shapes():
         key_block_attention(q, k_blocks, v_blocks, table, positions[:2], 0.2)
 
 
+@pytest.mark.slow
 def test_the_wrapped_attention_has_the_ordinary_gradient():
     """On CUDA `causal_attention` runs the kernel under an autograd Function whose backward is that of
     the fast path; its gradients against autograd through the PyTorch block loop in fp64."""
@@ -208,6 +209,7 @@ def test_the_wrapped_attention_has_the_ordinary_gradient():
 
 # -- the mode on the kernels -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_mode_on_the_kernels(row_by_row_dot):
     """The tiny model under an invariant policy on the Triton backend (the kernels take CPU tensors
     through the interpreter): a sequence's logits alone equal its logits in a padded batch bit for bit,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from test_lightning_triton import DEVICE, TOL, inputs, reference, rel, state  # noqa: E402
+from test_lightning_triton import DEVICE, SLOW, TOL, inputs, reference, rel, state  # noqa: E402
 
 from ringlinear.ops import lightning_attn, lightning_decode  # noqa: E402
 from ringlinear.ops.lightning import lightning_decode_reference  # noqa: E402
@@ -69,6 +69,7 @@ def test_decode_matches_float64_and_updates_only_its_slots(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.slow
 def test_a_sequence_gets_the_same_bits_however_it_is_run(dtype):
     L, P = 12, 5  # the sequence, and its prefill chunk before decode steps
     q, k, v, g = inputs(1, L, H, D, dtype)
@@ -110,7 +111,7 @@ def test_a_sequence_gets_the_same_bits_however_it_is_run(dtype):
         assert s is None or torch.equal(s, alone_s[0]), name
 
 
-@pytest.mark.parametrize("offsets,with_state", [(None, True), ([0, 1, 1, 10, 16], False)])
+@pytest.mark.parametrize("offsets,with_state", [(None, True), SLOW([0, 1, 1, 10, 16], False)])
 def test_gradients_match_float64_autograd(offsets, with_state):
     B, T = (2, 9) if offsets is None else (1, offsets[-1])
     N = B if offsets is None else len(offsets) - 1

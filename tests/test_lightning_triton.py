@@ -18,6 +18,11 @@ from ringlinear.ops.policy import KernelPolicy  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 TRITON = KernelPolicy("triton")  # the kernels, through the interpreter on a CPU
+
+
+def SLOW(*values):
+    """A parameter set of the full suite only (`-m "not slow"` leaves it out)."""
+    return pytest.param(*values, marks=pytest.mark.slow)
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 5e-3}
 
 
@@ -58,10 +63,10 @@ def reference(q, k, v, log_decay, h0, offsets):
 @pytest.mark.parametrize("T,D,dtype,seg_len", [
     (37, 64, torch.float32, None),      # T < chunk
     (131, 64, torch.float32, None),     # odd T, 3 chunks
-    (200, 64, torch.float32, 64),       # 4 segments of one chunk
-    (131, 128, torch.float32, 128),
-    (70, 256, torch.float32, None),
-    (131, 64, torch.float16, 64),
+    SLOW(200, 64, torch.float32, 64),   # 4 segments of one chunk
+    SLOW(131, 128, torch.float32, 128),
+    SLOW(70, 256, torch.float32, None),
+    SLOW(131, 64, torch.float16, 64),
     (131, 128, torch.bfloat16, None),
 ])
 def test_forward_matches_float64(T, D, dtype, seg_len):
@@ -75,6 +80,7 @@ def test_forward_matches_float64(T, D, dtype, seg_len):
     assert rel(ht, rh) < TOL[dtype]
 
 
+@pytest.mark.slow
 def test_long_strong_decay_stays_finite():
     # λ = 0.5 over 1,000 tokens in 8 segments: the decay of the first token underflows to 0, never inf
     q, k, v, g = inputs(1, 1000, 2, 64, torch.float32)
@@ -98,10 +104,10 @@ def test_varlen_with_short_and_empty_sequences(seg_len):
 
 
 @pytest.mark.parametrize("T,dtype,offsets,with_state", [
-    (131, torch.float32, None, True),
+    SLOW(131, torch.float32, None, True),
     (45, torch.float32, None, False),
-    (200, torch.float32, [0, 1, 1, 150, 200], True),
-    (131, torch.bfloat16, None, True),
+    SLOW(200, torch.float32, [0, 1, 1, 150, 200], True),
+    SLOW(131, torch.bfloat16, None, True),
 ])
 def test_gradients_match_float64_autograd(T, dtype, offsets, with_state):
     H, D = 2, 64
@@ -124,6 +130,7 @@ def test_gradients_match_float64_autograd(T, dtype, offsets, with_state):
         assert rel(a, b) < TOL[dtype], name
 
 
+@pytest.mark.slow
 def test_backward_over_segments_without_final_state():
     # the backward splits the sequence itself (no dht): force it with a long T on few heads
     q, k, v, g = inputs(1, 1100, 2, 64, torch.float32, requires_grad=True)
@@ -137,7 +144,7 @@ def test_backward_over_segments_without_final_state():
         assert rel(a, b) < 1e-4
 
 
-@pytest.mark.parametrize("D,dtype", [(64, torch.float32), (128, torch.float16), (128, torch.bfloat16)])
+@pytest.mark.parametrize("D,dtype", [(64, torch.float32), SLOW(128, torch.float16), SLOW(128, torch.bfloat16)])
 def test_decode_updates_only_its_slots(D, dtype):
     N, H, pool = 3, 2, 6
     gen = torch.Generator().manual_seed(3)

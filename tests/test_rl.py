@@ -105,6 +105,7 @@ def hang(problem, completion):
 '''
 
 
+@pytest.mark.slow
 def test_user_rewards_run_in_a_subprocess_with_a_time_limit(tmp_path):
     path = tmp_path / "rewards.py"
     path.write_text(REWARDS)
@@ -141,6 +142,7 @@ def exact_reward(trainer: RLTrainer, problems: list[Problem]) -> torch.Tensor:
                         for i, (p, a) in enumerate(zip(prompts, answers))])
 
 
+@pytest.mark.slow
 def test_a_short_grpo_run_raises_the_reward(tmp_path):
     """Fine-tuning stops at 70% greedy accuracy; 15 GRPO steps (batch-invariant, as by default) then
     raise the expected reward over all training problems (0.463 -> 0.528 when written) without losing
@@ -163,6 +165,7 @@ def _length_reward(problem: Problem, completion: str) -> float:
 
 
 @pytest.mark.parametrize("minibatches", [1, 2])
+@pytest.mark.slow
 def test_batch_invariant_rollout_logprobs_equal_the_trainers(tmp_path, minibatches):
     """Eq. 5's ratio starts at exactly 1: at every step the trainer's log-probs of the sampled tokens
     equal the engine's bit for bit, which also shows that the engine got the updated weights. With
@@ -200,6 +203,7 @@ def ends_with_digit(problem, completion):
 '''
 
 
+@pytest.mark.slow
 def test_rl_command_on_a_users_prompts_and_reward(tmp_path, capsys):
     """`ringlinear rl --model DIR --prompts FILE --reward FILE.py:FUNCTION` writes its config, metrics,
     reward curve and the trained checkpoint; the reward runs in its own process."""

@@ -278,6 +278,7 @@ def test_over_capacity_requests_queue_then_get_503():
         assert post(url, "/v1/completions", GOOD).status_code == 200
 
 
+@pytest.mark.slow
 def test_load_hundreds_of_concurrent_requests(server):
     url, engine = server
     start = wait_idle(engine)

@@ -41,6 +41,7 @@ def read_metrics(out_dir) -> list[dict]:
     return [json.loads(line) for line in Path(out_dir, "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_validation_loss_falls_below_a_unigram_model(tmp_path):
     config = small_run(tmp_path, steps=100, batch_size=8, eval_interval=50, eval_batches=4, tensorboard=True,
                        model_overrides={**SMALL_MODEL, "num_nextn_predict_layers": 0})
@@ -90,6 +91,7 @@ def assert_same_steps(metrics: list[dict], reference: list[dict]) -> None:
     assert {m["step"] for m in metrics} == {m["step"] for m in reference}
 
 
+@pytest.mark.slow
 def test_kill_inside_a_save_keeps_the_previous_checkpoint_and_resume_is_exact(whole_run, tmp_path, monkeypatch):
     config, whole = whole_run
     assert [p.name for p in checkpoint_dirs(Path(config.out_dir))] == ["step_000006", "step_000008"]  # keep 2
@@ -127,6 +129,7 @@ def test_kill_inside_a_save_keeps_the_previous_checkpoint_and_resume_is_exact(wh
     assert any("expert_bias" in k and a[k].abs().max() > 0 for k in a)
 
 
+@pytest.mark.slow
 def test_a_run_killed_in_its_first_save_resumes_from_step_0(whole_run, tmp_path, monkeypatch, capsys):
     config, whole = whole_run
     stopped = dataclasses.replace(config, out_dir=str(tmp_path))
@@ -165,6 +168,7 @@ def test_more_steps_extend_a_wsm_run_as_if_it_had_been_that_long(tmp_path):
     assert_same_steps(extended, read_metrics(tmp_path / "long"))
 
 
+@pytest.mark.slow
 def test_more_steps_are_refused_once_the_wsd_decay_began(tmp_path):
     config = small_run(tmp_path, steps=6, decay_fraction=0.5, checkpoint_interval=3, keep_checkpoints=0,
                        eval_interval=100, model_overrides={**SMALL_MODEL, "num_nextn_predict_layers": 0})
@@ -248,6 +252,7 @@ def test_weight_decay_applies_to_matrices_only():
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tmp_path, capsys):
     config = small_run(tmp_path, steps=6, checkpoint_interval=100, eval_interval=100, max_skipped_steps=3,
                        model_overrides={**SMALL_MODEL, "num_nextn_predict_layers": 0})
