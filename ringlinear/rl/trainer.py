@@ -124,18 +124,22 @@ def _pad(rows: list[list[int]], value: int) -> Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows])
 
 
+def build_task(config: RLConfig) -> ArithmeticTask | PromptsTask:
+    """The run's task: --prompts with its --reward, else arithmetic (a bad file or spec raises here)."""
+    if config.prompts:
+        return PromptsTask(config.prompts, SubprocessReward(config.reward, config.reward_timeout))
+    return ArithmeticTask(config.digits, config.operators)
+
+
 class RLTrainer:
-    def __init__(self, config: RLConfig):
+    def __init__(self, config: RLConfig, task: ArithmeticTask | PromptsTask | None = None):
         self.config = config
         self.device = resolve_device(config.device)
         # the kernels of the trainer's forwards; the engine resolves the same from its config
         self.kernels = KernelPolicy(invariant=config.batch_invariant).resolve(self.device)
         self.rng = random.Random(config.seed)
         torch.manual_seed(config.seed)
-        if config.prompts:
-            self.task = PromptsTask(config.prompts, SubprocessReward(config.reward, config.reward_timeout))
-        else:
-            self.task = ArithmeticTask(config.digits, config.operators)
+        self.task = task or build_task(config)
         self.policy, self.tokenizer = self._initial_policy()
         self.eos = self.tokenizer.token_to_id(EOS)
         engine = Engine(copy.deepcopy(self.policy).eval(), None, EngineConfig(
@@ -314,9 +318,10 @@ def _disparity(logp_train: Tensor, logp_rollout: Tensor, mask: Tensor) -> dict[s
 def train_rl(config: RLConfig) -> RLResult:
     start = time.perf_counter()
     out = Path(config.out_dir)
+    task = build_task(config)  # a bad task, prompts file or reward stops the run before its folder is written
     out.mkdir(parents=True, exist_ok=True)
     (out / "rl_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    trainer = RLTrainer(config)
+    trainer = RLTrainer(config, task)
     if trainer.sft:
         (out / "sft_metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in trainer.sft))
     history: list[dict[str, float]] = []
