@@ -41,7 +41,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # share of the GPU the engine may fill, weights included
     num_pages: int | None = None  # fixes the number of KV pages instead (tests use it to force preemption)
     cuda_graphs: bool = True  # used on CUDA with bf16 weights
-    backend: Backend = "auto"  # kernels (`ops.policy`): "auto" (Triton on CUDA), "torch" (references; no graphs), "triton"
+    backend: Backend = "auto"  # kernels (`ops.policy`): "auto" (Triton on CUDA), "torch" (references), "triton"
     seed: int = 0  # of the generator shared by requests without a seed
     # Steps and log-probs batch-invariant: bit-identical to the training forward of the same model under
     # an invariant policy, whatever shares the step (no CUDA graphs; page_size a multiple of KEY_BLOCK).

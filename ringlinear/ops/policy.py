@@ -18,15 +18,20 @@ torch ops (`F.linear`, `@`, reductions, softmax, `sigmoid`, `topk`) take invaria
 `batch_invariant.numerics(policy)`, which the model's forward enters for its whole body (and the
 sampler for its log-probs); the ops below switch by the table. Backward passes run outside it.
 
-| op (module)                          | triton                          | torch                  | invariant, triton          | invariant, torch            |
-|--------------------------------------|---------------------------------|------------------------|----------------------------|-----------------------------|
-| lightning_attn (lightning/)          | chunk.py                        | naive chunked          | recurrent.py               | naive recurrent             |
-| lightning_decode (lightning/)        | decode.py                       | naive decode           | recurrent.py               | naive recurrent             |
-| causal_attention (attention.py)      | SDPA; FlashAttention varlen for packed CUDA fp16/bf16 | SDPA (masked) | key blocks: invariant_kernels | key blocks: PyTorch loop |
-| paged_attention (paged_attention/)   | kernel.py                       | gather + SDPA          | key blocks: invariant_kernels | key blocks: PyTorch loop |
-| grouped_swiglu (moe.py)              | torch._grouped_mm (CUDA bf16), else the loop | loop over experts | invariant_kernels grouped GEMM | loop over experts    |
-| elementwise chains (fused.py)        | torch.compile (CUDA, ≥ COMPILE_MIN_ELEMENTS) | eager     | eager                      | eager                       |
-| F.linear, @, sum, mean, softmax      | PyTorch                         | PyTorch                | invariant_kernels          | fixed row blocks            |
+| op (file)                   | triton                   | torch          | invariant, triton   | invariant, torch |
+|-----------------------------|--------------------------|----------------|---------------------|------------------|
+| lightning_attn (lightning/) | chunk.py                 | naive chunked  | recurrent.py        | naive recurrent  |
+| lightning_decode            | decode.py                | naive decode   | recurrent.py        | naive recurrent  |
+| causal_attention            | SDPA; FlashAttention (1) | SDPA, masked   | key blocks (2)      | key-block loop   |
+| paged_attention             | kernel.py (3)            | gather + SDPA  | key blocks (2)      | key-block loop   |
+| grouped_swiglu (moe.py)     | torch._grouped_mm (4)    | expert loop    | grouped GEMM (2)    | expert loop      |
+| elementwise chains (fused)  | torch.compile (5)        | eager          | eager               | eager            |
+| F.linear, @, sum, softmax   | PyTorch                  | PyTorch        | invariant_kernels   | fixed row blocks |
+
+(1) FlashAttention's varlen kernel for packed documents in CUDA fp16/bf16. (2) On
+`invariant_kernels.py`. (3) Pages of a power of two ≥ 16 tokens; Lightning kernels take head sizes
+LIGHTNING_HEAD_DIMS; other shapes take the references. (4) CUDA bf16; else the expert loop.
+(5) CUDA activations of at least COMPILE_MIN_ELEMENTS.
 """
 
 from __future__ import annotations
