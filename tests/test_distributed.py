@@ -72,3 +72,18 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
         for key in ("loss", "val_loss"):
             if key in x:
                 assert x[key] == pytest.approx(y[key], abs=1e-5), (x["step"], key)
+
+
+@pytest.mark.slow  # a Python that imports torch
+def test_a_torchrun_worker_imports_only_what_training_needs():
+    """`torchrun -m ringlinear.train` runs train/cli.py in every process: neither the inference engine
+    nor RL (nor FastAPI) is imported there."""
+    import subprocess
+
+    code = ("import sys, ringlinear.train.__main__; "
+            "print(sorted(m for m in sys.modules if m.startswith(('ringlinear.infer', 'ringlinear.rl', 'fastapi'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    help_text = subprocess.run([sys.executable, "-m", "ringlinear.train", "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    assert help_text.startswith("usage: python -m ringlinear.train") and "--resume" in help_text
