@@ -233,7 +233,7 @@ def test_scheduler_preempts_the_newest_and_resumes_it_first():
         scheduler.add(seq)
     output = scheduler.schedule()
     assert chunks(output) == [(seqs[0], 8), (seqs[1], 8)]  # 4 of the 6 pages
-    assert output.new_slots == [1, 2] and len(output.new_pages) == 4
+    assert output.changes.new_slots == [1, 2] and len(output.changes.new_pages) == 4
     scheduler.update(output, [2, 2], [None, None])  # both prompts done, one token sampled each
     scheduler.add(seqs[2])
     output = scheduler.schedule()

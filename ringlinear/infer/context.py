@@ -20,6 +20,45 @@ from .scheduler import ScheduledChunk
 
 
 @dataclass
+class LightningRound:
+    """One Lightning call of a step whose prefill chunks are cut at snapshot positions: the next
+    piece of each sequence that has one, continuing from the state the previous round left."""
+    rows: Tensor  # [T_r] the pieces' rows among the step's prefill rows
+    cu_seqlens: Tensor  # [N_r + 1] their offsets
+    seqs: Tensor  # [N_r] which prefill sequences they belong to
+    save: Tensor  # [n] of those, the pieces that end at a snapshot position
+    snapshots: Tensor  # [n] where their states go
+
+    def to(self, device: torch.device) -> LightningRound:
+        return LightningRound(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
+
+
+def lightning_rounds(chunks: Seq[ScheduledChunk]) -> list[LightningRound] | None:
+    """The rounds of the multi-token `chunks` (in step order), or None when no snapshot is taken
+    inside or at the end of one: then a single call runs them all."""
+    if not any(c.snapshots for c in chunks):
+        return None
+    pieces: list[list[tuple[int, int, int | None]]] = []  # per chunk: (start, end, snapshot) along its rows
+    for chunk in chunks:
+        cuts = [(position - chunk.start, snapshot) for position, snapshot in chunk.snapshots]
+        bounds = [0, *(cut for cut, _ in cuts)]
+        own = [(a, b, snapshot) for a, (b, snapshot) in zip(bounds, cuts)]
+        if bounds[-1] < chunk.num_tokens:
+            own.append((bounds[-1], chunk.num_tokens, None))
+        pieces.append(own)
+    offsets = np.cumsum([0] + [c.num_tokens for c in chunks])
+    rounds = []
+    for r in range(max(len(p) for p in pieces)):
+        members = [(i, p[r]) for i, p in enumerate(pieces) if r < len(p)]
+        rows = np.concatenate([np.arange(offsets[i] + a, offsets[i] + b) for i, (a, b, _) in members])
+        cu = np.cumsum([0] + [b - a for _, (a, b, _) in members])
+        saved = [(j, snapshot) for j, (_, (_, _, snapshot)) in enumerate(members) if snapshot is not None]
+        arrays = (rows, cu, [i for i, _ in members], [j for j, _ in saved], [s for _, s in saved])
+        rounds.append(LightningRound(*(torch.as_tensor(np.asarray(a, dtype=np.int64)) for a in arrays)))
+    return rounds
+
+
+@dataclass
 class StepBatch:
     """Sequences with exactly one new token come first: they take the decode kernels."""
     input_ids: Tensor  # [T]
@@ -31,6 +70,7 @@ class StepBatch:
     logits_indices: Tensor  # positions along T whose next token is sampled
     num_decodes: int
     max_query_len: int
+    rounds: list[LightningRound] | None = None  # the prefill chunks' Lightning calls, if cut for snapshots
 
     @property
     def num_seqs(self) -> int:
@@ -59,7 +99,7 @@ class StepBatch:
         assert (counts[:num_decodes] == 1).all(), "single-token sequences must come first"
         arrays = (input_ids, positions, slot_mapping, slot_array, ends, query_start, query_start[1:][complete] - 1)
         return cls(*(torch.from_numpy(a) for a in arrays), num_decodes=num_decodes,
-                   max_query_len=int(counts.max(initial=0)))
+                   max_query_len=int(counts.max(initial=0)), rounds=lightning_rounds(chunks[num_decodes:]))
 
     def tensors(self) -> list[Tensor]:
         return [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)]
@@ -69,14 +109,16 @@ class StepBatch:
         tensors = self.tensors()
         flat = torch.cat(tensors).to(device, non_blocking=True)
         moved = flat.split([t.numel() for t in tensors])
-        return StepBatch(*moved, num_decodes=self.num_decodes, max_query_len=self.max_query_len)
+        rounds = None if self.rounds is None else [r.to(device) for r in self.rounds]
+        return StepBatch(*moved, num_decodes=self.num_decodes, max_query_len=self.max_query_len, rounds=rounds)
 
 
 class PagedContext(AttentionContext):
     """Lightning layers: single-token sequences update their state slots in place (decode kernel);
     longer runs continue from their slots' states (varlen chunk kernel) and write the final states
-    back. Softmax layers: the new keys and values go to their pages, then paged attention reads the
-    cached prefix and the new tokens. `policy` picks the kernels."""
+    back, in rounds cut at snapshot positions when the step takes snapshots. Softmax layers: the new
+    keys and values go to their pages, then paged attention reads the cached prefix and the new
+    tokens. `policy` picks the kernels."""
 
     def __init__(self, cache: PagedCache, batch: StepBatch, policy: KernelPolicy):
         self.cache, self.batch, self.policy = cache, batch, policy
@@ -99,12 +141,32 @@ class PagedContext(AttentionContext):
             outputs.append(lightning_decode(q[0, :decodes], k[0, :decodes], v[0, :decodes], log_decay, states,
                                             self.batch.slots[:decodes], policy=self.policy))
         if decodes < q.shape[1]:
-            o, final = lightning_attn(q[:, decodes:], k[:, decodes:], v[:, decodes:], log_decay,
-                                      initial_state=states[self.prefill_slots], output_final_state=True,
-                                      cu_seqlens=self.prefill_cu_seqlens, policy=self.policy)
-            states[self.prefill_slots] = final
-            outputs.append(o[0])
+            q, k, v = q[0, decodes:], k[0, decodes:], v[0, decodes:]
+            if self.batch.rounds is None:
+                o, final = lightning_attn(q[None], k[None], v[None], log_decay,
+                                          initial_state=states[self.prefill_slots], output_final_state=True,
+                                          cu_seqlens=self.prefill_cu_seqlens, policy=self.policy)
+                states[self.prefill_slots] = final
+                outputs.append(o[0])
+            else:
+                snapshots = self.cache.snapshots[self.cache.linear_index[layer_idx]]
+                outputs.append(self._lightning_rounds(q, k, v, log_decay, states, snapshots))
         return (outputs[0] if len(outputs) == 1 else torch.cat(outputs))[None]
+
+    def _lightning_rounds(self, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, states: Tensor,
+                          snapshots: Tensor) -> Tensor:
+        """The prefill rows [T, H, D] round by round; pieces that end at a snapshot position save it."""
+        current = states[self.prefill_slots]
+        o = torch.empty_like(q)
+        for r in self.batch.rounds:
+            o_r, final = lightning_attn(q[r.rows][None], k[r.rows][None], v[r.rows][None], log_decay,
+                                        initial_state=current[r.seqs], output_final_state=True,
+                                        cu_seqlens=r.cu_seqlens, policy=self.policy)
+            o[r.rows] = o_r[0]
+            current[r.seqs] = final
+            snapshots[r.snapshots] = final[r.save]
+        states[self.prefill_slots] = current
+        return o
 
     def softmax(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         k_cache, v_cache = self.cache.kv[self.cache.softmax_index[layer_idx]]

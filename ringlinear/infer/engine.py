@@ -26,7 +26,7 @@ from .model_runner import ModelRunner
 from .outputs import RequestOutput
 from .params import InvalidRequest, SamplingParams
 from .sampler import Sampler
-from .scheduler import Scheduler, Sequence
+from .scheduler import Scheduler, SchedulerOutput, Sequence
 
 CPU_CACHE_MEMORY = 2 * 2**30  # at most, on the CPU: a quarter of the available memory below that
 
@@ -43,6 +43,13 @@ class EngineConfig:
     cuda_graphs: bool = True  # used on CUDA with bf16 weights
     backend: Backend = "auto"  # kernels (`ops.policy`): "auto" (Triton on CUDA), "torch" (references), "triton"
     seed: int = 0  # of the generator shared by requests without a seed
+    enable_prefix_caching: bool = True  # reuse the pages and Lightning states of cached prompt prefixes
+    # Lightning states are kept every `prefix_snapshot_interval` tokens (a multiple of page_size; default
+    # 16 pages) of a cached prefix, in `prefix_snapshot_share` of the cache memory (or `num_snapshots`
+    # of them when num_pages fixes the cache)
+    prefix_snapshot_interval: int | None = None
+    prefix_snapshot_share: float = 0.1
+    num_snapshots: int | None = None
     # Steps and log-probs batch-invariant: bit-identical to the training forward of the same model under
     # an invariant policy, whatever shares the step (no CUDA graphs; page_size a multiple of KEY_BLOCK).
     batch_invariant: bool = False
@@ -50,9 +57,23 @@ class EngineConfig:
     def validate(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.page_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and page_size must be positive")
+        if not 0 <= self.prefix_snapshot_share < 1:
+            raise ValueError(f"prefix_snapshot_share must be in [0, 1), got {self.prefix_snapshot_share}")
+        if self.snapshot_interval % self.page_size or self.snapshot_interval < 1:
+            raise ValueError(f"prefix_snapshot_interval must be a positive multiple of page_size ({self.page_size}), "
+                             f"got {self.prefix_snapshot_interval}")
         if self.batch_invariant and self.page_size % KEY_BLOCK:
             raise ValueError(f"batch_invariant needs a page_size that is a multiple of {KEY_BLOCK}, "
                              f"got {self.page_size}")
+
+
+    @property
+    def snapshot_interval(self) -> int:
+        return self.prefix_snapshot_interval or 16 * self.page_size
+
+    def snapshot_args(self) -> tuple[float, int]:
+        """(share of the cache memory, interval) for the snapshots; none without prefix caching."""
+        return (self.prefix_snapshot_share if self.enable_prefix_caching else 0.0), self.snapshot_interval
 
 
 class Engine:
@@ -68,13 +89,18 @@ class Engine:
         use_graphs = (self.device.type == "cuda" and self.dtype == torch.bfloat16 and config.cuda_graphs
                       and self.policy.backend == "triton" and not self.policy.invariant)
         max_model_len = config.max_model_len or model.config.max_position_embeddings
+        share, interval = config.snapshot_args()
         if config.num_pages is not None:
-            size = fixed_cache_size(config.max_num_seqs, config.num_pages, config.page_size, max_model_len)
+            snapshots = 64 if config.num_snapshots is None else config.num_snapshots
+            size = fixed_cache_size(config.max_num_seqs, config.num_pages, config.page_size, max_model_len,
+                                    snapshots if config.enable_prefix_caching else 0, interval)
         else:
             size = size_cache(model.config, self.dtype, self._cache_memory(use_graphs), config.max_num_seqs,
-                              config.page_size, max_model_len)
+                              config.page_size, max_model_len, share, interval)
         self.max_model_len = min(max_model_len, size.capacity_tokens)
-        self.scheduler = Scheduler(CacheManager(size), config.max_num_seqs, config.max_num_batched_tokens,
+        has_state = "linear" in model.config.layer_types
+        cache = CacheManager(size, config.enable_prefix_caching, has_state)
+        self.scheduler = Scheduler(cache, config.max_num_seqs, config.max_num_batched_tokens,
                                    model.config.eos_token_ids)
         self.runner = ModelRunner(model, size, self.policy, use_graphs, self.scheduler.max_num_seqs)
         self.sampler = Sampler(self.policy, self.device, config.seed)
@@ -135,6 +161,9 @@ class Engine:
                                  f"tokens exceed this model's context of {self.max_model_len} tokens")
         if params.stop and self.tokenizer is None:
             raise InvalidRequest("stop", "stop strings need a tokenizer, and this model has none")
+        if params.n > self.scheduler.max_num_seqs:
+            raise InvalidRequest("n", f"n={params.n} is more than the {self.scheduler.max_num_seqs} sequences "
+                                 "this engine runs at once")
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Queue a request; returns its prompt token ids."""
@@ -168,13 +197,32 @@ class Engine:
         output = self.scheduler.schedule()
         if not output.chunks:
             return []
-        logits = self.runner.execute(output)
+        result = self.runner.execute(output)
+        rows = output.sample_rows
+        logits = result.logits if len(rows) == result.logits.shape[0] else result.logits[rows]
         tokens, logprobs = self.sampler(logits, output.sampled)
-        return self.scheduler.update(output, tokens, logprobs)
+        return self.scheduler.update(output, tokens, logprobs, self._prompt_logprobs(output, result.hidden_states))
+
+    def _prompt_logprobs(self, output: SchedulerOutput, hidden: torch.Tensor | None) -> dict[int, list]:
+        """By chunk index, the log-probs of the prompt tokens its rows predict, where asked."""
+        values, row = {}, 0
+        for i, chunk in enumerate(output.chunks):
+            positions = chunk.prompt_logprob_positions()
+            if positions:
+                rows = torch.arange(row + positions.start - chunk.start, row + positions.stop - chunk.start,
+                                    device=self.device)
+                targets = torch.tensor(chunk.seq.token_ids[positions.start + 1:positions.stop + 1], device=self.device)
+                values[i] = self.sampler.prompt_logprobs(self.model.lm_head, hidden, rows, targets,
+                                                         chunk.seq.params.prompt_logprobs)
+            row += chunk.num_tokens
+        return values
 
     def stats(self) -> dict[str, float]:
         scheduler = self.scheduler
         slots, pages = scheduler.cache.usage()
+        cache = scheduler.cache
         return {"waiting": len(scheduler.waiting), "running": len(scheduler.running), "slot_usage": slots,
                 "page_usage": pages, "preemptions": scheduler.num_preemptions,
-                "prompt_tokens": scheduler.num_prompt_tokens, "generated_tokens": scheduler.num_generated_tokens}
+                "prompt_tokens": scheduler.num_prompt_tokens, "generated_tokens": scheduler.num_generated_tokens,
+                "prefix_cache_queries": cache.num_queried_tokens, "prefix_cache_hits": cache.num_hit_tokens,
+                "snapshot_bytes": cache.num_snapshots_used * self.runner.cache.snapshot_bytes}

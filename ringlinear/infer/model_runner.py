@@ -1,11 +1,13 @@
 """The model runner: a scheduled step's inputs on the device, the forward against the paged cache,
 and decode steps replayed from CUDA graphs. It owns the cache tensors and takes the scheduler's
-cache decisions (new slots, new pages) from each step's output; it changes no sequence."""
+cache decisions (new slots and pages, restored, forked and saved states) from each step's output;
+it changes no sequence."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -19,6 +21,12 @@ from .graphs import DecodeGraphs
 from .scheduler import SchedulerOutput
 
 StepHook = Callable[[SchedulerOutput, StepBatch], None]
+
+
+@dataclass
+class StepResult:
+    logits: Tensor  # [chunks that sample, V] fp32
+    hidden_states: Tensor | None  # [T, hidden] after the final norm, when a chunk asks for prompt log-probs
 
 
 class ModelRunner:
@@ -43,14 +51,25 @@ class ModelRunner:
         return handle
 
     @torch.no_grad()
-    def execute(self, output: SchedulerOutput) -> Tensor:
-        """Logits [sampled sequences, V] fp32 of one scheduled step."""
-        self.cache.apply(output.new_slots, output.new_pages)
+    def execute(self, output: SchedulerOutput) -> StepResult:
+        """Run one scheduled step: its logits, and its hidden states if prompt log-probs are asked."""
+        self.cache.apply_before(output.changes)
         batch = StepBatch.build(output.chunks, self.cache)
         for hook in self._step_hooks.values():
             hook(output, batch)
-        if self.graphs is not None and self.graphs.fits(batch):
-            return self.graphs.run(batch)
-        batch = batch.to(self.cache.device)
-        context = PagedContext(self.cache, batch, self.policy)
-        return self.model(batch.input_ids[None], context=context, logits_indices=batch.logits_indices).logits[0]
+        wants_hidden = any(chunk.prompt_logprob_positions() for chunk in output.chunks)
+        if self.graphs is not None and self.graphs.fits(batch) and not wants_hidden:
+            result = StepResult(self.graphs.run(batch), None)
+        else:
+            batch = batch.to(self.cache.device)
+            context = PagedContext(self.cache, batch, self.policy)
+            out = self.model(batch.input_ids[None], context=context, logits_indices=batch.logits_indices)
+            result = StepResult(out.logits[0], out.hidden_states[0] if wants_hidden else None)
+        # single-token chunks run the decode kernel, which updates the slots in place: their
+        # snapshots are the slots' states after the step (a longer chunk's come from its rounds)
+        saved = [(chunk.seq.slot, snapshot) for chunk in output.chunks if chunk.num_tokens == 1
+                 for _, snapshot in chunk.snapshots]
+        if saved:
+            self.cache.save_snapshots(*zip(*saved))
+        self.cache.apply_after(output.changes)
+        return result

@@ -23,6 +23,8 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int  # so far
     stop_logprob: TokenLogprob | None = None  # the stop token that ended it (not in the output), if asked
+    index: int = 0  # which of the request's completions
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # once, with the first output, if asked
 
     @property
     def finished(self) -> bool:
@@ -31,18 +33,22 @@ class RequestOutput:
 
 @dataclass
 class Completion:
-    """A request's whole result, the sum of its outputs."""
+    """One completion of a request, the sum of its outputs."""
     request_id: str
     prompt_token_ids: list[int]
+    index: int = 0
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     stop_logprob: TokenLogprob | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # [None] + one per prompt token after the first
 
     def add(self, output: RequestOutput) -> None:
         self.token_ids += output.token_ids
         self.text += output.text
         if output.logprobs is not None:
             self.logprobs = (self.logprobs or []) + output.logprobs
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
         self.finish_reason, self.stop_logprob = output.finish_reason, output.stop_logprob

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+MAX_N = 128
 
 
 class InvalidRequest(ValueError):
@@ -30,6 +31,8 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None  # a seeded request draws the same tokens whatever shares its batch
     logprobs: int | None = None  # None: none; k: the chosen token's log-prob and the top k
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    n: int = 1  # completions of the prompt, forked from one prefill
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -48,7 +51,8 @@ class SamplingParams:
         def integer(name: str) -> bool:
             return isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool)
 
-        check("max_tokens", integer("max_tokens") and self.max_tokens >= 1, "must be an integer >= 1")
+        check("max_tokens", integer("max_tokens") and self.max_tokens >= (0 if self.prompt_logprobs is not None else 1),
+              "must be an integer >= 1 (0 only with prompt log-probs)")
         check("temperature", number("temperature") and 0 <= self.temperature <= 100, "must be in [0, 100]")
         check("top_p", number("top_p") and 0 < self.top_p <= 1, "must be in (0, 1]")
         check("top_k", integer("top_k") and self.top_k >= 0, "must be an integer >= 0 (0 = off)")
@@ -65,8 +69,10 @@ class SamplingParams:
               and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids),
               "must be a list of token ids")
         check("seed", self.seed is None or (integer("seed") and 0 <= self.seed < 2**63), "must be in [0, 2^63)")
-        check("logprobs", self.logprobs is None or (integer("logprobs") and 0 <= self.logprobs <= MAX_LOGPROBS),
-              f"must be in [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            check(name, getattr(self, name) is None or (integer(name) and 0 <= getattr(self, name) <= MAX_LOGPROBS),
+                  f"must be in [0, {MAX_LOGPROBS}]")
+        check("n", integer("n") and 1 <= self.n <= MAX_N, f"must be an integer in [1, {MAX_N}]")
 
     @property
     def greedy(self) -> bool:

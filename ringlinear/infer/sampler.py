@@ -1,16 +1,19 @@
 """The engine's sampler: the next token of every sampled sequence from its logits row, with each
-request's own options, penalties and generator, and the log-probs it asked for."""
+request's own options, penalties and generator, and the log-probs it asked for; and the log-probs
+of prompt tokens, from the hidden states of the rows that predict them."""
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..ops.batch_invariant import numerics
 from ..ops.policy import KernelPolicy
 from ..sampling import apply_penalties, sample, token_logprobs
 from .outputs import TokenLogprob
 from .scheduler import Sequence
+
+PROMPT_LOGPROB_ROWS = 1024  # rows of [rows, V] fp32 logits made at a time for prompt log-probs
 
 
 class Sampler:
@@ -49,6 +52,20 @@ class Sampler:
                     TokenLogprob(token, chosen[i], list(zip(top_ids[i][:p.logprobs], top_values[i][:p.logprobs])))
                     for i, (p, token) in enumerate(zip(params, token_list))]
         return token_list, logprobs
+
+    def prompt_logprobs(self, head: nn.Module, hidden: Tensor, rows: Tensor, targets: Tensor,
+                        num_top: int) -> list[TokenLogprob]:
+        """Log-probs of `targets` [n] (prompt tokens) from the LM head over `hidden[rows]`, the rows
+        that predict them, with each row's `num_top` most likely tokens."""
+        values: list[TokenLogprob] = []
+        with numerics(self.policy):
+            for i in range(0, rows.shape[0], PROMPT_LOGPROB_ROWS):
+                part = slice(i, i + PROMPT_LOGPROB_ROWS)
+                logits = head(hidden[rows[part]]).float()
+                chosen, top_values, top_ids = (t.tolist() for t in token_logprobs(logits, targets[part], num_top))
+                values += [TokenLogprob(token, c, list(zip(ids, vals)))
+                           for token, c, ids, vals in zip(targets[part].tolist(), chosen, top_ids, top_values)]
+        return values
 
     def _token_counts(self, seqs: list[Sequence], vocab: int) -> tuple[Tensor, Tensor]:
         """[N, V] counts of each generated token and whether each token was seen (prompt or output)."""

@@ -16,6 +16,15 @@ arrival) to be recomputed: prompt and generated tokens prefilled again as one pr
 would keep its Lightning state (small, fixed size) but must also move every KV page of its
 softmax layers, which grows with the context; recompute reuses the chunked prefill and needs no
 second copy of the cache, and the watermark keeps preemption rare.
+
+Prefix caching (`cache.prefix_caching`): an admitted sequence first takes the longest cached
+prefix of its tokens (pages and a Lightning-state snapshot) and computes only the rest; a recomputed
+one usually finds its own pages there. Every chunk registers the full pages it computes, and asks for
+a snapshot at each snapshot position it reaches; both become visible to admissions from the next
+step on, when they are written.
+
+Parallel sampling (`n > 1`): the step that completes the prompt forks `n - 1` more sequences from
+it, sampled from the same logits row; they share its full pages and copy its state and partial page.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from enum import Enum
 
 import torch
 
-from .cache import CacheManager, PageEntry
+from .cache import CacheChanges, CacheManager, page_hashes
 from .detokenizer import Detokenizer
 from .outputs import RequestOutput, TokenLogprob
 from .params import SamplingParams
@@ -50,11 +59,17 @@ class Sequence:
     arrival: int  # admission order: older sequences go first and are preempted last
     generator: torch.Generator | None = None  # the request's own, when it has a seed
     detokenizer: Detokenizer | None = None  # present when the engine has a tokenizer
+    index: int = 0  # which of the request's `n` completions
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose keys, values and state are in the cache (or scheduled into it)
     slot: int | None = None
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop", "length" or "abort"
+    num_forks: int = 0  # sequences still to fork when the prompt is complete (n - 1 for the first)
+    page_hashes: list[bytes] = field(default_factory=list)  # of its full pages so far
+    num_registered_pages: int = 0  # pages of this sequence's slot offered to the prefix cache
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # [None] + one per prompt token after the first
+    prompt_logprobs_sent: bool = False
 
     @property
     def output_ids(self) -> list[int]:
@@ -68,24 +83,44 @@ class Sequence:
 @dataclass(frozen=True)
 class ScheduledChunk:
     """`num_tokens` new tokens of `seq` from position `start` on; `sample`: they end its known tokens,
-    so the step samples its next one."""
+    so the step samples its next one (and that of the sequences in `forks`, from the same row).
+    `snapshots`: (position, snapshot) pairs, the state after `position` tokens to save."""
     seq: Sequence
     start: int
     num_tokens: int
     sample: bool
+    snapshots: tuple[tuple[int, int], ...] = ()
+    forks: tuple[Sequence, ...] = ()
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    def prompt_logprob_positions(self) -> range:
+        """Positions of this chunk whose next token is a prompt token whose log-prob is asked and not
+        yet known."""
+        seq = self.seq
+        if seq.prompt_logprobs is None:
+            return range(0)
+        return range(max(self.start, len(seq.prompt_logprobs) - 1), min(self.end, seq.num_prompt_tokens - 1))
 
 
 @dataclass
 class SchedulerOutput:
-    """What one step runs, and the cache decisions the model runner applies before it."""
+    """What one step runs, and the cache decisions the model runner applies around it."""
     chunks: list[ScheduledChunk]  # single-token chunks (decodes) first, each group by arrival
-    new_slots: list[int] = field(default_factory=list)  # slots handed out: their states start at zero
-    new_pages: list[PageEntry] = field(default_factory=list)  # block-table entries added
+    changes: CacheChanges = field(default_factory=CacheChanges)
 
     @property
     def sampled(self) -> list[Sequence]:
-        """The sequences whose next token this step samples, in the order of the logits rows."""
-        return [chunk.seq for chunk in self.chunks if chunk.sample]
+        """The sequences whose next token this step samples (forks right after their parent)."""
+        return [s for chunk in self.chunks if chunk.sample for s in (chunk.seq, *chunk.forks)]
+
+    @property
+    def sample_rows(self) -> list[int]:
+        """For each of `sampled`, its row of the step's logits (one per sampling chunk)."""
+        sampling = [chunk for chunk in self.chunks if chunk.sample]
+        return [row for row, chunk in enumerate(sampling) for _ in range(1 + len(chunk.forks))]
 
 
 class Scheduler:
@@ -96,7 +131,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.eos_token_ids = set(eos_token_ids)
         self.watermark_pages = math.ceil(watermark * cache.size.num_pages)
-        self.requests: dict[str, Sequence] = {}  # every unfinished sequence by request id
+        self.requests: dict[str, list[Sequence]] = {}  # every request's unfinished sequences
         self.waiting: list[Sequence] = []  # by arrival
         self.running: list[Sequence] = []  # by arrival
         self.num_preemptions = 0
@@ -106,13 +141,15 @@ class Scheduler:
     # -- requests -------------------------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
-        self.requests[seq.request_id] = seq
+        seq.num_forks = seq.params.n - 1
+        if seq.params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]
+        self.requests.setdefault(seq.request_id, []).append(seq)
         self._enqueue(seq)
 
     def abort(self, request_id: str) -> None:
-        """Drop a request at once, freeing its slot and pages; unknown or finished ids are ignored."""
-        seq = self.requests.get(request_id)
-        if seq is not None:
+        """Drop a request at once, freeing its slots and pages; unknown or finished ids are ignored."""
+        for seq in list(self.requests.get(request_id, ())):
             self._finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
@@ -122,26 +159,34 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """The next step's chunks; every scheduled token counts as computed from here on."""
-        chunks = [ScheduledChunk(seq, seq.num_computed, n, seq.num_computed + n == len(seq.token_ids))
-                  for seq, n in self._pick()]
-        for chunk in chunks:
-            seq = chunk.seq
-            self.num_prompt_tokens += min(chunk.num_tokens, max(0, seq.num_prompt_tokens - seq.num_computed))
-            seq.num_computed += chunk.num_tokens
-        new_slots, new_pages = self.cache.take_changes()
-        return SchedulerOutput(chunks, new_slots, new_pages)
+        chunks = []
+        for seq, num_tokens in self._pick():
+            start, end = seq.num_computed, seq.num_computed + num_tokens
+            sample = end == len(seq.token_ids)
+            snapshots = self._offer_to_cache(seq, start, end) if self.cache.prefix_caching else ()
+            forks = self._fork(seq, end) if sample and seq.num_forks else ()
+            chunks.append(ScheduledChunk(seq, start, num_tokens, sample, snapshots, forks))
+            self.num_prompt_tokens += min(num_tokens, max(0, seq.num_prompt_tokens - start))
+            seq.num_computed = end
+        return SchedulerOutput(chunks, self.cache.take_changes())
 
-    def update(self, output: SchedulerOutput, tokens: list[int],
-               logprobs: list[TokenLogprob | None]) -> list[RequestOutput]:
+    def update(self, output: SchedulerOutput, tokens: list[int], logprobs: list[TokenLogprob | None],
+               prompt_logprobs: dict[int, list[TokenLogprob]] | None = None) -> list[RequestOutput]:
         """Take the token sampled for each of `output.sampled` (and its log-probs if asked): append it,
-        or finish the sequence at a stop token, a stop string or its length; return what each gained."""
+        or finish the sequence at a stop token, a stop string or its length; return what each gained.
+        `prompt_logprobs`: by chunk index, the log-probs of the prompt tokens its positions predict."""
+        for i, values in (prompt_logprobs or {}).items():
+            seq = output.chunks[i].seq
+            seq.prompt_logprobs.extend(values)
         return [self._append(seq, token, logprob) for seq, token, logprob in zip(output.sampled, tokens, logprobs)]
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         params = seq.params
         new_ids: list[int] = []
         reason = None
-        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+        if params.max_tokens == 0:
+            reason = "length"  # a prompt scored for its log-probs only
+        elif (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             reason = "stop"  # the stop token itself is not part of the output
         else:
             seq.token_ids.append(token)
@@ -155,13 +200,17 @@ class Scheduler:
             self._finish(seq, reason)
         text = "" if seq.detokenizer is None else seq.detokenizer.new_text(final=reason is not None)
         logprobs = None if params.logprobs is None else ([logprob] if new_ids else [])
+        stop_logprob = None if new_ids or params.max_tokens == 0 else logprob
+        prompt_logprobs = None
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
         return RequestOutput(seq.request_id, new_ids, text, logprobs, reason, seq.num_prompt_tokens,
-                             len(seq.token_ids) - seq.num_prompt_tokens, None if new_ids else logprob)
+                             len(seq.token_ids) - seq.num_prompt_tokens, stop_logprob, seq.index, prompt_logprobs)
 
     # -- state changes --------------------------------------------------------------------------
 
     def _enqueue(self, seq: Sequence) -> None:
-        bisect.insort(self.waiting, seq, key=lambda s: s.arrival)
+        bisect.insort(self.waiting, seq, key=lambda s: (s.arrival, s.index))
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         """Remove a sequence (finished with `reason`: stop, length or abort) and free its cache."""
@@ -171,23 +220,95 @@ class Scheduler:
             seq.slot = None
         elif seq.status == Status.WAITING:
             self.waiting.remove(seq)
-        del self.requests[seq.request_id]
+        siblings = self.requests[seq.request_id]
+        siblings.remove(seq)
+        if not siblings:
+            del self.requests[seq.request_id]
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.cache.free(seq.slot)
         seq.slot, seq.num_computed, seq.status = None, 0, Status.WAITING
+        seq.num_registered_pages = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self._enqueue(seq)
 
+    def _start(self, seq: Sequence, slot: int) -> None:
+        seq.slot, seq.status = slot, Status.RUNNING
+        bisect.insort(self.running, seq, key=lambda s: (s.arrival, s.index))
+
     def admit(self, seq: Sequence, num_tokens: int) -> None:
         """Give a waiting sequence a slot and pages for `num_tokens` tokens and start running it."""
         self.waiting.remove(seq)
-        seq.slot, seq.status = self.cache.allocate_slot(), Status.RUNNING
+        self._start(seq, self.cache.allocate_slot())
         self.cache.reserve(seq.slot, num_tokens)
-        bisect.insort(self.running, seq, key=lambda s: s.arrival)
+
+    def _admit_first_chunk(self, seq: Sequence, budget: int) -> int:
+        """Admit a waiting sequence from its longest cached prefix (none when it wants prompt
+        log-probs, which only a forward computes) if its first chunk finds pages (above the watermark
+        while others run); returns that chunk's length, 0 if it cannot start."""
+        cache = self.cache
+        known = len(seq.token_ids)
+        use_cache = cache.prefix_caching and seq.prompt_logprobs is None
+        hashes = self._hashes(seq, known) if use_cache else []
+        hit = cache.find_prefix(hashes, known) if use_cache else None
+        cached = 0 if hit is None else hit.num_tokens
+        free_pages = cache.num_free_pages - (0 if hit is None else hit.num_reclaimed)
+        free_pages -= self.watermark_pages if self.running else 0
+        num_tokens = min(known - cached, budget, free_pages * cache.page_size)
+        if num_tokens <= 0:
+            return 0
+        self.admit(seq, 0)
+        if use_cache:
+            cache.take_prefix(seq.slot, hashes, hit, known)
+        seq.num_computed = cached
+        cache.reserve(seq.slot, cached + num_tokens)
+        return num_tokens
+
+    def _hashes(self, seq: Sequence, num_tokens: int) -> list[bytes]:
+        """The hash chain of the full pages among the first `num_tokens` tokens of `seq`."""
+        return page_hashes(seq.token_ids, num_tokens // self.cache.page_size, self.cache.page_size, seq.page_hashes)
+
+    def _offer_to_cache(self, seq: Sequence, start: int, end: int) -> tuple[tuple[int, int], ...]:
+        """Register the full pages of the sequence's first `end` tokens and take a snapshot at each
+        snapshot position in (start, end] that has none: returns (position, snapshot) pairs."""
+        cache = self.cache
+        hashes = self._hashes(seq, end)
+        seq.num_registered_pages = cache.register(seq.slot, hashes, seq.num_registered_pages)
+        interval, page = cache.snapshot_interval, cache.page_size
+        if not interval:
+            return ()
+        positions = range((start // interval + 1) * interval, end + 1, interval)
+        taken = ((position, cache.snapshot(hashes[position // page - 1])) for position in positions)
+        return tuple((position, snapshot) for position, snapshot in taken if snapshot is not None)
+
+    def _fork(self, seq: Sequence, num_tokens: int) -> tuple[Sequence, ...]:
+        """The `seq.num_forks` other completions of its request, from its first `num_tokens` tokens
+        (its prompt): running, sampled from its row, those the cache has a slot and page for; the
+        rest wait to be computed on their own."""
+        forks = []
+        for index in range(seq.index + 1, seq.index + 1 + seq.num_forks):
+            generator = seq.generator
+            if generator is not None:
+                generator = torch.Generator(generator.device).manual_seed(seq.params.seed + index)
+            detokenizer = seq.detokenizer
+            if detokenizer is not None:
+                detokenizer = Detokenizer(detokenizer.tokenizer, seq.token_ids, detokenizer.stop)
+            child = Sequence(seq.request_id, list(seq.token_ids), seq.num_prompt_tokens, seq.params, seq.arrival,
+                             generator, detokenizer, index, prompt_logprobs=seq.prompt_logprobs)
+            self.requests[seq.request_id].append(child)
+            slot = self.cache.fork(seq.slot, num_tokens)
+            if slot is None:
+                child.prompt_logprobs = None if seq.prompt_logprobs is None else [None]
+                self._enqueue(child)
+                continue
+            child.num_computed = num_tokens
+            self._start(child, slot)
+            forks.append(child)
+        seq.num_forks = 0
+        return tuple(forks)
 
     def _pick(self) -> list[tuple[Sequence, int]]:
         """(sequence, number of new tokens) for the next step, single-token ones first."""
@@ -221,11 +342,9 @@ class Scheduler:
             preempted = True
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:  # 3.
             seq = self.waiting[0]
-            free_pages = cache.num_free_pages - (self.watermark_pages if self.running else 0)
-            num_tokens = min(seq.num_uncomputed, budget, free_pages * cache.page_size)
-            if num_tokens <= 0:
+            num_tokens = self._admit_first_chunk(seq, budget)
+            if num_tokens == 0:
                 break
-            self.admit(seq, num_tokens)
             scheduled.append((seq, num_tokens))
             budget -= num_tokens
         scheduled.sort(key=lambda item: item[1] > 1)  # stable: decodes first, each group by arrival
