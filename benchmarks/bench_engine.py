@@ -1,7 +1,8 @@
 """The inference engine on one GPU: the hybrid model (Ring-mini-linear-2.0 shapes, random bf16
 weights) side by side with the same model made all-softmax (layer_group_size = 1).
 
-    python benchmarks/bench_engine.py [--quick] [--models hybrid all_softmax] [--out DIR] [--profile TOKENS]
+    python benchmarks/bench_engine.py [--quick] [--models hybrid all_softmax] [--cases ...] [--no-warm-up]
+                                      [--out DIR] [--profile TOKENS]
 
 For each model, built on the meta device and initialised on the GPU, one at a time:
 - prefill throughput, batch 1, at 4K, 32K and 128K prompt tokens (the last is 131,071 tokens: the
@@ -13,7 +14,13 @@ For each model, built on the meta device and initialised on the GPU, one at a ti
 - time to first token and inter-token latency for 1 and 64 concurrent streams (1,024-token
   prompts, 64 new tokens, all arriving at once);
 - a plain PyTorch generate loop (`ringlinear.generate.generate`: one request at a time, no
-  graphs) at 4K context, against the engine's decode throughput at 4K and batch 64.
+  graphs) at 4K context, against the engine's decode throughput at 4K and batch 64;
+- multi-turn chat: 32 conversations of 8 turns, each turn adding a 512-token message to the
+  history and 64 generated tokens: TTFT and prompt tokens computed, prefix cache on and off;
+- GRPO-shaped sampling: 32 prompts of 512 tokens × n = 8 completions of 128 tokens, forked from one
+  prefill against 256 separate requests (prefix cache off): prompt tokens computed and wall time.
+The engine warms up (`Engine.warm_up`, timed) before the cases, as the server does, unless
+`--no-warm-up`; `--cases streams` run first in a fresh process gives the TTFT users see at start-up.
 Every case records its error (an out-of-memory included) and the run goes on. `--quick` runs the
 same cases at tiny shapes, as a smoke test. Results: stdout (a table last) and
 DIR/bench_engine.json (DIR: --out, else $OUT, else .).
@@ -54,16 +61,21 @@ class Shapes:
     stream_prompt: int
     stream_tokens: int
     plain_context: int
+    chat: tuple[int, int, int, int]  # conversations, turns, message tokens, reply tokens
+    grpo: tuple[int, int, int, int]  # prompts, n, prompt tokens, new tokens
     engine: dict
 
 
 FULL = Shapes("mini", prefill=(4096, 32768, 131071), decode_contexts=(4096, 32768), decode_batch=64,
               streams=(1, 64), stream_prompt=1024, stream_tokens=64, plain_context=4096,
+              chat=(32, 8, 512, 64), grpo=(32, 8, 512, 128),
               engine=dict(max_num_seqs=512, max_num_batched_tokens=16384, page_size=64, gpu_memory_utilization=0.9))
 QUICK = Shapes("tiny", prefill=(256, 1024, 4000), decode_contexts=(256, 1024), decode_batch=8,
                streams=(1, 8), stream_prompt=128, stream_tokens=16, plain_context=256,
+               chat=(4, 3, 64, 8), grpo=(4, 4, 64, 8),
                engine=dict(max_num_seqs=64, max_num_batched_tokens=2048, page_size=64, cache_memory=2 * 2**30))
 DECODE_STEPS, DECODE_WARMUP, PLAIN_TOKENS = 32, 4, 32
+CASES = ("prefill", "decode", "streams", "chat", "grpo", "plain")
 
 
 def k(n: int) -> str:
@@ -111,7 +123,7 @@ def finish(engine: Engine) -> None:
 
 
 def prefill(engine: Engine, length: int) -> dict:
-    engine.add_request("prefill", tokens(length, engine.model.config.vocab_size),
+    engine.add_request("prefill", tokens(length, engine.model.config.vocab_size, seed=length),  # no cache hit
                        SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
     sync()
     start = time.perf_counter()
@@ -174,6 +186,59 @@ def streams(engine: Engine, count: int, prompt_len: int, new_tokens: int) -> dic
             "itl_ms_p90": round(1e3 * gaps[int(0.9 * (len(gaps) - 1))], 3)}
 
 
+def chat(engine: Engine, conversations: int, turns: int, message: int, reply: int) -> dict:
+    """Multi-turn conversations: each turn's prompt is the history (earlier prompts and replies) plus
+    a new `message`-token message; all conversations send a turn at once, the next when all replied."""
+    vocab = engine.model.config.vocab_size
+    params = SamplingParams(max_tokens=reply, temperature=0, ignore_eos=True)
+    histories = [[] for _ in range(conversations)]
+    before, ttft = engine.stats(), []
+    start = time.perf_counter()
+    for turn in range(turns):
+        sent = time.perf_counter()
+        for i, history in enumerate(histories):
+            history += tokens(message, vocab, seed=1000 * i + turn)
+            engine.add_request(f"chat-{i}-{turn}", history, params)
+        first: set[str] = set()
+        while engine.has_unfinished():
+            for output in engine.step():
+                if output.request_id not in first:
+                    first.add(output.request_id)
+                    ttft.append(time.perf_counter() - sent)
+                histories[int(output.request_id.split("-")[1])] += output.token_ids
+    seconds = time.perf_counter() - start
+    after = engine.stats()
+    # turn t's prompt holds t + 1 messages and t replies
+    sent_tokens = conversations * sum((t + 1) * message + t * reply for t in range(turns))
+    return {"conversations": conversations, "turns": turns, "prompt_tokens_sent": sent_tokens,
+            "prompt_tokens_computed": after["prompt_tokens"] - before["prompt_tokens"],
+            "cache_hit_tokens": after["prefix_cache_hits"] - before["prefix_cache_hits"],
+            "ttft_ms_median": round(1e3 * statistics.median(ttft), 2), "seconds": round(seconds, 2)}
+
+
+def grpo(engine: Engine, prompts: int, n: int, prompt_len: int, new_tokens: int, forked: bool) -> dict:
+    """`prompts` prompts × `n` sampled completions: one request with n each, or n separate requests."""
+    vocab = engine.model.config.vocab_size
+    before = engine.stats()
+    sync()
+    start = time.perf_counter()
+    for i in range(prompts):
+        prompt = tokens(prompt_len, vocab, seed=5000 + i)
+        if forked:
+            engine.add_request(f"grpo-{i}", prompt, SamplingParams(max_tokens=new_tokens, seed=i, n=n, ignore_eos=True))
+        else:
+            for j in range(n):
+                engine.add_request(f"grpo-{i}-{j}", prompt, SamplingParams(max_tokens=new_tokens, seed=i + j,
+                                                                           ignore_eos=True))
+    finish(engine)
+    sync()
+    seconds = time.perf_counter() - start
+    after = engine.stats()
+    return {"prompts": prompts, "n": n, "forked": forked, "seconds": round(seconds, 3),
+            "prompt_tokens_computed": after["prompt_tokens"] - before["prompt_tokens"],
+            "tokens_per_s": round(prompts * n * new_tokens / seconds)}
+
+
 def plain_loop(model: RingLinearForCausalLM, context: int) -> dict:
     """Decode throughput of `ringlinear.generate.generate` for one request: the time of
     PLAIN_TOKENS more tokens after the prefill and first token."""
@@ -191,39 +256,61 @@ def plain_loop(model: RingLinearForCausalLM, context: int) -> dict:
     return {"context": context, "tokens": PLAIN_TOKENS, "tokens_per_s": round(PLAIN_TOKENS / decode_seconds, 1)}
 
 
-def make_engine(model: RingLinearForCausalLM, options: dict, results: dict) -> Engine:
-    """With CUDA graphs; if capturing fails, record why and go on without them."""
+def make_engine(model: RingLinearForCausalLM, options: dict, results: dict, warm_up: bool = True) -> Engine:
+    """With CUDA graphs (if capturing fails, record why and go on without them), warmed up."""
+    start = time.perf_counter()
     try:
-        return Engine(model, None, EngineConfig(**options))
+        engine = Engine(model, None, EngineConfig(**options))
     except Exception as error:  # noqa: BLE001
         results["engine_error"] = repr(error)
         log(f"  engine with CUDA graphs failed ({error!r}); retrying without graphs")
         traceback.print_exc()
         gc.collect()
         torch.cuda.empty_cache()
-        return Engine(model, None, EngineConfig(**options, cuda_graphs=False))
+        engine = Engine(model, None, EngineConfig(**options, cuda_graphs=False))
+    results["engine_start_s"] = round(time.perf_counter() - start, 2)
+    if warm_up:
+        results["warm_up_s"] = round(engine.warm_up(), 2)
+        log(f"  warmed up in {results['warm_up_s']} s")
+    return engine
 
 
-def bench_model(name: str, config: RingLinearConfig, shapes: Shapes) -> dict:
+def bench_model(name: str, config: RingLinearConfig, shapes: Shapes, cases: tuple[str, ...], warm_up: bool) -> dict:
     results: dict = {"layer_map": "".join("S" if k == "softmax" else "L" for k in config.layer_types)}
     log(f"{name}: building {shapes.preset} (layer_group_size={config.layer_group_size})")
     model = build(config)
     results["weights_gib"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 2)
-    case(results, "plain_loop", plain_loop, model, shapes.plain_context)
-    engine = make_engine(model, shapes.engine, results)
+    engine = make_engine(model, shapes.engine, results, warm_up)
     size = engine.scheduler.cache.size
     results["cache"] = {"slots": size.num_slots, "pages": size.num_pages, "page_size": size.page_size,
+                        "snapshots": size.num_snapshots, "snapshot_interval": size.snapshot_interval,
                         "gib": round(engine.runner.cache.nbytes() / 2**30, 2), "max_model_len": engine.max_model_len,
                         "graphs": engine.runner.graphs is not None}
     log(f"  cache: {results['cache']}")
-    case(results, "prefill_warmup", prefill, engine, min(shapes.prefill[0], 2048))
-    for length in shapes.prefill:
-        case(results, f"prefill_{length}", prefill, engine, length)
-    for context in shapes.decode_contexts:
-        case(results, f"decode_{context}_largest", decode, engine, largest_batch(engine, context), context)
-        case(results, f"decode_{context}_batch{shapes.decode_batch}", decode, engine, shapes.decode_batch, context)
-    for count in shapes.streams:
-        case(results, f"streams_{count}", streams, engine, count, shapes.stream_prompt, shapes.stream_tokens)
+    for family in cases:  # in the order asked: the first runs right after start-up
+        if family == "streams":
+            for count in shapes.streams:
+                case(results, f"streams_{count}", streams, engine, count, shapes.stream_prompt, shapes.stream_tokens)
+        elif family == "prefill":
+            for length in shapes.prefill:
+                case(results, f"prefill_{length}", prefill, engine, length)
+        elif family == "decode":
+            for context in shapes.decode_contexts:
+                case(results, f"decode_{context}_largest", decode, engine, largest_batch(engine, context), context)
+                case(results, f"decode_{context}_batch{shapes.decode_batch}", decode, engine, shapes.decode_batch,
+                     context)
+        elif family == "chat":
+            for caching in (True, False):
+                engine.scheduler.cache.prefix_caching = caching
+                case(results, f"chat_cache_{'on' if caching else 'off'}", chat, engine, *shapes.chat)
+            engine.scheduler.cache.prefix_caching = True
+        elif family == "grpo":
+            engine.scheduler.cache.prefix_caching = False  # forking alone against separate prefills
+            for forked in (True, False):
+                case(results, f"grpo_{'forked' if forked else 'separate'}", grpo, engine, *shapes.grpo, forked)
+            engine.scheduler.cache.prefix_caching = True
+        elif family == "plain":
+            case(results, "plain_loop", plain_loop, model, shapes.plain_context)
     del engine, model
     gc.collect()
     torch.cuda.empty_cache()
@@ -278,6 +365,15 @@ def table(report: dict, shapes: Shapes) -> str:
                          f"{engine_rate / plain_rate:.1f}x")
     lines.append("ratio: hybrid over all-softmax for throughput, all-softmax over hybrid for latency "
                  "(> 1: the hybrid is better)")
+    for model_name, results in (("hybrid", hybrid), ("all-softmax", softmax)):
+        if "warm_up_s" in results:
+            lines.append(f"{model_name}: engine start {results['engine_start_s']} s, warm-up {results['warm_up_s']} s")
+        for name in ("chat_cache_on", "chat_cache_off", "grpo_forked", "grpo_separate"):
+            row = results.get(name)
+            if row and "error" not in row:
+                shown = {key: row[key] for key in ("ttft_ms_median", "prompt_tokens_computed", "cache_hit_tokens",
+                                                   "prompt_tokens_sent", "seconds", "tokens_per_s") if key in row}
+                lines.append(f"{model_name} {name}: " + ", ".join(f"{key} {value:,}" for key, value in shown.items()))
     return "\n".join(lines)
 
 
@@ -287,6 +383,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=("hybrid", "all_softmax"), default=["hybrid", "all_softmax"],
                         help="which of the two models to run (default: both)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
+                        help="which case families to run, in this order (default: all)")
+    parser.add_argument("--no-warm-up", action="store_true", help="skip Engine.warm_up (cases pay for compiling)")
     parser.add_argument("--profile", type=int, metavar="TOKENS",
                         help="only profile the hybrid's prefill of this many tokens and print its top kernels")
     args = parser.parse_args()
@@ -301,7 +400,8 @@ def main() -> None:
         commit = ""
     report = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
                        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "shapes": asdict(shapes),
-                       "decode_steps": DECODE_STEPS}, "models": {}}
+                       "decode_steps": DECODE_STEPS, "cases": args.cases, "warm_up": not args.no_warm_up},
+              "models": {}}
     path = os.path.join(args.out, "bench_engine.json")
     os.makedirs(args.out, exist_ok=True)
     for name, group in (("hybrid", None), ("all_softmax", 1)):
@@ -311,7 +411,7 @@ def main() -> None:
         if group is not None:
             config = config.replace(layer_group_size=group)
         try:
-            report["models"][name] = bench_model(name, config, shapes)
+            report["models"][name] = bench_model(name, config, shapes, tuple(args.cases), not args.no_warm_up)
         except Exception as error:  # noqa: BLE001
             report["models"][name] = {"error": repr(error)}
             traceback.print_exc()

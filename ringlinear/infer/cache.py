@@ -281,6 +281,17 @@ class CacheManager:
         self._snapshot_of[h] = snapshot
         return snapshot
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached page and snapshot (when no sequence holds a page)."""
+        if (self._refs > 0).any():
+            raise RuntimeError("the prefix cache can only be reset while no sequence runs")
+        self._free_pages.extend(self._cached)
+        self._cached.clear()
+        self._page_of.clear()
+        self._hash_of.clear()
+        self._free_snapshots.extend(self._snapshot_of.values())
+        self._snapshot_of.clear()
+
     def take_changes(self) -> CacheChanges:
         """Every decision since the last call."""
         changes, self._changes = self._changes, CacheChanges()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,6 +217,25 @@ class Engine:
                                                          chunk.seq.params.prompt_logprobs)
             row += chunk.num_tokens
         return values
+
+    def warm_up(self) -> float:
+        """Run the step shapes serving meets once (a whole prefill chunk, shorter and mixed prefill
+        and decode steps, decodes), so that no request waits for their kernels to compile; then
+        forget them (cache and counters). Returns the seconds it took."""
+        start = time.perf_counter()
+        budget, vocab = self.config.max_num_batched_tokens, self.model.config.vocab_size
+        lengths = (budget, budget // 2 + 1, 97, 3)  # one full step, then a mixed one, then decodes
+        generator = torch.Generator().manual_seed(0)
+        for i, n in enumerate(lengths):
+            n = max(1, min(n, self.max_model_len - 2))
+            prompt = torch.randint(1, vocab, (n,), generator=generator).tolist()
+            self.add_request(f"warm-up-{i}", prompt, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        while self.has_unfinished():
+            self.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.scheduler.reset_counters()
+        return time.perf_counter() - start
 
     def stats(self) -> dict[str, float]:
         scheduler = self.scheduler

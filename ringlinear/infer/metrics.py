@@ -27,6 +27,12 @@ class Metrics:
         self.generation_tokens = Counter("ringlinear_generation_tokens", "Tokens generated", registry=registry)
         self.preemptions = Counter("ringlinear_preemptions", "Sequences preempted for lack of cache pages",
                                    registry=registry)
+        self.prefix_cache_queries = Counter("ringlinear_prefix_cache_queries",
+                                            "Prompt tokens looked up in the prefix cache", registry=registry)
+        self.prefix_cache_hits = Counter("ringlinear_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                         registry=registry)
+        self.snapshot_bytes = Gauge("ringlinear_prefix_cache_snapshot_bytes",
+                                    "Memory held by cached Lightning-state snapshots", registry=registry)
         self.requests = Counter("ringlinear_requests", "Finished requests", ["finish_reason"], registry=registry)
         self.rejected = Counter("ringlinear_requests_rejected", "Requests refused because the queue was full",
                                 registry=registry)
@@ -36,7 +42,10 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=registry)
         self.latency = Histogram("ringlinear_request_latency_seconds", "Time from arrival to the last token",
                                  buckets=LATENCY_BUCKETS, registry=registry)
-        self._totals = {"prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0}
+        self._counters = {"prompt_tokens": self.prompt_tokens, "generated_tokens": self.generation_tokens,
+                          "preemptions": self.preemptions, "prefix_cache_queries": self.prefix_cache_queries,
+                          "prefix_cache_hits": self.prefix_cache_hits}
+        self._totals = dict.fromkeys(self._counters, 0)
         self._window: deque[tuple[float, int]] = deque()
 
     def update(self, stats: dict[str, float]) -> None:
@@ -45,8 +54,8 @@ class Metrics:
         self.running.set(stats["running"])
         self.slot_usage.set(stats["slot_usage"])
         self.page_usage.set(stats["page_usage"])
-        for name, counter in (("prompt_tokens", self.prompt_tokens), ("generated_tokens", self.generation_tokens),
-                              ("preemptions", self.preemptions)):
+        self.snapshot_bytes.set(stats["snapshot_bytes"])
+        for name, counter in self._counters.items():
             counter.inc(stats[name] - self._totals[name])
             self._totals[name] = stats[name]
         now = time.monotonic()

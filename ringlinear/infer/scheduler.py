@@ -155,6 +155,12 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def reset_counters(self) -> None:
+        """Start the counters and the prefix cache afresh (when nothing runs)."""
+        self.cache.reset_prefix_cache()
+        self.num_preemptions = self.num_prompt_tokens = self.num_generated_tokens = 0
+        self.cache.num_queried_tokens = self.cache.num_hit_tokens = 0
+
     # -- one step -------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
@@ -292,7 +298,7 @@ class Scheduler:
         for index in range(seq.index + 1, seq.index + 1 + seq.num_forks):
             generator = seq.generator
             if generator is not None:
-                generator = torch.Generator(generator.device).manual_seed(seq.params.seed + index)
+                generator = torch.Generator(generator.device).manual_seed((seq.params.seed + index) % 2**63)
             detokenizer = seq.detokenizer
             if detokenizer is not None:
                 detokenizer = Detokenizer(detokenizer.tokenizer, seq.token_ids, detokenizer.stop)

@@ -193,11 +193,11 @@ class RLTrainer:
         completions: list[Completion] = []
         while not problems or sum(_response_length(x) for x in completions) < c.tokens_per_step:
             drawn = [self.task.sample(self.rng) for _ in range(c.prompts_per_step)]
-            group = [p for p in drawn for _ in range(c.group_size)]
-            params = [SamplingParams(max_tokens=c.max_new_tokens, logprobs=0, seed=self.rng.randrange(2**63))
-                      for _ in group]
-            completions += self.llm.generate([[self.eos] + encode(self.tokenizer, p.prompt) for p in group], params)
-            problems += group
+            # a group is one request: its completions are forked from one prefill of the prompt
+            params = [SamplingParams(max_tokens=c.max_new_tokens, logprobs=0, seed=self.rng.randrange(2**62),
+                                     n=c.group_size) for _ in drawn]
+            completions += self.llm.generate([[self.eos] + encode(self.tokenizer, p.prompt) for p in drawn], params)
+            problems += [p for p in drawn for _ in range(c.group_size)]
         texts = [self.tokenizer.decode(x.token_ids) for x in completions]
         with ThreadPoolExecutor() as pool:  # a subprocess reward waits outside the GIL
             rewards = list(pool.map(self.task.reward, problems, texts))
