@@ -6,8 +6,12 @@ import pytest
 import torch
 from conftest import INTERPRET
 
-from ringlinear.ops.lightning import (lightning_attn, lightning_decode, lightning_tree_fold,
-                                      lightning_tree_verify)
+from ringlinear.ops.lightning import (
+    lightning_attn,
+    lightning_decode,
+    lightning_tree_fold,
+    lightning_tree_verify,
+)
 from ringlinear.ops.policy import KernelPolicy, triton_installed
 from ringlinear.ops.tree import tree_ancestors
 

@@ -15,15 +15,37 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..policy import KernelPolicy, lightning_fold_kernel, lightning_kernel, lightning_tree_kernel
+from ..policy import (
+    KernelPolicy,
+    lightning_fold_kernel,
+    lightning_kernel,
+    lightning_tree_kernel,
+)
 from ..tree import MAX_TREE_TOKENS
-from .naive import (lightning_attn_chunked, lightning_attn_quadratic, lightning_attn_recurrent,
-                    lightning_decode_reference)
-from .tree_reference import lightning_tree_fold_reference, lightning_tree_verify_quadratic, tree_paths
+from .naive import (
+    lightning_attn_chunked,
+    lightning_attn_quadratic,
+    lightning_attn_recurrent,
+    lightning_decode_reference,
+)
+from .tree_reference import (
+    lightning_tree_fold_reference,
+    lightning_tree_verify_quadratic,
+    tree_paths,
+)
 
-__all__ = ["lightning_attn", "lightning_decode", "lightning_tree_verify", "lightning_tree_fold",
-           "lightning_attn_chunked", "lightning_attn_quadratic", "lightning_attn_recurrent",
-           "lightning_decode_reference", "lightning_tree_verify_quadratic", "lightning_tree_fold_reference"]
+__all__ = [
+    "lightning_attn",
+    "lightning_attn_chunked",
+    "lightning_attn_quadratic",
+    "lightning_attn_recurrent",
+    "lightning_decode",
+    "lightning_decode_reference",
+    "lightning_tree_fold",
+    "lightning_tree_fold_reference",
+    "lightning_tree_verify",
+    "lightning_tree_verify_quadratic",
+]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
