@@ -31,19 +31,22 @@ def lightning_tree_verify_quadratic(q: Tensor, k: Tensor, v: Tensor, log_decay: 
                                     slots: Tensor, ancestors: Tensor, depth: Tensor, query_start: Tensor,
                                     scale: float | None = None) -> Tensor:
     """q, k, v [T, H, D] (N trees packed); state pool [S, H, D, D], read at `slots` [N]. One masked
-    product over all pairs of the step, in fp32 (fp64 for fp64 inputs). Returns o [T, H, D]."""
+    product over all pairs of the step, then each tree's prefix term, in fp32 (fp64 for fp64 inputs).
+    Reads query_start and slots on the host. Returns o [T, H, D]."""
     out_dtype, work = q.dtype, torch.float64 if q.dtype == torch.float64 else torch.float32
-    T, D = q.shape[0], q.shape[-1]
+    D = q.shape[-1]
     scale = D**-0.5 if scale is None else scale
     g = log_decay.to(work)[:, None, None]  # [H, 1, 1]
     q, k, v = (x.to(work).transpose(0, 1) for x in (q, k, v))  # [H, T, D]
     d = depth.to(work)
-    lengths = query_start[1:] - query_start[:-1]
-    prefix = state[slots.long()].to(work).repeat_interleave(lengths, dim=0, output_size=T)  # [T, H, D, D]
     distance = (d[:, None] - d[None, :]).clamp(min=0)
     decay = torch.exp(g * distance) * _tree_mask(ancestors, query_start)  # [H, T, T]
     o = (q @ k.transpose(-1, -2) * decay) @ v
-    o = o + torch.exp(g * (d[:, None] + 1)) * (q[..., None, :] @ prefix.transpose(0, 1))[..., 0, :]
+    prefix_decay = torch.exp(g * (d[:, None] + 1))  # [H, T, 1]
+    starts = query_start.tolist()
+    for n, slot in enumerate(slots.tolist()):
+        rows = slice(starts[n], starts[n + 1])
+        o[:, rows] += prefix_decay[:, rows] * (q[:, rows] @ state[slot].to(work))
     return (scale * o).transpose(0, 1).to(out_dtype)
 
 
