@@ -4,6 +4,7 @@ kernel against the reference in float64. Without a GPU the kernel runs in Triton
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import INTERPRET
 
 triton = pytest.importorskip("triton")
@@ -11,6 +12,7 @@ triton = pytest.importorskip("triton")
 from ringlinear.ops.paged_attention import paged_attention, paged_attention_reference  # noqa: E402
 from ringlinear.ops.paged_attention.kernel import paged_attention_triton  # noqa: E402
 from ringlinear.ops.policy import KernelPolicy  # noqa: E402
+from ringlinear.ops.tree import tree_ancestors  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 
@@ -85,3 +87,63 @@ def test_dispatch_checks_shapes():
         paged_attention(q, k_cache, v_cache, tables, lens, starts[:1], 1.0, 1)
     with pytest.raises(ValueError, match="backend must be one of"):
         paged_attention(q, k_cache, v_cache, tables, lens, starts, 1.0, 1, policy=KernelPolicy("cuda"))
+
+
+# -- draft trees (ops.tree): the new tokens attend to the cached prefix and their ancestors-or-self --
+
+TREES = ([-1, 0, 0, 1, 2], [-1, 0, 1, 1, 0, 4, 5, 5, 2, 3, 6, 7, 9, 9, 11, 12], [-1])  # sizes 5, 16, 1
+
+
+def tree_case(prefixes, dtype):
+    sizes = [len(t) for t in TREES]
+    case = paged_case(sizes, [p + m for p, m in zip(prefixes, sizes)], H=4, KV=2, D=16, page=16, dtype=dtype)
+    parents = torch.tensor([p for t in TREES for p in t], device=DEVICE)
+    return case, tree_ancestors(parents, case[-1], max(sizes))[0], max(sizes)
+
+
+def dense_tree_attention(q, k_cache, v_cache, tables, seq_lens, query_start, scale):
+    """float64 SDPA over each sequence's gathered keys with the mask written out from the parents."""
+    page, H, KV = k_cache.shape[1], q.shape[1], k_cache.shape[2]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for n, (length, parents) in enumerate(zip(seq_lens.tolist(), TREES)):
+        start, m = int(query_start[n]), len(parents)
+        positions = torch.arange(length)
+        slots = tables[n, positions // page].long().cpu()
+        k, v = (c.cpu().double()[slots, positions % page].repeat_interleave(H // KV, 1) for c in (k_cache, v_cache))
+        mask = torch.zeros(m, length, dtype=torch.bool)
+        mask[:, : length - m] = True
+        for i in range(m):
+            j = i
+            while j >= 0:
+                mask[i, length - m + j], j = True, parents[j]
+        queries = q[start:start + m].cpu().double().transpose(0, 1)
+        o = F.scaled_dot_product_attention(queries, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale)
+        out[start:start + m] = o.transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("policy,dtype,tol", [(KernelPolicy("torch"), torch.float64, 1e-12),
+                                              (KernelPolicy("triton"), torch.float32, 1e-5),
+                                              (KernelPolicy("triton"), torch.bfloat16, 2e-2)])
+def test_tree_attention_matches_dense_masked_sdpa(policy, dtype, tol):
+    case, ancestors, max_len = tree_case([20, 3, 40], dtype)
+    o = paged_attention(*case, 0.3, max_len, policy=policy, tree_ancestors=ancestors)
+    assert rel(o.cpu(), dense_tree_attention(*case, 0.3)) < tol
+
+
+def test_a_chain_is_causal_attention():
+    case, _, _ = tree_case([20, 3, 40], torch.float32)
+    sizes = [len(t) for t in TREES]
+    chains = torch.tensor([p for m in sizes for p in range(-1, m - 1)], device=DEVICE)
+    ancestors = tree_ancestors(chains, case[-1], max(sizes))[0]
+    for policy in (KernelPolicy("torch"), KernelPolicy("triton")):
+        tree = paged_attention(*case, 0.3, max(sizes), policy=policy, tree_ancestors=ancestors)
+        assert rel(tree, paged_attention(*case, 0.3, max(sizes), policy=policy)) < 1e-6
+
+
+def test_trees_have_no_invariant_form_and_a_size_limit():
+    case, ancestors, max_len = tree_case([20, 3, 40], torch.float32)
+    with pytest.raises(ValueError, match="batch-invariant"):
+        paged_attention(*case, 0.3, max_len, policy=KernelPolicy(invariant=True), tree_ancestors=ancestors)
+    with pytest.raises(ValueError, match="tree_ancestors"):
+        paged_attention(*case, 0.3, max_len, tree_ancestors=ancestors[1:])

@@ -9,7 +9,8 @@ import torch
 
 from ringlinear.ops.batch_invariant import numerics
 from ringlinear.ops.policy import (COMPILE_MIN_ELEMENTS, KernelPolicy, causal_attention_kernel, compiles_chain,
-                                   experts_kernel, lightning_kernel, paged_attention_kernel, triton_installed)
+                                   experts_kernel, lightning_fold_kernel, lightning_kernel, lightning_tree_kernel,
+                                   paged_attention_kernel, triton_installed)
 
 pytestmark = pytest.mark.skipif(not triton_installed(), reason="the table's Triton rows need Triton installed")
 
@@ -96,3 +97,16 @@ def test_numerics_switch_the_generic_ops_only_inside_and_only_when_invariant():
     with numerics(KernelPolicy()):
         assert modes() == 0
     assert modes() == 0
+
+
+def test_tree_verify_takes_the_kernel_the_reference_or_in_invariant_mode_the_root_paths():
+    tokens = Stand(shape=(64, 16, 128))
+    assert (lightning_tree_kernel(KernelPolicy(), tokens), lightning_fold_kernel(KernelPolicy(), tokens)) == (
+        "tree", "tree")
+    for policy, x in ((KernelPolicy("torch"), tokens), (KernelPolicy(), Stand(shape=(64, 16, 32))),
+                      (KernelPolicy("triton"), Stand(dtype=torch.float64))):
+        assert (lightning_tree_kernel(policy, x), lightning_fold_kernel(policy, x)) == (
+            "tree_reference", "fold_reference")
+    for backend in ("torch", "triton"):
+        assert lightning_tree_kernel(KernelPolicy(backend, invariant=True), tokens) == "root_paths"
+    assert lightning_fold_kernel(KernelPolicy(invariant=True), tokens) == "tree"  # a decode step's update either way

@@ -22,6 +22,8 @@ sampler for its log-probs); the ops below switch by the table. Backward passes r
 |-----------------------------|--------------------------|----------------|---------------------|------------------|
 | lightning_attn (lightning/) | chunk.py                 | naive chunked  | recurrent.py        | naive recurrent  |
 | lightning_decode            | decode.py                | naive decode   | recurrent.py        | naive recurrent  |
+| lightning_tree_verify       | tree.py                  | tree quadratic | root paths (6)      | root paths (6)   |
+| lightning_tree_fold         | tree.py                  | tree fold loop | tree.py             | tree fold loop   |
 | causal_attention            | SDPA; FlashAttention (1) | SDPA, masked   | key blocks (2)      | key-block loop   |
 | paged_attention             | kernel.py (3)            | gather + SDPA  | key blocks (2)      | key-block loop   |
 | grouped_swiglu (moe.py)     | torch._grouped_mm (4)    | expert loop    | grouped GEMM (2)    | expert loop      |
@@ -31,7 +33,8 @@ sampler for its log-probs); the ops below switch by the table. Backward passes r
 (1) FlashAttention's varlen kernel for packed documents in CUDA fp16/bf16. (2) On
 `invariant_kernels.py`. (3) Pages of a power of two ≥ 16 tokens; Lightning kernels take head sizes
 LIGHTNING_HEAD_DIMS; other shapes take the references. (4) CUDA bf16; else the expert loop.
-(5) CUDA activations of at least COMPILE_MIN_ELEMENTS.
+(5) CUDA activations of at least COMPILE_MIN_ELEMENTS. (6) Each draft token's root path through
+lightning_attn's invariant form (so a recurrent kernel, by the backend), the bits a decode step gives it.
 """
 
 from __future__ import annotations
@@ -100,6 +103,23 @@ def lightning_kernel(policy: KernelPolicy, q: Tensor) -> LightningKernel:
     if policy.invariant:
         return "recurrent" if triton else "recurrent_reference"
     return "chunk" if triton else "chunked_reference"
+
+
+TreeVerifyKernel = Literal["tree", "tree_reference", "root_paths"]
+
+
+def lightning_tree_kernel(policy: KernelPolicy, q: Tensor) -> TreeVerifyKernel:
+    """lightning_tree_verify: tree.py takes a whole tree in one tile (a masked product, whose sums follow
+    the tree's shape); invariant mode decodes each token's root path instead, one token per step."""
+    if policy.invariant:
+        return "root_paths"
+    return "tree" if policy.triton(q) and q.shape[-1] in LIGHTNING_HEAD_DIMS else "tree_reference"
+
+
+def lightning_fold_kernel(policy: KernelPolicy, k: Tensor) -> Literal["tree", "fold_reference"]:
+    """lightning_tree_fold: either form is a decode step's update per token, elementwise in fp32 (the
+    same in invariant mode)."""
+    return "tree" if policy.triton(k) and k.shape[-1] in LIGHTNING_HEAD_DIMS else "fold_reference"
 
 
 AttentionKernel = Literal["sdpa", "flash_varlen", "key_blocks", "key_blocks_reference"]

@@ -5,7 +5,8 @@ by one token against a pool of fp32 states. The kernel policy (`ops.policy.light
 the Triton kernels (`chunk.py`, `decode.py`) or the chunked reference in `naive.py`; in invariant
 mode every call runs a recurrent form, one token per step, so that a token gets the same bits in
 training, prefill and decode: `recurrent.py` on the Triton backend, else
-`naive.lightning_attn_recurrent`.
+`naive.lightning_attn_recurrent`. `lightning_tree_verify` and `lightning_tree_fold` verify draft
+trees for speculative decoding and fold the accepted path into the state (`tree.py`, `tree_reference.py`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,37 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..policy import KernelPolicy, lightning_kernel
-from .naive import (lightning_attn_chunked, lightning_attn_quadratic, lightning_attn_recurrent,
-                    lightning_decode_reference)
+from ..policy import (
+    KernelPolicy,
+    lightning_fold_kernel,
+    lightning_kernel,
+    lightning_tree_kernel,
+)
+from ..tree import MAX_TREE_TOKENS
+from .naive import (
+    lightning_attn_chunked,
+    lightning_attn_quadratic,
+    lightning_attn_recurrent,
+    lightning_decode_reference,
+)
+from .tree_reference import (
+    lightning_tree_fold_reference,
+    lightning_tree_verify_quadratic,
+    tree_paths,
+)
 
-__all__ = ["lightning_attn", "lightning_decode", "lightning_attn_chunked", "lightning_attn_quadratic",
-           "lightning_attn_recurrent", "lightning_decode_reference"]
+__all__ = [
+    "lightning_attn",
+    "lightning_attn_chunked",
+    "lightning_attn_quadratic",
+    "lightning_attn_recurrent",
+    "lightning_decode",
+    "lightning_decode_reference",
+    "lightning_tree_fold",
+    "lightning_tree_fold_reference",
+    "lightning_tree_verify",
+    "lightning_tree_verify_quadratic",
+]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -121,6 +147,16 @@ def _chunked_reference(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale
     return o, final if final.dtype == torch.float64 else final.float()
 
 
+def _check_pool(state: Tensor, slots: Tensor, num_seqs: int, H: int, D: int) -> None:
+    if state.dim() != 4 or state.shape[1:] != (H, D, D):
+        raise ValueError(f"state must be a pool [S, H, D, D] with H={H}, D={D}, got {list(state.shape)}")
+    if state.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"state must be float32, got {state.dtype}")
+    if slots.shape != (num_seqs,) or slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slots must be an int tensor [N]=[{num_seqs}], got shape {list(slots.shape)} "
+                         f"dtype {slots.dtype}")
+
+
 def lightning_decode(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor, slots: Tensor,
                      scale: float | None = None, policy: KernelPolicy = KernelPolicy()) -> Tensor:
     """One decode step for N sequences: q, k, v [N, H, D]; state pool [S, H, D, D] fp32, updated in
@@ -131,13 +167,7 @@ def lightning_decode(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: 
                          f"{list(v.shape)}")
     N, H, D = q.shape
     _check_decay(log_decay, H)
-    if state.dim() != 4 or state.shape[1:] != (H, D, D):
-        raise ValueError(f"state must be a pool [S, H, D, D] with H={H}, D={D}, got {list(state.shape)}")
-    if state.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"state must be float32, got {state.dtype}")
-    if slots.shape != (N,) or slots.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"slots must be an int tensor [N]=[{N}], got shape {list(slots.shape)} "
-                         f"dtype {slots.dtype}")
+    _check_pool(state, slots, N, H, D)
     match lightning_kernel(policy, q):
         case "chunk":
             from .decode import lightning_decode_triton
@@ -152,3 +182,58 @@ def lightning_decode(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: 
             return o[0]
         case "chunked_reference":
             return lightning_decode_reference(q, k, v, log_decay, state, slots, scale)
+
+
+def lightning_tree_verify(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor, slots: Tensor,
+                          ancestors: Tensor, depth: Tensor, query_start: Tensor, max_tree_len: int,
+                          scale: float | None = None, policy: KernelPolicy = KernelPolicy()) -> Tensor:
+    """Draft trees of N sequences packed along T (q, k, v [T, H, D]; `ops.tree` for query_start [N+1],
+    the ancestor bitmasks and depths [T], and `max_tree_len`, a host int) over their prefix states
+    `state[slots]`: token i sees the prefix and its ancestors-or-self. Writes no state; shape checks
+    only (nothing reads the device but the invariant form). Returns o [T, H, D] in the dtype of q."""
+    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must all be [T, H, D], got {list(q.shape)}, {list(k.shape)}, "
+                         f"{list(v.shape)}")
+    T, H, D = q.shape
+    N = query_start.shape[0] - 1
+    _check_decay(log_decay, H)
+    _check_pool(state, slots, N, H, D)
+    if ancestors.shape != (T,) or depth.shape != (T,):
+        raise ValueError(f"ancestors and depth must be [T]=[{T}], got {list(ancestors.shape)}, {list(depth.shape)}")
+    if not 1 <= max_tree_len <= MAX_TREE_TOKENS:
+        raise ValueError(f"max_tree_len must be in [1, {MAX_TREE_TOKENS}], got {max_tree_len}")
+    match lightning_tree_kernel(policy, q):
+        case "tree":
+            from .tree import lightning_tree_verify_triton
+            return lightning_tree_verify_triton(q, k, v, log_decay, state, slots, ancestors, depth, query_start,
+                                                max_tree_len, scale)
+        case "tree_reference":
+            return lightning_tree_verify_quadratic(q, k, v, log_decay, state, slots, ancestors, depth,
+                                                   query_start, scale)
+        case "root_paths":
+            rows, cu_seqlens = tree_paths(ancestors, query_start)
+            prefix = state[slots.long()].repeat_interleave(query_start[1:] - query_start[:-1], dim=0, output_size=T)
+            o, _ = lightning_attn(q[rows][None], k[rows][None], v[rows][None], log_decay, scale, prefix,
+                                  cu_seqlens=cu_seqlens, policy=policy)
+            return o[0, cu_seqlens[1:] - 1]
+
+
+def lightning_tree_fold(k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor, slots: Tensor, accepted: Tensor,
+                        num_accepted: Tensor, policy: KernelPolicy = KernelPolicy()) -> None:
+    """Fold each sequence's accepted path into its state: `state[slots[n]]` (in place) takes rows
+    `accepted[n, :num_accepted[n]]` of k, v [T, H, D], root first, as that many decode steps would."""
+    if k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"k, v must be [T, H, D], got {list(k.shape)}, {list(v.shape)}")
+    _, H, D = k.shape
+    N = slots.shape[0]
+    _check_decay(log_decay, H)
+    _check_pool(state, slots, N, H, D)
+    if accepted.dim() != 2 or accepted.shape[0] != N or num_accepted.shape != (N,):
+        raise ValueError(f"accepted must be [N, max_accepted] and num_accepted [N] for N={N}, got "
+                         f"{list(accepted.shape)}, {list(num_accepted.shape)}")
+    match lightning_fold_kernel(policy, k):
+        case "tree":
+            from .tree import lightning_tree_fold_triton
+            lightning_tree_fold_triton(k, v, log_decay, state, slots, accepted, num_accepted)
+        case "fold_reference":
+            lightning_tree_fold_reference(k, v, log_decay, state, slots, accepted, num_accepted)

@@ -6,6 +6,9 @@ pages `block_tables[n, :ceil(seq_lens[n] / page_size)]`, in order. Its new token
 decode step is a query length of 1 and a prefill chunk attends to the cached prefix and causally
 to itself. The kernel policy picks the Triton kernel or the gather-then-SDPA reference, and in
 invariant mode `attention_by_key_blocks` over the pages' key blocks (`ops.policy`).
+
+With `tree_ancestors` the new tokens of each sequence are a draft tree (`ops.tree`) in its last cache
+slots: a token attends to the cached prefix and to its own ancestors-or-self among them.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch import Tensor
 from ..attention import attention_by_key_blocks
 from ..batch_invariant import KEY_BLOCK
 from ..policy import KernelPolicy, paged_attention_kernel
+from ..tree import MAX_TREE_TOKENS
 from .reference import paged_attention_reference
 
 __all__ = ["paged_attention", "paged_attention_reference"]
@@ -23,11 +27,12 @@ __all__ = ["paged_attention", "paged_attention_reference"]
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                     query_start: Tensor, scale: float, max_query_len: int,
-                    policy: KernelPolicy = KernelPolicy()) -> Tensor:
+                    policy: KernelPolicy = KernelPolicy(), tree_ancestors: Tensor | None = None) -> Tensor:
     """q [T, H, D] (all sequences' new tokens packed); k_cache, v_cache [P, page_size, KV, D];
     block_tables [N, max_pages] int32; seq_lens [N] int32 (tokens in the cache after this step);
     query_start [N+1] int32 offsets into T; `max_query_len` the longest run of new tokens (a host
-    int: it sizes the launch). Returns o [T, H, D]. Shape checks only: nothing reads the device."""
+    int: it sizes the launch); `tree_ancestors` [T] int64 (`ops.tree`): the new tokens are draft trees,
+    not causal runs. Returns o [T, H, D]. Shape checks only: nothing reads the device."""
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(f"q must be [T, H, D] and the caches [P, page_size, KV, D], got {list(q.shape)}, "
                          f"{list(k_cache.shape)}, {list(v_cache.shape)}")
@@ -42,14 +47,22 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
     if block_tables.dim() != 2 or block_tables.shape[0] != N or query_start.shape != (N + 1,):
         raise ValueError(f"block_tables must be [N, max_pages] and query_start [N+1] for N={N} sequences, "
                          f"got {list(block_tables.shape)} and {list(query_start.shape)}")
+    if tree_ancestors is not None:
+        if tree_ancestors.shape != (T,):
+            raise ValueError(f"tree_ancestors must be [T]=[{T}], got {list(tree_ancestors.shape)}")
+        if max_query_len > MAX_TREE_TOKENS:
+            raise ValueError(f"trees take at most {MAX_TREE_TOKENS} tokens each, got max_query_len={max_query_len}")
     match paged_attention_kernel(policy, q, k_cache):
         case "paged":
             from .kernel import paged_attention_triton
             return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale,
-                                          max_query_len)
+                                          max_query_len, tree_ancestors)
         case "gather_reference":
-            return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale)
+            return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale,
+                                             tree_ancestors)
         case "key_blocks":
+            if tree_ancestors is not None:
+                raise ValueError("draft-tree attention has no batch-invariant form: verify trees with invariant=False")
             return _paged_by_key_blocks(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale, policy)
 
 

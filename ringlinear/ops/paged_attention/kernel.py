@@ -6,7 +6,8 @@ One program takes one KV head and a tile of BLOCK_M rows = (token, head-of-the-g
 page of keys is read once for all query heads that share it (GQA), and runs an online softmax over
 the pages up to its last token's position. A decode step is a tile of one token × GROUP heads.
 No host synchronisation: the page loop's bound is read on the device, so decode steps can be
-captured in a CUDA graph.
+captured in a CUDA graph. With TREE the new tokens are draft trees: a row sees a new token's key only
+if that token is its own ancestor-or-self (a bit of its ancestor mask), the prefix as before.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ LOG2E = 1.4426950408889634  # softmax runs in the exp2 domain
 
 @triton.jit
 def _paged_attention_kernel(
-    q, k_cache, v_cache, o, block_tables, seq_lens, query_start, qk_scale,
+    q, k_cache, v_cache, o, block_tables, seq_lens, query_start, ancestors, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_slot, stride_kvh, stride_table,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, TREE: tl.constexpr,
 ):
     n = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -47,6 +48,8 @@ def _paged_attention_kernel(
     q_rows = (q_start + token).to(tl.int64)
     tile_q = tl.load(q + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                      mask=valid[:, None] & d_ok[None, :], other=0.0)
+    if TREE:
+        bits = tl.load(ancestors + q_rows, mask=valid, other=0)
     # A finite start keeps rows that see no key (padding rows) free of inf - inf.
     m = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
@@ -62,7 +65,12 @@ def _paged_attention_kernel(
         keys = tl.load(k_cache + offsets, mask=kv_mask, other=0.0)
         values = tl.load(v_cache + offsets, mask=kv_mask, other=0.0)
         s = tl.dot(tile_q, tl.trans(keys)) * qk_scale
-        s = tl.where((k_pos[None, :] <= q_pos[:, None]) & (k_pos < kv_end)[None, :], s, float("-inf"))
+        visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos < kv_end)[None, :]
+        if TREE:
+            tree_index = k_pos - (seq_len - q_len)  # negative in the cached prefix
+            ancestor = ((bits[:, None] >> tl.maximum(tree_index, 0).to(tl.int64)[None, :]) & 1) != 0
+            visible = visible & ((tree_index < 0)[None, :] | ancestor)
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         probs = tl.exp2(s - m_new[:, None])
@@ -82,7 +90,8 @@ def _tile_rows(group: int, max_query_len: int) -> int:
 
 
 def paged_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                           seq_lens: Tensor, query_start: Tensor, scale: float, max_query_len: int) -> Tensor:
+                           seq_lens: Tensor, query_start: Tensor, scale: float, max_query_len: int,
+                           tree_ancestors: Tensor | None = None) -> Tensor:
     """Triton backend of `paged_attention` (inputs validated by the dispatcher)."""
     T, H, D = q.shape
     num_seqs = seq_lens.shape[0]
@@ -93,9 +102,11 @@ def paged_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     o = torch.empty_like(q)
     grid = (num_seqs, kv_heads, triton.cdiv(max_query_len, tokens_per_tile))
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, o, block_tables, seq_lens, query_start, scale * LOG2E,
+        q, k_cache, v_cache, o, block_tables, seq_lens, query_start,
+        query_start if tree_ancestors is None else tree_ancestors, scale * LOG2E,  # unread without TREE
         q.stride(0), q.stride(1), o.stride(0), o.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, D=D, BLOCK_D=triton.next_power_of_2(D), PAGE=page, BLOCK_M=block_m,
+        TREE=tree_ancestors is not None,
     )
     return o

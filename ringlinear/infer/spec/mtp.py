@@ -1,0 +1,99 @@
+"""The MTP drafter: the checkpoint's multi-token-prediction layers propose the next tokens.
+
+MTP layer 1 was trained to read, at position t, the target's final hidden state h_t and the embedding
+of token t+1, and to predict token t+2 (`RingLinearForCausalLM._forward`). So once the target has
+sampled token t+1, the drafter runs the layer over the positions it has not seen yet, with their
+true inputs, and the last one's argmax is the first draft. Further drafts chain as vLLM does: step j
+feeds the previous step's output hidden state and draft back into MTP layer j mod (number of layers)
+at the next position. The MTP layers are softmax layers with their own keys and values: an
+`MTPCache` per sequence keeps those of the verified positions and drops the chained steps' at the next
+call, since those were computed from drafts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...model import RingLinearForCausalLM
+from ...model.context import AttentionContext
+from ...ops.attention import causal_attention
+from ...ops.batch_invariant import numerics
+from ...ops.policy import KernelPolicy
+
+
+class MTPCache(AttentionContext):
+    """One sequence's keys and values [1, positions, KV, D] per MTP layer."""
+
+    def __init__(self, policy: KernelPolicy):
+        self.policy = policy
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+        self.verified: dict[int, int] = {}  # per layer: its leading entries computed from true inputs
+        self.num_verified = 0  # the sequence's positions that the first MTP layer has seen
+        self._positions: Tensor | None = None
+
+    def start(self, positions: Tensor) -> None:
+        """The positions [T] of the next forward."""
+        self._positions = positions
+
+    def positions(self, batch: int, seq_len: int, device: torch.device) -> Tensor:
+        return self._positions[None]
+
+    def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor) -> Tensor:
+        raise ValueError(f"layer {layer_idx}: MTP layers are softmax layers")
+
+    def softmax(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        if layer_idx in self.keys:
+            k = torch.cat([self.keys[layer_idx], k], dim=1)
+            v = torch.cat([self.values[layer_idx], v], dim=1)
+        self.keys[layer_idx], self.values[layer_idx] = k, v
+        return causal_attention(q, k, v, scale, policy=self.policy)
+
+    def drop_drafts(self) -> None:
+        """Forget what the chained steps computed from drafts."""
+        for layer_idx, kept in self.verified.items():
+            self.keys[layer_idx] = self.keys[layer_idx][:, :kept]
+            self.values[layer_idx] = self.values[layer_idx][:, :kept]
+
+
+class MTPDrafter:
+    def __init__(self, model: RingLinearForCausalLM, num_speculative_tokens: int,
+                 policy: KernelPolicy = KernelPolicy()):
+        if not model.model.mtp_layers:
+            raise ValueError("speculative_config.method 'mtp' needs MTP layers, but the model has "
+                             "num_nextn_predict_layers=0")
+        self.model, self.k, self.policy = model, num_speculative_tokens, policy
+
+    def new_cache(self) -> MTPCache:
+        return MTPCache(self.policy)
+
+    @torch.no_grad()
+    def propose(self, cache: MTPCache, hidden: Tensor, next_tokens: Tensor) -> Tensor:
+        """hidden [n, hidden]: the target's final hidden states (after `model.norm`) at the sequence's
+        n positions after `cache.num_verified`; next_tokens [n]: the token that followed each (the
+        last: the one just sampled). Returns the k drafts [k] (each an argmax)."""
+        with numerics(self.policy):
+            return self._propose(cache, hidden, next_tokens)
+
+    def _propose(self, cache: MTPCache, hidden: Tensor, next_tokens: Tensor) -> Tensor:
+        model, layers = self.model.model, self.model.model.mtp_layers
+        cache.drop_drafts()
+        first = layers[0].layer_idx
+        positions = torch.arange(cache.num_verified, cache.num_verified + hidden.shape[0], device=hidden.device)
+        h, token = hidden[None], next_tokens[None]
+        drafts = []
+        for step in range(self.k):
+            layer = layers[step % len(layers)]
+            cache.start(positions)
+            h = layer(model.word_embeddings(token), h, model.rotary(positions[None]), cache)
+            if step == 0:
+                cache.num_verified += positions.shape[0]
+                cache.verified[first] = cache.num_verified
+            cache.verified.setdefault(layer.layer_idx, 0)
+            h = h[:, -1:]
+            logits = self.model.lm_head(layer.final_layernorm(h, self.policy))
+            token = logits.argmax(-1)
+            drafts.append(token[0, 0])
+            positions = positions[-1:] + 1
+        return torch.stack(drafts)

@@ -1,0 +1,91 @@
+"""Speculative decoding's configuration and drafters: vLLM's dict with its errors, the n-gram
+prompt lookup, and the MTP drafter's cached chain against the MTP layers run from scratch."""
+
+import pytest
+import torch
+from infer_helpers import tiny_model
+
+from ringlinear.infer.spec.config import MAX_SPECULATIVE_TOKENS, SpeculativeConfig
+from ringlinear.infer.spec.mtp import MTPDrafter
+from ringlinear.infer.spec.ngram import NgramProposer
+from ringlinear.model import SequenceContext
+
+
+def test_vllm_dicts_parse_with_vllm_defaults():
+    assert SpeculativeConfig.parse('{"method": "mtp", "num_speculative_tokens": 3}') == SpeculativeConfig("mtp", 3)
+    ngram = SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3})
+    assert (ngram.prompt_lookup_min, ngram.prompt_lookup_max) == (3, 3)
+    assert SpeculativeConfig("ngram", 2).prompt_lookup_min == SpeculativeConfig("ngram", 2).prompt_lookup_max == 5
+
+
+@pytest.mark.parametrize("value,message", [
+    ({"method": "eagle", "num_speculative_tokens": 1}, "speculative_config.method must be one of"),
+    ({"method": "mtp", "num_speculative_tokens": 0}, r"num_speculative_tokens must be an integer in \[1, 63\]"),
+    ({"method": "mtp", "num_speculative_tokens": MAX_SPECULATIVE_TOKENS + 1}, "num_speculative_tokens"),
+    ({"method": "mtp", "num_speculative_tokens": True}, "num_speculative_tokens"),
+    ({"method": "mtp"}, "num_speculative_tokens is required"),
+    ({"method": "mtp", "num_speculative_tokens": 2, "k": 1}, r"unknown field\(s\) k"),
+    ({"method": "mtp", "num_speculative_tokens": 2, "prompt_lookup_max": 3}, "prompt_lookup_max is a setting of"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
+     "prompt_lookup_min must be <= prompt_lookup_max=2"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 0}, "prompt_lookup_min must be"),
+    ("{method: mtp}", "not valid JSON"),
+    ("[1]", "must be a JSON object"),
+])
+def test_bad_configs_are_one_line_errors_naming_the_field(value, message):
+    with pytest.raises(ValueError, match=message):
+        SpeculativeConfig.parse(value)
+
+
+def test_mtp_needs_the_checkpoints_mtp_layers():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="num_nextn_predict_layers=0"):
+        SpeculativeConfig("mtp", 2).check_model(model.config)
+    with pytest.raises(ValueError, match="num_nextn_predict_layers=0"):
+        MTPDrafter(model, 2)
+    SpeculativeConfig("ngram", 2).check_model(model.config)
+
+
+def test_ngram_proposes_what_followed_the_longest_most_recent_match():
+    proposer = NgramProposer(2, prompt_lookup_min=1, prompt_lookup_max=3)
+    assert proposer.propose([1, 2, 3, 4, 9, 3, 5, 1, 2, 3]) == [4, 9]  # [1, 2, 3] beats the later [3]
+    assert proposer.propose([5, 6, 7, 5, 6, 8, 5, 6]) == [8, 5]  # the most recent [5, 6]
+    assert proposer.propose([7, 1, 7]) == [1, 7]
+    assert proposer.propose([1, 2, 3]) == []
+    assert NgramProposer(3, 2, 2).propose([4, 4, 1, 4]) == []  # [1, 4] never occurred before
+
+
+def from_scratch(model, ids, hidden, num_verified, k):
+    """The drafts with every MTP layer rerun over all the inputs it has seen (a causal forward each
+    step): layer 0 the verified positions' true inputs, each layer the chained steps it took."""
+    inner, layers = model.model, model.model.mtp_layers
+    seen = {0: (inner.word_embeddings(ids[None, 1:num_verified + 1]), hidden[None, :num_verified],
+                torch.arange(num_verified))}
+    drafts, h, token, position = [], None, None, num_verified - 1
+    for step in range(k):
+        index = step % len(layers)
+        if step:
+            e, hh, p = seen.get(index, (hidden[None, :0], hidden[None, :0], torch.arange(0)))
+            seen[index] = (torch.cat([e, inner.word_embeddings(token)], 1), torch.cat([hh, h], 1),
+                           torch.cat([p, torch.tensor([position])]))
+        e, hh, p = seen[index]
+        h = layers[index](e, hh, inner.rotary(p[None]), SequenceContext())[:, -1:]
+        token = model.lm_head(layers[index].final_layernorm(h, SequenceContext().policy)).argmax(-1)
+        drafts.append(int(token))
+        position += 1
+    return drafts
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_mtp_drafts_equal_the_layers_run_from_scratch_over_two_rounds(num_layers):
+    model = tiny_model(seed=1, num_nextn_predict_layers=num_layers, hidden_size=64, head_dim=16, intermediate_size=128,
+                       moe_intermediate_size=32, moe_shared_expert_intermediate_size=32).double()
+    ids = torch.randint(1, 257, (30,), generator=torch.Generator().manual_seed(0))
+    hidden = model(ids[None]).hidden_states[0]
+    drafter, k = MTPDrafter(model, 3), 3
+    cache = drafter.new_cache()
+    for verified_before, verified in ((0, 20), (20, 23)):  # the second round after 2 accepted drafts
+        drafts = drafter.propose(cache, hidden[verified_before:verified], ids[verified_before + 1:verified + 1])
+        assert drafts.tolist() == from_scratch(model, ids, hidden, verified, k)
+    assert cache.num_verified == 23 and cache.keys[model.config.num_hidden_layers].shape[1] == 23 + (
+        k - 1 if num_layers == 1 else 1)
