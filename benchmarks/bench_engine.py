@@ -36,7 +36,7 @@ import statistics
 import subprocess
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -101,7 +101,10 @@ def build(config: RingLinearConfig) -> RingLinearForCausalLM:
 
 
 def case(results: dict, name: str, fn, *args) -> None:
-    """Run one measurement; an error (out of memory included) is recorded and the run goes on."""
+    """Run one measurement; an error (out of memory included) is recorded and the run goes on. A
+    case run again (e.g. `--cases streams streams`: the first burst after start-up, then warm) is
+    recorded as NAME_again."""
+    name = f"{name}_again" if name in results else name
     try:
         results[name] = fn(*args)
         log(f"  {name}: {results[name]}")
@@ -294,6 +297,9 @@ def bench_model(name: str, config: RingLinearConfig, shapes: Shapes, cases: tupl
         elif family == "prefill":
             for length in shapes.prefill:
                 case(results, f"prefill_{length}", prefill, engine, length)
+            engine.scheduler.cache.prefix_caching = False  # what taking the prefix cache's snapshots costs
+            case(results, f"prefill_{shapes.prefill[1]}_no_prefix_cache", prefill, engine, shapes.prefill[1])
+            engine.scheduler.cache.prefix_caching = True
         elif family == "decode":
             for context in shapes.decode_contexts:
                 case(results, f"decode_{context}_largest", decode, engine, largest_batch(engine, context), context)
@@ -386,12 +392,16 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
                         help="which case families to run, in this order (default: all)")
     parser.add_argument("--no-warm-up", action="store_true", help="skip Engine.warm_up (cases pay for compiling)")
+    parser.add_argument("--engine", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="EngineConfig fields to change, e.g. prefix_snapshot_interval=512")
     parser.add_argument("--profile", type=int, metavar="TOKENS",
                         help="only profile the hybrid's prefill of this many tokens and print its top kernels")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_engine needs a CUDA GPU")
     shapes = QUICK if args.quick else FULL
+    changes = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.engine)}
+    shapes = replace(shapes, engine={**shapes.engine, **changes})
     if args.profile:
         return profile_prefill(shapes, args.profile)
     try:

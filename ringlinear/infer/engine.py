@@ -219,19 +219,25 @@ class Engine:
         return values
 
     def warm_up(self) -> float:
-        """Run the step shapes serving meets once (a whole prefill chunk, shorter and mixed prefill
-        and decode steps, decodes), so that no request waits for their kernels to compile; then
-        forget them (cache and counters). Returns the seconds it took."""
+        """Run the step shapes serving meets once, so that no request waits for their kernels to
+        compile: a whole chunk of one prompt, a chunk packed with many prompts, a lone short prompt,
+        mixed prefill and decode steps, decodes. Then forget them (cache and counters); returns the
+        seconds it took."""
         start = time.perf_counter()
         budget, vocab = self.config.max_num_batched_tokens, self.model.config.vocab_size
-        lengths = (budget, budget // 2 + 1, 97, 3)  # one full step, then a mixed one, then decodes
+        short = max(1, min(1024, budget // 8))
+        waves = ([budget], [short] * min(self.scheduler.max_num_seqs, budget // short), [short, 97, 3])
         generator = torch.Generator().manual_seed(0)
-        for i, n in enumerate(lengths):
-            n = max(1, min(n, self.max_model_len - 2))
-            prompt = torch.randint(1, vocab, (n,), generator=generator).tolist()
-            self.add_request(f"warm-up-{i}", prompt, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
-        while self.has_unfinished():
-            self.step()
+        for wave, lengths in enumerate(waves):
+            for i, n in enumerate(lengths):
+                n = max(1, min(n, self.max_model_len - 4))
+                prompt = torch.randint(1, vocab, (n,), generator=generator).tolist()
+                self.add_request(f"warm-up-{wave}-{i}", prompt, SamplingParams(max_tokens=3, temperature=0,
+                                                                                ignore_eos=True))
+                if wave == 2:  # the next prompt joins while this one decodes
+                    self.step()
+            while self.has_unfinished():
+                self.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.scheduler.reset_counters()
