@@ -231,7 +231,7 @@ def test_the_model_answers_to_its_path_as_given_and_to_its_folder_name(tmp_path,
         for unknown in ("model", "runs/tiny", "tiny"):  # not the symlink's target, nor another folder
             response = post(url, "/v1/completions", {**GOOD, "model": unknown})
             assert response.status_code == 404 and response.json()["error"]["param"] == "model"
-    assert served_model_names("runs/tiny/checkpoint", "tiny-chat") == ("tiny-chat",)
+    assert served_model_names("runs/tiny/checkpoint", ["tiny-chat", "tiny"]) == ("tiny-chat", "tiny")
     assert served_model_names("checkpoint/") == ("checkpoint/", "checkpoint")
 
 
