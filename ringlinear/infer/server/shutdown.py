@@ -53,14 +53,14 @@ class Server(uvicorn.Server):
     """uvicorn's server, whose shutdown signals go through `Shutdown`: never uvicorn's forced exit,
     which cuts the open streams without an end event."""
 
-    def __init__(self, config: uvicorn.Config, shutdown: Shutdown):
+    def __init__(self, config: uvicorn.Config, drain: Shutdown):
         super().__init__(config)
-        self.shutdown = shutdown
+        self.drain = drain  # not `shutdown`: uvicorn.Server's own method
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit:
             super().handle_exit(sig, frame)
-        self.shutdown.signal()
+        self.drain.signal()
 
 
 def server(app: FastAPI, **config) -> Server:
