@@ -86,6 +86,15 @@ async def _shutting_down(request: Request, exc: ShuttingDown) -> JSONResponse:
     return error_response(503, str(exc), None, "server_error", "shutting_down")
 
 
+def too_large(limit: int) -> JSONResponse:
+    """The 413 of a body over the limit; the connection closes, as the rest of the body is not read."""
+    return error_response(413, BodyTooLarge(limit).detail, "body", headers={"Connection": "close"})
+
+
+async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+    return too_large(request.app.state.server.max_request_bytes)
+
+
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return error_response(exc.status_code, str(exc.detail))
 
@@ -97,7 +106,8 @@ async def _client_gone(request: Request, exc: ClientGone) -> Response:
 # Any other exception is the `Gate`'s: a handler for Exception would run in Starlette's outermost
 # middleware, which re-raises after answering, and uvicorn then drops the connection.
 _HANDLERS = {RequestValidationError: _invalid_body, InvalidRequest: _invalid_request, APIError: _api_error,
-             EngineOverloaded: _overloaded, ShuttingDown: _shutting_down, HTTPException: _http_error,
+             EngineOverloaded: _overloaded, ShuttingDown: _shutting_down, BodyTooLarge: _too_large,
+             HTTPException: _http_error,
              ClientGone: _client_gone}
 
 

@@ -10,7 +10,7 @@ import secrets
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import RETRY_AFTER, BodyTooLarge, error_response
+from .errors import RETRY_AFTER, BodyTooLarge, error_response, too_large
 from .state import ServerState
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,7 @@ class Gate:
                                       "authentication_error", "invalid_api_key")
         length = headers.get(b"content-length", b"")  # uvicorn has refused a length that is not a number
         if length and int(length) > state.max_request_bytes:  # refused unread
-            error = BodyTooLarge(state.max_request_bytes)
-            return error_response(413, error.detail, "body", headers={"Connection": "close"})
+            return too_large(state.max_request_bytes)
         return None
 
     def _limited(self, receive: Receive) -> Receive:
