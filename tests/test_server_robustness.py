@@ -229,11 +229,11 @@ def in_thread(target, *args) -> tuple[threading.Thread, dict]:
 
 
 def test_sigterm_lets_streams_finish_then_ends_the_rest():
-    app = tiny_app(engine_config(), shutdown_timeout=1.5)
+    app = tiny_app(engine_config(), shutdown_timeout=2.0)
     with started(app) as (url, server, app):
         engine = app.state.server.engine
         long, long_events = in_thread(stream_events, url, {**GOOD, "max_tokens": 500, "ignore_eos": True})
-        short, short_events = in_thread(stream_events, url, {**GOOD, "max_tokens": 4, "ignore_eos": True})
+        short, short_events = in_thread(stream_events, url, {**GOOD, "max_tokens": 3, "ignore_eos": True})
         while engine.stats()["running"] < 2:
             time.sleep(0.01)
         with connect(url) as sock:  # a keep-alive connection open before the signal
@@ -248,7 +248,7 @@ def test_sigterm_lets_streams_finish_then_ends_the_rest():
         elapsed = time.monotonic() - start
         events = long_events["value"]
         assert events[-1] == "[DONE]" and "shutting down" in json.loads(events[-2])["error"]["message"]
-        assert 1.5 <= elapsed < 4.5
+        assert 2.0 <= elapsed < 8  # generous: a loaded CI machine
         with pytest.raises(httpx2.ConnectError):  # no longer accepting
             httpx2.get(url + "/health", timeout=2)
 
