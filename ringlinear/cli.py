@@ -12,6 +12,7 @@ from .command import Parser, add_config_flags, checkpoint_folder, config_from_ar
 from .config import PRESETS, RingLinearConfig
 from .infer import EngineConfig
 from .infer.async_engine import MAX_QUEUED
+from .infer.limits import MAX_REQUEST_BYTES, SHUTDOWN_TIMEOUT
 from .info import describe
 from .model import RingLinearForCausalLM
 from .rl.config import RLConfig
@@ -105,10 +106,15 @@ def _serve(args: argparse.Namespace) -> None:
         raise ValueError(f"invalid --port {args.port}: must be in [0, 65535]")
     if args.max_queued < 0:
         raise ValueError(f"invalid --max-queued {args.max_queued}: must be >= 0")
+    if args.max_request_bytes < 1:
+        raise ValueError(f"invalid --max-request-bytes {args.max_request_bytes}: must be >= 1")
+    if not args.shutdown_timeout >= 0:
+        raise ValueError(f"invalid --shutdown-timeout {args.shutdown_timeout}: must be >= 0")
     from .infer.server import serve  # FastAPI and uvicorn load only to serve
 
     serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_queued,
-          device=resolve_device(args.device), max_num_seqs=args.max_num_seqs)
+          args.max_request_bytes, args.shutdown_timeout, device=resolve_device(args.device),
+          max_num_seqs=args.max_num_seqs)
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -240,13 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
                      "chat_template for /v1/chat/completions)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: no key)")
-    srv.add_argument("--served-model-name", metavar="NAME", help="the model's name in requests (default: --model "
-                     "as given, e.g. runs/tiny/checkpoint, or its folder's name, e.g. checkpoint)")
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every path but /health and "
+                     "/metrics (default: no key)")
+    srv.add_argument("--served-model-name", metavar="NAME", nargs="+", help="the model's names in requests, the "
+                     "first in responses (default: --model as given, e.g. runs/tiny/checkpoint, or its folder's "
+                     "name, e.g. checkpoint)")
     srv.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
                      help=f"requests running at once (default: {EngineConfig.max_num_seqs})")
     srv.add_argument("--max-queued", type=int, default=MAX_QUEUED,
                      help=f"requests waiting beyond those; more get 503 (default: {MAX_QUEUED})")
+    srv.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
+                     help=f"largest request body; larger ones get 413 (default: {MAX_REQUEST_BYTES})")
+    srv.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT,
+                     help=f"seconds requests in flight get to finish after SIGTERM or SIGINT before they are ended "
+                     f"(default: {SHUTDOWN_TIMEOUT:g})")
     srv.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     srv.set_defaults(run=_serve)
 

@@ -2,55 +2,19 @@
 and not; every kind of bad input; disconnects, the queue bound, and a load test."""
 
 import asyncio
-import contextlib
 import json
 import socket
-import threading
 import time
 
 import httpx2
 import openai
 import pytest
-import uvicorn
-from infer_helpers import CHAT_TEMPLATE, EOS, byte_tokenizer, tiny_checkpoint, tiny_model
+from infer_helpers import byte_tokenizer, tiny_checkpoint
+from server_helpers import CHAT, GOOD, KEY, MODEL, post, running, serving, wait_idle
 
 from ringlinear.generate import generate
-from ringlinear.infer import Engine, EngineConfig
-from ringlinear.infer.chat import ChatTemplate
-from ringlinear.infer.server import create_app
+from ringlinear.infer import EngineConfig
 from ringlinear.infer.server.app import load_app, served_model_names
-
-KEY = "test-key"
-MODEL = "tiny"
-
-
-@contextlib.contextmanager
-def running(engine_config: EngineConfig, chat_template: bool = True, **app_options):
-    """A server on a free loopback port; yields (base url, engine)."""
-    engine = Engine(tiny_model(), byte_tokenizer(), engine_config)
-    template = ChatTemplate(CHAT_TEMPLATE, eos_token=EOS) if chat_template else None
-    with serving(create_app(engine, MODEL, template, api_key=KEY, **app_options)) as url:
-        yield url, engine
-
-
-@contextlib.contextmanager
-def serving(app):
-    """`app` on a free loopback port; yields its base url."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +27,6 @@ def server():
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
-
-
-def wait_idle(engine: Engine, timeout: float = 5.0) -> dict:
-    """The engine's stats once nothing runs or waits and the whole cache is free again."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = engine.stats()
-        if stats["running"] == stats["waiting"] == 0 and stats["page_usage"] == stats["slot_usage"] == 0:
-            return stats
-        assert time.monotonic() < deadline, f"engine still busy: {stats}"
-        time.sleep(0.02)
 
 
 def test_completions_with_the_openai_client(client):
@@ -135,14 +88,6 @@ def test_stop_strings_and_stop_tokens(server, client):
     assert stopped.usage.completion_tokens == greedy.index(greedy[2])  # the stop token is not part of it
 
 
-def post(url: str, path: str, body, key: str | None = KEY, raw: bool = False) -> httpx2.Response:
-    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
-    content = body if raw else json.dumps(body)
-    return httpx2.post(url + path, content=content, headers=headers, timeout=30)
-
-
-GOOD = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
-CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 BAD_INPUTS = [  # (path, body or raw text, status, param)
     ("/v1/completions", "{not json", 400, "body"),
     ("/v1/completions", "[1, 2]", 400, "body"),
@@ -231,7 +176,7 @@ def test_the_model_answers_to_its_path_as_given_and_to_its_folder_name(tmp_path,
         for unknown in ("model", "runs/tiny", "tiny"):  # not the symlink's target, nor another folder
             response = post(url, "/v1/completions", {**GOOD, "model": unknown})
             assert response.status_code == 404 and response.json()["error"]["param"] == "model"
-    assert served_model_names("runs/tiny/checkpoint", "tiny-chat") == ("tiny-chat",)
+    assert served_model_names("runs/tiny/checkpoint", ["tiny-chat", "tiny"]) == ("tiny-chat", "tiny")
     assert served_model_names("checkpoint/") == ("checkpoint/", "checkpoint")
 
 
@@ -274,6 +219,7 @@ def test_over_capacity_requests_queue_then_get_503():
                 assert second.status_code == 200  # queued
                 third = post(url, "/v1/completions", GOOD)
                 assert third.status_code == 503 and third.json()["error"]["code"] == "overloaded"
+                assert third.headers["retry-after"] == "1"
         wait_idle(engine)
         assert post(url, "/v1/completions", GOOD).status_code == 200
 

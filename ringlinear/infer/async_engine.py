@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .engine import Engine
 from .metrics import Metrics
 from .outputs import RequestOutput
-from .params import SamplingParams
+from .params import InvalidRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,9 @@ class AsyncEngine:
         return len(self._requests)
 
     def add(self, requests: list[tuple[str, list[int], SamplingParams]], outputs: asyncio.Queue) -> None:
-        """Submit checked requests whose outputs go to `outputs`; all or none (EngineOverloaded)."""
+        """Submit checked requests whose outputs go to `outputs`; all or none (EngineOverloaded when
+        they would fit later)."""
+        self.check_count(len(requests))
         if self.num_in_flight + len(requests) > self.max_in_flight:
             self.metrics.rejected.inc()
             raise EngineOverloaded(f"{self.num_in_flight} requests in flight, the bound is {self.max_in_flight}")
@@ -75,6 +77,12 @@ class AsyncEngine:
         for request_id, prompt_ids, params in requests:
             self._requests[request_id] = _Tracked(outputs, now)
             self._submit(lambda r=request_id, p=prompt_ids, s=params: self._engine_add(r, p, s))
+
+    def check_count(self, count: int) -> None:
+        """InvalidRequest if `count` requests submitted together could never be in flight at once."""
+        if count > self.max_in_flight:
+            raise InvalidRequest("prompt", f"{count} prompts in one request; this server holds at most "
+                                 f"{self.max_in_flight} requests at once (running and queued)")
 
     def abort(self, request_ids: list[str]) -> None:
         """Drop requests whose client is gone; their slots are free after the current step."""
@@ -103,6 +111,12 @@ class AsyncEngine:
             tracked.queue.put_nowait(output)
         self.metrics.update(stats)
 
+    def fail_all(self, error: Exception) -> None:
+        """End every request in flight with `error` (their streams send it as their last event)."""
+        for tracked in self._requests.values():
+            tracked.queue.put_nowait(error)
+        self.abort(list(self._requests))
+
     def _fail(self, request_ids: list[str], error: Exception) -> None:
         for request_id in request_ids:
             tracked = self._requests.pop(request_id, None)
@@ -130,9 +144,14 @@ class AsyncEngine:
                 continue
             try:
                 outputs = engine.step()
-            except Exception as error:  # a failed step fails its requests, not the server
+            except Exception as error:  # a failed step fails its requests, not the server nor the queue
                 log.exception("engine step failed")
-                failed = engine.abort_all()
+                # Requests are checked in full before they get here, so this is a bug or the device
+                # failing. The step may have written the cache of every running sequence without
+                # sampling its token, so those end; the waiting ones have not been touched and stay.
+                failed = [seq.request_id for seq in engine.scheduler.running]
+                for request_id in failed:
+                    engine.abort(request_id)
                 self._loop.call_soon_threadsafe(self._fail, failed, RuntimeError(f"engine step failed: {error!r}"))
                 continue
             self._loop.call_soon_threadsafe(self._deliver, outputs, engine.stats())

@@ -144,7 +144,9 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequest("prompt", "this model has no tokenizer: give the prompt as token ids")
-            return self.tokenizer.encode(prompt, add_special_tokens=False).ids
+            # encode_batch releases the GIL (encode holds it): a long prompt tokenized on a worker
+            # thread does not stop the server's event loop
+            return self.tokenizer.encode_batch([prompt], add_special_tokens=False)[0].ids
         return list(prompt)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -160,6 +162,8 @@ class Engine:
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequest("max_tokens", f"max_tokens={params.max_tokens} plus the prompt's {len(prompt_ids)} "
                                  f"tokens exceed this model's context of {self.max_model_len} tokens")
+        if not all(t < vocab for t in params.stop_token_ids):
+            raise InvalidRequest("stop_token_ids", f"stop_token_ids must be token ids in [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise InvalidRequest("stop", "stop strings need a tokenizer, and this model has none")
         if params.n > self.scheduler.max_num_seqs:

@@ -4,11 +4,23 @@ own server does; known ones this server cannot honour are refused by name."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..params import InvalidRequest, SamplingParams
+
+
+def _unicode(text: str) -> str:
+    """JSON can carry a lone UTF-16 surrogate ("\\ud800"), which no tokenizer can take."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode: a lone surrogate at character {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class _Body(BaseModel):
@@ -20,17 +32,17 @@ class StreamOptions(_Body):
 
 
 class _GenerationRequest(_Body):
-    model: str
+    model: Text
     temperature: float = 1.0
     top_p: float = 1.0
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    user: str | None = None
+    user: Text | None = None
     # Extensions under vLLM's names (the OpenAI client sends them through `extra_body`)
     top_k: int = 0
     min_p: float = 0.0
@@ -55,11 +67,11 @@ class _GenerationRequest(_Body):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Text | list[int] | list[Text] | list[list[int]]
     max_tokens: int = 16
     logprobs: int | None = None
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: int | None = None
 
     def prompts(self) -> list[str | list[int]]:
@@ -76,13 +88,13 @@ class CompletionRequest(_GenerationRequest):
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Body):
-    role: str
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    role: Text
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def as_dict(self) -> dict:
         content = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)

@@ -1,15 +1,14 @@
-"""The endpoints: /health and /metrics unguarded, and under /v1 (behind the API key) /models,
-/completions and /chat/completions. Each checks its request in full before submitting it, so a
-bad one gets a 4xx and never reaches the engine."""
+"""The endpoints: /health, /metrics, and under /v1 /models, /models/{id}, /completions and
+/chat/completions (the `Gate` checks the API key before any of them). Each checks its request in
+full before submitting it, so a bad one gets a 4xx and never reaches the engine."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ..outputs import RequestOutput
 from ..params import InvalidRequest
-from .auth import check_key
 from .errors import APIError, error_response, field_names
 from .logprobs import chat_logprobs, completion_logprobs
 from .protocol import ChatCompletionRequest, CompletionRequest
@@ -17,7 +16,7 @@ from .state import State
 from .streaming import Batch
 
 public = APIRouter()
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+v1 = APIRouter(prefix="/v1")
 
 
 @public.get("/health")
@@ -32,10 +31,20 @@ async def prometheus(state: State) -> Response:
     return Response(state.runner.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
+def _model_card(state: State, name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "ringlinear",
+            "max_model_len": state.engine.max_model_len}
+
+
 @v1.get("/models")
 async def models(state: State) -> dict:
-    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
-                                        "owned_by": "ringlinear", "max_model_len": state.engine.max_model_len}]}
+    return {"object": "list", "data": [_model_card(state, state.model_name)]}
+
+
+@v1.get("/models/{name:path}")  # a path: the default name is the checkpoint's folder as given, slashes and all
+async def model(name: str, state: State) -> dict:
+    state.check_model(name)
+    return _model_card(state, name)
 
 
 @v1.post("/completions")
@@ -43,7 +52,8 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
     state.check_model(body.model)
     body.check_supported()
     engine = state.engine
-    prompts = [engine.tokenize(p) for p in body.prompts()]
+    state.runner.check_count(len(body.prompts()))  # before the work of tokenizing them
+    prompts = [await state.tokenize(p) for p in body.prompts()]
     params = body.sampling_params(body.max_tokens, body.logprobs)
     for prompt_ids in prompts:
         engine.check_request(prompt_ids, params)
@@ -76,8 +86,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     max_tokens_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     with field_names({"max_tokens": max_tokens_field, "logprobs": "top_logprobs", "prompt": "messages"}):
-        prompt_ids = engine.tokenize(state.chat_template.render([m.as_dict() for m in body.messages],
-                                                                body.add_generation_prompt))
+        prompt_ids = await state.tokenize(state.chat_template.render([m.as_dict() for m in body.messages],
+                                                                     body.add_generation_prompt))
         if max_tokens is None:  # as OpenAI: up to the end of the context
             max_tokens = max(1, engine.max_model_len - len(prompt_ids))
         params = body.sampling_params(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
