@@ -4,13 +4,15 @@ and not; every kind of bad input; disconnects, the queue bound, and a load test.
 import asyncio
 import json
 import socket
+import threading
 import time
 
 import httpx2
 import openai
 import pytest
+import torch
 from infer_helpers import byte_tokenizer, tiny_checkpoint
-from server_helpers import CHAT, GOOD, KEY, MODEL, post, running, serving, wait_idle
+from server_helpers import CHAT, GOOD, KEY, MODEL, post, running, serving, tiny_app, wait_idle
 
 from ringlinear.generate import generate
 from ringlinear.infer import EngineConfig
@@ -53,6 +55,72 @@ def test_completion_batches_logprobs_and_seeds(client):
     again = client.completions.create(model=MODEL, prompt="ab", max_tokens=4, temperature=0.9, seed=3,
                                       extra_body={"ignore_eos": True})
     assert again.choices[0].text == out.choices[0].text  # the seed, not the batch, decides
+
+
+def test_n_completions_of_one_prompt_are_the_seeds_that_follow(client):
+    out = client.completions.create(model=MODEL, prompt=["ab", "cd"], max_tokens=5, temperature=1.0, seed=11, n=3,
+                                    extra_body={"ignore_eos": True})
+    assert [c.index for c in out.choices] == list(range(6))  # prompt-major, as OpenAI numbers them
+    assert out.usage.completion_tokens == 30 and out.usage.prompt_tokens == 4
+    for j in range(3):  # completion j of a prompt is the request seeded seed + j
+        alone = client.completions.create(model=MODEL, prompt="cd", max_tokens=5, temperature=1.0, seed=11 + j,
+                                          extra_body={"ignore_eos": True})
+        assert out.choices[3 + j].text == alone.choices[0].text
+    streamed = client.completions.create(model=MODEL, prompt="ab", max_tokens=5, temperature=1.0, seed=11, n=3,
+                                         stream=True, extra_body={"ignore_eos": True})
+    texts = ["", "", ""]
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [c.text for c in out.choices[:3]]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2,
+                                          max_tokens=4, seed=5, extra_body={"ignore_eos": True})
+    assert [c.index for c in chat.choices] == [0, 1] and chat.usage.completion_tokens == 8
+
+
+def test_echo_scores_the_prompt_as_lm_eval_asks(server, client):
+    """lm-eval's loglikelihood request: the prompt's tokens with their log-probs, the first null."""
+    engine = server[1]
+    prompt = byte_tokenizer().encode("def f(x): return x").ids
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, logprobs=1, echo=True, temperature=0)
+    logprobs = out.choices[0].logprobs
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert len(logprobs.token_logprobs) == len(prompt) + 1
+    with torch.no_grad():
+        logp = engine.model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    expected = logp[torch.arange(len(prompt) - 1), prompt[1:]]
+    assert torch.allclose(torch.tensor(logprobs.token_logprobs[1:len(prompt)]), expected, atol=1e-4)
+    assert out.choices[0].text.startswith("def f(x): return x")
+    assert logprobs.text_offset[:3] == [0, 1, 2]
+    only = client.completions.create(model=MODEL, prompt="abc", max_tokens=0, echo=True)
+    assert only.choices[0].text == "abc" and only.usage.completion_tokens == 0
+    vllm = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, extra_body={"prompt_logprobs": 2})
+    values = vllm.choices[0].model_extra["prompt_logprobs"]
+    assert values[0] is None and len(values) == len(prompt)
+    first = values[1][str(prompt[1])]
+    assert abs(first["logprob"] - expected[0].item()) < 1e-4 and first["rank"] >= 1
+    streamed = list(client.completions.create(model=MODEL, prompt="abc", max_tokens=3, echo=True, stream=True,
+                                              temperature=0, extra_body={"ignore_eos": True}))
+    plain = client.completions.create(model=MODEL, prompt="abc", max_tokens=3, echo=True, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
+
+
+def test_health_says_starting_until_the_warm_up_is_done():
+    release = threading.Event()
+    app = tiny_app(EngineConfig(page_size=8, num_pages=64), warm_up=True)
+    engine = app.state.server.engine
+    warm_up = engine.warm_up
+    engine.warm_up = lambda: (release.wait(10), warm_up())[1]
+    with serving(app) as url:
+        starting = httpx2.get(url + "/health")
+        assert starting.status_code == 503 and starting.json() == {"status": "starting"}
+        release.set()
+        deadline = time.monotonic() + 30
+        while httpx2.get(url + "/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert engine.stats()["prompt_tokens"] == 0  # the warm-up is forgotten
 
 
 def test_chat_with_the_openai_client(client):
@@ -119,8 +187,9 @@ BAD_INPUTS = [  # (path, body or raw text, status, param)
     ("/v1/completions", {**GOOD, "stop": [""]}, 400, "stop"),
     ("/v1/completions", {**GOOD, "stop": 7}, 400, "stop"),
     ("/v1/completions", {**GOOD, "stop_token_ids": [-1]}, 400, "stop_token_ids"),
-    ("/v1/completions", {**GOOD, "n": 2}, 400, "n"),
-    ("/v1/completions", {**GOOD, "echo": True}, 400, "echo"),
+    ("/v1/completions", {**GOOD, "n": 0}, 400, "n"),
+    ("/v1/completions", {**GOOD, "n": 65}, 400, "n"),  # more than the engine runs at once
+    ("/v1/completions", {**GOOD, "max_tokens": 0}, 400, "max_tokens"),  # 0 only with echo
     ("/v1/completions", {**GOOD, "stream": "yes"}, 400, "stream"),
     ("/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {**CHAT, "messages": "hi"}, 400, "messages"),

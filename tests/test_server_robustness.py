@@ -274,7 +274,7 @@ INVALID = {  # per endpoint and field: values of the wrong type or out of range
         "top_p": [0, -0.5, 2, "x", None], "top_k": [-1, 2**63, 1.5, "x", None], "min_p": [-0.1, 1.5, "x"],
         "seed": [-1, 2**64, 1.5, "x", True], "logprobs": [-1, 21, 1.5, "x", True],
         "stop": [1, [1], [""], {}, True], "stop_token_ids": [1, [-1], [257], ["a"], [1.5], "x"],
-        "n": [0, 2, -1, "x", None], "echo": ["x", 1, True], "stream": ["x", 1, None],
+        "n": [0, -1, 129, 10**6, "x", None], "echo": ["x", 1], "stream": ["x", 1, None],
         "stream_options": ["x", 1, {"include_usage": "x"}], "presence_penalty": [3, -3, "x"],
         "frequency_penalty": [3, -3, "x"], "repetition_penalty": [0, -1, 101, "x"], "ignore_eos": ["x", 1],
         "best_of": [2, "x"], "suffix": [1, "x"]},

@@ -149,6 +149,10 @@ class Engine:
             return self.tokenizer.encode_batch([prompt], add_special_tokens=False)[0].ids
         return list(prompt)
 
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of token ids ("" without a tokenizer), special tokens left out as in outputs."""
+        return "" if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequest (naming the field) for a request this engine can never serve."""
         vocab = self.model.config.vocab_size

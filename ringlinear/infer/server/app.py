@@ -4,6 +4,8 @@ under uvicorn until a signal shuts it down."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -24,22 +26,35 @@ from .state import ServerState
 from .tokens import PromptTokenizer
 
 
+async def _announce_ready(runner: AsyncEngine) -> None:
+    while not runner.ready:
+        await asyncio.sleep(0.05)
+    logging.getLogger("uvicorn.error").info("Engine warmed up in %.1f s (every step shape compiled): ready",
+                                            runner.warm_up_seconds)
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state.server
     state.runner.start()  # on the server's event loop, which receives the engine's outputs
     state.shutdown.start()
+    announce = asyncio.create_task(_announce_ready(state.runner)) if state.runner.warm_up else None
     yield
+    if announce is not None:
+        announce.cancel()
     state.runner.stop()
 
 
 def create_app(engine: Engine, model_names: str | Sequence[str], chat_template: ChatTemplate | None = None,
                api_key: str | None = None, max_queued: int = MAX_QUEUED, max_request_bytes: int = MAX_REQUEST_BYTES,
-               shutdown_timeout: float = SHUTDOWN_TIMEOUT) -> FastAPI:
-    """`model_names`: the name requests must give, or several; /v1/models and responses give the first."""
+               shutdown_timeout: float = SHUTDOWN_TIMEOUT, warm_up: bool | None = None) -> FastAPI:
+    """`model_names`: the name requests must give, or several; /v1/models and responses give the first.
+    `warm_up` (default: on a GPU, where kernels compile) runs `Engine.warm_up` before serving; /health
+    answers 503 "starting" until it is done."""
     names = (model_names,) if isinstance(model_names, str) else tuple(model_names)
     app = FastAPI(title="ringlinear", lifespan=_lifespan)
-    runner = AsyncEngine(engine, max_queued, Metrics())
+    warm_up = engine.device.type == "cuda" if warm_up is None else warm_up
+    runner = AsyncEngine(engine, max_queued, Metrics(), warm_up)
     app.state.server = state = ServerState(runner, names, chat_template, api_key, max_request_bytes,
                                            Shutdown(runner, shutdown_timeout), PromptTokenizer(engine))
     app.add_middleware(Gate, state=state)

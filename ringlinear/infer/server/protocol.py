@@ -55,15 +55,15 @@ class _GenerationRequest(_Body):
         """Whether a stream ends with a usage chunk."""
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        if self.n != 1:
-            raise InvalidRequest("n", f"only n=1 is supported, got n={self.n}")
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, stop=stop, stop_token_ids=list(self.stop_token_ids or []),
-            ignore_eos=self.ignore_eos, seed=self.seed, logprobs=logprobs)
+            ignore_eos=self.ignore_eos, seed=self.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            n=self.n)
 
 
 class CompletionRequest(_GenerationRequest):
@@ -73,6 +73,16 @@ class CompletionRequest(_GenerationRequest):
     echo: bool = False
     suffix: Text | None = None
     best_of: int | None = None
+    prompt_logprobs: int | None = None  # vLLM's extension
+
+    def prompt_logprobs_wanted(self) -> int | None:
+        """The prompt log-probs to compute: vLLM's field, or echo's (of `logprobs`). An echo of 0
+        tokens computes them too, since the engine then only scores the prompt."""
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
+        if self.echo and (self.logprobs is not None or self.max_tokens == 0):
+            return self.logprobs or 0
+        return None
 
     def prompts(self) -> list[str | list[int]]:
         if isinstance(self.prompt, str) or not self.prompt or isinstance(self.prompt[0], int):
@@ -80,8 +90,7 @@ class CompletionRequest(_GenerationRequest):
         return list(self.prompt)
 
     def check_supported(self) -> None:
-        for name, ok in (("echo", not self.echo), ("suffix", self.suffix is None),
-                         ("best_of", self.best_of in (None, 1))):
+        for name, ok in (("suffix", self.suffix is None), ("best_of", self.best_of in (None, 1))):
             if not ok:
                 raise InvalidRequest(name, f"{name} is not supported")
 
