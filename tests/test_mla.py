@@ -287,28 +287,30 @@ def test_mla_file_must_give_its_shapes_and_agree_with_its_architecture(tmp_path)
 
 def tiny_mla(**changes):
     torch.manual_seed(0)
-    return RingLinearForCausalLM(RingLinearConfig.preset("tiny-mla", **changes)).double().eval()
+    config = RingLinearConfig.preset("tiny-mla", vocab_size=512, hidden_size=128, intermediate_size=256, **changes)
+    return RingLinearForCausalLM(config).eval()
 
 
+@torch.no_grad()
 def test_latent_cache_prefill_then_decode_equals_the_full_forward():
     model = tiny_mla()
-    ids = torch.randint(0, 4096, (2, 12))
+    ids = torch.randint(0, 512, (2, 12))
     full = model(ids).logits
-    cache = HybridCache(model.config, 2, 16, dtype=torch.float64)
+    cache = HybridCache(model.config, 2, 16)
     steps = [model(ids[:, :7], context=cache).logits] + [model(ids[:, t:t + 1], context=cache).logits
                                                         for t in range(7, 12)]
-    assert rel(torch.cat(steps, 1), full) < 1e-6  # the Lightning states are fp32
+    assert rel(torch.cat(steps, 1), full) < 1e-5
     # per MLA layer and token: the latent and the rope key only
     assert cache.keys[2].shape == (2, 16, 64) and cache.values[2].shape == (2, 16, 32)
-    assert generate(model, ids[:1, :5], max_new_tokens=3).shape == (1, 8)
+    assert len(generate(model, [ids[0, :5].tolist()], max_new_tokens=3, seed=0)[0]) == 3
 
 
 def test_packed_documents_equal_separate_runs_and_gradients_reach_every_parameter():
     model = tiny_mla().train()
-    a, b = torch.randint(0, 4096, (1, 9)), torch.randint(0, 4096, (1, 6))
+    a, b = torch.randint(0, 512, (1, 9)), torch.randint(0, 512, (1, 6))
     packed = model(torch.cat([a, b], 1), context=SequenceContext(torch.tensor([0, 9, 15]))).logits
-    assert rel(packed, torch.cat([model(a).logits, model(b).logits], 1)) < 1e-10
-    ids = torch.randint(0, 4096, (2, 10))
+    assert rel(packed, torch.cat([model(a).logits, model(b).logits], 1)) < 1e-5
+    ids = torch.randint(0, 512, (2, 10))
     model(ids, labels=ids).loss.backward()
     assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()] == []
 
