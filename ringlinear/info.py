@@ -63,11 +63,11 @@ def _bytes(n: float) -> str:
 def describe(config: RingLinearConfig, cache_dtype: torch.dtype = torch.bfloat16) -> str:
     info = model_info(config, cache_dtype)
     all_softmax = model_info(config.replace(layer_group_size=1), cache_dtype)
+    kind = config.attention_type.upper()
     lines = [
         f"parameters       {_human(info.total_params)} total, {_human(info.active_params)} active per token, "
         f"{_human(info.active_params - info.embedding_params)} without embedding and LM head",
-        f"layers           {info.layer_map}   (L = Lightning attention, S = softmax {config.attention_type.upper()}"
-        f", + = MTP)",
+        f"layers           {info.layer_map}   (L = Lightning attention, S = softmax {kind}, + = MTP)",
         f"experts          {config.num_experts} routed, {config.num_experts_per_tok} per token in "
         f"{config.topk_group} of {config.n_group} groups, {config.num_shared_experts} shared; "
         f"first {config.first_k_dense_replace} layer(s) dense",
