@@ -142,7 +142,7 @@ def test_fused_chains_match_their_eager_ops():
     """Norms, RoPE and SwiGLU compiled on large CUDA activations against the same functions run
     op by op (the torch backend's policy), forward and gradients."""
     from ringlinear.model.layers import apply_rotary, rms_norm
-    from ringlinear.ops.fused import swiglu
+    from ringlinear.ops.fused import glu
 
     g = torch.Generator(device="cuda").manual_seed(0)
     T, H, D = COMPILE_MIN_ELEMENTS // 2048, 16, 128
@@ -155,7 +155,7 @@ def test_fused_chains_match_their_eager_ops():
         "rms_norm": lambda policy: rms_norm(x, weight, 1e-6, policy=policy),
         "gated group norm": lambda policy: rms_norm(x, weight, 1e-6, 4, gate, policy=policy),
         "rope": lambda policy: apply_rotary(x.view(1, T, H, D), angles.cos(), angles.sin(), policy=policy),
-        "swiglu": lambda policy: swiglu(x[0], gate[0], scales, policy=policy),
+        "swiglu": lambda policy: glu(x[0], gate[0], scales, "silu", policy=policy),
     }
     for name, run in cases.items():
         fused = run(KernelPolicy())

@@ -79,6 +79,9 @@ class EngineConfig:
 
 class Engine:
     def __init__(self, model: RingLinearForCausalLM, tokenizer=None, config: EngineConfig | None = None):
+        if model.config.attention_type != "gqa":
+            raise ValueError("the engine's paged cache holds GQA keys and values only; an MLA model "
+                             "(kv_lora_rank set) generates through ringlinear.generate's HybridCache")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = config = config or EngineConfig()
         config.validate()

@@ -22,8 +22,14 @@ from ..ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from .attention import LightningAttention, SoftmaxAttention
 from .context import AttentionContext, SequenceContext
 from .layers import MLP, RMSNorm, RotaryEmbedding
+from .mla import MultiLatentAttention
 from .moe import Experts, MoE, Router
 from .weights import checkpoint_tensors, load_weights
+
+
+def full_attention(config: RingLinearConfig) -> type[SoftmaxAttention | MultiLatentAttention]:
+    """The full-attention module of the config's generation: GQA (Ring-linear-2.0) or MLA (Ring-2.5)."""
+    return {"gqa": SoftmaxAttention, "mla": MultiLatentAttention}[config.attention_type]
 
 
 class DecoderLayer(nn.Module):
@@ -31,11 +37,11 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        attention = SoftmaxAttention if config.is_softmax_layer(layer_idx) else LightningAttention
-        self.attention = attention(config, layer_idx)
+        self.attention = full_attention(config)(config, layer_idx) if config.is_softmax_layer(layer_idx) \
+            else LightningAttention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size,
-                                                                          config.intermediate_size)
+                                                                          config.intermediate_size, config.hidden_act)
 
     def forward(self, h: Tensor, rope: tuple[Tensor, Tensor], context: AttentionContext) -> Tensor:
         policy = context.policy
@@ -72,7 +78,7 @@ class RingLinearModel(nn.Module):
             [DecoderLayer(config, i) for i in range(L)]
             + [MTPLayer(config, L + i) for i in range(config.num_nextn_predict_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config)
 
     @property
     def decoder_layers(self) -> list[DecoderLayer]:

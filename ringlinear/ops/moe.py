@@ -14,46 +14,47 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fused import swiglu
+from .fused import glu
 from .policy import KernelPolicy, experts_kernel
 
 
-def grouped_swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor, scales: Tensor,
-                   policy: KernelPolicy = KernelPolicy()) -> Tensor:
-    """SwiGLU of each expert over its rows, each row scaled by its routing weight: x [M, hidden]
+def grouped_glu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor, scales: Tensor,
+                policy: KernelPolicy = KernelPolicy(), activation: str = "silu") -> Tensor:
+    """The gated MLP (`activation`: "silu" for SwiGLU, "powlu") of each expert over its rows, each row scaled by its routing weight: x [M, hidden]
     sorted by expert, `counts[e]` rows for expert e; gate/up [E, inter, hidden], down [E, hidden,
     inter]; scales [M] fp32. Returns [M, hidden]. The scale multiplies the intermediate (inter wide,
     a quarter of hidden at Ring-mini's shapes) in fp32, so no fp32 copy of the output is made."""
     match experts_kernel(policy, x, gate, up, down):
         case "invariant_grouped_mm":
-            return grouped_swiglu_invariant(x, gate, up, down, counts, scales, policy)
+            return grouped_glu_invariant(x, gate, up, down, counts, scales, policy, activation)
         case "grouped_mm":
-            return grouped_swiglu_grouped_mm(x, gate, up, down, counts, scales, policy)
+            return grouped_glu_grouped_mm(x, gate, up, down, counts, scales, policy, activation)
         case "loop":
-            return grouped_swiglu_loop(x, gate, up, down, counts, scales, policy)
+            return grouped_glu_loop(x, gate, up, down, counts, scales, policy, activation)
 
 
-def grouped_swiglu_loop(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor,
-                        scales: Tensor, policy: KernelPolicy = KernelPolicy()) -> Tensor:
+def grouped_glu_loop(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor,
+                     scales: Tensor, policy: KernelPolicy = KernelPolicy(), activation: str = "silu") -> Tensor:
     outputs = []
     sizes = counts.tolist()
     # unbind, not gate[e]: indexing's backward would fill a zero gradient of all E experts per expert
     for rows, s, g, u, d in zip(x.split(sizes), scales.split(sizes), gate.unbind(), up.unbind(), down.unbind()):
         if rows.shape[0]:
-            outputs.append(F.linear(swiglu(F.linear(rows, g), F.linear(rows, u), s, policy=policy), d))
+            outputs.append(F.linear(glu(F.linear(rows, g), F.linear(rows, u), s, activation, policy=policy), d))
     return torch.cat(outputs) if outputs else x.new_zeros(0, down.shape[1])
 
 
-def grouped_swiglu_grouped_mm(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor,
-                              scales: Tensor, policy: KernelPolicy = KernelPolicy()) -> Tensor:
+def grouped_glu_grouped_mm(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor,
+                           scales: Tensor, policy: KernelPolicy = KernelPolicy(), activation: str = "silu") -> Tensor:
     offsets = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
-    h = swiglu(torch._grouped_mm(x, gate.transpose(1, 2), offs=offsets),
-               torch._grouped_mm(x, up.transpose(1, 2), offs=offsets), scales, policy=policy)
+    h = glu(torch._grouped_mm(x, gate.transpose(1, 2), offs=offsets),
+            torch._grouped_mm(x, up.transpose(1, 2), offs=offsets), scales, activation, policy=policy)
     return torch._grouped_mm(h, down.transpose(1, 2), offs=offsets)
 
 
-def grouped_swiglu_invariant(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor,
-                             scales: Tensor, policy: KernelPolicy = KernelPolicy(invariant=True)) -> Tensor:
+def grouped_glu_invariant(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor, scales: Tensor,
+                          policy: KernelPolicy = KernelPolicy(invariant=True), activation: str = "silu") -> Tensor:
     from .invariant_kernels import invariant_grouped_mm
-    h = swiglu(invariant_grouped_mm(x, gate, counts), invariant_grouped_mm(x, up, counts), scales, policy=policy)
+    h = glu(invariant_grouped_mm(x, gate, counts), invariant_grouped_mm(x, up, counts), scales, activation,
+            policy=policy)
     return invariant_grouped_mm(h, down, counts)

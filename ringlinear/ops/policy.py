@@ -26,7 +26,7 @@ sampler for its log-probs); the ops below switch by the table. Backward passes r
 | lightning_tree_fold         | tree.py                  | tree fold loop | tree.py             | tree fold loop   |
 | causal_attention            | SDPA; FlashAttention (1) | SDPA, masked   | key blocks (2)      | key-block loop   |
 | paged_attention             | kernel.py (3)            | gather + SDPA  | key blocks (2)      | key-block loop   |
-| grouped_swiglu (moe.py)     | torch._grouped_mm (4)    | expert loop    | grouped GEMM (2)    | expert loop      |
+| grouped_glu (moe.py)     | torch._grouped_mm (4)    | expert loop    | grouped GEMM (2)    | expert loop      |
 | elementwise chains (fused)  | torch.compile (5)        | eager          | eager               | eager            |
 | F.linear, @, sum, softmax   | PyTorch                  | PyTorch        | invariant_kernels   | fixed row blocks |
 
@@ -153,7 +153,7 @@ ExpertsKernel = Literal["grouped_mm", "invariant_grouped_mm", "loop"]
 
 
 def experts_kernel(policy: KernelPolicy, x: Tensor, *weights: Tensor) -> ExpertsKernel:
-    """grouped_swiglu. torch._grouped_mm (no host sync, so CUDA-graph safe) takes bf16 on CUDA."""
+    """grouped_glu. torch._grouped_mm (no host sync, so CUDA-graph safe) takes bf16 on CUDA."""
     if policy.invariant:
         return "invariant_grouped_mm" if policy.triton(x, *weights) else "loop"
     return "grouped_mm" if policy.cuda_fast_paths(x) and x.dtype == torch.bfloat16 else "loop"

@@ -24,7 +24,8 @@ class FlopCounter:
     """Model FLOPs of forward + backward (3 × forward) over packed documents: 2 per active
     non-embedding parameter per token (the routed experts a token uses, not all), the LM head once
     per prediction depth, softmax attention over each document's causal triangle (QKᵀ and PV:
-    2·D·H·n(n+1) for n tokens) and Lightning's chunked form, (4·C·D + 4·D²)·H per token (intra-chunk
+    (Dqk + Dv)·H·n(n+1) for n tokens; Dqk = Dv = D for GQA, [nope | rope] and v for MLA in its
+    decompressed form) and Lightning's chunked form, (4·C·D + 4·D²)·H per token (intra-chunk
     QKᵀ and PV, then q·S and the state update). Recomputation is not counted."""
 
     def __init__(self, config: RingLinearConfig):
@@ -35,7 +36,8 @@ class FlopCounter:
         self.per_token = (2 * (info.active_params - info.embedding_params)
                           + 2 * config.hidden_size * config.vocab_size * depths
                           + kinds.count(False) * (4 * LIGHTNING_CHUNK * D + 4 * D * D) * H)
-        self.per_pair = kinds.count(True) * 2 * D * H
+        value_dim = config.v_head_dim if config.attention_type == "mla" else D
+        self.per_pair = kinds.count(True) * (config.qk_head_dim + value_dim) * H
 
     def __call__(self, document_lengths: Sequence[int]) -> float:
         pairs = sum(n * (n + 1) for n in document_lengths)
