@@ -11,11 +11,12 @@ import httpx2
 import openai
 import pytest
 import torch
-from infer_helpers import byte_tokenizer, tiny_checkpoint
+from infer_helpers import CHAT_TEMPLATE, EOS, byte_tokenizer, tiny_checkpoint, tiny_model
 from server_helpers import CHAT, GOOD, KEY, MODEL, post, running, serving, tiny_app, wait_idle
 
 from ringlinear.generate import generate
-from ringlinear.infer import EngineConfig
+from ringlinear.infer import Engine, EngineConfig
+from ringlinear.infer.server import create_app
 from ringlinear.infer.server.app import load_app, served_model_names
 
 
@@ -200,6 +201,13 @@ BAD_INPUTS = [  # (path, body or raw text, status, param)
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 99}, 400, "top_logprobs"),
     ("/v1/chat/completions", {**CHAT, "temperature": None}, 400, "temperature"),
+    ("/tokenize", {"prompt": 5}, 400, "prompt"),
+    ("/tokenize", {"prompt": "hi", "add_special_tokens": True}, 400, "add_special_tokens"),
+    ("/tokenize", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
+    ("/detokenize", {"tokens": [257]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [2**64]}, 400, "tokens"),
+    ("/detokenize", {"tokens": "hi"}, 400, "tokens"),
     ("/v1/nothing", GOOD, 404, None),
 ]
 
@@ -211,6 +219,23 @@ def test_bad_input_gets_an_openai_error_naming_the_field(server, path, body, sta
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["param"] == param and error["message"] and error["type"]
+
+
+def test_tokenize_and_detokenize_as_vllm(server):
+    """The endpoints lm-eval's `local-completions` tokenizes with (tokenizer_backend=remote)."""
+    url, engine = server
+    text = "héllo" + EOS
+    out = post(url, "/tokenize", {"model": MODEL, "prompt": text, "add_special_tokens": False}).json()
+    assert out == {"count": 7, "max_model_len": engine.max_model_len, "tokens": byte_tokenizer().encode(text).ids,
+                   "token_strs": None}
+    assert out["tokens"][-1] == 0  # the special token, as /v1/completions runs the text
+    assert post(url, "/detokenize", {"tokens": out["tokens"]}).json() == {"prompt": text}
+    info = httpx2.get(url + "/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert info["eos_token"] == EOS and info["bos_token"] is None and info["chat_template"] == CHAT_TEMPLATE
+    assert httpx2.get(url + "/tokenizer_info").status_code == 401
+    with serving(create_app(Engine(tiny_model(), None, EngineConfig(page_size=8, num_pages=32)), MODEL)) as bare:
+        response = post(bare, "/tokenize", {"prompt": "hi"}, key=None)
+        assert response.status_code == 400 and "no tokenizer" in response.json()["error"]["message"]
 
 
 def test_api_key_and_the_unguarded_endpoints(server):

@@ -26,7 +26,7 @@ class ChatTemplate:
         environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                     extensions=["jinja2.ext.loopcontrols"])
         environment.globals["raise_exception"] = _raise
-        self.template = environment.from_string(source)
+        self.source, self.template = source, environment.from_string(source)
         self.bos_token, self.eos_token = bos_token, eos_token
 
     @classmethod

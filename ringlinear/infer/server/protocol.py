@@ -95,6 +95,23 @@ class CompletionRequest(_GenerationRequest):
                 raise InvalidRequest(name, f"{name} is not supported")
 
 
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize of a text prompt."""
+    model: Text | None = None
+    prompt: Text
+    add_special_tokens: bool = False  # vLLM's default is true; this server runs prompts as given
+
+    def check_supported(self) -> None:
+        if self.add_special_tokens:
+            raise InvalidRequest("add_special_tokens", "add_special_tokens is not supported: prompts are tokenized "
+                                 "as /v1/completions runs them, without special tokens")
+
+
+class DetokenizeRequest(_Body):
+    model: Text | None = None
+    tokens: list[int]
+
+
 class TextPart(_Body):
     type: Literal["text"]
     text: Text

@@ -1,8 +1,13 @@
-"""The endpoints: /health, /metrics, and under /v1 /models, /models/{id}, /completions and
-/chat/completions (the `Gate` checks the API key before any of them). Each checks its request in
-full before submitting it, so a bad one gets a 4xx and never reaches the engine."""
+"""The endpoints: /health, /metrics, vLLM's /tokenize, /detokenize and /tokenizer_info (which
+lm-eval's `local-completions` uses, so it needs no tokenizer of its own), and under /v1 /models,
+/models/{id}, /completions and /chat/completions (the `Gate` checks the API key before any of them).
+Each checks its request in full before submitting it, so a bad one gets a 4xx and never reaches the
+engine."""
 
 from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -11,9 +16,17 @@ from ..outputs import RequestOutput
 from ..params import InvalidRequest
 from .errors import APIError, error_response, field_names
 from .logprobs import chat_logprobs, completion_logprobs, vllm_prompt_logprobs
-from .protocol import ChatCompletionRequest, CompletionRequest
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from .state import State
 from .streaming import Batch
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 public = APIRouter()
 v1 = APIRouter(prefix="/v1")
@@ -31,6 +44,50 @@ async def health(state: State) -> Response:
 @public.get("/metrics")
 async def prometheus(state: State) -> Response:
     return Response(state.runner.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def _tokenizer(state: State, model: str | None) -> Tokenizer:
+    if model is not None:
+        state.check_model(model)
+    if state.engine.tokenizer is None:
+        raise APIError(400, f"the model {state.model_name!r} has no tokenizer (its folder has no tokenizer.json)")
+    return state.engine.tokenizer
+
+
+@public.post("/tokenize")
+async def tokenize(body: TokenizeRequest, state: State) -> dict:
+    """The token ids /v1/completions runs for this prompt."""
+    _tokenizer(state, body.model)
+    body.check_supported()
+    tokens = await state.tokenize(body.prompt)
+    return {"count": len(tokens), "max_model_len": state.engine.max_model_len, "tokens": tokens, "token_strs": None}
+
+
+@public.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, state: State) -> dict:
+    """The text of token ids, special tokens kept (as vLLM's), so that it tokenizes back to the same
+    ids (lm-eval's `tokenized_requests=False` sends the text of the ids it scores)."""
+    tokenizer = _tokenizer(state, body.model)
+    vocab = state.engine.model.config.vocab_size
+    if not all(0 <= t < vocab for t in body.tokens):
+        raise InvalidRequest("tokens", f"token ids must be integers in [0, {vocab})")
+    texts = await asyncio.to_thread(tokenizer.decode_batch, [body.tokens], skip_special_tokens=False)
+    return {"prompt": texts[0]}
+
+
+@public.get("/tokenizer_info")
+async def tokenizer_info(state: State) -> dict:
+    """The fields of tokenizer_config.json that clients read (vLLM's endpoint)."""
+    tokenizer = _tokenizer(state, None)
+    config = state.engine.model.config
+
+    def token(token_id: int | None) -> str | None:
+        return None if token_id is None else tokenizer.id_to_token(token_id)
+
+    template = state.chat_template
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": state.engine.max_model_len,
+            "eos_token": token(next(iter(config.eos_token_ids), None)), "bos_token": token(config.bos_token_id),
+            "chat_template": None if template is None else template.source}
 
 
 def _model_card(state: State, name: str) -> dict:
