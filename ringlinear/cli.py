@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                               description="Serve a checkpoint: /v1/completions and /v1/chat/completions "
-                              "(streamed or not), /v1/models, /health and Prometheus /metrics.")
+                              "(streamed or not), /v1/models, vLLM's /tokenize and /detokenize, /health and "
+                              "Prometheus /metrics.")
     srv.add_argument("--model", required=True, metavar="DIR", type=checkpoint_folder,
                      help="checkpoint folder (config.json, safetensors, tokenizer.json; tokenizer_config.json's "
                      "chat_template for /v1/chat/completions)")

@@ -1,5 +1,6 @@
 """OpenAI-compatible HTTP server on FastAPI + uvicorn: /v1/completions and /v1/chat/completions
-(streamed over server-sent events or not), /v1/models, /health and Prometheus /metrics.
+(streamed over server-sent events or not), /v1/models, vLLM's /tokenize, /detokenize and
+/tokenizer_info, /health and Prometheus /metrics.
 
 Every bad request gets a 4xx with an OpenAI error body naming the field, and fails alone; a client
 that goes away has its requests aborted at once (their slots and pages are free after the current
