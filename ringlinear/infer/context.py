@@ -14,6 +14,7 @@ from torch import Tensor
 from ..model.context import AttentionContext
 from ..ops import lightning_attn, lightning_decode
 from ..ops.paged_attention import paged_attention
+from ..ops.paged_latent_attention import paged_latent_attention
 from ..ops.policy import KernelPolicy
 from .cache import PagedCache
 from .scheduler import ScheduledChunk
@@ -118,7 +119,8 @@ class PagedContext(AttentionContext):
     longer runs continue from their slots' states (varlen chunk kernel) and write the final states
     back, in rounds cut at snapshot positions when the step takes snapshots. Softmax layers: the new
     keys and values go to their pages, then paged attention reads the cached prefix and the new
-    tokens. `policy` picks the kernels."""
+    tokens; MLA layers alike with the latents and rope keys, and attention in the absorbed form.
+    `policy` picks the kernels."""
 
     def __init__(self, cache: PagedCache, batch: StepBatch, policy: KernelPolicy):
         self.cache, self.batch, self.policy = cache, batch, policy
@@ -175,4 +177,14 @@ class PagedContext(AttentionContext):
         batch = self.batch
         o = paged_attention(q[0], k_cache, v_cache, self.block_tables, batch.seq_lens, batch.query_start, scale,
                             batch.max_query_len, policy=self.policy)
+        return o[None]
+
+    def latent_attention(self, layer_idx: int, q: Tensor, latent: Tensor, k_rope: Tensor, kv_b: Tensor,
+                         scale: float) -> Tensor:
+        cache = self.cache.kv[self.cache.softmax_index[layer_idx]]
+        entries = torch.cat([latent[0], k_rope[0]], dim=-1)
+        cache.view(-1, entries.shape[-1]).index_copy_(0, self.batch.slot_mapping, entries)
+        batch = self.batch
+        o = paged_latent_attention(q[0], cache, kv_b, self.block_tables, batch.seq_lens, batch.query_start, scale,
+                                   batch.max_query_len, policy=self.policy)
         return o[None]
