@@ -83,10 +83,13 @@ def _latent_attention_kernel(
         tl.store(lse + split * stride_ls + q_rows * stride_lt + head, m + tl.log2(tl.maximum(l, 1e-30)), mask=valid)
 
 
-def _tile_rows(num_heads: int, max_query_len: int) -> int:
-    """Rows per program: one token's heads for decode (at least 16 for the tensor cores), 64 rows for
-    prefill."""
-    rows = 16 if max_query_len == 1 else 64
+ACCUMULATOR = 16384  # fp32 values of a program's [rows, R] output accumulator beyond which it takes 8 warps
+
+
+def _tile_rows(num_heads: int, max_query_len: int, block_r: int) -> int:
+    """Rows per program: one token's heads for decode (at least 16 for the tensor cores); for prefill
+    up to 64 rows, fewer for a wide latent so that the accumulator stays within ACCUMULATOR values."""
+    rows = 16 if max_query_len == 1 else max(16, min(64, ACCUMULATOR // block_r))
     return max(rows, triton.next_power_of_2(num_heads))
 
 
@@ -108,7 +111,8 @@ def latent_attention_triton(q: Tensor, cache: Tensor, block_tables: Tensor, seq_
     q [T, H, R + ROPE], cache [P, page_size, R + ROPE] -> [T, H, R]."""
     T, H, width = q.shape
     page = cache.shape[1]
-    block_m = _tile_rows(H, max_query_len)
+    block_r = max(16, triton.next_power_of_2(latent_dim))
+    block_m = _tile_rows(H, max_query_len, block_r)
     tiles = triton.cdiv(max_query_len, block_m // H)
     splits = _num_splits(seq_lens.shape[0] * tiles, q.device) if max_query_len == 1 else 1
     rope = width - latent_dim
@@ -121,8 +125,7 @@ def latent_attention_triton(q: Tensor, cache: Tensor, block_tables: Tensor, seq_
         q, cache, o, lse, block_tables, seq_lens, query_start, scale * LOG2E,
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), block_tables.stride(0),
         o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-        H=H, R=latent_dim, ROPE=rope, BLOCK_R=max(16, triton.next_power_of_2(latent_dim)),
-        BLOCK_ROPE=max(16, triton.next_power_of_2(rope)), PAGE=page, BLOCK_N=min(page, 32), BLOCK_M=block_m,
-        SPLITS=splits,
+        H=H, R=latent_dim, ROPE=rope, BLOCK_R=block_r, BLOCK_ROPE=max(16, triton.next_power_of_2(rope)), PAGE=page,
+        BLOCK_N=min(page, 32), BLOCK_M=block_m, SPLITS=splits, num_warps=8 if block_m * block_r >= ACCUMULATOR else 4,
     )
     return o[0] if splits == 1 else _combine(o, lse).to(q.dtype)
