@@ -101,7 +101,8 @@ class PagedContext(AttentionContext):
         if decodes < q.shape[1]:
             o, final = lightning_attn(q[:, decodes:], k[:, decodes:], v[:, decodes:], log_decay,
                                       initial_state=states[self.prefill_slots], output_final_state=True,
-                                      cu_seqlens=self.prefill_cu_seqlens, policy=self.policy)
+                                      cu_seqlens=self.prefill_cu_seqlens, max_seqlen=self.batch.max_query_len,
+                                      policy=self.policy)
             states[self.prefill_slots] = final
             outputs.append(o[0])
         return (outputs[0] if len(outputs) == 1 else torch.cat(outputs))[None]

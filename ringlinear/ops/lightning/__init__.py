@@ -10,6 +10,8 @@ training, prefill and decode: `recurrent.py` on the Triton backend, else
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
@@ -44,12 +46,21 @@ def _check_decay(log_decay: Tensor, num_heads: int) -> None:
     _checked_decays[log_decay] = log_decay._version
 
 
-def _check_cu_seqlens(cu_seqlens: Tensor, batch: int, seq_len: int) -> list[int]:
+def _check_cu_seqlens(cu_seqlens: Tensor, batch: int, seq_len: int, max_seqlen: int | None) -> int:
+    """The longest packed sequence's length. Reading the offsets back is a host sync on a GPU (the
+    engine would pay it in every Lightning layer of every prefill), so with `max_seqlen` given
+    they are not read: only its range is checked."""
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [N+1] of sequence offsets, got "
                          f"shape {list(cu_seqlens.shape)} dtype {cu_seqlens.dtype}")
     if batch != 1:
         raise ValueError(f"with cu_seqlens the sequences are packed along T, so B must be 1, got B={batch}")
+    if max_seqlen is not None:
+        if not 0 <= max_seqlen <= seq_len:
+            raise ValueError(f"max_seqlen must be in [0, T={seq_len}], got {max_seqlen}")
+        return max_seqlen
+    if _capturing():
+        raise ValueError("under CUDA-graph capture cu_seqlens needs max_seqlen: its offsets cannot be read back")
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]}")
@@ -57,17 +68,21 @@ def _check_cu_seqlens(cu_seqlens: Tensor, batch: int, seq_len: int) -> list[int]
         raise ValueError(f"cu_seqlens must be non-decreasing, got {offsets}")
     if offsets[-1] != seq_len:
         raise ValueError(f"cu_seqlens must end at T={seq_len}, got {offsets[-1]}")
-    return offsets
+    return max(b - a for a, b in itertools.pairwise(offsets))
 
 
 def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None = None,
                    initial_state: Tensor | None = None, output_final_state: bool = False,
-                   cu_seqlens: Tensor | None = None, policy: KernelPolicy = KernelPolicy()
-                   ) -> tuple[Tensor, Tensor | None]:
+                   cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
+                   policy: KernelPolicy = KernelPolicy()) -> tuple[Tensor, Tensor | None]:
     """Causal linear attention with a per-head decay over whole sequences.
 
     q, k, v: [B, T, H, D]; log_decay: [H], negative; initial_state: [N, H, D, D] fp32 where N is B,
     or the number of packed sequences when `cu_seqlens` ([N+1] offsets into T, B = 1) is given.
+    `max_seqlen` (with cu_seqlens, as in FlashAttention's varlen calls): the longest sequence's
+    length, known on the host; given it, the offsets are trusted and never read back (no host sync,
+    so the call can be captured in a CUDA graph), and it only plans the kernel's work: a wrong value
+    costs speed, not correctness. Without it the offsets are read and checked.
     Returns o [B, T, H, D] in the input dtype and, if asked, the final states [N, H, D, D] in fp32.
     Differentiable with respect to q, k, v and the initial state. `policy` picks the kernel.
     """
@@ -80,8 +95,10 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: fl
         raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, T, H, D = q.shape
     _check_decay(log_decay, H)
-    offsets = None if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, B, T)
-    num_seqs = B if offsets is None else len(offsets) - 1
+    if cu_seqlens is None and max_seqlen is not None:
+        raise ValueError("max_seqlen is the longest of the packed sequences: it needs cu_seqlens")
+    longest = T if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, B, T, max_seqlen)
+    num_seqs = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if initial_state is not None and initial_state.shape != (num_seqs, H, D, D):
         raise ValueError(f"initial_state must have shape [N, H, D, D]={[num_seqs, H, D, D]}, "
                          f"got {list(initial_state.shape)}")
@@ -89,25 +106,26 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: fl
         case "chunk":
             from .chunk import lightning_attn_triton
             return lightning_attn_triton(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens,
-                                         offsets)
+                                         longest)
         case "recurrent":
             from .recurrent import lightning_attn_recurrent_triton
             return lightning_attn_recurrent_triton(q, k, v, log_decay, scale, initial_state, output_final_state,
-                                                   cu_seqlens, offsets)
+                                                   cu_seqlens, longest)
         case "recurrent_reference":
             o, final = lightning_attn_recurrent(q, k, v, log_decay, scale, initial_state, cu_seqlens)
             return o, final if output_final_state else None
         case "chunked_reference":
-            return _chunked_reference(q, k, v, log_decay, scale, initial_state, output_final_state, offsets)
+            return _chunked_reference(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
 
 
 def _chunked_reference(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None,
                        initial_state: Tensor | None, output_final_state: bool,
-                       offsets: list[int] | None) -> tuple[Tensor, Tensor | None]:
+                       cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """`lightning_attn_chunked` over each packed sequence in turn."""
-    if offsets is None:
+    if cu_seqlens is None:
         o, final = lightning_attn_chunked(q, k, v, log_decay, scale, initial_state)
     else:
+        offsets = cu_seqlens.tolist()  # the reference slices on the host
         outputs, finals = [], []
         for n, (start, end) in enumerate(zip(offsets, offsets[1:])):
             state = None if initial_state is None else initial_state[n:n + 1]
