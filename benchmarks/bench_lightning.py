@@ -282,7 +282,7 @@ def back_to_back(fn, calls: int = 200) -> float:
 def prefill_inputs(lengths: list[int]):
     offsets = [0] + torch.tensor(lengths).cumsum(0).tolist()
     q, k, v = qkv(1, offsets[-1], seed=2)
-    return offsets, torch.tensor(offsets, device="cuda", dtype=torch.int32), q, k, v
+    return offsets, torch.tensor(offsets, device=q.device, dtype=torch.int32), q, k, v
 
 
 def seg_la_call(seg_la, q, k, v, g, offsets, cu):
@@ -290,9 +290,10 @@ def seg_la_call(seg_la, q, k, v, g, offsets, cu):
     N = len(offsets) - 1
     lengths = cu[1:] - cu[:-1]
     meta = SimpleNamespace(batch_size=N, max_q_length=max(b - a for a, b in itertools.pairwise(offsets)),
-                           q_offsets=cu[:-1].contiguous(), q_lengths=lengths, s_offsets=torch.arange(N, device="cuda",
-                           dtype=torch.int32), s_scales=torch.zeros(N, device="cuda", dtype=torch.int32), mask=None)
-    s = torch.empty(N, H, D, D, device="cuda")
+                           q_offsets=cu[:-1].contiguous(), q_lengths=lengths,
+                           s_offsets=torch.arange(N, device=q.device, dtype=torch.int32),
+                           s_scales=torch.zeros(N, device=q.device, dtype=torch.int32), mask=None)
+    s = torch.empty(N, H, D, D, device=q.device)
     decay_scales = (-g).contiguous()
 
     def call():
@@ -338,7 +339,7 @@ def time_prefill(rep: Report, fla, seg_la, name: str, lengths: list[int], bw: fl
         calls["fla"] = lambda: fla.chunk_simple_gla(q, k, v, g_gamma=g, scale=D**-0.5, output_final_state=True,
                                                     cu_seqlens=cu.long())
     if len(lengths) == 1:  # the segment plan and configs at B = 1
-        for seg in sorted({256, 1024, 4096, 8192, T} & set(range(64, T + 1, 64))):
+        for seg in sorted(seg for seg in {256, 512, 1024, 2048, 4096, 8192, T} if T // 16 <= seg <= T):
             calls[f"ours seg_len {seg}"] = lambda seg=seg: lightning_attn_triton(q, k, v, g, None, None, True, cu,
                                                                                   longest, seg_len=seg)
         for cfg in CONFIGS[1:4] + CONFIGS[6:]:
