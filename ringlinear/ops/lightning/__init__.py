@@ -10,11 +10,14 @@ training, prefill and decode: `recurrent.py` on the Triton backend, else
 
 from __future__ import annotations
 
+import functools
+import importlib
 import itertools
+import weakref
+from types import ModuleType
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..policy import KernelPolicy, lightning_kernel
 from .naive import (lightning_attn_chunked, lightning_attn_quadratic, lightning_attn_recurrent,
@@ -30,20 +33,31 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-# tensor -> version at which its values were found negative: reading them back is a host sync on a
-# GPU, so a layer's fixed decay buffer is checked once, and again only after an in-place change
-_checked_decays = WeakIdKeyDictionary()
+# id(tensor) -> (a weak reference to it, the version at which its values were found negative):
+# reading them back is a host sync on a GPU, so a layer's fixed decay buffer is checked once, and
+# again only after an in-place change. A dict by id, as torch's WeakIdKeyDictionary costs
+# microseconds a lookup, on every call; an entry leaves when its tensor dies.
+_checked_decays: dict[int, tuple[weakref.ref, int]] = {}
 
 
 def _check_decay(log_decay: Tensor, num_heads: int) -> None:
     if log_decay.shape != (num_heads,):
         raise ValueError(f"log_decay must have shape [H]=[{num_heads}], got {list(log_decay.shape)}")
-    if _capturing() or _checked_decays.get(log_decay) == log_decay._version:
+    key = id(log_decay)
+    ref, version = _checked_decays.get(key, (None, None))
+    if (ref is not None and ref() is log_decay and version == log_decay._version) or _capturing():
         return
     if bool((log_decay >= 0).any()):
         raise ValueError("log_decay must be negative (log λ with 0 < λ < 1); got values >= 0: "
                          f"{log_decay.tolist()}")
-    _checked_decays[log_decay] = log_decay._version
+    _checked_decays[key] = (weakref.ref(log_decay, lambda _: _checked_decays.pop(key, None)), log_decay._version)
+
+
+@functools.cache
+def _backend(name: str) -> ModuleType:
+    """A Triton backend module (chunk, recurrent, decode), imported on first use: importing Triton
+    fixes TRITON_INTERPRET for the process. Cached: an import statement costs microseconds a call."""
+    return importlib.import_module(f"{__name__}.{name}")
 
 
 def _check_cu_seqlens(cu_seqlens: Tensor, batch: int, seq_len: int, max_seqlen: int | None) -> int:
@@ -104,13 +118,11 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: fl
                          f"got {list(initial_state.shape)}")
     match lightning_kernel(policy, q):
         case "chunk":
-            from .chunk import lightning_attn_triton
-            return lightning_attn_triton(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens,
-                                         longest)
+            return _backend("chunk").lightning_attn_triton(q, k, v, log_decay, scale, initial_state,
+                                                           output_final_state, cu_seqlens, longest)
         case "recurrent":
-            from .recurrent import lightning_attn_recurrent_triton
-            return lightning_attn_recurrent_triton(q, k, v, log_decay, scale, initial_state, output_final_state,
-                                                   cu_seqlens, longest)
+            return _backend("recurrent").lightning_attn_recurrent_triton(q, k, v, log_decay, scale, initial_state,
+                                                                         output_final_state, cu_seqlens, longest)
         case "recurrent_reference":
             o, final = lightning_attn_recurrent(q, k, v, log_decay, scale, initial_state, cu_seqlens)
             return o, final if output_final_state else None
@@ -158,11 +170,9 @@ def lightning_decode(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: 
                          f"dtype {slots.dtype}")
     match lightning_kernel(policy, q):
         case "chunk":
-            from .decode import lightning_decode_triton
-            return lightning_decode_triton(q, k, v, log_decay, state, slots, scale)
+            return _backend("decode").lightning_decode_triton(q, k, v, log_decay, state, slots, scale)
         case "recurrent":
-            from .recurrent import lightning_decode_recurrent_triton
-            return lightning_decode_recurrent_triton(q, k, v, log_decay, state, slots, scale)
+            return _backend("recurrent").lightning_decode_recurrent_triton(q, k, v, log_decay, state, slots, scale)
         case "recurrent_reference":
             one_each = torch.arange(N + 1, device=q.device)
             o, state[slots] = lightning_attn_recurrent(q[None], k[None], v[None], log_decay, scale, state[slots],

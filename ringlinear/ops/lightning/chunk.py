@@ -51,6 +51,7 @@ class KernelConfig:
     local_stages: int  # of the segments' local-state pass (few registers: deeper prefetch fits)
 
 
+@functools.cache  # called on every launch: a frozen dataclass costs microseconds to build
 def default_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
     if dtype == torch.float32:  # tiles twice the bytes: no prefetch stage, narrower at D = 256
         return KernelConfig(block_v=32 if head_dim == 256 else 64, num_warps=8 if head_dim == 256 else 4,
@@ -225,15 +226,16 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _plan(device: torch.device, tokens: int, longest: int, programs_per_segment: int, full_per_sm: float,
-          programs_per_sm: float, seg_len: int | None) -> _Plan:
-    """Cut the longest sequences into equal segments, as many as give `programs_per_sm`, unless the
-    unsplit grid already has `full_per_sm` programs per SM: then a split would only add its pass."""
+          programs_per_sm: float, min_seg_len: int, seg_len: int | None) -> _Plan:
+    """Cut the longest sequences into equal segments of at least `min_seg_len` tokens, as many as
+    give `programs_per_sm`, unless the unsplit grid already has `full_per_sm` programs per SM: then a
+    split would only add its pass."""
     longest = max(longest, 1)
     if seg_len is None:
         programs = programs_per_segment * max(tokens / longest, 1)  # in units of the longest sequence
         sms = _num_sms(device)
         segments = 1 if programs >= 0.9 * full_per_sm * sms else max(1, round(programs_per_sm * sms / programs))
-        seg_len = max(4 * BT, _cdiv(_cdiv(longest, segments), BT) * BT)
+        seg_len = max(min_seg_len, _cdiv(_cdiv(longest, segments), BT) * BT)
     if seg_len % BT:
         raise ValueError(f"seg_len must be a multiple of {BT}, got {seg_len}")
     seg_len = min(seg_len, _cdiv(longest, BT) * BT)
@@ -255,9 +257,11 @@ def _scan(q: Tensor, k: Tensor, v: Tensor, do: Tensor | None, log_decay: Tensor,
     nv = D // config.block_v
     # measured on an H100 (benchmarks/NOTES_lightning.md): the forward fills the GPU with one program
     # per SM (B4xT16K unsplit 0.40 ms vs 2 segments 0.51) and splits best to ~2 per SM (B1xT64K: 8
-    # segments), the heavier backward to ~3.5 (B1xT64K: 5 segments, vs 3 segments 1.3x slower)
+    # segments), the heavier backward to ~3.5 (B1xT64K: 5 segments, vs 3 segments 1.3x slower). On an
+    # H200 a short prefill pays for the split's second launch: B1xT1K unsplit 30 us vs 4 segments 36,
+    # B1xT4K 4 segments 52 us vs 8: 56, 16: 77 (benchmarks/RESULTS.md), so forward segments are >= 1K.
     plan = _plan(q.device, B * T, max_seqlen, njobs * nv * H, 3.5 if backward else 1.0, 3.5 if backward else 2.0,
-                 seg_len)
+                 4 * BT if backward else 16 * BT, seg_len)
     f32 = dict(device=q.device, dtype=torch.float32)
     none = torch.empty(0, **f32)  # stands for absent states; guarded by constexpr flags
     meta = dict(H=H, D=D, BT=BT, BV=config.block_v, IS_VARLEN=cu_seqlens is not None,
