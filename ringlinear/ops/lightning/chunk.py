@@ -258,8 +258,9 @@ def _scan(q: Tensor, k: Tensor, v: Tensor, do: Tensor | None, log_decay: Tensor,
     # measured on an H100 (benchmarks/NOTES_lightning.md): the forward fills the GPU with one program
     # per SM (B4xT16K unsplit 0.40 ms vs 2 segments 0.51) and splits best to ~2 per SM (B1xT64K: 8
     # segments), the heavier backward to ~3.5 (B1xT64K: 5 segments, vs 3 segments 1.3x slower). On an
-    # H200 a short prefill pays for the split's second launch: B1xT1K unsplit 30 us vs 4 segments 36,
-    # B1xT4K 4 segments 52 us vs 8: 56, 16: 77 (benchmarks/RESULTS.md), so forward segments are >= 1K.
+    # H200 a short prefill gains nothing from a split but its second launch: B1xT1K 29-36 us of device
+    # time split vs 30 unsplit, 64 vs 37 us back to back; B1xT4K 4 segments 52 us vs 8: 56, 16: 77
+    # (benchmarks/RESULTS.md). So the forward's segments are at least 1,024 tokens.
     plan = _plan(q.device, B * T, max_seqlen, njobs * nv * H, 3.5 if backward else 1.0, 3.5 if backward else 2.0,
                  4 * BT if backward else 16 * BT, seg_len)
     f32 = dict(device=q.device, dtype=torch.float32)
