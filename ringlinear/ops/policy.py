@@ -26,16 +26,21 @@ sampler for its log-probs); the ops below switch by the table. Backward passes r
 | paged_attention             | kernel.py (3)            | gather + SDPA  | key blocks (2)      | key-block loop   |
 | grouped_swiglu (moe.py)     | torch._grouped_mm (4)    | expert loop    | grouped GEMM (2)    | expert loop      |
 | elementwise chains (fused)  | torch.compile (5)        | eager          | eager               | eager            |
+| fp8 quantize (fp8/)         | kernels.py               | reference.py   | –                   | –                |
+| fp8 GEMM (fp8/)             | torch._scaled_mm (6)     | reference.py   | –                   | –                |
 | F.linear, @, sum, softmax   | PyTorch                  | PyTorch        | invariant_kernels   | fixed row blocks |
 
 (1) FlashAttention's varlen kernel for packed documents in CUDA fp16/bf16. (2) On
 `invariant_kernels.py`. (3) Pages of a power of two ≥ 16 tokens; Lightning kernels take head sizes
 LIGHTNING_HEAD_DIMS; other shapes take the references. (4) CUDA bf16; else the expert loop.
-(5) CUDA activations of at least COMPILE_MIN_ELEMENTS.
+(5) CUDA activations of at least COMPILE_MIN_ELEMENTS. (6) cuBLAS's blockwise recipes on Hopper
+(CUDA ≥ 12.9) for operands whose dimensions are multiples of 128, if a probe product on the device
+matches the reference (`blockwise_scaled_mm_works`); else kernels.py's GEMM. FP8 is not batch-invariant.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -61,10 +66,13 @@ def triton_installed() -> bool:
 class KernelPolicy:
     backend: Backend = "auto"
     invariant: bool = False
+    fp8: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.fp8 and self.invariant:
+            raise ValueError("fp8 GEMMs are not batch-invariant: choose fp8 or invariant, not both")
 
     def resolve(self, device: torch.device | str) -> KernelPolicy:
         """This policy with "auto" made concrete for tensors on `device` (what an owner logs and passes)."""
@@ -143,3 +151,34 @@ def compiles_chain(policy: KernelPolicy, x: Tensor) -> bool:
     """fused.py: compile an elementwise chain into one kernel. Invariant mode runs it eagerly, so its
     reductions keep their fixed form."""
     return policy.cuda_fast_paths(x) and x.numel() >= COMPILE_MIN_ELEMENTS
+
+
+Fp8GemmKernel = Literal["scaled_mm", "triton", "reference"]
+
+
+def fp8_quantize_triton(policy: KernelPolicy, x: Tensor) -> bool:
+    """fp8 quantize: the Triton kernel, or the reference (float64 inputs always take the reference)."""
+    return policy.triton(x)
+
+
+def fp8_gemm_kernel(policy: KernelPolicy, a: Tensor, b: Tensor) -> Fp8GemmKernel:
+    """fp8 GEMM of e4m3 operands a [M, K], b [N, K]."""
+    if policy._backend_on(a.device) != "triton":
+        return "reference"
+    aligned = all(n % 128 == 0 for n in (*a.shape, b.shape[0]))
+    return "scaled_mm" if a.is_cuda and aligned and blockwise_scaled_mm_works(a.device) else "triton"
+
+
+@functools.cache
+def blockwise_scaled_mm_works(device: torch.device) -> bool:
+    """Whether torch._scaled_mm takes DeepSeek's blockwise recipes here: Hopper, a CUDA ≥ 12.9 build, and a
+    probe product that matches the reference (a build without them raises, which is the answer too)."""
+    if torch.cuda.get_device_capability(device) != (9, 0) or torch.version.cuda is None:
+        return False
+    if tuple(int(v) for v in torch.version.cuda.split(".")[:2]) < (12, 9):
+        return False
+    from .fp8.gemm import probe_scaled_mm
+    try:
+        return probe_scaled_mm(device)
+    except RuntimeError:
+        return False
