@@ -4,6 +4,7 @@ on a CPU) against the references, and the FP8 linear layer's forward and backwar
 import pytest
 import torch
 from conftest import INTERPRET
+from test_train import read_metrics, small_run
 
 from ringlinear.ops.fp8 import (
     E4M3,
@@ -20,6 +21,8 @@ from ringlinear.ops.fp8.reference import (
     to_e4m3,
 )
 from ringlinear.ops.policy import KernelPolicy, fp8_gemm_kernel
+from ringlinear.train import train
+from ringlinear.train.config import PRECISIONS
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 TORCH, TRITON = KernelPolicy("torch", fp8=True), KernelPolicy("triton", fp8=True)
@@ -139,3 +142,16 @@ def test_e4m3_weights_multiply_as_stored():
 def test_fp8_and_invariant_are_exclusive():
     with pytest.raises(ValueError, match="fp8"):
         KernelPolicy(invariant=True, fp8=True)
+
+
+def test_fp8_training_tracks_bf16(tmp_path):
+    """A few steps of a small model, on the references: FP8's losses stay within a percent of the
+    full-precision run's, and the checkpoint keeps its fp32 master weights."""
+    runs = {p: train(small_run(tmp_path / p, precision=p, steps=6, eval_interval=6)) for p in PRECISIONS}
+    losses = {p: [m["loss"] for m in read_metrics(tmp_path / p) if "loss" in m] for p in PRECISIONS}
+    assert len(losses["fp8"]) == 6 and losses["fp8"][-1] < losses["fp8"][0] - 0.05
+    for bf16, fp8 in zip(losses["bf16"], losses["fp8"]):
+        assert abs(fp8 - bf16) < 0.01 * bf16
+    assert losses["fp8"] != losses["bf16"]  # the products did change
+    assert abs(runs["fp8"].val_bpb - runs["bf16"].val_bpb) < 0.01 * runs["bf16"].val_bpb
+    assert next(runs["fp8"].model.parameters()).dtype == torch.float32

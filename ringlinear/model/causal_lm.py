@@ -21,7 +21,7 @@ from ..ops.batch_invariant import numerics
 from ..ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from .attention import LightningAttention, SoftmaxAttention
 from .context import AttentionContext, SequenceContext
-from .layers import MLP, RMSNorm, RotaryEmbedding
+from .layers import MLP, Linear, RMSNorm, RotaryEmbedding
 from .moe import Experts, MoE, Router
 from .weights import checkpoint_tensors, load_weights
 
@@ -52,12 +52,13 @@ class MTPLayer(DecoderLayer):
         hidden = config.hidden_size
         self.enorm = RMSNorm(hidden, config.rms_norm_eps)
         self.hnorm = RMSNorm(hidden, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * hidden, hidden, bias=False)
+        self.eh_proj = Linear(2 * hidden, hidden, bias=False)
         self.final_layernorm = RMSNorm(hidden, config.rms_norm_eps)
 
     def forward(self, embedded: Tensor, h: Tensor, rope: tuple[Tensor, Tensor],
                 context: AttentionContext) -> Tensor:
-        x = self.eh_proj(torch.cat([self.enorm(embedded, context.policy), self.hnorm(h, context.policy)], dim=-1))
+        policy = context.policy
+        x = self.eh_proj(torch.cat([self.enorm(embedded, policy), self.hnorm(h, policy)], dim=-1), policy)
         return super().forward(x, rope, context)
 
 

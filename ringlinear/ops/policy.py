@@ -25,6 +25,7 @@ sampler for its log-probs); the ops below switch by the table. Backward passes r
 | causal_attention            | SDPA; FlashAttention (1) | SDPA, masked   | key blocks (2)      | key-block loop   |
 | paged_attention             | kernel.py (3)            | gather + SDPA  | key blocks (2)      | key-block loop   |
 | grouped_swiglu (moe.py)     | torch._grouped_mm (4)    | expert loop    | grouped GEMM (2)    | expert loop      |
+| grouped_swiglu, fp8         | expert loop of fp8 GEMMs | same, refs     | –                   | –                |
 | elementwise chains (fused)  | torch.compile (5)        | eager          | eager               | eager            |
 | fp8 quantize (fp8/)         | kernels.py               | reference.py   | –                   | –                |
 | fp8 GEMM (fp8/)             | torch._scaled_mm (6)     | reference.py   | –                   | –                |
@@ -137,11 +138,14 @@ def paged_attention_kernel(policy: KernelPolicy, q: Tensor, k_cache: Tensor) -> 
     return "paged" if policy.triton(q, k_cache) and page >= 16 and page & (page - 1) == 0 else "gather_reference"
 
 
-ExpertsKernel = Literal["grouped_mm", "invariant_grouped_mm", "loop"]
+ExpertsKernel = Literal["grouped_mm", "invariant_grouped_mm", "loop", "fp8_loop"]
 
 
 def experts_kernel(policy: KernelPolicy, x: Tensor, *weights: Tensor) -> ExpertsKernel:
-    """grouped_swiglu. torch._grouped_mm (no host sync, so CUDA-graph safe) takes bf16 on CUDA."""
+    """grouped_swiglu. torch._grouped_mm (no host sync, so CUDA-graph safe) takes bf16 on CUDA. FP8 (the
+    policy's, or e4m3 weights) loops over the experts (a host sync) with one fp8_linear per projection."""
+    if policy.fp8 or weights[0].dtype == torch.float8_e4m3fn:
+        return "fp8_loop"
     if policy.invariant:
         return "invariant_grouped_mm" if policy.triton(x, *weights) else "loop"
     return "grouped_mm" if policy.cuda_fast_paths(x) and x.dtype == torch.bfloat16 else "loop"

@@ -29,12 +29,32 @@ from ..data import EOS, Dataset, PackedDocuments, load_dataset, prepare_dataset
 from ..info import describe
 from ..model import RingLinearForCausalLM, SequenceContext
 from ..ops.policy import KernelPolicy
-from .checkpoint import LATEST_LINK, STATE_FILE, checkpoint_dirs, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    LATEST_LINK,
+    STATE_FILE,
+    checkpoint_dirs,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .evaluate import evaluate
-from .metrics import FlopCounter, MetricsLog, SpikeDetector, expert_load_stats, peak_flops, peak_memory_gib
+from .metrics import (
+    FlopCounter,
+    MetricsLog,
+    SpikeDetector,
+    expert_load_stats,
+    peak_flops,
+    peak_memory_gib,
+)
 from .optimizer import build_optimizer, optimizer_step
-from .parallel import World, all_reduce, compute_dtype, parallelize, process_group, resolve_device
+from .parallel import (
+    World,
+    all_reduce,
+    compute_dtype,
+    parallelize,
+    process_group,
+    resolve_device,
+)
 from .schedule import LearningRate, Stages
 
 
@@ -139,7 +159,7 @@ class Trainer:
         model = model.to(world.device).train()
         self.model = parallelize(model, world, compute_dtype(config.param_dtype, world.device),
                                  config.activation_checkpointing)
-        self.policy = KernelPolicy().resolve(world.device)
+        self.policy = KernelPolicy(fp8=config.precision == "fp8").resolve(world.device)
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, (config.beta1, config.beta2))
         self.lr = LearningRate.of(config)
         self.moe_layers = [i for i in range(model_config.num_hidden_layers + model_config.num_nextn_predict_layers)
