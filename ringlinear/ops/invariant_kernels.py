@@ -257,7 +257,7 @@ def _key_block_attention_kernel(q, k_blocks, v_blocks, block_table, positions, o
     m = tl.full([G_P2], float("-inf"), dtype=tl.float32)
     total = tl.zeros([G_P2], dtype=tl.float32)
     acc = tl.zeros([G_P2, D], dtype=tl.float32)
-    for j in range(pos // KB + 1):  # the query's own blocks: block 0 holds key 0, always visible
+    for j in range(0, pos // KB + 1):  # the query's own blocks: block 0 holds key 0, always visible
         block = tl.load(block_table + t * stride_table + j).to(tl.int64)
         visible = j * KB + keys <= pos
         # keys past the query are not read: a cache page may hold anything there

@@ -29,32 +29,12 @@ from ..data import EOS, Dataset, PackedDocuments, load_dataset, prepare_dataset
 from ..info import describe
 from ..model import RingLinearForCausalLM, SequenceContext
 from ..ops.policy import KernelPolicy
-from .checkpoint import (
-    LATEST_LINK,
-    STATE_FILE,
-    checkpoint_dirs,
-    load_checkpoint,
-    save_checkpoint,
-)
+from .checkpoint import LATEST_LINK, STATE_FILE, checkpoint_dirs, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .evaluate import evaluate
-from .metrics import (
-    FlopCounter,
-    MetricsLog,
-    SpikeDetector,
-    expert_load_stats,
-    peak_flops,
-    peak_memory_gib,
-)
+from .metrics import FlopCounter, MetricsLog, SpikeDetector, expert_load_stats, peak_flops, peak_memory_gib
 from .optimizer import build_optimizer, optimizer_step
-from .parallel import (
-    World,
-    all_reduce,
-    compute_dtype,
-    parallelize,
-    process_group,
-    resolve_device,
-)
+from .parallel import World, all_reduce, compute_dtype, parallelize, process_group, resolve_device
 from .schedule import LearningRate, Stages
 
 

@@ -15,21 +15,11 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..policy import KernelPolicy, lightning_kernel
-from .naive import (
-    lightning_attn_chunked,
-    lightning_attn_quadratic,
-    lightning_attn_recurrent,
-    lightning_decode_reference,
-)
+from .naive import (lightning_attn_chunked, lightning_attn_quadratic, lightning_attn_recurrent,
+                    lightning_decode_reference)
 
-__all__ = [
-    "lightning_attn",
-    "lightning_attn_chunked",
-    "lightning_attn_quadratic",
-    "lightning_attn_recurrent",
-    "lightning_decode",
-    "lightning_decode_reference",
-]
+__all__ = ["lightning_attn", "lightning_decode", "lightning_attn_chunked", "lightning_attn_quadratic",
+           "lightning_attn_recurrent", "lightning_decode_reference"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

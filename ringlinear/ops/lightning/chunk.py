@@ -183,7 +183,7 @@ def _chunk_kernel(
         else:
             seg0 = i_n * tl.cdiv(T, LS)
         slot = (rev * total_segs + seg0).to(tl.int64)
-        for s in range(i_s):
+        for s in range(0, i_s):
             S += tl.load(hl + ((slot + s) * H + i_h) * D * D + state_offs) * tl.exp(g * ((i_s - 1 - s) * LS))
 
     dist = rows[:, None] - rows[None, :]

@@ -91,7 +91,7 @@ def _recurrent_kernel(q, k, v, o, h0, ht, slots, cu_seqlens, log_decay, scale, T
     nq = tl.load(q + p + rows, mask=(rows < D) & live, other=0.0)
     nk = tl.load(k + p + rows, mask=(rows < D) & live, other=0.0)
     nv = tl.load(v + p + cols, mask=(cols < D) & live, other=0.0)
-    for t in range(length):
+    for t in range(0, length):
         bq = nq.to(tl.float32) * scale
         bk = nk.to(tl.float32)
         bv = nv.to(tl.float32)

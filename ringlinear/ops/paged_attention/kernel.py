@@ -54,7 +54,7 @@ def _paged_attention_kernel(
 
     kv_end = tl.minimum(seq_len, seq_len - q_len + (tile + 1) * TOKENS)  # keys the tile's last token sees
     slots = tl.arange(0, PAGE)
-    for p in range(tl.cdiv(kv_end, PAGE)):
+    for p in range(0, tl.cdiv(kv_end, PAGE)):
         page = tl.load(block_tables + n * stride_table + p).to(tl.int64)
         k_pos = p * PAGE + slots
         offsets = page * stride_page + slots[:, None] * stride_slot + kv_head * stride_kvh + d[None, :]
