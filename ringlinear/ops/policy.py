@@ -184,5 +184,5 @@ def blockwise_scaled_mm_works(device: torch.device) -> bool:
     from .fp8.gemm import probe_scaled_mm
     try:
         return probe_scaled_mm(device)
-    except RuntimeError:
+    except (RuntimeError, ValueError):  # what torch's shape and layout checks raise
         return False
