@@ -165,9 +165,9 @@ def main() -> None:
     run("check gemm (rel err vs reference)", lambda: check_gemm(M, K, N, device), results)
     run("check fp8_linear vs bf16 (rel err)", lambda: check_linear(M, K, N, device), results)
     for name, *shape in linears:
-        run(name, lambda: bench_linear(*shape, device), results)
+        run(name, lambda shape=shape: bench_linear(*shape, device), results)
     for name, *shape in experts:
-        run(name, lambda: bench_experts(*shape, device), results)
+        run(name, lambda shape=shape: bench_experts(*shape, device), results)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_fp8.json"), "w") as f:
         json.dump(results, f, indent=2)

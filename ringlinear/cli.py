@@ -14,6 +14,7 @@ from .infer import EngineConfig
 from .infer.async_engine import MAX_QUEUED
 from .info import describe
 from .model import RingLinearForCausalLM
+from .model.fp8 import QUANTIZATIONS
 from .rl.config import RLConfig
 from .train.cli import add_arguments as add_train_arguments
 from .train.cli import run_training
@@ -108,7 +109,7 @@ def _serve(args: argparse.Namespace) -> None:
     from .infer.server import serve  # FastAPI and uvicorn load only to serve
 
     serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_queued,
-          device=resolve_device(args.device), max_num_seqs=args.max_num_seqs)
+          device=resolve_device(args.device), max_num_seqs=args.max_num_seqs, quantization=args.quantization)
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -247,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"requests running at once (default: {EngineConfig.max_num_seqs})")
     srv.add_argument("--max-queued", type=int, default=MAX_QUEUED,
                      help=f"requests waiting beyond those; more get 503 (default: {MAX_QUEUED})")
+    srv.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                     help="fp8: the linear layers and experts in blockwise FP8 (e4m3, 128x128 weight scales), "
+                     "converted at load; a checkpoint of FP8 weights (quantization_config) loads as FP8 anyway "
+                     "(default: none)")
     srv.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     srv.set_defaults(run=_serve)
 

@@ -1,11 +1,17 @@
 """Blockwise FP8: quantization against a float64 definition, the Triton kernels (through the interpreter
 on a CPU) against the references, and the FP8 linear layer's forward and backward."""
 
+import json
+
 import pytest
 import torch
 from conftest import INTERPRET
+from infer_helpers import tiny_checkpoint
+from safetensors.torch import load_file
 from test_train import read_metrics, small_run
 
+from ringlinear import RingLinearForCausalLM
+from ringlinear.infer import LLM, EngineConfig, SamplingParams
 from ringlinear.ops.fp8 import (
     E4M3,
     dequantize,
@@ -155,3 +161,38 @@ def test_fp8_training_tracks_bf16(tmp_path):
     assert losses["fp8"] != losses["bf16"]  # the products did change
     assert abs(runs["fp8"].val_bpb - runs["bf16"].val_bpb) < 0.01 * runs["bf16"].val_bpb
     assert next(runs["fp8"].model.parameters()).dtype == torch.float32
+
+
+def test_fp8_serving_tracks_bf16_and_fp8_checkpoints_round_trip(tmp_path):
+    """`quantization="fp8"` converts a bf16-or-fp32 checkpoint at load: greedy tokens and log-probs close to
+    the unquantized engine's. Saved, the FP8 model is a checkpoint in vLLM's block-FP8 layout that loads
+    back as FP8, bit for bit."""
+    checkpoint = tiny_checkpoint(tmp_path / "full")
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=1)
+    prompts = ["def main():\n    return", [5, 6, 7, 8, 9, 10]]
+    engines = {q: LLM(checkpoint, max_num_seqs=2, page_size=8, num_pages=32, quantization=q) for q in ("none", "fp8")}
+    full, fp8 = (engines[q].generate(prompts, params) for q in ("none", "fp8"))
+    for a, b in zip(full, fp8):  # the log-probs of the full-precision engine's tokens under both models
+        ids = torch.tensor([a.prompt_token_ids + a.token_ids])
+        with torch.no_grad():
+            logprobs = [e.engine.model(ids).logits[0, len(a.prompt_token_ids) - 1:-1].log_softmax(-1)
+                        .gather(-1, torch.tensor(a.token_ids)[:, None]) for e in engines.values()]
+        assert torch.allclose(logprobs[0][:, 0], torch.tensor([lp.logprob for lp in a.logprobs]), atol=1e-4)
+        # a random tiny model, six layers of FP8 rounding: within 3% of the log-probs (about -4.6 each)
+        assert (logprobs[1] - logprobs[0]).abs().max() < 0.15 and not torch.equal(logprobs[1], logprobs[0])
+        assert len(b.token_ids) == 6 and b.logprobs[0].logprob <= 0
+    model = engines["fp8"].engine.model
+    model.save_pretrained(tmp_path / "fp8")
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                             "weight_block_size": [128, 128]}
+    stored = load_file(tmp_path / "fp8" / "model.safetensors")
+    expert = "model.layers.1.mlp.experts.3.up_proj"
+    assert stored[f"{expert}.weight"].dtype == E4M3 and stored[f"{expert}.weight_scale_inv"].shape == (1, 2)
+    assert stored["model.layers.0.attention.dense.weight_scale_inv"].dtype == torch.float32
+    assert stored["lm_head.weight"].dtype == stored["model.word_embeddings.weight"].dtype == torch.float32
+    loaded = RingLinearForCausalLM.from_pretrained(tmp_path / "fp8")
+    for (name, ours), (_, theirs) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert ours.dtype == theirs.dtype and torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8)), name
+    with pytest.raises(ValueError, match="quantization"):
+        EngineConfig(quantization="int4").validate()
