@@ -29,13 +29,14 @@ def _quantize_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_r, stride_c, s_stride,
     amax = tl.max(tl.abs(x), axis=1)
     if SQUARE:
         amax = tl.max(amax, axis=0)
-    scale = tl.math.div_rn(amax, MAX)
+    # div_rn does not broadcast: both operands are given the same shape
+    scale = tl.math.div_rn(amax, tl.zeros_like(amax) + MAX)
     scale = tl.where(scale > 0, scale, 1.0)
     if SQUARE:
-        q = tl.math.div_rn(x, scale)
+        q = tl.math.div_rn(x, tl.zeros_like(x) + scale)
         tl.store(s_ptr + pid_r * s_stride + pid_c, scale)
     else:
-        q = tl.math.div_rn(x, scale[:, None])
+        q = tl.math.div_rn(x, tl.zeros_like(x) + scale[:, None])
         tl.store(s_ptr + rows * s_stride + pid_c, scale, mask=rows < R)
     q = tl.minimum(tl.maximum(q, -MAX), MAX)
     tl.store(q_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
