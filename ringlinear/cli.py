@@ -15,6 +15,7 @@ from .infer.async_engine import MAX_QUEUED
 from .infer.limits import MAX_REQUEST_BYTES, SHUTDOWN_TIMEOUT
 from .info import describe
 from .model import RingLinearForCausalLM
+from .model.fp8 import QUANTIZATIONS
 from .rl.config import RLConfig
 from .train.cli import add_arguments as add_train_arguments
 from .train.cli import run_training
@@ -114,7 +115,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_queued,
           args.max_request_bytes, args.shutdown_timeout, device=resolve_device(args.device),
-          max_num_seqs=args.max_num_seqs)
+          max_num_seqs=args.max_num_seqs, quantization=args.quantization)
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -260,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT,
                      help=f"seconds requests in flight get to finish after SIGTERM or SIGINT before they are ended "
                      f"(default: {SHUTDOWN_TIMEOUT:g})")
+    srv.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                     help="fp8: the linear layers and experts in blockwise FP8 (e4m3, 128x128 weight scales), "
+                     "converted at load; a checkpoint of FP8 weights (quantization_config) loads as FP8 anyway "
+                     "(default: none)")
     srv.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     srv.set_defaults(run=_serve)
 

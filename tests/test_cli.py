@@ -250,7 +250,7 @@ def test_help_explains_every_flag(capsys):
         "generate": {"--model", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
                      "--num-samples", "--device"},
         "serve": {"--model", "--host", "--port", "--api-key", "--served-model-name", "--max-num-seqs", "--max-queued",
-                  "--max-request-bytes", "--shutdown-timeout", "--device"},
+                  "--max-request-bytes", "--shutdown-timeout", "--quantization", "--device"},
         "info": {"--model", "--preset"},
         "tokenize": {"--data", "--out", "--vocab-size", "--tokenizer", "--val-fraction"},
         "merge": {"--ckpts", "--decay", "--out"},

@@ -139,7 +139,7 @@ class Trainer:
         model = model.to(world.device).train()
         self.model = parallelize(model, world, compute_dtype(config.param_dtype, world.device),
                                  config.activation_checkpointing)
-        self.policy = KernelPolicy().resolve(world.device)
+        self.policy = KernelPolicy(fp8=config.precision == "fp8").resolve(world.device)
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, (config.beta1, config.beta2))
         self.lr = LearningRate.of(config)
         self.moe_layers = [i for i in range(model_config.num_hidden_layers + model_config.num_nextn_predict_layers)
