@@ -94,3 +94,18 @@ def test_parallel_samples_fork_the_partial_latent_page(model):
     for index in range(3):  # completion i is the request seeded seed + i
         alone = SamplingParams(max_tokens=6, temperature=1.0, seed=7 + index, ignore_eos=True)
         assert forked[index] == serve(engine_of(model, False), [[("s", prompt)]], alone)["s"][0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_equals_eager():
+    """On the GPU: the Triton latent kernel (split keys) replayed from CUDA graphs gives the tokens of
+    eager steps."""
+    model = tiny_model(preset="tiny-mla", **SMALL).to("cuda", torch.bfloat16)
+    prompts = prompts_of([5, 33, 12, 60, 2])
+    results = []
+    for graphs in (True, False):
+        engine = Engine(model, None, EngineConfig(max_num_seqs=8, page_size=16, num_pages=64, cuda_graphs=graphs))
+        assert (engine.runner.graphs is not None) == graphs
+        greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+        results.append(run(engine, {0: [(str(i), p, greedy) for i, p in enumerate(prompts)]}))
+    assert results[0] == results[1]

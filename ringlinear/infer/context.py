@@ -136,8 +136,7 @@ class PagedContext(AttentionContext):
     longer runs continue from their slots' states (varlen chunk kernel) and write the final states
     back, in rounds cut at snapshot positions when the step takes snapshots. Softmax layers: the new
     keys and values go to their pages, then paged attention reads the cached prefix and the new
-    tokens; MLA layers alike with the latents and rope keys, and attention in the absorbed form.
-    `policy` picks the kernels."""
+    tokens. `policy` picks the kernels."""
 
     def __init__(self, cache: PagedCache, batch: StepBatch, policy: KernelPolicy):
         self.cache, self.batch, self.policy = cache, batch, policy
@@ -202,6 +201,8 @@ class PagedContext(AttentionContext):
 
     def latent_attention(self, layer_idx: int, q: Tensor, latent: Tensor, k_rope: Tensor, kv_b: Tensor,
                          scale: float) -> Tensor:
+        """MLA layers: the new tokens' latents and rope keys go to their pages, then the absorbed
+        attention reads the cached prefix and the new tokens, decodes and prefill chunks alike."""
         cache = self.cache.kv[self.cache.softmax_index[layer_idx]]
         entries = torch.cat([latent[0], k_rope[0]], dim=-1)
         cache.view(-1, entries.shape[-1]).index_copy_(0, self.batch.slot_mapping, entries)
