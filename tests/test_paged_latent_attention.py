@@ -52,14 +52,15 @@ def test_absorbed_attention_equals_the_decompressed_form():
     assert out.shape == (10, H, v) and rel(out, torch.cat(expected)) < 1e-12
 
 
-@pytest.mark.parametrize("q_lens,seq_lens,H,r,rope,dtype", [
-    ([1, 1, 1], [1, 37, 80], 4, 64, 32, torch.float32),            # decode, split keys, page boundaries
-    ([1, 30, 7, 1], [17, 30, 50, 64], 4, 64, 32, torch.float32),   # decodes with a fresh prompt and chunks
-    ([40, 3], [40, 19], 2, 48, 16, torch.float32),                 # several query tiles, a non-power-of-2 rank
-    ([1, 1], [70, 33], 16, 128, 64, torch.bfloat16),               # decode at 16 heads
+@pytest.mark.parametrize("q_lens,seq_lens,H,r,rope,page,dtype", [
+    ([1, 1, 1], [1, 37, 80], 4, 64, 32, 16, torch.float32),           # decode, split keys, page boundaries
+    ([1, 30, 7, 1], [17, 30, 50, 64], 4, 64, 32, 16, torch.float32),  # decodes with a fresh prompt and chunks
+    ([40, 3], [40, 19], 2, 48, 16, 16, torch.float32),                # several query tiles, a non-power-of-2 rank
+    ([1, 9], [150, 70], 4, 64, 32, 64, torch.float32),                # two key blocks per page
+    ([1, 1], [70, 33], 16, 128, 64, 16, torch.bfloat16),              # decode at 16 heads
 ])
-def test_triton_kernel_matches_the_reference(q_lens, seq_lens, H, r, rope, dtype):
-    q, cache, tables, lens, starts = latent_case(q_lens, seq_lens, H, r, rope, r + rope, page=16, dtype=dtype)
+def test_triton_kernel_matches_the_reference(q_lens, seq_lens, H, r, rope, page, dtype):
+    q, cache, tables, lens, starts = latent_case(q_lens, seq_lens, H, r, rope, r + rope, page=page, dtype=dtype)
     scale = 0.1
     out = latent_attention_triton(q, cache, tables, lens, starts, scale, r, max(q_lens))
     ref = latent_attention_reference(q.double(), cache.double(), tables, lens, starts, scale, r)
