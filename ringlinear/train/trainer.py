@@ -197,7 +197,8 @@ class Trainer:
         if out.mtp_loss is not None:
             metrics["mtp_loss"] = mtp_loss
         metrics.update(batch_size=batch_size, seq_len=seq_len, tokens=self.stages.position(step + 1),
-                       tokens_per_s=batch_size * seq_len / seconds, memory_gib=peak_memory_gib(world.device))
+                       tokens_per_s=batch_size * seq_len / seconds, memory_gib=peak_memory_gib(world.device),
+                       flops=float(totals[3]))  # the step's model FLOPs over all processes
         if self.peak:
             metrics["mfu"] = float(totals[3]) / (seconds * world.size * self.peak)
         if outcome.expert_load is not None:
