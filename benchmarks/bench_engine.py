@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -76,6 +77,7 @@ QUICK = Shapes("tiny", prefill=(256, 1024, 4000), decode_contexts=(256, 1024), d
                engine=dict(max_num_seqs=64, max_num_batched_tokens=2048, page_size=64, cache_memory=2 * 2**30))
 DECODE_STEPS, DECODE_WARMUP, PLAIN_TOKENS = 32, 4, 32
 CASES = ("prefill", "decode", "streams", "chat", "grpo", "plain")
+BURSTS = itertools.count()
 
 
 def k(n: int) -> str:
@@ -169,12 +171,14 @@ def decode(engine: Engine, batch: int, context: int) -> dict:
 
 
 def streams(engine: Engine, count: int, prompt_len: int, new_tokens: int) -> dict:
-    """`count` requests arriving at once: time to first token and the gaps between tokens."""
+    """`count` requests arriving at once: time to first token and the gaps between tokens. Every
+    burst has prompts of its own, so that a repeated burst finds none in the prefix cache."""
     vocab = engine.model.config.vocab_size
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    burst = next(BURSTS)
     start = time.perf_counter()
     for i in range(count):
-        engine.add_request(f"stream-{i}", tokens(prompt_len, vocab, seed=i), params)
+        engine.add_request(f"stream-{i}", tokens(prompt_len, vocab, seed=10_000 * burst + i), params)
     times: dict[str, list[float]] = {}
     while engine.has_unfinished():
         outputs = engine.step()  # returns after sampling, which waits for the GPU

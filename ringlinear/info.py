@@ -44,7 +44,7 @@ def model_info(config: RingLinearConfig, cache_dtype: torch.dtype = torch.bfloat
     return ModelInfo(total, total - expert_params + active_experts, embedding, letters, kv_per_token, state)
 
 
-def _human(n: float, unit: str = "") -> str:
+def format_count(n: float, unit: str = "") -> str:
     for suffix in ("", "K", "M", "G", "T"):
         if abs(n) < 1000:
             return f"{n:.1f}{suffix}{unit}" if suffix else f"{n:.0f}{unit}"
@@ -52,7 +52,7 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n:.1f}P{unit}"
 
 
-def _bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
     for suffix in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
             return f"{n:.1f} {suffix}" if suffix != "B" else f"{n:.0f} B"
@@ -65,17 +65,18 @@ def describe(config: RingLinearConfig, cache_dtype: torch.dtype = torch.bfloat16
     all_softmax = model_info(config.replace(layer_group_size=1), cache_dtype)
     kind = config.attention_type.upper()
     lines = [
-        f"parameters       {_human(info.total_params)} total, {_human(info.active_params)} active per token, "
-        f"{_human(info.active_params - info.embedding_params)} without embedding and LM head",
+        f"parameters       {format_count(info.total_params)} total, "
+        f"{format_count(info.active_params)} active per token, "
+        f"{format_count(info.active_params - info.embedding_params)} without embedding and LM head",
         f"layers           {info.layer_map}   (L = Lightning attention, S = softmax {kind}, + = MTP)",
         f"experts          {config.num_experts} routed, {config.num_experts_per_tok} per token in "
         f"{config.topk_group} of {config.n_group} groups, {config.num_shared_experts} shared; "
         f"first {config.first_k_dense_replace} layer(s) dense",
-        f"cache / sequence {_bytes(info.state_bytes_per_sequence)} of fp32 linear-attention state "
-        f"+ {_bytes(info.kv_bytes_per_token)} of {str(cache_dtype).removeprefix('torch.')} "
+        f"cache / sequence {format_bytes(info.state_bytes_per_sequence)} of fp32 linear-attention state "
+        f"+ {format_bytes(info.kv_bytes_per_token)} of {str(cache_dtype).removeprefix('torch.')} "
         f"{'latent + rope key' if config.attention_type == 'mla' else 'KV'} per token",
     ]
     for tokens in (4096, 32768, 131072):
-        lines.append(f"  at {tokens // 1024:>3}K tokens  {_bytes(info.cache_bytes(tokens)):>10}   "
-                     f"(all-softmax: {_bytes(all_softmax.cache_bytes(tokens))})")
+        lines.append(f"  at {tokens // 1024:>3}K tokens  {format_bytes(info.cache_bytes(tokens)):>10}   "
+                     f"(all-softmax: {format_bytes(all_softmax.cache_bytes(tokens))})")
     return "\n".join(lines)

@@ -189,6 +189,10 @@ def config_json(**changes) -> str:
     (["serve", "--model", "{tmp}/ckpt", "--max-request-bytes", "0"], "invalid --max-request-bytes 0: must be >= 1", {}),
     (["serve", "--model", "{tmp}/ckpt", "--shutdown-timeout", "-1"], "invalid --shutdown-timeout -1.0: must be >= 0",
      {}),
+    (["serve", "--model", "{tmp}/ckpt", "--prefix-snapshot-interval", "100"],
+     "invalid --prefix-snapshot-interval 100: must be a positive multiple of the page size (64)", {}),
+    (["serve", "--model", "{tmp}/ckpt", "--prefix-snapshot-share", "1"],
+     "invalid --prefix-snapshot-share 1.0: must be in [0, 1)", {}),
     (["generate", "--model", "/no/such/dir"], "no checkpoint directory at /no/such/dir", {}),
     (["generate"], "the following arguments are required: --model", {}),
     (["serve", "--model", "/no/such/dir"], "no checkpoint directory at /no/such/dir", {}),
@@ -250,7 +254,9 @@ def test_help_explains_every_flag(capsys):
         "generate": {"--model", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
                      "--num-samples", "--device"},
         "serve": {"--model", "--host", "--port", "--api-key", "--served-model-name", "--max-num-seqs", "--max-queued",
-                  "--max-request-bytes", "--shutdown-timeout", "--device"},
+                  "--max-request-bytes", "--shutdown-timeout", "--quantization", "--device",
+                  "--enable-prefix-caching", "--no-enable-prefix-caching", "--prefix-snapshot-interval",
+                  "--prefix-snapshot-share"},
         "info": {"--model", "--preset"},
         "tokenize": {"--data", "--out", "--vocab-size", "--tokenizer", "--val-fraction"},
         "merge": {"--ckpts", "--decay", "--out"},
@@ -259,6 +265,8 @@ def test_help_explains_every_flag(capsys):
         "align": {"--model", "--prompts", "--max-new-tokens", "--batch-invariant", "--out", "--seed", "--device"},
         "rl": {"--" + f.name.replace("_", "-") for f in dataclasses.fields(RLConfig)
                if f.name != "model_overrides"} | {"--override", "--no-batch-invariant"},
+        "analyze": set(),  # its flags are those of `analyze memory` and `analyze flops` (tests/test_analysis.py)
+        "sweep": {"--out-dir", "--quick", "--layer-group-sizes", "--data", "--device", "--seed", "--plot", "--json"},
     }
     assert set(commands) == set(expected)
     for name, command in commands.items():

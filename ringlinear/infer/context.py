@@ -14,6 +14,7 @@ from torch import Tensor
 from ..model.context import AttentionContext
 from ..ops import lightning_attn, lightning_decode
 from ..ops.paged_attention import paged_attention
+from ..ops.paged_latent_attention import paged_latent_attention
 from ..ops.policy import KernelPolicy
 from .cache import PagedCache
 from .scheduler import ScheduledChunk
@@ -28,15 +29,17 @@ class LightningRound:
     seqs: Tensor  # [N_r] which prefill sequences they belong to
     save: Tensor  # [n] of those, the pieces that end at a snapshot position
     snapshots: Tensor  # [n] where their states go
+    max_len: int  # the longest piece
 
     def to(self, device: torch.device) -> LightningRound:
-        return LightningRound(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
+        tensors = (self.rows, self.cu_seqlens, self.seqs, self.save, self.snapshots)
+        return LightningRound(*(t.to(device, non_blocking=True) for t in tensors), self.max_len)
 
 
 def lightning_rounds(chunks: Seq[ScheduledChunk]) -> list[LightningRound] | None:
     """The rounds of the multi-token `chunks` (in step order), or None when no snapshot is taken
-    inside or at the end of one: then a single call runs them all."""
-    if not any(c.snapshots for c in chunks):
+    inside one: then a single call runs them all (and `final_snapshots` saves those at their ends)."""
+    if not any(position < c.end for c in chunks for position, _ in c.snapshots):
         return None
     pieces: list[list[tuple[int, int, int | None]]] = []  # per chunk: (start, end, snapshot) along its rows
     for chunk in chunks:
@@ -54,8 +57,17 @@ def lightning_rounds(chunks: Seq[ScheduledChunk]) -> list[LightningRound] | None
         cu = np.cumsum([0] + [b - a for _, (a, b, _) in members])
         saved = [(j, snapshot) for j, (_, (_, _, snapshot)) in enumerate(members) if snapshot is not None]
         arrays = (rows, cu, [i for i, _ in members], [j for j, _ in saved], [s for _, s in saved])
-        rounds.append(LightningRound(*(torch.as_tensor(np.asarray(a, dtype=np.int64)) for a in arrays)))
+        rounds.append(LightningRound(*(torch.as_tensor(np.asarray(a, dtype=np.int64)) for a in arrays),
+                                     max_len=int(np.diff(cu).max())))
     return rounds
+
+
+def final_snapshots(chunks: Seq[ScheduledChunk]) -> tuple[Tensor, Tensor] | None:
+    """(which of the multi-token `chunks`, snapshot) for the snapshots taken at their ends."""
+    pairs = [(i, snapshot) for i, c in enumerate(chunks) for position, snapshot in c.snapshots if position == c.end]
+    if not pairs:
+        return None
+    return tuple(torch.tensor(column, dtype=torch.long) for column in zip(*pairs))
 
 
 @dataclass
@@ -71,6 +83,7 @@ class StepBatch:
     num_decodes: int
     max_query_len: int
     rounds: list[LightningRound] | None = None  # the prefill chunks' Lightning calls, if cut for snapshots
+    final_snapshots: tuple[Tensor, Tensor] | None = None  # else (prefill sequence, snapshot) at chunk ends
 
     @property
     def num_seqs(self) -> int:
@@ -98,8 +111,11 @@ class StepBatch:
         num_decodes = int((counts == 1).sum())
         assert (counts[:num_decodes] == 1).all(), "single-token sequences must come first"
         arrays = (input_ids, positions, slot_mapping, slot_array, ends, query_start, query_start[1:][complete] - 1)
+        prefills = chunks[num_decodes:]
+        rounds = lightning_rounds(prefills)
         return cls(*(torch.from_numpy(a) for a in arrays), num_decodes=num_decodes,
-                   max_query_len=int(counts.max(initial=0)), rounds=lightning_rounds(chunks[num_decodes:]))
+                   max_query_len=int(counts.max(initial=0)), rounds=rounds,
+                   final_snapshots=final_snapshots(prefills) if rounds is None else None)
 
     def tensors(self) -> list[Tensor]:
         return [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)]
@@ -110,7 +126,9 @@ class StepBatch:
         flat = torch.cat(tensors).to(device, non_blocking=True)
         moved = flat.split([t.numel() for t in tensors])
         rounds = None if self.rounds is None else [r.to(device) for r in self.rounds]
-        return StepBatch(*moved, num_decodes=self.num_decodes, max_query_len=self.max_query_len, rounds=rounds)
+        final = None if self.final_snapshots is None else tuple(t.to(device) for t in self.final_snapshots)
+        return StepBatch(*moved, num_decodes=self.num_decodes, max_query_len=self.max_query_len, rounds=rounds,
+                         final_snapshots=final)
 
 
 class PagedContext(AttentionContext):
@@ -145,8 +163,12 @@ class PagedContext(AttentionContext):
             if self.batch.rounds is None:
                 o, final = lightning_attn(q[None], k[None], v[None], log_decay,
                                           initial_state=states[self.prefill_slots], output_final_state=True,
-                                          cu_seqlens=self.prefill_cu_seqlens, policy=self.policy)
+                                          cu_seqlens=self.prefill_cu_seqlens, max_seqlen=self.batch.max_query_len,
+                                          policy=self.policy)
                 states[self.prefill_slots] = final
+                if self.batch.final_snapshots is not None:
+                    seqs, snapshots = self.batch.final_snapshots
+                    self.cache.snapshots[self.cache.linear_index[layer_idx]][snapshots] = final[seqs]
                 outputs.append(o[0])
             else:
                 snapshots = self.cache.snapshots[self.cache.linear_index[layer_idx]]
@@ -161,7 +183,7 @@ class PagedContext(AttentionContext):
         for r in self.batch.rounds:
             o_r, final = lightning_attn(q[r.rows][None], k[r.rows][None], v[r.rows][None], log_decay,
                                         initial_state=current[r.seqs], output_final_state=True,
-                                        cu_seqlens=r.cu_seqlens, policy=self.policy)
+                                        cu_seqlens=r.cu_seqlens, max_seqlen=r.max_len, policy=self.policy)
             o[r.rows] = o_r[0]
             current[r.seqs] = final
             snapshots[r.snapshots] = final[r.save]
@@ -175,4 +197,16 @@ class PagedContext(AttentionContext):
         batch = self.batch
         o = paged_attention(q[0], k_cache, v_cache, self.block_tables, batch.seq_lens, batch.query_start, scale,
                             batch.max_query_len, policy=self.policy)
+        return o[None]
+
+    def latent_attention(self, layer_idx: int, q: Tensor, latent: Tensor, k_rope: Tensor, kv_b: Tensor,
+                         scale: float) -> Tensor:
+        """MLA layers: the new tokens' latents and rope keys go to their pages, then the absorbed
+        attention reads the cached prefix and the new tokens, decodes and prefill chunks alike."""
+        cache = self.cache.kv[self.cache.softmax_index[layer_idx]]
+        entries = torch.cat([latent[0], k_rope[0]], dim=-1)
+        cache.view(-1, entries.shape[-1]).index_copy_(0, self.batch.slot_mapping, entries)
+        batch = self.batch
+        o = paged_latent_attention(q[0], cache, kv_b, self.block_tables, batch.seq_lens, batch.query_start, scale,
+                                   batch.max_query_len, policy=self.policy)
         return o[None]

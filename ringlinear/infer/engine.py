@@ -19,6 +19,7 @@ import torch
 
 from ..checkpoint import load_tokenizer
 from ..model import RingLinearForCausalLM, SequenceContext
+from ..model.fp8 import QUANTIZATIONS, is_fp8_checkpoint, quantize_weights
 from ..ops.batch_invariant import KEY_BLOCK
 from ..ops.policy import Backend, KernelPolicy
 from .cache import CacheManager, fixed_cache_size, size_cache
@@ -54,8 +55,13 @@ class EngineConfig:
     # Steps and log-probs batch-invariant: bit-identical to the training forward of the same model under
     # an invariant policy, whatever shares the step (no CUDA graphs; page_size a multiple of KEY_BLOCK).
     batch_invariant: bool = False
+    # "fp8": the linear layers and experts in blockwise FP8 (`model.fp8`), quantized at load unless the
+    # checkpoint holds FP8 weights already (which load as FP8 whatever this says). No CUDA graphs yet.
+    quantization: str = "none"
 
     def validate(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.page_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and page_size must be positive")
         if not 0 <= self.prefix_snapshot_share < 1:
@@ -79,19 +85,22 @@ class EngineConfig:
 
 class Engine:
     def __init__(self, model: RingLinearForCausalLM, tokenizer=None, config: EngineConfig | None = None):
-        if model.config.attention_type != "gqa":
-            raise ValueError("the engine's paged cache holds GQA keys and values only; an MLA model "
-                             "(kv_lora_rank set) generates through ringlinear.generate's HybridCache")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = config = config or EngineConfig()
         config.validate()
-        param = next(model.parameters())
+        if config.batch_invariant and model.config.attention_type == "mla":
+            raise ValueError("batch_invariant: an MLA model's absorbed attention cannot give the training "
+                             "forward's bits; run it with batch_invariant=False")
+        param = model.model.word_embeddings.weight  # the compute dtype (not the e4m3 of FP8 weights)
         self.device, self.dtype = param.device, param.dtype
         self.policy = KernelPolicy(config.backend, config.batch_invariant).resolve(self.device)
+        if config.quantization == "fp8":
+            quantize_weights(model, self.policy)
         # Captured decode steps need a forward that never waits for the host: the Triton kernels and
-        # the experts' grouped GEMM (bf16).
+        # the experts' grouped GEMM (bf16; the FP8 experts' loop reads the counts on the host).
         use_graphs = (self.device.type == "cuda" and self.dtype == torch.bfloat16 and config.cuda_graphs
-                      and self.policy.backend == "triton" and not self.policy.invariant)
+                      and self.policy.backend == "triton" and not self.policy.invariant
+                      and not is_fp8_checkpoint(model.config))
         max_model_len = config.max_model_len or model.config.max_position_embeddings
         share, interval = config.snapshot_args()
         if config.num_pages is not None:

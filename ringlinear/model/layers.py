@@ -1,5 +1,5 @@
-"""Small building blocks: RMSNorm (whole or grouped), partial RoPE (NeoX halves or interleaved
-pairs; YaRN scaling) and the gated MLP (SwiGLU or PowLU)."""
+"""Small building blocks: the linear layer (bf16 or blockwise FP8), RMSNorm (whole or grouped), partial
+RoPE (NeoX halves or interleaved pairs; YaRN scaling) and the gated MLP (SwiGLU or PowLU)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import RingLinearConfig
+from ..ops.fp8 import fp8_linear
 from ..ops.fused import fused, glu
 from ..ops.policy import KernelPolicy
 
@@ -16,6 +17,17 @@ from ..ops.policy import KernelPolicy
 def at_least_fp32(x: Tensor) -> Tensor:
     """x in fp32, or kept in fp64: reductions and routing never run in half precision."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class Linear(nn.Linear):
+    """nn.Linear that takes the kernel policy: its product is blockwise FP8 under `policy.fp8`, or when its
+    weight is stored in e4m3 beside a `weight_scale_inv` buffer (`model.fp8.quantize_weights`)."""
+
+    def forward(self, x: Tensor, policy: KernelPolicy) -> Tensor:
+        scale = self._buffers.get("weight_scale_inv")
+        if policy.fp8 or scale is not None:
+            return fp8_linear(x, self.weight, self.bias, scale, policy=policy)
+        return super().forward(x)
 
 
 @fused
@@ -101,9 +113,10 @@ class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str):
         super().__init__()
         self.activation = activation
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: Tensor, policy: KernelPolicy) -> Tensor:
-        return self.down_proj(glu(self.gate_proj(x), self.up_proj(x), None, self.activation, policy=policy))
+        hidden = glu(self.gate_proj(x, policy), self.up_proj(x, policy), None, self.activation, policy=policy)
+        return self.down_proj(hidden, policy)

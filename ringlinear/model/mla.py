@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..config import RingLinearConfig
 from ..ops.policy import KernelPolicy
-from .layers import RMSNorm, apply_rotary
+from .layers import Linear, RMSNorm, apply_rotary
 
 if TYPE_CHECKING:
     from .context import AttentionContext
@@ -42,31 +42,32 @@ class MultiLatentAttention(nn.Module):
         H, hidden, eps = config.num_attention_heads, config.hidden_size, config.rms_norm_eps
         qk, r = config.qk_head_dim, config.kv_lora_rank
         if config.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, H * qk, bias=False)
+            self.q_proj = Linear(hidden, H * qk, bias=False)
         else:
-            self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=config.use_qkv_bias)
+            self.q_a_proj = Linear(hidden, config.q_lora_rank, bias=config.use_qkv_bias)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, eps)
-            self.q_b_proj = nn.Linear(config.q_lora_rank, H * qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, r + config.qk_rope_head_dim, bias=config.use_qkv_bias)
+            self.q_b_proj = Linear(config.q_lora_rank, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(hidden, r + config.qk_rope_head_dim, bias=config.use_qkv_bias)
         self.kv_a_layernorm = RMSNorm(r, eps)
+        # its weight is read by the attention itself (decompressed or absorbed), so it stays full precision
         self.kv_b_proj = nn.Linear(r, H * (config.qk_nope_head_dim + config.v_head_dim), bias=False)
         # the published file gives the output projection a bias by use_qkv_bias, not use_bias
-        self.dense = nn.Linear(H * config.v_head_dim, hidden, bias=config.use_qkv_bias)
+        self.dense = Linear(H * config.v_head_dim, hidden, bias=config.use_qkv_bias)
 
     def query(self, x: Tensor, policy: KernelPolicy) -> Tensor:
         if self.config.q_lora_rank is None:
-            return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x), policy))
+            return self.q_proj(x, policy)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x, policy), policy), policy)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], context: AttentionContext) -> Tensor:
         c, policy = self.config, context.policy
         B, T, _ = x.shape
         q = self.query(x, policy).view(B, T, c.num_attention_heads, c.qk_head_dim)
         q_nope, q_rope = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x, policy).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent, policy)
         q_rope = apply_rotary(q_rope, *rope, c.rope_interleave, policy=policy).to(q.dtype)
         k_rope = apply_rotary(k_rope[:, :, None], *rope, c.rope_interleave, policy=policy)[:, :, 0].to(q.dtype)
         o = context.latent_attention(self.layer_idx, torch.cat([q_nope, q_rope], dim=-1), latent, k_rope,
                                      self.kv_b_proj.weight, c.softmax_scale)
-        return self.dense(o.reshape(B, T, -1))
+        return self.dense(o.reshape(B, T, -1), policy)

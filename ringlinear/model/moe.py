@@ -81,6 +81,11 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(E, hidden, inter))
 
+    def weight_scales(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The 128×128 scales of e4m3 weights (`model.fp8.quantize_weights`), or None."""
+        names = [f"{proj}_scale_inv" for proj in ("gate_proj", "up_proj", "down_proj")]
+        return tuple(self._buffers[n] for n in names) if names[0] in self._buffers else None
+
     def forward(self, x: Tensor, weights: Tensor, experts: Tensor, policy: KernelPolicy) -> Tensor:
         """x [N, hidden], weights/experts [N, k] -> Σ_k weight · expert(x), summed in a fixed order
         (in fp32, or fp64 for an fp64 model: the router's dtype)."""
@@ -91,7 +96,7 @@ class Experts(nn.Module):
         counts = torch.zeros(self.gate_proj.shape[0], dtype=torch.long, device=flat.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat))
         y_sorted = grouped_glu(x[order // k], self.gate_proj, self.up_proj, self.down_proj, counts,
-                               weights.flatten()[order], policy, self.activation)
+                               weights.flatten()[order], policy, self.activation, self.weight_scales())
         # back to token order by a gather (an index_put of whole rows is several times slower)
         back = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
         return y_sorted[back].view(N, k, -1).sum(1, dtype=weights.dtype).to(x.dtype)
