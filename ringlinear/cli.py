@@ -12,6 +12,7 @@ from .command import Parser, add_config_flags, checkpoint_folder, config_from_ar
 from .config import PRESETS, RingLinearConfig
 from .infer import EngineConfig
 from .infer.async_engine import MAX_QUEUED
+from .infer.spec.config import SpeculativeConfig
 from .info import describe
 from .model import RingLinearForCausalLM
 from .rl.config import RLConfig
@@ -105,10 +106,11 @@ def _serve(args: argparse.Namespace) -> None:
         raise ValueError(f"invalid --port {args.port}: must be in [0, 65535]")
     if args.max_queued < 0:
         raise ValueError(f"invalid --max-queued {args.max_queued}: must be >= 0")
+    speculative = None if args.speculative_config is None else SpeculativeConfig.parse(args.speculative_config)
     from .infer.server import serve  # FastAPI and uvicorn load only to serve
 
     serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_queued,
-          device=resolve_device(args.device), max_num_seqs=args.max_num_seqs)
+          device=resolve_device(args.device), max_num_seqs=args.max_num_seqs, speculative_config=speculative)
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -247,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"requests running at once (default: {EngineConfig.max_num_seqs})")
     srv.add_argument("--max-queued", type=int, default=MAX_QUEUED,
                      help=f"requests waiting beyond those; more get 503 (default: {MAX_QUEUED})")
+    srv.add_argument("--speculative-config", metavar="JSON",
+                     help='speculative decoding, as vLLM: \'{"method": "mtp", "num_speculative_tokens": 3}\' (the '
+                     'checkpoint\'s MTP layers draft) or \'{"method": "ngram", "num_speculative_tokens": 3, '
+                     '"prompt_lookup_max": 4}\' (default: off)')
     srv.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     srv.set_defaults(run=_serve)
 
