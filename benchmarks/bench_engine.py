@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import statistics
 import subprocess
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -76,6 +77,7 @@ QUICK = Shapes("tiny", prefill=(256, 1024, 4000), decode_contexts=(256, 1024), d
                engine=dict(max_num_seqs=64, max_num_batched_tokens=2048, page_size=64, cache_memory=2 * 2**30))
 DECODE_STEPS, DECODE_WARMUP, PLAIN_TOKENS = 32, 4, 32
 CASES = ("prefill", "decode", "streams", "chat", "grpo", "plain")
+BURSTS = itertools.count()
 
 
 def k(n: int) -> str:
@@ -101,7 +103,10 @@ def build(config: RingLinearConfig) -> RingLinearForCausalLM:
 
 
 def case(results: dict, name: str, fn, *args) -> None:
-    """Run one measurement; an error (out of memory included) is recorded and the run goes on."""
+    """Run one measurement; an error (out of memory included) is recorded and the run goes on. A
+    case run again (e.g. `--cases streams streams`: the first burst after start-up, then warm) is
+    recorded as NAME_again."""
+    name = f"{name}_again" if name in results else name
     try:
         results[name] = fn(*args)
         log(f"  {name}: {results[name]}")
@@ -166,12 +171,14 @@ def decode(engine: Engine, batch: int, context: int) -> dict:
 
 
 def streams(engine: Engine, count: int, prompt_len: int, new_tokens: int) -> dict:
-    """`count` requests arriving at once: time to first token and the gaps between tokens."""
+    """`count` requests arriving at once: time to first token and the gaps between tokens. Every
+    burst has prompts of its own, so that a repeated burst finds none in the prefix cache."""
     vocab = engine.model.config.vocab_size
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    burst = next(BURSTS)
     start = time.perf_counter()
     for i in range(count):
-        engine.add_request(f"stream-{i}", tokens(prompt_len, vocab, seed=i), params)
+        engine.add_request(f"stream-{i}", tokens(prompt_len, vocab, seed=10_000 * burst + i), params)
     times: dict[str, list[float]] = {}
     while engine.has_unfinished():
         outputs = engine.step()  # returns after sampling, which waits for the GPU
@@ -294,6 +301,9 @@ def bench_model(name: str, config: RingLinearConfig, shapes: Shapes, cases: tupl
         elif family == "prefill":
             for length in shapes.prefill:
                 case(results, f"prefill_{length}", prefill, engine, length)
+            engine.scheduler.cache.prefix_caching = False  # what taking the prefix cache's snapshots costs
+            case(results, f"prefill_{shapes.prefill[1]}_no_prefix_cache", prefill, engine, shapes.prefill[1])
+            engine.scheduler.cache.prefix_caching = True
         elif family == "decode":
             for context in shapes.decode_contexts:
                 case(results, f"decode_{context}_largest", decode, engine, largest_batch(engine, context), context)
@@ -386,12 +396,16 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
                         help="which case families to run, in this order (default: all)")
     parser.add_argument("--no-warm-up", action="store_true", help="skip Engine.warm_up (cases pay for compiling)")
+    parser.add_argument("--engine", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="EngineConfig fields to change, e.g. prefix_snapshot_interval=512")
     parser.add_argument("--profile", type=int, metavar="TOKENS",
                         help="only profile the hybrid's prefill of this many tokens and print its top kernels")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_engine needs a CUDA GPU")
     shapes = QUICK if args.quick else FULL
+    changes = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.engine)}
+    shapes = replace(shapes, engine={**shapes.engine, **changes})
     if args.profile:
         return profile_prefill(shapes, args.profile)
     try:

@@ -1,24 +1,33 @@
 """Lightning attention kernels on one GPU: full-size correctness, then speed side by side with
-flash-linear-attention (fla 0.6.0) and PyTorch SDPA, against the measured hardware floor.
+flash-linear-attention (fla 0.6.0), flood's seg_la and PyTorch SDPA, against the measured hardware floor.
 
-    python benchmarks/bench_lightning.py [--commit SHA] [--out DIR]
+    python benchmarks/bench_lightning.py [--commit SHA] [--out DIR] [--seg-la FILE] [--only prefill]
 
 Correctness: our kernels and fla's `chunk_simple_gla` against the float64 chunked reference, at the
 benchmark shapes (bf16, H = 16, D = 128, Ring-mini layer-0 decays, λ from 0.49 to 0.996), with initial
 and final states, gradients, varlen with 1-token and empty sequences, and the decode step.
 Speed: `triton.testing.do_bench` medians; the decode step replayed from CUDA graphs. The floor of
 each op is max(FLOPs / measured bf16 GEMM rate, bytes / measured copy bandwidth).
-Results go to stdout (a table last) and to DIR/bench_lightning.json (DIR: --out, else $OUT, else .).
+Prefill: what the engine calls, `lightning_attn` on packed sequences from a fresh state with the
+final states out and the longest length given (no host sync), beside flood's `seg_la_fwd` (loaded
+from --seg-la, a copy of alipay/PainlessInferenceAcceleration's flood/flood/ops/seg_la.py kept out
+of the repository; default .baseline/seg_la.py) and fla with cu_seqlens. Each is timed twice:
+do_bench (device time between events, the L2 flushed before each call) and back to back (wall time
+per call of 200 calls in a row, then one sync: what a host-bound caller sees).
+Results go to stdout (tables last) and to DIR/bench_lightning.json (DIR: --out, else $OUT, else .).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import itertools
 import json
 import math
 import os
 import time
 import traceback
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +41,9 @@ from ringlinear.ops.lightning.decode import _decode_kernel, lightning_decode_tri
 
 H, D = 16, 128
 SHAPES = [(16, 4096), (4, 16384), (1, 65536)]
+# packed prefill batches: name -> sequence lengths
+PREFILL = {"B1x1K": [1024], "B1x4K": [4096], "B1x16K": [16384], "B1x64K": [65536], "B8x4K": [4096] * 8,
+           "16 mixed 256-4K": torch.randint(256, 4097, (16,), generator=torch.Generator().manual_seed(0)).tolist()}
 DECODE_BATCHES = [1, 64, 256]
 # (block_v, num_warps, fwd_stages, bwd_stages, local_stages); the first is the default for bf16 at D = 128
 CONFIGS = [KernelConfig(64, 4, 3, 2, 3), KernelConfig(64, 4, 2, 2, 3), KernelConfig(64, 4, 3, 2, 2),
@@ -245,6 +257,106 @@ def time_sdpa(rep: Report, B: int, T: int, peak: float) -> float | None:
                     (2 * H + 8) * B * T * D * 2, flops / peak / 1e9)
 
 
+def load_seg_la(path: str | None):
+    """flood's seg_la module from a file, or None (with the reason logged)."""
+    if not path or not os.path.exists(path):
+        log(f"seg_la: no file {path!r}; its columns stay empty")
+        return None
+    spec = importlib.util.spec_from_file_location("seg_la", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def back_to_back(fn, calls: int = 200) -> float:
+    """ms per call of `calls` calls in a row and one sync at the end: max(host, device) time."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def prefill_inputs(lengths: list[int]):
+    offsets = [0] + torch.tensor(lengths).cumsum(0).tolist()
+    q, k, v = qkv(1, offsets[-1], seed=2)
+    return offsets, torch.tensor(offsets, device=q.device, dtype=torch.int32), q, k, v
+
+
+def seg_la_call(seg_la, q, k, v, g, offsets, cu):
+    """seg_la_fwd on packed [tokens, H, D] from fresh states (s_scales 0) into a state cache of N slots."""
+    N = len(offsets) - 1
+    lengths = cu[1:] - cu[:-1]
+    meta = SimpleNamespace(batch_size=N, max_q_length=max(b - a for a, b in itertools.pairwise(offsets)),
+                           q_offsets=cu[:-1].contiguous(), q_lengths=lengths,
+                           s_offsets=torch.arange(N, device=q.device, dtype=torch.int32),
+                           s_scales=torch.zeros(N, device=q.device, dtype=torch.int32), mask=None)
+    s = torch.empty(N, H, D, D, device=q.device)
+    decay_scales = (-g).contiguous()
+
+    def call():
+        return seg_la.seg_la_fwd(q[0], k[0], v[0], s, decay_scales, meta, softmax_scale=D**-0.5)
+    return call, s
+
+
+def check_prefill(rep: Report, fla, seg_la):
+    """The prefill calls (fresh state, final state out) against float64: ours with and without
+    max_seqlen, seg_la and fla, on a packed batch of mixed lengths."""
+    lengths = [1000, 1, 2500, 64, 333]
+    offsets, cu, q, k, v = prefill_inputs(lengths)
+    g = log_decay()
+    ro, rh = reference(q, k, v, g, None, offsets)
+    with torch.no_grad():
+        for name, kw in (("max_seqlen given", {"max_seqlen": max(lengths)}), ("offsets read", {})):
+            o, ht = lightning_attn(q, k, v, g, output_final_state=True, cu_seqlens=cu, **kw)
+            rep.check(f"prefill o     ours, {name}", rel(o, ro), 5e-3)
+            rep.check(f"prefill final ours, {name}", rel(ht, rh), 5e-3)
+        if seg_la is not None:
+            call, s = seg_la_call(seg_la, q, k, v, g, offsets, cu)
+            rep.check("seg_la prefill o vs float64", rel(call(), ro[0]), 5e-3)
+            rep.check("seg_la prefill final vs float64", rel(s, rh), 5e-3)
+        if fla is not None:
+            fo, fh = fla.chunk_simple_gla(q, k, v, g_gamma=g, scale=D**-0.5, output_final_state=True,
+                                          cu_seqlens=cu.long())
+            rep.check("fla prefill o vs float64", rel(fo, ro), 5e-3)
+            rep.check("fla prefill final vs float64", rel(fh, rh), 5e-3)
+
+
+def time_prefill(rep: Report, fla, seg_la, name: str, lengths: list[int], bw: float, peak: float) -> dict:
+    offsets, cu, q, k, v = prefill_inputs(lengths)
+    g = log_decay()
+    longest = max(lengths)
+    T = offsets[-1]
+    flops, bytes_, floor = chunk_costs(1, T, bw, peak)["fwd"]
+    calls = {"ours": lambda: lightning_attn(q, k, v, g, output_final_state=True, cu_seqlens=cu, max_seqlen=longest),
+             "ours, offsets read (host sync)": lambda: lightning_attn(q, k, v, g, output_final_state=True,
+                                                                      cu_seqlens=cu)}
+    if seg_la is not None:
+        calls["seg_la"] = seg_la_call(seg_la, q, k, v, g, offsets, cu)[0]
+    if fla is not None:
+        calls["fla"] = lambda: fla.chunk_simple_gla(q, k, v, g_gamma=g, scale=D**-0.5, output_final_state=True,
+                                                    cu_seqlens=cu.long())
+    if len(lengths) == 1:  # the segment plan and configs at B = 1
+        for seg in sorted(seg for seg in {256, 512, 1024, 2048, 4096, 8192, T} if T // 16 <= seg <= T):
+            calls[f"ours seg_len {seg}"] = lambda seg=seg: lightning_attn_triton(q, k, v, g, None, None, True, cu,
+                                                                                  longest, seg_len=seg)
+        for cfg in CONFIGS[1:4] + CONFIGS[6:]:
+            calls[f"ours BV{cfg.block_v} w{cfg.num_warps} s{cfg.fwd_stages} local s{cfg.local_stages}"] = (
+                lambda cfg=cfg: lightning_attn_triton(q, k, v, g, None, None, True, cu, longest, config=cfg))
+    out = {}
+    with torch.no_grad():
+        for variant, fn in calls.items():
+            ms = rep.time("prefill", name, variant, bench(fn), flops, bytes_, floor)
+            wall = back_to_back(fn)
+            rep.data["timings"][-1]["back_to_back_ms"] = wall
+            log(f"      back to back: {wall * 1e3:9.1f} us per call")
+            out[variant] = (ms, wall)
+    out["floor"] = floor
+    return out
+
+
 def graph_time(step, layers: int) -> float:
     """Per-step time of `layers` decode steps (one per layer's state pool) replayed from one CUDA graph."""
     for i in range(layers):
@@ -322,6 +434,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--seg-la", default=".baseline/seg_la.py", help="flood's seg_la.py (baseline)")
+    parser.add_argument("--only", choices=("all", "prefill"), default="all",
+                        help="prefill: the prefill checks and timings alone")
     args = parser.parse_args()
     try:
         import fla
@@ -336,18 +451,24 @@ def main():
     rep = Report(args.out, meta)
     log(meta)
     bw, peak = ceilings(rep)
+    seg_la = load_seg_la(args.seg_la)
 
     lengths = [1, 0, 20000, 3, 40000, 5532, 0]
     offsets = [0] + [sum(lengths[:i + 1]) for i in range(len(lengths))]
-    sections = [(f"check B{B}xT{T}", lambda B=B, T=T: check_chunk(rep, fla_ops, B, T)) for B, T in SHAPES]
-    sections += [("check varlen", lambda: check_chunk(rep, fla_ops, 1, offsets[-1], offsets)),
-                 ("check decode", lambda: check_decode(rep, fla_ops))]
-    summary = {}
-    sections += [(f"decode B{N}", lambda N=N: summary.__setitem__(f"B{N}", time_decode(rep, fla_ops, N, bw, peak)))
-                 for N in DECODE_BATCHES]
-    sections += [(f"chunk B{B}xT{T}", lambda B=B, T=T: summary.__setitem__((B, T), time_chunk(rep, fla_ops, B, T, bw,
-                                                                                                peak)))
-                 for B, T in SHAPES]
+    summary, prefill = {}, {}
+    sections = [("check prefill", lambda: check_prefill(rep, fla_ops, seg_la))]
+    sections += [(f"prefill {name}", lambda name=name, lengths=lengths: prefill.__setitem__(
+        name, time_prefill(rep, fla_ops, seg_la, name, lengths, bw, peak))) for name, lengths in PREFILL.items()]
+    if args.only == "all":
+        sections += [(f"check B{B}xT{T}", lambda B=B, T=T: check_chunk(rep, fla_ops, B, T)) for B, T in SHAPES]
+        sections += [("check varlen", lambda: check_chunk(rep, fla_ops, 1, offsets[-1], offsets)),
+                     ("check decode", lambda: check_decode(rep, fla_ops))]
+        sections += [(f"decode B{N}", lambda N=N: summary.__setitem__(f"B{N}", time_decode(rep, fla_ops, N, bw,
+                                                                                            peak)))
+                     for N in DECODE_BATCHES]
+        sections += [(f"chunk B{B}xT{T}", lambda B=B, T=T: summary.__setitem__((B, T), time_chunk(rep, fla_ops, B, T,
+                                                                                                    bw, peak)))
+                     for B, T in SHAPES]
     for name, run in sections:  # one failing section must not hide the others' results
         try:
             run()
@@ -359,6 +480,16 @@ def main():
     rep.save()
 
     print_summary(rep, summary, bw, peak)
+    print_prefill(prefill)
+
+
+def print_prefill(prefill: dict):
+    print("\n| prefill (fresh state, final state out) | seg_la | fla | ours | ours, offsets read | floor |")
+    print("|---|---|---|---|---|---|")
+    for name, r in prefill.items():
+        cells = [r.get(v, (float("nan"), float("nan"))) for v in ("seg_la", "fla", "ours", "ours, offsets read (host sync)")]
+        print(f"| {name} | " + " | ".join(f"{ms:.3f} ({wall:.3f})" for ms, wall in cells) + f" | {r['floor']:.3f} |")
+    print("ms: do_bench median (back to back, per call)")
 
 
 def print_summary(rep: Report, summary: dict, bw: float, peak: float):

@@ -31,7 +31,7 @@ from ringlinear.ops import attention
 from ringlinear.ops.batch_invariant import KEY_BLOCK, numerics
 from ringlinear.ops.invariant_kernels import (invariant_grouped_mm, invariant_linear, key_block_attention,
                                               mm_config, row_sum, softmax)
-from ringlinear.ops.moe import grouped_swiglu
+from ringlinear.ops.moe import grouped_glu
 from ringlinear.ops.policy import KernelPolicy
 
 ALIGNED = KernelPolicy(invariant=True)  # on the Triton kernels
@@ -280,7 +280,7 @@ def timings(tokens: int, seq_len: int, gen: torch.Generator) -> list[tuple[str, 
                    counts=random_counts(M, gen), scales=torch.rand(M, generator=gen, device="cuda"))
 
     add(f"MoE SwiGLU bf16, {tokens} tok x top-{TOPK}",
-        lambda policy: grouped_swiglu(env["x"], env["gate"], env["up"], env["down"], env["counts"], env["scales"],
+        lambda policy: grouped_glu(env["x"], env["gate"], env["up"], env["down"], env["counts"], env["scales"],
                                       policy),
         moe_inputs)
     for name, M, N, K, dtype in ((f"linear bf16 {tokens}x{HIDDEN}->{HIDDEN}", tokens, HIDDEN, HIDDEN, torch.bfloat16),

@@ -1,20 +1,28 @@
-"""`ringlinear train | tokenize | merge | convert | plot | generate | serve | info | align | rl`."""
+"""`ringlinear train | tokenize | merge | convert | plot | generate | serve | info | align | rl | analyze |
+sweep`."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .analysis import CONTEXTS, check_contexts
 from .checkpoint import load_tokenizer
-from .command import Parser, add_config_flags, checkpoint_folder, config_from_args, output_folder, run, utf8_text
+from .command import (Parser, add_config_flags, checkpoint_folder, config_from_args, output_folder, parse_override, run,
+                      utf8_text)
 from .config import PRESETS, RingLinearConfig
 from .infer import EngineConfig
 from .infer.async_engine import MAX_QUEUED
+from .infer.limits import MAX_REQUEST_BYTES, SHUTDOWN_TIMEOUT
 from .infer.spec.config import SpeculativeConfig
 from .info import describe
 from .model import RingLinearForCausalLM
+from .model.fp8 import QUANTIZATIONS
 from .rl.config import RLConfig
 from .train.cli import add_arguments as add_train_arguments
 from .train.cli import run_training
@@ -106,11 +114,16 @@ def _serve(args: argparse.Namespace) -> None:
         raise ValueError(f"invalid --port {args.port}: must be in [0, 65535]")
     if args.max_queued < 0:
         raise ValueError(f"invalid --max-queued {args.max_queued}: must be >= 0")
+    if args.max_request_bytes < 1:
+        raise ValueError(f"invalid --max-request-bytes {args.max_request_bytes}: must be >= 1")
+    if not args.shutdown_timeout >= 0:
+        raise ValueError(f"invalid --shutdown-timeout {args.shutdown_timeout}: must be >= 0")
     speculative = None if args.speculative_config is None else SpeculativeConfig.parse(args.speculative_config)
     from .infer.server import serve  # FastAPI and uvicorn load only to serve
 
     serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_queued,
-          device=resolve_device(args.device), max_num_seqs=args.max_num_seqs, speculative_config=speculative)
+          args.max_request_bytes, args.shutdown_timeout, device=resolve_device(args.device),
+          max_num_seqs=args.max_num_seqs, quantization=args.quantization, speculative_config=speculative)
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -149,6 +162,103 @@ def _rl(args: argparse.Namespace) -> None:
     resolve_device(config.device)  # a device that cannot be used stops the run before its folder is made
     result = train_rl(config)
     print(f"model saved in {result.checkpoint_dir}; reward curve in {Path(config.out_dir) / 'reward.png'}")
+
+
+def _analysed_config(args: argparse.Namespace) -> RingLinearConfig:
+    overrides = dict(args.override)
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(RingLinearConfig)} - {"extra"})
+    if unknown:
+        raise ValueError(f"unknown model config fields in --override: {unknown}")
+    base = RingLinearConfig.from_pretrained(args.model) if args.model else RingLinearConfig.preset(args.preset)
+    return base.replace(**overrides)
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    from .analysis import flops, memory
+
+    check_contexts(args.contexts)
+    config = _analysed_config(args)
+    if args.analysis == "memory":
+        module, result = memory, memory.report(config, args.contexts, args.batch, args.page_size)
+    else:
+        device = resolve_device(args.device) if args.measure else None
+        module, result = flops, flops.report(config, args.contexts, device, args.measure_max)
+    module.plot(result, args.plot)
+    print(json.dumps(result, indent=2) if args.json else f"{module.table(result)}\nwrote {args.plot}")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from .analysis import sweep
+
+    resolve_device(args.device)  # a device that cannot be used stops the sweep before its first run
+    grid = sweep.QUICK if args.quick else sweep.FULL
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():  # stdout: the JSON
+        runs = sweep.run_sweep(args.out_dir, grid, args.layer_group_sizes, args.data, args.device, args.seed)
+    result = sweep.analyse(runs)
+    plot = args.plot or str(Path(args.out_dir) / "sweep.png")
+    sweep.plot(result, plot)
+    Path(args.out_dir, "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2) if args.json
+          else f"{sweep.table(result)}\nwrote {plot} and {Path(args.out_dir) / 'sweep.json'}")
+
+
+def _add_analyze(commands: argparse._SubParsersAction) -> None:
+    from .analysis.sweep import LAYER_GROUP_SIZES
+    from .infer.engine import EngineConfig as Engine
+
+    ana = commands.add_parser("analyze", help="decode memory access and FLOPs per token by context length",
+                              description="The report's analyses for a config against its all-softmax twin "
+                              "(layer_group_size=1): bytes a decode step moves per token (memory) and FLOPs per "
+                              "token of prefill and decode (flops), as a table and a log-log PNG.")
+    kinds = ana.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS", help="memory or flops")
+    mem = kinds.add_parser("memory", help="bytes read and written per generated token: weights, KV pages, states",
+                           description="Per context length, the bytes one decode step moves per generated token: the "
+                           "weights it touches (the expected distinct routed experts of B uniformly routed tokens), "
+                           "the KV pages of the softmax layers, the Lightning states read and written (bf16 weights "
+                           "and KV, fp32 states).")
+    flo = kinds.add_parser("flops", help="FLOPs per token of prefill and decode, and where the hybrid's are fewer",
+                           description="Per context length, forward FLOPs per token of a prefill and of a decode "
+                           "step (the trainer's FlopCounter), the context from which the hybrid needs fewer than "
+                           "its twin, and with --measure the prefill seconds per token on this device.")
+    for parser, plot in ((mem, "memory.png"), (flo, "flops.png")):
+        which = parser.add_mutually_exclusive_group()
+        which.add_argument("--preset", choices=sorted(PRESETS), default="mini", help="a built-in preset (default: mini)")
+        which.add_argument("--model", metavar="DIR", type=checkpoint_folder, help="checkpoint folder holding config.json")
+        parser.add_argument("--override", metavar="KEY=VALUE", type=parse_override, action="append", default=[],
+                            help="a config field changed, e.g. --override layer_group_size=8 (repeatable)")
+        parser.add_argument("--contexts", metavar="N", type=int, nargs="+", default=list(CONTEXTS),
+                            help="context lengths in tokens (default: 1K, 2K, ..., 1M)")
+        parser.add_argument("--plot", default=plot, metavar="FILE", help=f"PNG to write (default: {plot})")
+        parser.add_argument("--json", action="store_true", help="print the numbers as JSON instead of the table")
+    mem.add_argument("--batch", type=int, default=1, help="sequences decoded per step (default: 1)")
+    mem.add_argument("--page-size", type=int, default=Engine.page_size,
+                     help=f"tokens per KV page (default: the engine's {Engine.page_size})")
+    flo.add_argument("--measure", action="store_true", help="also time a batch-1 prefill of both models (random "
+                     "weights) at the contexts up to --measure-max")
+    flo.add_argument("--measure-max", type=int, default=8192, help="longest context --measure runs (default: 8192)")
+    flo.add_argument("--device", default="auto", help="device of --measure: cpu, cuda, cuda:N or auto (default: auto)")
+    ana.set_defaults(run=_analyze)
+
+    swp = commands.add_parser("sweep", help="train a grid of hybrid ratios and budgets and fit loss against compute",
+                              description="Train small models of the tiny preset's kind (8 layers) for each layer "
+                              "group size G (M = G - 1 linear layers per softmax layer) and each compute budget "
+                              "(width and steps), each an ordinary training run in its own folder under --out-dir "
+                              "(a finished run is not redone, a stopped one resumes), then fit bits per byte = E + "
+                              "A·C^(-α) over training FLOPs C per G, print the table and plot the fits.")
+    swp.add_argument("--out-dir", default="runs/sweep", type=output_folder, metavar="DIR",
+                     help="folder of the runs, the tokenized corpus (data/), sweep.json and sweep.png "
+                     "(default: runs/sweep)")
+    swp.add_argument("--quick", action="store_true", help="the 2-core-CPU grid: widths 64/96/128, 50/100/200 steps of "
+                     "8 × 128 tokens (about 15 minutes); default: widths 128-384, 500-4000 steps of 16 × 512 (a GPU)")
+    swp.add_argument("--layer-group-sizes", metavar="G", type=int, nargs="+", default=list(LAYER_GROUP_SIZES),
+                     help="layer group sizes to train (default: 1 2 4 8, i.e. M = 0, 1, 3, 7)")
+    swp.add_argument("--data", metavar="PATH", nargs="+", default=[],
+                     help="text files or folders (default: the Python standard library's .py files)")
+    swp.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: auto)")
+    swp.add_argument("--seed", type=int, default=0, help="seed of every run (default: 0)")
+    swp.add_argument("--plot", metavar="FILE", help="PNG to write (default: OUT_DIR/sweep.png)")
+    swp.add_argument("--json", action="store_true", help="print the results as JSON (the runs' output goes to stderr)")
+    swp.set_defaults(run=_sweep)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,13 +352,24 @@ def build_parser() -> argparse.ArgumentParser:
                      "chat_template for /v1/chat/completions)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: no key)")
-    srv.add_argument("--served-model-name", metavar="NAME", help="the model's name in requests (default: --model "
-                     "as given, e.g. runs/tiny/checkpoint, or its folder's name, e.g. checkpoint)")
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every path but /health and "
+                     "/metrics (default: no key)")
+    srv.add_argument("--served-model-name", metavar="NAME", nargs="+", help="the model's names in requests, the "
+                     "first in responses (default: --model as given, e.g. runs/tiny/checkpoint, or its folder's "
+                     "name, e.g. checkpoint)")
     srv.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
                      help=f"requests running at once (default: {EngineConfig.max_num_seqs})")
     srv.add_argument("--max-queued", type=int, default=MAX_QUEUED,
                      help=f"requests waiting beyond those; more get 503 (default: {MAX_QUEUED})")
+    srv.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
+                     help=f"largest request body; larger ones get 413 (default: {MAX_REQUEST_BYTES})")
+    srv.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT,
+                     help=f"seconds requests in flight get to finish after SIGTERM or SIGINT before they are ended "
+                     f"(default: {SHUTDOWN_TIMEOUT:g})")
+    srv.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                     help="fp8: the linear layers and experts in blockwise FP8 (e4m3, 128x128 weight scales), "
+                     "converted at load; a checkpoint of FP8 weights (quantization_config) loads as FP8 anyway "
+                     "(default: none)")
     srv.add_argument("--speculative-config", metavar="JSON",
                      help='speculative decoding, as vLLM: \'{"method": "mtp", "num_speculative_tokens": 3}\' (the '
                      'checkpoint\'s MTP layers draft) or \'{"method": "ngram", "num_speculative_tokens": 3, '
@@ -289,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "accuracy; metrics.jsonl and reward.png go to --out-dir.")
     add_config_flags(rl, RLConfig, {"preset": sorted(PRESETS)}, {"model": checkpoint_folder, "out_dir": output_folder})
     rl.set_defaults(run=_rl)
+    _add_analyze(commands)
     return parser
 
 

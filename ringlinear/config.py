@@ -17,6 +17,12 @@ from pathlib import Path
 from typing import Any
 
 SCORE_FUNCTIONS = ("sigmoid", "softmax")
+ACTIVATIONS = ("silu", "powlu")  # the gate of every MLP and expert: SwiGLU, or PowLU (ops/fused.py)
+ROPE_TYPES = ("default", "yarn")
+# The two generations, told apart by the published architecture name: Ring-linear-2.0 (Lightning + GQA)
+# and Ring-2.5 / Ling-2.6 (Lightning + MLA). Which full-attention module a layer gets follows from
+# `kv_lora_rank` (set: MLA); the architecture name must agree with it.
+ARCHITECTURES = {"BailingMoeLinearV2ForCausalLM": "gqa", "BailingMoeV2_5ForCausalLM": "mla"}
 
 # Fields a config.json must give: they fix the weights' shapes, and the defaults (Ring-mini's) would
 # quietly describe another model. Ring-linear files give all of them, Ling 2.0 files all but
@@ -24,6 +30,8 @@ SCORE_FUNCTIONS = ("sigmoid", "softmax")
 REQUIRED_IN_FILES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "num_experts", "num_shared_experts", "moe_intermediate_size",
                      "first_k_dense_replace", "layer_group_size")
+# An MLA file must give these too: they fix the MLA layers' shapes (q_lora_rank may be absent: None).
+REQUIRED_IN_MLA_FILES = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 # What a file means without these, as in the Hugging Face configs: derived from the fields above.
 FILE_DEFAULTS = {"head_dim": None, "moe_shared_expert_intermediate_size": None}
 
@@ -67,8 +75,16 @@ class RingLinearConfig:
     layer_group_size: int = 5
     group_norm_size: int = 4  # number of groups of the output RMSNorm, not their width
     linear_silu: bool = False
-    # Ours: 0 = decay scaled by layer as vLLM/SGLang/Megatron do, 1 = as the HF remote code does.
+    # Ours: 0 = decay scaled by layer as vLLM/SGLang/Megatron do (vLLM's BailingMoeV2_5 too), 1 = as
+    # the HF remote code does (Ring-linear-2.0's and Ring-V2.5's modeling files alike).
     decay_layer_offset: int = 0
+    # Multi-head latent attention (Ring-2.5 / Ling-2.6): set kv_lora_rank for MLA full-attention layers
+    kv_lora_rank: int | None = None
+    q_lora_rank: int | None = None  # None: one q_proj; else q_a_proj -> q_a_layernorm -> q_b_proj
+    qk_rope_head_dim: int | None = None
+    qk_nope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    rope_interleave: bool = True  # MLA rope dims rotate in adjacent pairs (GPT-J), else in halves (NeoX)
     # Multi-token prediction
     num_nextn_predict_layers: int = 0
     mtp_loss_scaling_factor: float = 0.1
@@ -97,6 +113,38 @@ class RingLinearConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def attention_type(self) -> str:
+        """The full-attention layers' kind: "gqa" (Ring-linear-2.0) or "mla" (Ring-2.5 / Ling-2.6)."""
+        return "gqa" if self.kv_lora_rank is None else "mla"
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Width of a query/key head in the full-attention layers."""
+        return self.head_dim if self.kv_lora_rank is None else self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """YaRN's scale of cos and sin (1 without scaling), as transformers' `_compute_yarn_parameters`."""
+        s = self.rope_scaling
+        if s is None or _rope_type(s) != "yarn":
+            return 1.0
+        if s.get("attention_factor") is not None:
+            return float(s["attention_factor"])
+        if s.get("mscale") and s.get("mscale_all_dim"):
+            return yarn_mscale(s["factor"], s["mscale"]) / yarn_mscale(s["factor"], s["mscale_all_dim"])
+        return yarn_mscale(s["factor"])
+
+    @property
+    def softmax_scale(self) -> float:
+        """Scale of the full-attention scores: qk_head_dim^-½, times YaRN's mscale² for MLA with
+        `mscale_all_dim` (as the Ring-V2.5 modeling file)."""
+        scale = self.qk_head_dim ** -0.5
+        s = self.rope_scaling
+        if self.attention_type == "mla" and s is not None and s.get("mscale_all_dim"):
+            scale *= yarn_mscale(s["factor"], s["mscale_all_dim"]) ** 2
+        return scale
 
     @property
     def shared_expert_intermediate_size(self) -> int:
@@ -153,8 +201,8 @@ class RingLinearConfig:
             fail("rope_theta", "must be positive")
         if self.rms_norm_eps <= 0:
             fail("rms_norm_eps", "must be positive")
-        if self.hidden_act != "silu":
-            fail("hidden_act", "only 'silu' (SwiGLU) is supported")
+        if self.hidden_act not in ACTIVATIONS:
+            fail("hidden_act", f"must be one of {ACTIVATIONS}")
         if self.score_function not in SCORE_FUNCTIONS:
             fail("score_function", f"must be one of {SCORE_FUNCTIONS}")
         if self.num_experts < 1:
@@ -185,7 +233,38 @@ class RingLinearConfig:
         if self.routed_scaling_factor <= 0:
             fail("routed_scaling_factor", "must be positive")
         if self.rope_scaling is not None:
-            fail("rope_scaling", "RoPE scaling is not supported yet")
+            self._validate_rope_scaling()
+        self._validate_mla()
+
+    def _validate_rope_scaling(self) -> None:
+        s = self.rope_scaling
+        if _rope_type(s) not in ROPE_TYPES:
+            raise ValueError(f"invalid config: rope_scaling={s!r}: rope_type must be one of {ROPE_TYPES}")
+        if _rope_type(s) == "yarn":
+            factor = s.get("factor")
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+                raise ValueError(f"invalid config: rope_scaling={s!r}: YaRN needs a number factor >= 1")
+
+    def _validate_mla(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"invalid config: {name}={getattr(self, name)!r}: {why}")
+
+        kind = ARCHITECTURES.get(self.architectures[0] if self.architectures else "")
+        if kind is not None and kind != self.attention_type:
+            fail("kv_lora_rank", f"{self.architectures[0]} has {kind.upper()} full attention: kv_lora_rank "
+                 f"must be {'set' if kind == 'mla' else 'null'}")
+        if self.attention_type == "gqa":
+            return
+        for name in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                fail(name, "must be a positive integer in an MLA config (kv_lora_rank set)")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            fail("q_lora_rank", "must be a positive integer or null")
+        if self.qk_rope_head_dim % 2:
+            fail("qk_rope_head_dim", "must be even")
+        if self.qk_rope_head_dim != self.rotary_dim:
+            # the published code builds the MLA and the Lightning RoPE tables from one config
+            fail("qk_rope_head_dim", f"must equal head_dim * partial_rotary_factor = {self.rotary_dim}")
 
     # -- (de)serialisation ----------------------------------------------------------------------
 
@@ -211,7 +290,10 @@ class RingLinearConfig:
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a JSON object")
         values = {**FILE_DEFAULTS, **(defaults or {}), **values}
-        missing = [name for name in REQUIRED_IN_FILES if name not in values]
+        required = REQUIRED_IN_FILES
+        if ARCHITECTURES.get((values.get("architectures") or [""])[0]) == "mla":
+            required += REQUIRED_IN_MLA_FILES
+        missing = [name for name in required if name not in values]
         if missing:
             ling = " (an all-softmax Ling 2.0 checkpoint has none: make it hybrid with `ringlinear convert`)" \
                 if "layer_group_size" in missing else ""
@@ -293,6 +375,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         group_norm_size=2, eos_token_id=0, pad_token_id=0, bos_token_id=None, torch_dtype="float32",
         initializer_range=0.02,
     ),
+    # The tiny model in the Ring-2.5 / Ling-2.6 form: MLA full attention (a low-rank query, value
+    # heads narrower than the query/key heads) and one MTP layer on MLA.
+    "tiny-mla": dict(
+        vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096,
+        rope_theta=10000.0, num_experts=16, num_experts_per_tok=2, moe_intermediate_size=128,
+        moe_shared_expert_intermediate_size=128, n_group=4, topk_group=2, layer_group_size=3,
+        group_norm_size=2, eos_token_id=0, pad_token_id=0, bos_token_id=None, torch_dtype="float32",
+        initializer_range=0.02, kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=32, qk_nope_head_dim=32,
+        v_head_dim=48, num_nextn_predict_layers=1, architectures=["BailingMoeV2_5ForCausalLM"],
+        model_type="bailing_hybrid",
+    ),
     # Exactly Ring-mini-linear-2.0 (16.4B total, 1.4B active).
     "mini": dict(),
     # Ring-flash-linear-2.0 (104B total, 6.1B active).
@@ -301,7 +395,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_key_value_heads=4, moe_intermediate_size=1024, moe_shared_expert_intermediate_size=1024,
         layer_group_size=8, num_nextn_predict_layers=1,
     ),
+    # Ring-2.5-1T / Ling-2.5-1T: the defaults of transformers' BailingMoeV2_5Config (80 layers, 10 of
+    # them MLA); rope_theta and mtp_loss_scaling_factor as the Ring-V2.5 configuration file.
+    "ring-2.5-1t": dict(
+        hidden_size=8192, intermediate_size=18432, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=64, head_dim=128, rope_theta=600000.0, moe_intermediate_size=2048,
+        moe_shared_expert_intermediate_size=2048, first_k_dense_replace=4, layer_group_size=8,
+        group_norm_size=8, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128,
+        v_head_dim=128, initializer_range=0.02, mtp_loss_scaling_factor=0.0,
+        architectures=["BailingMoeV2_5ForCausalLM"], model_type="bailing_hybrid",
+    ),
 }
+
+
+def _rope_type(scaling: dict) -> str:
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature `0.1 · mscale · ln(factor) + 1` (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def alibi_slopes(num_heads: int) -> list[float]:

@@ -16,7 +16,8 @@ class ModelInfo:
     active_params: int  # touched per token: shared weights + the k routed experts of each MoE layer
     embedding_params: int  # input embedding plus the LM head (one matrix if tied)
     layer_map: str  # one letter per layer: L = Lightning, S = softmax; MTP layers after '+'
-    kv_bytes_per_token: int  # softmax layers' keys and values per token of context, per sequence
+    kv_bytes_per_token: int  # full-attention layers' cache per token of context, per sequence: GQA keys and
+    # values, or MLA's normalised latent and rope key
     state_bytes_per_sequence: int  # linear layers' fp32 states per sequence, whatever its length
 
     def cache_bytes(self, context_tokens: int) -> int:
@@ -36,12 +37,14 @@ def model_info(config: RingLinearConfig, cache_dtype: torch.dtype = torch.bfloat
     softmax_layers = sum(config.is_softmax_layer(i) for i in range(config.num_hidden_layers))
     linear_layers = config.num_hidden_layers - softmax_layers
     D = config.head_dim
-    kv_per_token = softmax_layers * 2 * config.num_key_value_heads * D * cache_dtype.itemsize
+    per_layer = (config.kv_lora_rank + config.qk_rope_head_dim if config.attention_type == "mla"
+                 else 2 * config.num_key_value_heads * D)
+    kv_per_token = softmax_layers * per_layer * cache_dtype.itemsize
     state = linear_layers * config.num_attention_heads * D * D * 4
     return ModelInfo(total, total - expert_params + active_experts, embedding, letters, kv_per_token, state)
 
 
-def _human(n: float, unit: str = "") -> str:
+def format_count(n: float, unit: str = "") -> str:
     for suffix in ("", "K", "M", "G", "T"):
         if abs(n) < 1000:
             return f"{n:.1f}{suffix}{unit}" if suffix else f"{n:.0f}{unit}"
@@ -49,7 +52,7 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n:.1f}P{unit}"
 
 
-def _bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
     for suffix in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
             return f"{n:.1f} {suffix}" if suffix != "B" else f"{n:.0f} B"
@@ -60,17 +63,20 @@ def _bytes(n: float) -> str:
 def describe(config: RingLinearConfig, cache_dtype: torch.dtype = torch.bfloat16) -> str:
     info = model_info(config, cache_dtype)
     all_softmax = model_info(config.replace(layer_group_size=1), cache_dtype)
+    kind = config.attention_type.upper()
     lines = [
-        f"parameters       {_human(info.total_params)} total, {_human(info.active_params)} active per token, "
-        f"{_human(info.active_params - info.embedding_params)} without embedding and LM head",
-        f"layers           {info.layer_map}   (L = Lightning attention, S = softmax GQA, + = MTP)",
+        f"parameters       {format_count(info.total_params)} total, "
+        f"{format_count(info.active_params)} active per token, "
+        f"{format_count(info.active_params - info.embedding_params)} without embedding and LM head",
+        f"layers           {info.layer_map}   (L = Lightning attention, S = softmax {kind}, + = MTP)",
         f"experts          {config.num_experts} routed, {config.num_experts_per_tok} per token in "
         f"{config.topk_group} of {config.n_group} groups, {config.num_shared_experts} shared; "
         f"first {config.first_k_dense_replace} layer(s) dense",
-        f"cache / sequence {_bytes(info.state_bytes_per_sequence)} of fp32 linear-attention state "
-        f"+ {_bytes(info.kv_bytes_per_token)} of {str(cache_dtype).removeprefix('torch.')} KV per token",
+        f"cache / sequence {format_bytes(info.state_bytes_per_sequence)} of fp32 linear-attention state "
+        f"+ {format_bytes(info.kv_bytes_per_token)} of {str(cache_dtype).removeprefix('torch.')} "
+        f"{'latent + rope key' if config.attention_type == 'mla' else 'KV'} per token",
     ]
     for tokens in (4096, 32768, 131072):
-        lines.append(f"  at {tokens // 1024:>3}K tokens  {_bytes(info.cache_bytes(tokens)):>10}   "
-                     f"(all-softmax: {_bytes(all_softmax.cache_bytes(tokens))})")
+        lines.append(f"  at {tokens // 1024:>3}K tokens  {format_bytes(info.cache_bytes(tokens)):>10}   "
+                     f"(all-softmax: {format_bytes(all_softmax.cache_bytes(tokens))})")
     return "\n".join(lines)

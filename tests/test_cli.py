@@ -190,6 +190,9 @@ def config_json(**changes) -> str:
      "speculative_config.num_speculative_tokens must be an integer in [1, 63], got 0", {}),
     (["serve", "--model", "{tmp}/ckpt", "--speculative-config", '{"method": "mtp", "num_speculative_tokens": 2}'],
      "speculative_config.method 'mtp' needs MTP layers, but the checkpoint has num_nextn_predict_layers=0", {}),
+    (["serve", "--model", "{tmp}/ckpt", "--max-request-bytes", "0"], "invalid --max-request-bytes 0: must be >= 1", {}),
+    (["serve", "--model", "{tmp}/ckpt", "--shutdown-timeout", "-1"], "invalid --shutdown-timeout -1.0: must be >= 0",
+     {}),
     (["generate", "--model", "/no/such/dir"], "no checkpoint directory at /no/such/dir", {}),
     (["generate"], "the following arguments are required: --model", {}),
     (["serve", "--model", "/no/such/dir"], "no checkpoint directory at /no/such/dir", {}),
@@ -251,7 +254,8 @@ def test_help_explains_every_flag(capsys):
         "generate": {"--model", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
                      "--num-samples", "--device"},
         "serve": {"--model", "--host", "--port", "--api-key", "--served-model-name", "--max-num-seqs", "--max-queued",
-                  "--speculative-config", "--device"},
+                  "--max-request-bytes", "--shutdown-timeout", "--quantization", "--speculative-config",
+                  "--device"},
         "info": {"--model", "--preset"},
         "tokenize": {"--data", "--out", "--vocab-size", "--tokenizer", "--val-fraction"},
         "merge": {"--ckpts", "--decay", "--out"},
@@ -260,6 +264,8 @@ def test_help_explains_every_flag(capsys):
         "align": {"--model", "--prompts", "--max-new-tokens", "--batch-invariant", "--out", "--seed", "--device"},
         "rl": {"--" + f.name.replace("_", "-") for f in dataclasses.fields(RLConfig)
                if f.name != "model_overrides"} | {"--override", "--no-batch-invariant"},
+        "analyze": set(),  # its flags are those of `analyze memory` and `analyze flops` (tests/test_analysis.py)
+        "sweep": {"--out-dir", "--quick", "--layer-group-sizes", "--data", "--device", "--seed", "--plot", "--json"},
     }
     assert set(commands) == set(expected)
     for name, command in commands.items():

@@ -13,7 +13,7 @@ from ringlinear.infer.cache import CacheManager, fixed_cache_size, size_cache
 from ringlinear.infer.graphs import capture_sizes
 from ringlinear.infer.scheduler import Scheduler, Sequence
 from ringlinear.info import model_info
-from ringlinear.ops.moe import grouped_swiglu_grouped_mm, grouped_swiglu_loop
+from ringlinear.ops.moe import grouped_glu_grouped_mm, grouped_glu_loop
 
 
 @pytest.fixture(scope="module")
@@ -200,8 +200,8 @@ def test_grouped_mm_experts_equal_the_loop(dtype):
     counts = torch.tensor([3, 0, 7, 1, 0])
     x = torch.randn(int(counts.sum()), hidden, generator=g).to(dtype)
     scales = torch.rand(len(x), generator=g)
-    loop = grouped_swiglu_loop(x, gate, up, down, counts, scales)
-    grouped = grouped_swiglu_grouped_mm(x, gate, up, down, counts, scales)
+    loop = grouped_glu_loop(x, gate, up, down, counts, scales)
+    grouped = grouped_glu_grouped_mm(x, gate, up, down, counts, scales)
     first = F.linear(F.silu(F.linear(x[:3], gate[0])) * F.linear(x[:3], up[0]), down[0]) * scales[:3, None]
     assert torch.allclose(loop[:3].float(), first.float(), rtol=2e-2, atol=2e-2 * first.float().abs().max().item())
     tol = 1e-5 if dtype == torch.float32 else 2e-2

@@ -142,7 +142,7 @@ def test_fused_chains_match_their_eager_ops():
     """Norms, RoPE and SwiGLU compiled on large CUDA activations against the same functions run
     op by op (the torch backend's policy), forward and gradients."""
     from ringlinear.model.layers import apply_rotary, rms_norm
-    from ringlinear.ops.fused import swiglu
+    from ringlinear.ops.fused import glu
 
     g = torch.Generator(device="cuda").manual_seed(0)
     T, H, D = COMPILE_MIN_ELEMENTS // 2048, 16, 128
@@ -155,7 +155,7 @@ def test_fused_chains_match_their_eager_ops():
         "rms_norm": lambda policy: rms_norm(x, weight, 1e-6, policy=policy),
         "gated group norm": lambda policy: rms_norm(x, weight, 1e-6, 4, gate, policy=policy),
         "rope": lambda policy: apply_rotary(x.view(1, T, H, D), angles.cos(), angles.sin(), policy=policy),
-        "swiglu": lambda policy: swiglu(x[0], gate[0], scales, policy=policy),
+        "swiglu": lambda policy: glu(x[0], gate[0], scales, "silu", policy=policy),
     }
     for name, run in cases.items():
         fused = run(KernelPolicy())
@@ -195,3 +195,31 @@ def test_the_torch_backend_runs_no_triton_kernel_and_no_grouped_gemm(monkeypatch
     assert all(len(t) == 8 for t in reference)
     # the same function, up to bf16 rounding (a greedy choice may flip; unrelated outputs agree 1 in 257)
     assert sum(a == b for x, y in zip(fast, reference) for a, b in zip(x, y)) >= 0.5 * sum(map(len, fast))
+
+
+def test_packed_prefill_with_max_seqlen_needs_no_host_sync_and_can_be_captured():
+    # what the engine's prefill calls: packed sequences continuing from states, final states out
+    offsets = [0, 1, 300, 1000, 1000, 3000]
+    cu = torch.tensor(offsets, device="cuda", dtype=torch.int32)
+    q, k, v = (torch.randn(1, 3000, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    g = -torch.tensor([0.5, 0.1, 0.01, 0.001], device="cuda")
+    h0 = torch.randn(5, 4, 128, 128, device="cuda")
+
+    def prefill():
+        return lightning_attn(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu, max_seqlen=2000)
+
+    expected = lightning_attn(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)  # reads cu
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o, ht = prefill()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(o, expected[0]) and torch.equal(ht, expected[1])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = prefill()
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    fresh = prefill()
+    assert torch.equal(captured[0], fresh[0]) and torch.equal(captured[1], fresh[1])

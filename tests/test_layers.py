@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -10,6 +11,7 @@ from ringlinear.model.layers import RMSNorm, RotaryEmbedding, apply_rotary
 from ringlinear.ops.policy import KernelPolicy
 from ringlinear.model.moe import MoE
 from ringlinear.ops.attention import causal_attention
+from ringlinear.ops.fused import powlu_gate
 
 POLICY = KernelPolicy()  # the default kernels of the tensors' device
 
@@ -34,7 +36,7 @@ def test_partial_neox_rope_rotates_pairs_by_position():
     D, rot, theta = 8, 4, 10000.0
     x = torch.randn(2, 6, 3, D, dtype=torch.float64)
     positions = torch.tensor([[0, 1, 2, 3, 4, 5], [7, 9, 11, 13, 15, 17]])
-    cos, sin = RotaryEmbedding(rot, theta)(positions)
+    cos, sin = RotaryEmbedding(RingLinearConfig.preset("tiny", head_dim=D, rope_theta=theta))(positions)
     out = apply_rotary(x, cos, sin, policy=POLICY)
     # NeoX pairs channel i with i + rot/2 and turns the pair by angle pos * theta^(-2i/rot).
     expected = x.clone()
@@ -85,10 +87,19 @@ def route_one_token(x, config, gate_w, bias):
     return {e: scores[e] / total * config.routed_scaling_factor for e in chosen}
 
 
-def test_moe_matches_a_per_token_loop():
+def powlu_gate_by_formula(z):
+    """PowLU's gate, arXiv 2605.25704 Eq. 1 with m = 3: z^(3/(√z+1))·σ(z) above 0, SiLU below."""
+    return torch.where(z > 0, z.abs() ** (3 / (z.abs().sqrt() + 1)) * torch.sigmoid(z), F.silu(z))
+
+
+GATES = {"silu": F.silu, "powlu": powlu_gate_by_formula}
+
+
+@pytest.mark.parametrize("activation", ["silu", "powlu"])
+def test_moe_matches_a_per_token_loop(activation):
     torch.manual_seed(0)
     config = RingLinearConfig.preset("tiny", hidden_size=32, moe_intermediate_size=16,
-                                     moe_shared_expert_intermediate_size=16)
+                                     moe_shared_expert_intermediate_size=16, hidden_act=activation)
     moe = MoE(config).double()
     for p in moe.parameters():
         p.data.normal_(std=0.3)
@@ -99,11 +110,23 @@ def test_moe_matches_a_per_token_loop():
     for b in range(2):
         for t in range(9):
             xt = x[b, t]
-            expected = moe.shared_experts(xt, POLICY)
+            shared = moe.shared_experts
+            expected = shared.down_proj.weight @ (GATES[activation](shared.gate_proj.weight @ xt)
+                                                  * (shared.up_proj.weight @ xt))
             for e, w in route_one_token(xt, config, moe.gate.weight.detach(), moe.gate.expert_bias).items():
-                h = F.silu(E.gate_proj[e] @ xt) * (E.up_proj[e] @ xt)
+                h = GATES[activation](E.gate_proj[e] @ xt) * (E.up_proj[e] @ xt)
                 expected = expected + w * (E.down_proj[e] @ h)
             assert rel(out[b, t], expected) < 1e-10
+
+
+def test_powlu_gate_is_the_papers_formula_grows_slowly_and_has_finite_gradients():
+    z = torch.tensor([-30.0, -2.0, -1e-3, 0.0, 1e-3, 0.5, 2.0, 100.0], dtype=torch.float64, requires_grad=True)
+    out = powlu_gate(z)
+    assert rel(out, powlu_gate_by_formula(z)) < 1e-12
+    assert abs(out[-1].item() - 100 ** (3 / 11)) < 1e-9  # x·gate(x) ~ 3.5x at x = 100, not SwiGLU's ~100x
+    out.sum().backward()
+    assert torch.isfinite(z.grad).all()
+    assert powlu_gate(torch.randn(8, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
 def test_bias_changes_the_choice_not_the_weights():

@@ -90,14 +90,19 @@ def test_long_strong_decay_stays_finite():
     assert rel(o, ro) < 1e-4 and rel(ht, rh) < 1e-4
 
 
-@pytest.mark.parametrize("seg_len", [None, 64])
-def test_varlen_with_short_and_empty_sequences(seg_len):
+@pytest.mark.parametrize("seg_len,max_seqlen", [
+    (None, None),  # planned for T, the bound
+    (64, 130),     # the true longest: 3 segments of 64 for it
+    (64, 100),     # low: 2 segments, the second runs to the end
+    (None, 100),   # low: 1 segment of 128 for a sequence of 130
+])
+def test_varlen_with_short_and_empty_sequences(seg_len, max_seqlen):
     H, D = 2, 64
     offsets = [0, 1, 1, 70, 200, 200]  # a 1-token, an empty, two long, an empty tail sequence
     q, k, v, g = inputs(1, offsets[-1], H, D, torch.float32)
     h0 = state(len(offsets) - 1, H, D)
     cu = torch.tensor(offsets, device=DEVICE, dtype=torch.int32)
-    o, ht = lightning_attn_triton(q, k, v, g, None, h0, True, cu, offsets, seg_len=seg_len)
+    o, ht = lightning_attn_triton(q, k, v, g, None, h0, True, cu, max_seqlen, seg_len=seg_len)
     ro, rh = reference(q, k, v, g, h0, offsets)
     assert rel(o, ro) < 1e-4 and rel(ht, rh) < 1e-4
     assert torch.equal(ht[1], h0[1]) and torch.equal(ht[4], h0[4])  # empty: the state passes through
@@ -196,6 +201,11 @@ def test_bad_inputs_raise_value_error():
     for bad in ([0, 5, 3, 8], [0, 4, 7]):
         with pytest.raises(ValueError, match="cu_seqlens"):
             lightning_attn(q, k, v, g, cu_seqlens=torch.tensor(bad, device=DEVICE), policy=TRITON)
+    cu = torch.tensor([0, 3, 8], device=DEVICE)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        lightning_attn(q, k, v, g, cu_seqlens=cu, max_seqlen=9, policy=TRITON)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        lightning_attn(q, k, v, g, max_seqlen=8, policy=TRITON)
     with pytest.raises(ValueError, match="seg_len"):
         lightning_attn_triton(q, k, v, g, None, None, False, None, None, seg_len=100)
     strided = torch.randn(1, 64, 2, device=DEVICE).transpose(1, 2)  # [1, H, D] with D not unit-stride

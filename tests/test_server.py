@@ -2,7 +2,6 @@
 and not; every kind of bad input; disconnects, the queue bound, and a load test."""
 
 import asyncio
-import contextlib
 import json
 import socket
 import threading
@@ -11,46 +10,13 @@ import time
 import httpx2
 import openai
 import pytest
-import uvicorn
-from infer_helpers import CHAT_TEMPLATE, EOS, byte_tokenizer, tiny_checkpoint, tiny_model
+import torch
+from infer_helpers import byte_tokenizer, tiny_checkpoint
+from server_helpers import CHAT, GOOD, KEY, MODEL, post, running, serving, tiny_app, wait_idle
 
 from ringlinear.generate import generate
-from ringlinear.infer import Engine, EngineConfig
-from ringlinear.infer.chat import ChatTemplate
-from ringlinear.infer.server import create_app
+from ringlinear.infer import EngineConfig
 from ringlinear.infer.server.app import load_app, served_model_names
-
-KEY = "test-key"
-MODEL = "tiny"
-
-
-@contextlib.contextmanager
-def running(engine_config: EngineConfig, chat_template: bool = True, **app_options):
-    """A server on a free loopback port; yields (base url, engine)."""
-    engine = Engine(tiny_model(), byte_tokenizer(), engine_config)
-    template = ChatTemplate(CHAT_TEMPLATE, eos_token=EOS) if chat_template else None
-    with serving(create_app(engine, MODEL, template, api_key=KEY, **app_options)) as url:
-        yield url, engine
-
-
-@contextlib.contextmanager
-def serving(app):
-    """`app` on a free loopback port; yields its base url."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +29,6 @@ def server():
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
-
-
-def wait_idle(engine: Engine, timeout: float = 5.0) -> dict:
-    """The engine's stats once nothing runs or waits and the whole cache is free again."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = engine.stats()
-        if stats["running"] == stats["waiting"] == 0 and stats["page_usage"] == stats["slot_usage"] == 0:
-            return stats
-        assert time.monotonic() < deadline, f"engine still busy: {stats}"
-        time.sleep(0.02)
 
 
 def test_completions_with_the_openai_client(client):
@@ -100,6 +55,72 @@ def test_completion_batches_logprobs_and_seeds(client):
     again = client.completions.create(model=MODEL, prompt="ab", max_tokens=4, temperature=0.9, seed=3,
                                       extra_body={"ignore_eos": True})
     assert again.choices[0].text == out.choices[0].text  # the seed, not the batch, decides
+
+
+def test_n_completions_of_one_prompt_are_the_seeds_that_follow(client):
+    out = client.completions.create(model=MODEL, prompt=["ab", "cd"], max_tokens=5, temperature=1.0, seed=11, n=3,
+                                    extra_body={"ignore_eos": True})
+    assert [c.index for c in out.choices] == list(range(6))  # prompt-major, as OpenAI numbers them
+    assert out.usage.completion_tokens == 30 and out.usage.prompt_tokens == 4
+    for j in range(3):  # completion j of a prompt is the request seeded seed + j
+        alone = client.completions.create(model=MODEL, prompt="cd", max_tokens=5, temperature=1.0, seed=11 + j,
+                                          extra_body={"ignore_eos": True})
+        assert out.choices[3 + j].text == alone.choices[0].text
+    streamed = client.completions.create(model=MODEL, prompt="ab", max_tokens=5, temperature=1.0, seed=11, n=3,
+                                         stream=True, extra_body={"ignore_eos": True})
+    texts = ["", "", ""]
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [c.text for c in out.choices[:3]]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2,
+                                          max_tokens=4, seed=5, extra_body={"ignore_eos": True})
+    assert [c.index for c in chat.choices] == [0, 1] and chat.usage.completion_tokens == 8
+
+
+def test_echo_scores_the_prompt_as_lm_eval_asks(server, client):
+    """lm-eval's loglikelihood request: the prompt's tokens with their log-probs, the first null."""
+    engine = server[1]
+    prompt = byte_tokenizer().encode("def f(x): return x").ids
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, logprobs=1, echo=True, temperature=0)
+    logprobs = out.choices[0].logprobs
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert len(logprobs.token_logprobs) == len(prompt) + 1
+    with torch.no_grad():
+        logp = engine.model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    expected = logp[torch.arange(len(prompt) - 1), prompt[1:]]
+    assert torch.allclose(torch.tensor(logprobs.token_logprobs[1:len(prompt)]), expected, atol=1e-4)
+    assert out.choices[0].text.startswith("def f(x): return x")
+    assert logprobs.text_offset[:3] == [0, 1, 2]
+    only = client.completions.create(model=MODEL, prompt="abc", max_tokens=0, echo=True)
+    assert only.choices[0].text == "abc" and only.usage.completion_tokens == 0
+    vllm = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, extra_body={"prompt_logprobs": 2})
+    values = vllm.choices[0].model_extra["prompt_logprobs"]
+    assert values[0] is None and len(values) == len(prompt)
+    first = values[1][str(prompt[1])]
+    assert abs(first["logprob"] - expected[0].item()) < 1e-4 and first["rank"] >= 1
+    streamed = list(client.completions.create(model=MODEL, prompt="abc", max_tokens=3, echo=True, stream=True,
+                                              temperature=0, extra_body={"ignore_eos": True}))
+    plain = client.completions.create(model=MODEL, prompt="abc", max_tokens=3, echo=True, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
+
+
+def test_health_says_starting_until_the_warm_up_is_done():
+    release = threading.Event()
+    app = tiny_app(EngineConfig(page_size=8, num_pages=64), warm_up=True)
+    engine = app.state.server.engine
+    warm_up = engine.warm_up
+    engine.warm_up = lambda: (release.wait(10), warm_up())[1]
+    with serving(app) as url:
+        starting = httpx2.get(url + "/health")
+        assert starting.status_code == 503 and starting.json() == {"status": "starting"}
+        release.set()
+        deadline = time.monotonic() + 30
+        while httpx2.get(url + "/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert engine.stats()["prompt_tokens"] == 0  # the warm-up is forgotten
 
 
 def test_chat_with_the_openai_client(client):
@@ -135,14 +156,6 @@ def test_stop_strings_and_stop_tokens(server, client):
     assert stopped.usage.completion_tokens == greedy.index(greedy[2])  # the stop token is not part of it
 
 
-def post(url: str, path: str, body, key: str | None = KEY, raw: bool = False) -> httpx2.Response:
-    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
-    content = body if raw else json.dumps(body)
-    return httpx2.post(url + path, content=content, headers=headers, timeout=30)
-
-
-GOOD = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
-CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 BAD_INPUTS = [  # (path, body or raw text, status, param)
     ("/v1/completions", "{not json", 400, "body"),
     ("/v1/completions", "[1, 2]", 400, "body"),
@@ -174,8 +187,9 @@ BAD_INPUTS = [  # (path, body or raw text, status, param)
     ("/v1/completions", {**GOOD, "stop": [""]}, 400, "stop"),
     ("/v1/completions", {**GOOD, "stop": 7}, 400, "stop"),
     ("/v1/completions", {**GOOD, "stop_token_ids": [-1]}, 400, "stop_token_ids"),
-    ("/v1/completions", {**GOOD, "n": 2}, 400, "n"),
-    ("/v1/completions", {**GOOD, "echo": True}, 400, "echo"),
+    ("/v1/completions", {**GOOD, "n": 0}, 400, "n"),
+    ("/v1/completions", {**GOOD, "n": 65}, 400, "n"),  # more than the engine runs at once
+    ("/v1/completions", {**GOOD, "max_tokens": 0}, 400, "max_tokens"),  # 0 only with echo
     ("/v1/completions", {**GOOD, "stream": "yes"}, 400, "stream"),
     ("/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {**CHAT, "messages": "hi"}, 400, "messages"),
@@ -231,7 +245,7 @@ def test_the_model_answers_to_its_path_as_given_and_to_its_folder_name(tmp_path,
         for unknown in ("model", "runs/tiny", "tiny"):  # not the symlink's target, nor another folder
             response = post(url, "/v1/completions", {**GOOD, "model": unknown})
             assert response.status_code == 404 and response.json()["error"]["param"] == "model"
-    assert served_model_names("runs/tiny/checkpoint", "tiny-chat") == ("tiny-chat",)
+    assert served_model_names("runs/tiny/checkpoint", ["tiny-chat", "tiny"]) == ("tiny-chat", "tiny")
     assert served_model_names("checkpoint/") == ("checkpoint/", "checkpoint")
 
 
@@ -274,6 +288,7 @@ def test_over_capacity_requests_queue_then_get_503():
                 assert second.status_code == 200  # queued
                 third = post(url, "/v1/completions", GOOD)
                 assert third.status_code == 503 and third.json()["error"]["code"] == "overloaded"
+                assert third.headers["retry-after"] == "1"
         wait_idle(engine)
         assert post(url, "/v1/completions", GOOD).status_code == 200
 

@@ -29,15 +29,17 @@ class LightningRound:
     seqs: Tensor  # [N_r] which prefill sequences they belong to
     save: Tensor  # [n] of those, the pieces that end at a snapshot position
     snapshots: Tensor  # [n] where their states go
+    max_len: int  # the longest piece
 
     def to(self, device: torch.device) -> LightningRound:
-        return LightningRound(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
+        tensors = (self.rows, self.cu_seqlens, self.seqs, self.save, self.snapshots)
+        return LightningRound(*(t.to(device, non_blocking=True) for t in tensors), self.max_len)
 
 
 def lightning_rounds(chunks: Seq[ScheduledChunk]) -> list[LightningRound] | None:
     """The rounds of the multi-token `chunks` (in step order), or None when no snapshot is taken
-    inside or at the end of one: then a single call runs them all."""
-    if not any(c.snapshots for c in chunks):
+    inside one: then a single call runs them all (and `final_snapshots` saves those at their ends)."""
+    if not any(position < c.end for c in chunks for position, _ in c.snapshots):
         return None
     pieces: list[list[tuple[int, int, int | None]]] = []  # per chunk: (start, end, snapshot) along its rows
     for chunk in chunks:
@@ -55,8 +57,17 @@ def lightning_rounds(chunks: Seq[ScheduledChunk]) -> list[LightningRound] | None
         cu = np.cumsum([0] + [b - a for _, (a, b, _) in members])
         saved = [(j, snapshot) for j, (_, (_, _, snapshot)) in enumerate(members) if snapshot is not None]
         arrays = (rows, cu, [i for i, _ in members], [j for j, _ in saved], [s for _, s in saved])
-        rounds.append(LightningRound(*(torch.as_tensor(np.asarray(a, dtype=np.int64)) for a in arrays)))
+        rounds.append(LightningRound(*(torch.as_tensor(np.asarray(a, dtype=np.int64)) for a in arrays),
+                                     max_len=int(np.diff(cu).max())))
     return rounds
+
+
+def final_snapshots(chunks: Seq[ScheduledChunk]) -> tuple[Tensor, Tensor] | None:
+    """(which of the multi-token `chunks`, snapshot) for the snapshots taken at their ends."""
+    pairs = [(i, snapshot) for i, c in enumerate(chunks) for position, snapshot in c.snapshots if position == c.end]
+    if not pairs:
+        return None
+    return tuple(torch.tensor(column, dtype=torch.long) for column in zip(*pairs))
 
 
 @dataclass
@@ -76,6 +87,7 @@ class StepBatch:
     rounds: list[LightningRound] | None = None  # the prefill chunks' Lightning calls, if cut for snapshots
     num_verifies: int = 0  # verify chunks, after the decodes
     num_verify_tokens: int = 0  # their rows
+    final_snapshots: tuple[Tensor, Tensor] | None = None  # else (prefill sequence, snapshot) at chunk ends
 
     @property
     def num_seqs(self) -> int:
@@ -106,8 +118,11 @@ class StepBatch:
         assert (counts[:num_decodes] == 1).all() and all(c.drafts for c in chunks[verify]), \
             "single-token sequences must come first, then verify chunks"
         arrays = (input_ids, positions, slot_mapping, slot_array, ends, query_start, logits_indices)
+        prefills = chunks[verify.stop:]
+        rounds = lightning_rounds(prefills)
         return cls(*(torch.from_numpy(a) for a in arrays), num_decodes=num_decodes,
-                   max_query_len=int(counts.max(initial=0)), rounds=lightning_rounds(chunks[verify.stop:]),
+                   max_query_len=int(counts.max(initial=0)), rounds=rounds,
+                   final_snapshots=final_snapshots(prefills) if rounds is None else None,
                    num_verifies=num_verifies, num_verify_tokens=int(counts[verify].sum()))
 
     def tensors(self) -> list[Tensor]:
@@ -119,8 +134,10 @@ class StepBatch:
         flat = torch.cat(tensors).to(device, non_blocking=True)
         moved = flat.split([t.numel() for t in tensors])
         rounds = None if self.rounds is None else [r.to(device) for r in self.rounds]
+        final = None if self.final_snapshots is None else tuple(t.to(device) for t in self.final_snapshots)
         return StepBatch(*moved, num_decodes=self.num_decodes, max_query_len=self.max_query_len, rounds=rounds,
-                         num_verifies=self.num_verifies, num_verify_tokens=self.num_verify_tokens)
+                         final_snapshots=final, num_verifies=self.num_verifies,
+                         num_verify_tokens=self.num_verify_tokens)
 
 
 class PagedContext(AttentionContext):
@@ -158,7 +175,9 @@ class PagedContext(AttentionContext):
         if verified > decodes:
             rows = slice(decodes, verified)
             o, _ = lightning_attn(q[:, rows], k[:, rows], v[:, rows], log_decay, initial_state=states[self.verify_slots],
-                                  cu_seqlens=self.verify_cu_seqlens, policy=self.policy)
+                                  cu_seqlens=self.verify_cu_seqlens, max_seqlen=min(self.batch.max_query_len,
+                                                                                    verified - decodes),
+                                  policy=self.policy)
             outputs.append(o[0])
             self.verified[layer_idx] = (k[0, rows], v[0, rows], log_decay)
         if verified < q.shape[1]:
@@ -166,8 +185,12 @@ class PagedContext(AttentionContext):
             if self.batch.rounds is None:
                 o, final = lightning_attn(q[None], k[None], v[None], log_decay,
                                           initial_state=states[self.prefill_slots], output_final_state=True,
-                                          cu_seqlens=self.prefill_cu_seqlens, policy=self.policy)
+                                          cu_seqlens=self.prefill_cu_seqlens, max_seqlen=self.batch.max_query_len,
+                                          policy=self.policy)
                 states[self.prefill_slots] = final
+                if self.batch.final_snapshots is not None:
+                    seqs, snapshots = self.batch.final_snapshots
+                    self.cache.snapshots[self.cache.linear_index[layer_idx]][snapshots] = final[seqs]
                 outputs.append(o[0])
             else:
                 snapshots = self.cache.snapshots[self.cache.linear_index[layer_idx]]
@@ -195,7 +218,7 @@ class PagedContext(AttentionContext):
         for r in self.batch.rounds:
             o_r, final = lightning_attn(q[r.rows][None], k[r.rows][None], v[r.rows][None], log_decay,
                                         initial_state=current[r.seqs], output_final_state=True,
-                                        cu_seqlens=r.cu_seqlens, policy=self.policy)
+                                        cu_seqlens=r.cu_seqlens, max_seqlen=r.max_len, policy=self.policy)
             o[r.rows] = o_r[0]
             current[r.seqs] = final
             snapshots[r.snapshots] = final[r.save]

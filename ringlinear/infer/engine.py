@@ -19,6 +19,7 @@ import torch
 
 from ..checkpoint import load_tokenizer
 from ..model import RingLinearForCausalLM, SequenceContext
+from ..model.fp8 import QUANTIZATIONS, is_fp8_checkpoint, quantize_weights
 from ..ops.batch_invariant import KEY_BLOCK
 from ..ops.policy import Backend, KernelPolicy
 from .cache import CacheManager, fixed_cache_size, size_cache
@@ -56,11 +57,16 @@ class EngineConfig:
     # Steps and log-probs batch-invariant: bit-identical to the training forward of the same model under
     # an invariant policy, whatever shares the step (no CUDA graphs; page_size a multiple of KEY_BLOCK).
     batch_invariant: bool = False
+    # "fp8": the linear layers and experts in blockwise FP8 (`model.fp8`), quantized at load unless the
+    # checkpoint holds FP8 weights already (which load as FP8 whatever this says). No CUDA graphs yet.
+    quantization: str = "none"
     # Speculative decoding, vLLM's dict (or its JSON text): {"method": "mtp" | "ngram",
     # "num_speculative_tokens": k, "prompt_lookup_min"/"prompt_lookup_max": n-gram lengths}; None: off
     speculative_config: SpeculativeConfig | dict | str | None = None
 
     def validate(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.page_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and page_size must be positive")
         if not 0 <= self.prefix_snapshot_share < 1:
@@ -86,16 +92,22 @@ class EngineConfig:
 
 class Engine:
     def __init__(self, model: RingLinearForCausalLM, tokenizer=None, config: EngineConfig | None = None):
+        if model.config.attention_type != "gqa":
+            raise ValueError("the engine's paged cache holds GQA keys and values only; an MLA model "
+                             "(kv_lora_rank set) generates through ringlinear.generate's HybridCache")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = config = config or EngineConfig()
         config.validate()
-        param = next(model.parameters())
+        param = model.model.word_embeddings.weight  # the compute dtype (not the e4m3 of FP8 weights)
         self.device, self.dtype = param.device, param.dtype
         self.policy = KernelPolicy(config.backend, config.batch_invariant).resolve(self.device)
+        if config.quantization == "fp8":
+            quantize_weights(model, self.policy)
         # Captured decode steps need a forward that never waits for the host: the Triton kernels and
-        # the experts' grouped GEMM (bf16).
+        # the experts' grouped GEMM (bf16; the FP8 experts' loop reads the counts on the host).
         use_graphs = (self.device.type == "cuda" and self.dtype == torch.bfloat16 and config.cuda_graphs
-                      and self.policy.backend == "triton" and not self.policy.invariant)
+                      and self.policy.backend == "triton" and not self.policy.invariant
+                      and not is_fp8_checkpoint(model.config))
         max_model_len = config.max_model_len or model.config.max_position_embeddings
         share, interval = config.snapshot_args()
         if config.num_pages is not None:
@@ -153,8 +165,14 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequest("prompt", "this model has no tokenizer: give the prompt as token ids")
-            return self.tokenizer.encode(prompt, add_special_tokens=False).ids
+            # encode_batch releases the GIL (encode holds it): a long prompt tokenized on a worker
+            # thread does not stop the server's event loop
+            return self.tokenizer.encode_batch([prompt], add_special_tokens=False)[0].ids
         return list(prompt)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of token ids ("" without a tokenizer), special tokens left out as in outputs."""
+        return "" if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequest (naming the field) for a request this engine can never serve."""
@@ -169,6 +187,8 @@ class Engine:
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequest("max_tokens", f"max_tokens={params.max_tokens} plus the prompt's {len(prompt_ids)} "
                                  f"tokens exceed this model's context of {self.max_model_len} tokens")
+        if not all(t < vocab for t in params.stop_token_ids):
+            raise InvalidRequest("stop_token_ids", f"stop_token_ids must be token ids in [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise InvalidRequest("stop", "stop strings need a tokenizer, and this model has none")
         if params.n > self.scheduler.max_num_seqs:
@@ -236,19 +256,25 @@ class Engine:
         return values
 
     def warm_up(self) -> float:
-        """Run the step shapes serving meets once (a whole prefill chunk, shorter and mixed prefill
-        and decode steps, decodes), so that no request waits for their kernels to compile; then
-        forget them (cache and counters). Returns the seconds it took."""
+        """Run the step shapes serving meets once, so that no request waits for their kernels to
+        compile: a whole chunk of one prompt, a chunk packed with many prompts, a lone short prompt,
+        mixed prefill and decode steps, decodes. Then forget them (cache and counters); returns the
+        seconds it took."""
         start = time.perf_counter()
         budget, vocab = self.config.max_num_batched_tokens, self.model.config.vocab_size
-        lengths = (budget, budget // 2 + 1, 97, 3)  # one full step, then a mixed one, then decodes
+        short = max(1, min(1024, budget // 8))
+        waves = ([budget], [short] * min(self.scheduler.max_num_seqs, budget // short), [short, 97, 3])
         generator = torch.Generator().manual_seed(0)
-        for i, n in enumerate(lengths):
-            n = max(1, min(n, self.max_model_len - 2))
-            prompt = torch.randint(1, vocab, (n,), generator=generator).tolist()
-            self.add_request(f"warm-up-{i}", prompt, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
-        while self.has_unfinished():
-            self.step()
+        for wave, lengths in enumerate(waves):
+            for i, n in enumerate(lengths):
+                n = max(1, min(n, self.max_model_len - 4))
+                prompt = torch.randint(1, vocab, (n,), generator=generator).tolist()
+                self.add_request(f"warm-up-{wave}-{i}", prompt, SamplingParams(max_tokens=3, temperature=0,
+                                                                                ignore_eos=True))
+                if wave == 2:  # the next prompt joins while this one decodes
+                    self.step()
+            while self.has_unfinished():
+                self.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.scheduler.reset_counters()

@@ -10,6 +10,7 @@ class TokenLogprob:
     token_id: int
     logprob: float  # under the model's own distribution (before penalties and temperature)
     top: list[tuple[int, float]]  # the most likely tokens and their log-probs, best first
+    rank: int | None = None  # of token_id among all tokens, 1 = the most likely (given for prompt tokens)
 
 
 @dataclass

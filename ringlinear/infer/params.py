@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
 MAX_N = 128
+INT64_END = 2**63  # integers the sampler puts in int64 tensors (top_k, seeds, token ids) stay below it
 
 
 class InvalidRequest(ValueError):
@@ -55,7 +56,7 @@ class SamplingParams:
               "must be an integer >= 1 (0 only with prompt log-probs)")
         check("temperature", number("temperature") and 0 <= self.temperature <= 100, "must be in [0, 100]")
         check("top_p", number("top_p") and 0 < self.top_p <= 1, "must be in (0, 1]")
-        check("top_k", integer("top_k") and self.top_k >= 0, "must be an integer >= 0 (0 = off)")
+        check("top_k", integer("top_k") and 0 <= self.top_k < INT64_END, "must be an integer in [0, 2^63) (0 = off)")
         check("min_p", number("min_p") and 0 <= self.min_p <= 1, "must be in [0, 1]")
         check("repetition_penalty", number("repetition_penalty") and 0 < self.repetition_penalty <= 100,
               "must be in (0, 100]")
@@ -66,9 +67,9 @@ class SamplingParams:
         check("stop", isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
               "must be a list of non-empty strings")
         check("stop_token_ids", isinstance(self.stop_token_ids, list)
-              and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids),
-              "must be a list of token ids")
-        check("seed", self.seed is None or (integer("seed") and 0 <= self.seed < 2**63), "must be in [0, 2^63)")
+              and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < INT64_END
+                      for t in self.stop_token_ids), "must be a list of token ids")
+        check("seed", self.seed is None or (integer("seed") and 0 <= self.seed < INT64_END), "must be in [0, 2^63)")
         for name in ("logprobs", "prompt_logprobs"):
             check(name, getattr(self, name) is None or (integer(name) and 0 <= getattr(self, name) <= MAX_LOGPROBS),
                   f"must be in [0, {MAX_LOGPROBS}]")

@@ -85,8 +85,10 @@ class Sampler:
                 part = slice(i, i + PROMPT_LOGPROB_ROWS)
                 logits = head(hidden[rows[part]]).float()
                 chosen, top_values, top_ids = (t.tolist() for t in token_logprobs(logits, targets[part], num_top))
-                values += [TokenLogprob(token, c, list(zip(ids, vals)))
-                           for token, c, ids, vals in zip(targets[part].tolist(), chosen, top_ids, top_values)]
+                ranks = ((logits > logits.gather(-1, targets[part, None])).sum(-1) + 1).tolist()
+                values += [TokenLogprob(token, c, list(zip(ids, vals)), rank)
+                           for token, c, ids, vals, rank in zip(targets[part].tolist(), chosen, top_ids, top_values,
+                                                                ranks)]
         return values
 
     def _token_counts(self, seqs: list[Sequence], vocab: int) -> tuple[Tensor, Tensor]:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..config import RingLinearConfig, lightning_log_decay
 from ..ops.policy import KernelPolicy
 from .context import AttentionContext
-from .layers import RMSNorm, apply_rotary
+from .layers import Linear, RMSNorm, apply_rotary
 
 
 class _QKNorm(nn.Module):
@@ -38,10 +38,10 @@ class LightningAttention(_QKNorm):
         super().__init__(config)
         self.config, self.layer_idx = config, layer_idx
         H, D, hidden = config.num_attention_heads, config.head_dim, config.hidden_size
-        self.query_key_value = nn.Linear(hidden, 3 * H * D, bias=config.use_qkv_bias)
-        self.g_proj = nn.Linear(hidden, H * D, bias=False)
+        self.query_key_value = Linear(hidden, 3 * H * D, bias=config.use_qkv_bias)
+        self.g_proj = Linear(hidden, H * D, bias=False)
         self.g_norm = RMSNorm(H * D, config.rms_norm_eps, groups=config.group_norm_size)
-        self.dense = nn.Linear(H * D, hidden, bias=config.use_bias)
+        self.dense = Linear(H * D, hidden, bias=config.use_bias)
         self._log_decay: Tensor | None = None  # built on first use so meta-device init stays cheap
 
     def log_decay(self, device: torch.device) -> Tensor:
@@ -54,13 +54,14 @@ class LightningAttention(_QKNorm):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], context: AttentionContext) -> Tensor:
         B, T, _ = x.shape
         H, D = self.config.num_attention_heads, self.config.head_dim
-        qkv = self.query_key_value(x)
+        qkv = self.query_key_value(x, context.policy)
         if self.config.linear_silu:
             qkv = F.silu(qkv)
         q, k, v = qkv.view(B, T, 3, H, D).unbind(2)  # layout [all q heads | all k heads | all v heads]
         q, k = self.norm_and_rotate(q, k, rope, context.policy)
         o = context.lightning(self.layer_idx, q, k, v.contiguous(), self.log_decay(x.device))
-        return self.dense(self.g_norm(o.reshape(B, T, H * D), context.policy, gate=self.g_proj(x)))
+        policy = context.policy
+        return self.dense(self.g_norm(o.reshape(B, T, H * D), policy, gate=self.g_proj(x, policy)), policy)
 
 
 class SoftmaxAttention(_QKNorm):
@@ -70,13 +71,13 @@ class SoftmaxAttention(_QKNorm):
         super().__init__(config)
         self.config, self.layer_idx = config, layer_idx
         H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.query_key_value = nn.Linear(config.hidden_size, (H + 2 * KV) * D, bias=config.use_qkv_bias)
-        self.dense = nn.Linear(H * D, config.hidden_size, bias=config.use_bias)
+        self.query_key_value = Linear(config.hidden_size, (H + 2 * KV) * D, bias=config.use_qkv_bias)
+        self.dense = Linear(H * D, config.hidden_size, bias=config.use_bias)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], context: AttentionContext) -> Tensor:
         B, T, _ = x.shape
         H, KV, D = self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim
-        q, k, v = self.query_key_value(x).view(B, T, H + 2 * KV, D).split([H, KV, KV], dim=2)
+        q, k, v = self.query_key_value(x, context.policy).view(B, T, H + 2 * KV, D).split([H, KV, KV], dim=2)
         q, k = self.norm_and_rotate(q, k, rope, context.policy)
         o = context.softmax(self.layer_idx, q, k, v, D**-0.5)
-        return self.dense(o.reshape(B, T, H * D))
+        return self.dense(o.reshape(B, T, H * D), context.policy)

@@ -21,9 +21,16 @@ from ..ops.batch_invariant import numerics
 from ..ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from .attention import LightningAttention, SoftmaxAttention
 from .context import AttentionContext, SequenceContext
-from .layers import MLP, RMSNorm, RotaryEmbedding
+from .fp8 import is_fp8_checkpoint, quantize_weights
+from .layers import MLP, Linear, RMSNorm, RotaryEmbedding
+from .mla import MultiLatentAttention
 from .moe import Experts, MoE, Router
 from .weights import checkpoint_tensors, load_weights
+
+
+def full_attention(config: RingLinearConfig) -> type[SoftmaxAttention | MultiLatentAttention]:
+    """The full-attention module of the config's generation: GQA (Ring-linear-2.0) or MLA (Ring-2.5)."""
+    return {"gqa": SoftmaxAttention, "mla": MultiLatentAttention}[config.attention_type]
 
 
 class DecoderLayer(nn.Module):
@@ -31,11 +38,11 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        attention = SoftmaxAttention if config.is_softmax_layer(layer_idx) else LightningAttention
-        self.attention = attention(config, layer_idx)
+        self.attention = full_attention(config)(config, layer_idx) if config.is_softmax_layer(layer_idx) \
+            else LightningAttention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size,
-                                                                          config.intermediate_size)
+                                                                          config.intermediate_size, config.hidden_act)
 
     def forward(self, h: Tensor, rope: tuple[Tensor, Tensor], context: AttentionContext) -> Tensor:
         policy = context.policy
@@ -52,12 +59,13 @@ class MTPLayer(DecoderLayer):
         hidden = config.hidden_size
         self.enorm = RMSNorm(hidden, config.rms_norm_eps)
         self.hnorm = RMSNorm(hidden, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * hidden, hidden, bias=False)
+        self.eh_proj = Linear(2 * hidden, hidden, bias=False)
         self.final_layernorm = RMSNorm(hidden, config.rms_norm_eps)
 
     def forward(self, embedded: Tensor, h: Tensor, rope: tuple[Tensor, Tensor],
                 context: AttentionContext) -> Tensor:
-        x = self.eh_proj(torch.cat([self.enorm(embedded, context.policy), self.hnorm(h, context.policy)], dim=-1))
+        policy = context.policy
+        x = self.eh_proj(torch.cat([self.enorm(embedded, policy), self.hnorm(h, policy)], dim=-1), policy)
         return super().forward(x, rope, context)
 
 
@@ -72,7 +80,7 @@ class RingLinearModel(nn.Module):
             [DecoderLayer(config, i) for i in range(L)]
             + [MTPLayer(config, L + i) for i in range(config.num_nextn_predict_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config)
 
     @property
     def decoder_layers(self) -> list[DecoderLayer]:
@@ -130,7 +138,8 @@ class RingLinearForCausalLM(nn.Module):
                         dtype: torch.dtype | None = None, config: RingLinearConfig | None = None
                         ) -> RingLinearForCausalLM:
         """The model of `config` (default: `directory/config.json`) with the checkpoint's weights, in
-        eval mode. `dtype` defaults to the config's `torch_dtype`; the routers' `expert_bias` stays fp32."""
+        eval mode. `dtype` defaults to the config's `torch_dtype`; the routers' `expert_bias` stays fp32. A
+        block-FP8 checkpoint (`quantization_config`, `fp8.py`) keeps its e4m3 weights and scales."""
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"no checkpoint directory at {directory}")
@@ -139,6 +148,8 @@ class RingLinearForCausalLM(nn.Module):
             model = cls(config)
         model = model.to_empty(device=device).to(dtype or DTYPES.get(config.torch_dtype, torch.float32))
         model.tie_weights()
+        if is_fp8_checkpoint(config):
+            quantize_weights(model)  # the e4m3 layout, filled by load_weights
         load_weights(model, directory)
         return model.eval()
 
@@ -147,7 +158,7 @@ class RingLinearForCausalLM(nn.Module):
         """Write config.json, the weights (sharded above `max_shard_bytes`) and the tokenizer if given."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        dtype = next(self.parameters()).dtype
+        dtype = self.model.word_embeddings.weight.dtype  # not the e4m3 of FP8 weights
         self.config.replace(torch_dtype=str(dtype).removeprefix("torch.")).save(directory)
         save_tensors(checkpoint_tensors(self), directory, max_shard_bytes)
         if tokenizer is not None:

@@ -5,7 +5,7 @@ positions the tokens have, what the attention sees besides them, and what is kep
 
 - `SequenceContext`: whole sequences, optionally several documents packed along T (training).
 - `HybridCache`: B sequences advanced together (prefill, then decode), keeping per linear layer one
-  fp32 state [B, H, D, D] and per softmax layer the keys and values.
+  fp32 state [B, H, D, D], per GQA layer the keys and values, per MLA layer the latents and rope keys.
 
 Every context carries the run's `KernelPolicy` (`ops.policy`): which kernels its attention calls and
 the layers' norms, MLPs and MoE run, and whether the forward is batch-invariant. The inference
@@ -23,6 +23,7 @@ from ..config import RingLinearConfig
 from ..ops import lightning_attn, lightning_decode
 from ..ops.attention import causal_attention, document_ids
 from ..ops.policy import KernelPolicy
+from .mla import decompress
 
 
 class AttentionContext(ABC):
@@ -40,7 +41,15 @@ class AttentionContext(ABC):
 
     @abstractmethod
     def softmax(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        """q [B, T, H, D], k, v [B, T, KV, D] -> o [B, T, H, D]."""
+        """q [B, T, H, D], k [B, T, KV, D], v [B, T, KV, Dv] -> o [B, T, H, Dv]."""
+
+    def latent_attention(self, layer_idx: int, q: Tensor, latent: Tensor, k_rope: Tensor, kv_b: Tensor,
+                         scale: float) -> Tensor:
+        """MLA: q [B, T, H, nope + rope]; the new tokens' normalised latents [B, T, r] and rotated rope
+        keys [B, T, rope]; kv_b the up-projection [H·(nope + v), r] -> o [B, T, H, v]. Here: the keys
+        and values decompressed into heads, then `softmax`."""
+        k, v = decompress(latent, k_rope, kv_b, q.shape[2], q.shape[-1] - k_rope.shape[-1])
+        return self.softmax(layer_idx, q, k, v, scale)
 
     def advance(self, num_tokens: int) -> None:
         """Called once after all layers ran on `num_tokens` new tokens per sequence."""
@@ -82,11 +91,15 @@ class HybridCache(AttentionContext):
         H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.batch_size, self.max_length, self.length = batch_size, max_length, 0
         self.states: dict[int, Tensor] = {}
-        self.keys: dict[int, Tensor] = {}
-        self.values: dict[int, Tensor] = {}
+        self.keys: dict[int, Tensor] = {}  # GQA: keys; MLA: the latents [B, max_length, r]
+        self.values: dict[int, Tensor] = {}  # GQA: values; MLA: the rope keys [B, max_length, rope]
         for i, kind in enumerate(config.layer_types):
             if kind == "linear":
                 self.states[i] = torch.zeros(batch_size, H, D, D, device=device, dtype=torch.float32)
+            elif config.attention_type == "mla":
+                self.keys[i] = torch.zeros(batch_size, max_length, config.kv_lora_rank, device=device, dtype=dtype)
+                self.values[i] = torch.zeros(batch_size, max_length, config.qk_rope_head_dim, device=device,
+                                             dtype=dtype)
             else:
                 self.keys[i] = torch.zeros(batch_size, max_length, KV, D, device=device, dtype=dtype)
                 self.values[i] = torch.zeros_like(self.keys[i])
@@ -121,6 +134,15 @@ class HybridCache(AttentionContext):
         self.values[layer_idx][:, self.length:end] = v
         return causal_attention(q, self.keys[layer_idx][:, :end], self.values[layer_idx][:, :end], scale,
                                 policy=self.policy)
+
+    def latent_attention(self, layer_idx: int, q: Tensor, latent: Tensor, k_rope: Tensor, kv_b: Tensor,
+                         scale: float) -> Tensor:
+        end = self.length + q.shape[1]
+        self.keys[layer_idx][:, self.length:end] = latent
+        self.values[layer_idx][:, self.length:end] = k_rope
+        k, v = decompress(self.keys[layer_idx][:, :end], self.values[layer_idx][:, :end], kv_b, q.shape[2],
+                          q.shape[-1] - k_rope.shape[-1])
+        return causal_attention(q, k, v, scale, policy=self.policy)
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens

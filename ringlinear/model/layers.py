@@ -1,17 +1,33 @@
-"""Small building blocks: RMSNorm (whole or grouped), partial NeoX RoPE and the SwiGLU MLP."""
+"""Small building blocks: the linear layer (bf16 or blockwise FP8), RMSNorm (whole or grouped), partial
+RoPE (NeoX halves or interleaved pairs; YaRN scaling) and the gated MLP (SwiGLU or PowLU)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
 
-from ..ops.fused import fused, swiglu
+from ..config import RingLinearConfig
+from ..ops.fp8 import fp8_linear
+from ..ops.fused import fused, glu
 from ..ops.policy import KernelPolicy
 
 
 def at_least_fp32(x: Tensor) -> Tensor:
     """x in fp32, or kept in fp64: reductions and routing never run in half precision."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class Linear(nn.Linear):
+    """nn.Linear that takes the kernel policy: its product is blockwise FP8 under `policy.fp8`, or when its
+    weight is stored in e4m3 beside a `weight_scale_inv` buffer (`model.fp8.quantize_weights`)."""
+
+    def forward(self, x: Tensor, policy: KernelPolicy) -> Tensor:
+        scale = self._buffers.get("weight_scale_inv")
+        if policy.fp8 or scale is not None:
+            return fp8_linear(x, self.weight, self.bias, scale, policy=policy)
+        return super().forward(x)
 
 
 @fused
@@ -37,26 +53,54 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """NeoX-style RoPE on the first `rotary_dim` channels of each head; the rest pass through."""
+    """RoPE tables for the first `rotary_dim` channels of each head (one table serves the Lightning
+    and the full-attention layers, as in the published code); with YaRN (`rope_scaling`) the
+    frequencies blend interpolation and extrapolation and cos, sin carry its attention factor."""
 
-    def __init__(self, rotary_dim: int, theta: float):
+    def __init__(self, config: RingLinearConfig):
         super().__init__()
-        self.rotary_dim, self.theta = rotary_dim, theta
+        self.rotary_dim, self.theta = config.rotary_dim, config.rope_theta
+        self.scaling = config.rope_scaling
+        self.max_positions = config.max_position_embeddings
+        self.attention_factor = config.rope_attention_factor
+
+    def inv_freq(self, device: torch.device) -> Tensor:
+        dim = self.rotary_dim
+        base = self.theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+        s = self.scaling
+        if s is None or s.get("rope_type", s.get("type")) != "yarn":
+            return 1.0 / base
+        factor = s["factor"]
+        original = s.get("original_max_position_embeddings") or self.max_positions
+
+        def correction_dim(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(self.theta))
+
+        low, high = correction_dim(s.get("beta_fast") or 32), correction_dim(s.get("beta_slow") or 1)
+        if s.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        ramp = (torch.arange(dim // 2, device=device, dtype=torch.float32) - low) / max(high - low, 1e-3)
+        extrapolate = 1 - ramp.clamp(0, 1)  # 1: keep the frequency (fast dims), 0: divide it by factor
+        return (1 / (factor * base)) * (1 - extrapolate) + (1 / base) * extrapolate
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin of shape [*positions.shape, rotary_dim] in fp32."""
-        exponent = torch.arange(0, self.rotary_dim, 2, device=positions.device, dtype=torch.float32)
-        inv_freq = 1.0 / self.theta ** (exponent / self.rotary_dim)
-        angles = positions.float()[..., None] * inv_freq
+        angles = positions.float()[..., None] * self.inv_freq(positions.device)
         angles = torch.cat([angles, angles], dim=-1)
-        return angles.cos(), angles.sin()
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
 
 @fused
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [..., T, heads, D]; cos/sin: [..., T, rotary_dim] broadcast over heads. Computed in fp32."""
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
+    """x: [..., T, heads, D]; cos/sin: [..., T, rotary_dim] broadcast over heads. Computed in fp32.
+    NeoX form (channel i pairs with i + rotary_dim/2); `interleaved`: channel 2i pairs with 2i + 1,
+    computed as the published MLA code does it: the pairs are first gathered into halves, so the
+    rotated channels come out in that order (q·k, all attention sees, is the same either way)."""
     rot = cos.shape[-1]
     x_rot, x_pass = at_least_fp32(x[..., :rot]), x[..., rot:]
+    if interleaved:
+        x_rot = x_rot.unflatten(-1, (rot // 2, 2)).transpose(-1, -2).flatten(-2)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     half = rot // 2
     rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
@@ -64,13 +108,15 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)), act = SiLU (SwiGLU) or PowLU's gate (`hidden_act`)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.activation = activation
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: Tensor, policy: KernelPolicy) -> Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), policy=policy))
+        hidden = glu(self.gate_proj(x, policy), self.up_proj(x, policy), None, self.activation, policy=policy)
+        return self.down_proj(hidden, policy)

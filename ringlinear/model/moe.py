@@ -1,5 +1,5 @@
 """Sparse mixture of experts: sigmoid router with a selection-only bias, group-limited top-k,
-routed scaling, SwiGLU experts and a shared expert."""
+routed scaling, gated (SwiGLU or PowLU) experts and a shared expert."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import RingLinearConfig
-from ..ops.moe import grouped_swiglu
+from ..ops.moe import grouped_glu
 from ..ops.policy import KernelPolicy
 from .layers import MLP, at_least_fp32
 
@@ -71,14 +71,20 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """All routed experts' SwiGLU weights stacked on a leading expert dimension."""
+    """All routed experts' gated-MLP weights stacked on a leading expert dimension."""
 
     def __init__(self, config: RingLinearConfig):
         super().__init__()
+        self.activation = config.hidden_act
         E, hidden, inter = config.num_experts, config.hidden_size, config.moe_intermediate_size
         self.gate_proj = nn.Parameter(torch.empty(E, inter, hidden))
         self.up_proj = nn.Parameter(torch.empty(E, inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(E, hidden, inter))
+
+    def weight_scales(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The 128×128 scales of e4m3 weights (`model.fp8.quantize_weights`), or None."""
+        names = [f"{proj}_scale_inv" for proj in ("gate_proj", "up_proj", "down_proj")]
+        return tuple(self._buffers[n] for n in names) if names[0] in self._buffers else None
 
     def forward(self, x: Tensor, weights: Tensor, experts: Tensor, policy: KernelPolicy) -> Tensor:
         """x [N, hidden], weights/experts [N, k] -> Σ_k weight · expert(x), summed in a fixed order
@@ -89,8 +95,8 @@ class Experts(nn.Module):
         # bincount on CUDA reads the largest id on the host; scatter_add stays on the device
         counts = torch.zeros(self.gate_proj.shape[0], dtype=torch.long, device=flat.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat))
-        y_sorted = grouped_swiglu(x[order // k], self.gate_proj, self.up_proj, self.down_proj, counts,
-                                  weights.flatten()[order], policy)
+        y_sorted = grouped_glu(x[order // k], self.gate_proj, self.up_proj, self.down_proj, counts,
+                               weights.flatten()[order], policy, self.activation, self.weight_scales())
         # back to token order by a gather (an index_put of whole rows is several times slower)
         back = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
         return y_sorted[back].view(N, k, -1).sum(1, dtype=weights.dtype).to(x.dtype)
@@ -102,7 +108,7 @@ class MoE(nn.Module):
         self.gate = Router(config)
         self.experts = Experts(config)
         if config.num_shared_experts > 0:
-            self.shared_experts = MLP(config.hidden_size, config.shared_expert_intermediate_size)
+            self.shared_experts = MLP(config.hidden_size, config.shared_expert_intermediate_size, config.hidden_act)
 
     def forward(self, x: Tensor, policy: KernelPolicy) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])

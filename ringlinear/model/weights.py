@@ -20,7 +20,7 @@ from ..checkpoint import CheckpointError, CheckpointReader
 if TYPE_CHECKING:
     from .causal_lm import RingLinearForCausalLM
 
-_STACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+_STACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)(_scale_inv)?$")  # FP8 scales too
 _ALIASES = {"e_score_correction_bias": "expert_bias"}
 
 
@@ -36,9 +36,9 @@ def checkpoint_tensors(model: RingLinearForCausalLM) -> Iterator[tuple[str, Tens
     for name, tensor in _own_state(model).items():
         stacked = _STACKED.match(name)
         if stacked:
-            prefix, proj = stacked.groups()
+            prefix, proj, scale = stacked.groups()
             for e, weight in enumerate(tensor.unbind(0)):
-                yield f"{prefix}.{e}.{proj}.weight", weight
+                yield f"{prefix}.{e}.{proj}.weight{scale or ''}", weight
         else:
             yield name, tensor
 
@@ -55,8 +55,8 @@ def load_weights(model: RingLinearForCausalLM, directory: str | Path) -> None:
     for name, tensor in _own_state(model).items():
         stacked = _STACKED.match(name)
         if stacked:
-            prefix, proj = stacked.groups()
-            expected.update({f"{prefix}.{e}.{proj}.weight": (tensor, e) for e in range(E)})
+            prefix, proj, scale = stacked.groups()
+            expected.update({f"{prefix}.{e}.{proj}.weight{scale or ''}": (tensor, e) for e in range(E)})
         else:
             expected[name] = (tensor, None)
     with CheckpointReader(directory) as reader:

@@ -18,13 +18,24 @@ def document_ids(cu_seqlens: Tensor, seq_len: int) -> Tensor:
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor | None = None,
                      policy: KernelPolicy = KernelPolicy()) -> Tensor:
-    """q: [B, Tq, H, D]; k, v: [B, Tk, KV, D] with Tk ≥ Tq and KV dividing H.
+    """q: [B, Tq, H, D]; k: [B, Tk, KV, D], v: [B, Tk, KV, Dv] with Tk ≥ Tq and KV dividing H.
 
     Query i sits at key position Tk - Tq + i (new tokens after a cached prefix) and sees keys up to
     and including its own. With `cu_seqlens` (B = 1, Tq = Tk) a query sees only its own sequence.
-    Returns [B, Tq, H, D]. `policy` picks the kernel (`ops.policy`).
+    Returns [B, Tq, H, Dv]. `policy` picks the kernel (`ops.policy`). Values narrower than the keys
+    (MLA) are zero-padded to D for the kernels that need one head width and cut back after.
     """
-    match causal_attention_kernel(policy, q, k, v, packed=cu_seqlens is not None):
+    kernel = causal_attention_kernel(policy, q, k, v, packed=cu_seqlens is not None)
+    Dv = v.shape[-1]
+    if Dv != q.shape[-1] and kernel != "sdpa":
+        v = F.pad(v, (0, q.shape[-1] - Dv))
+        return _causal_attention(kernel, q, k, v, scale, cu_seqlens, policy)[..., :Dv]
+    return _causal_attention(kernel, q, k, v, scale, cu_seqlens, policy)
+
+
+def _causal_attention(kernel: str, q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor | None,
+                      policy: KernelPolicy) -> Tensor:
+    match kernel:
         case "flash_varlen":
             return _flash_varlen(q, k, v, scale, cu_seqlens)
         case "sdpa":

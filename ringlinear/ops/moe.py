@@ -3,9 +3,10 @@
 Three forms with one signature: the reference loops over experts (it reads the row counts on the
 host); the grouped form runs each projection as one `torch._grouped_mm` over all experts with the
 group offsets on the device, so it never synchronises and can be captured in a CUDA graph; the
-invariant form runs the grouped products of `invariant_kernels` (likewise without a sync). The kernel
-policy picks one (`ops.policy`); in invariant mode on the torch backend the loop's products become
-products of one fixed shape.
+invariant form runs the grouped products of `invariant_kernels` (likewise without a sync); the FP8
+form loops over experts with blockwise-FP8 products (`ops.fp8`). The kernel policy picks one
+(`ops.policy`); in invariant mode on the torch backend the loop's products become products of one
+fixed shape.
 """
 
 from __future__ import annotations
@@ -14,46 +15,68 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fused import swiglu
+from .fp8 import fp8_linear
+from .fused import glu
 from .policy import KernelPolicy, experts_kernel
 
 
-def grouped_swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor, scales: Tensor,
-                   policy: KernelPolicy = KernelPolicy()) -> Tensor:
-    """SwiGLU of each expert over its rows, each row scaled by its routing weight: x [M, hidden]
-    sorted by expert, `counts[e]` rows for expert e; gate/up [E, inter, hidden], down [E, hidden,
-    inter]; scales [M] fp32. Returns [M, hidden]. The scale multiplies the intermediate (inter wide,
-    a quarter of hidden at Ring-mini's shapes) in fp32, so no fp32 copy of the output is made."""
+def grouped_glu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor, scales: Tensor,
+                policy: KernelPolicy = KernelPolicy(), activation: str = "silu",
+                weight_scales: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """The gated MLP (`activation`: "silu" for SwiGLU, "powlu") of each expert over its rows, each row
+    scaled by its routing weight: x [M, hidden] sorted by expert, `counts[e]` rows for expert e;
+    gate/up [E, inter, hidden], down [E, hidden, inter]; scales [M] fp32. Returns [M, hidden]. The
+    scale multiplies the intermediate (inter wide, a quarter of hidden at Ring-mini's shapes) in fp32,
+    so no fp32 copy of the output is made. e4m3 weights come with their 128×128 `weight_scales`
+    [E, ·, ·] for gate, up and down."""
     match experts_kernel(policy, x, gate, up, down):
+        case "fp8_loop":
+            return grouped_glu_fp8(x, gate, up, down, counts, scales, policy, activation, weight_scales)
         case "invariant_grouped_mm":
-            return grouped_swiglu_invariant(x, gate, up, down, counts, scales, policy)
+            return grouped_glu_invariant(x, gate, up, down, counts, scales, policy, activation)
         case "grouped_mm":
-            return grouped_swiglu_grouped_mm(x, gate, up, down, counts, scales, policy)
+            return grouped_glu_grouped_mm(x, gate, up, down, counts, scales, policy, activation)
         case "loop":
-            return grouped_swiglu_loop(x, gate, up, down, counts, scales, policy)
+            return grouped_glu_loop(x, gate, up, down, counts, scales, policy, activation)
 
 
-def grouped_swiglu_loop(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor,
-                        scales: Tensor, policy: KernelPolicy = KernelPolicy()) -> Tensor:
+def grouped_glu_loop(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor,
+                     scales: Tensor, policy: KernelPolicy = KernelPolicy(), activation: str = "silu") -> Tensor:
     outputs = []
     sizes = counts.tolist()
     # unbind, not gate[e]: indexing's backward would fill a zero gradient of all E experts per expert
     for rows, s, g, u, d in zip(x.split(sizes), scales.split(sizes), gate.unbind(), up.unbind(), down.unbind()):
         if rows.shape[0]:
-            outputs.append(F.linear(swiglu(F.linear(rows, g), F.linear(rows, u), s, policy=policy), d))
+            outputs.append(F.linear(glu(F.linear(rows, g), F.linear(rows, u), s, activation, policy=policy), d))
     return torch.cat(outputs) if outputs else x.new_zeros(0, down.shape[1])
 
 
-def grouped_swiglu_grouped_mm(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor,
-                              scales: Tensor, policy: KernelPolicy = KernelPolicy()) -> Tensor:
+def grouped_glu_grouped_mm(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor,
+                           scales: Tensor, policy: KernelPolicy = KernelPolicy(), activation: str = "silu") -> Tensor:
     offsets = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
-    h = swiglu(torch._grouped_mm(x, gate.transpose(1, 2), offs=offsets),
-               torch._grouped_mm(x, up.transpose(1, 2), offs=offsets), scales, policy=policy)
+    h = glu(torch._grouped_mm(x, gate.transpose(1, 2), offs=offsets),
+            torch._grouped_mm(x, up.transpose(1, 2), offs=offsets), scales, activation, policy=policy)
     return torch._grouped_mm(h, down.transpose(1, 2), offs=offsets)
 
 
-def grouped_swiglu_invariant(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor,
-                             scales: Tensor, policy: KernelPolicy = KernelPolicy(invariant=True)) -> Tensor:
+def grouped_glu_invariant(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor, scales: Tensor,
+                          policy: KernelPolicy = KernelPolicy(invariant=True), activation: str = "silu") -> Tensor:
     from .invariant_kernels import invariant_grouped_mm
-    h = swiglu(invariant_grouped_mm(x, gate, counts), invariant_grouped_mm(x, up, counts), scales, policy=policy)
+    h = glu(invariant_grouped_mm(x, gate, counts), invariant_grouped_mm(x, up, counts), scales, activation,
+            policy=policy)
     return invariant_grouped_mm(h, down, counts)
+
+
+def grouped_glu_fp8(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor, scales: Tensor,
+                    policy: KernelPolicy, activation: str = "silu",
+                    weight_scales: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    sizes = counts.tolist()
+    per_expert = [w.unbind() for w in (gate, up, down)]
+    per_expert += [s.unbind() for s in weight_scales] if weight_scales is not None else [[None] * len(sizes)] * 3
+    outputs = []
+    for rows, s, g, u, d, gs, us, ds in zip(x.split(sizes), scales.split(sizes), *per_expert):
+        if rows.shape[0]:
+            h = glu(fp8_linear(rows, g, None, gs, policy=policy), fp8_linear(rows, u, None, us, policy=policy), s,
+                    activation, policy=policy)
+            outputs.append(fp8_linear(h, d, None, ds, policy=policy))
+    return torch.cat(outputs) if outputs else x.new_zeros(0, down.shape[1])

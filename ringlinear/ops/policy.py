@@ -26,8 +26,11 @@ sampler for its log-probs); the ops below switch by the table. Backward passes r
 | lightning_tree_fold         | tree.py                  | tree fold loop | tree.py             | tree fold loop   |
 | causal_attention            | SDPA; FlashAttention (1) | SDPA, masked   | key blocks (2)      | key-block loop   |
 | paged_attention             | kernel.py (3)            | gather + SDPA  | key blocks (2)      | key-block loop   |
-| grouped_swiglu (moe.py)     | torch._grouped_mm (4)    | expert loop    | grouped GEMM (2)    | expert loop      |
+| grouped_glu (moe.py)        | torch._grouped_mm (4)    | expert loop    | grouped GEMM (2)    | expert loop      |
+| grouped_glu, fp8            | expert loop of fp8 GEMMs | same, refs     | –                   | –                |
 | elementwise chains (fused)  | torch.compile (5)        | eager          | eager               | eager            |
+| fp8 quantize (fp8/)         | kernels.py               | reference.py   | –                   | –                |
+| fp8 GEMM (fp8/)             | torch._scaled_mm (7)     | reference.py   | –                   | –                |
 | F.linear, @, sum, softmax   | PyTorch                  | PyTorch        | invariant_kernels   | fixed row blocks |
 
 (1) FlashAttention's varlen kernel for packed documents in CUDA fp16/bf16. (2) On
@@ -35,10 +38,14 @@ sampler for its log-probs); the ops below switch by the table. Backward passes r
 LIGHTNING_HEAD_DIMS; other shapes take the references. (4) CUDA bf16; else the expert loop.
 (5) CUDA activations of at least COMPILE_MIN_ELEMENTS. (6) Each draft token's root path through
 lightning_attn's invariant form (so a recurrent kernel, by the backend), the bits a decode step gives it.
+(7) cuBLAS's blockwise recipes on Hopper (CUDA ≥ 12.9) for operands whose dimensions are multiples of 128,
+if a probe product on the device matches the reference (`blockwise_scaled_mm_works`); else kernels.py's
+GEMM. FP8 is not batch-invariant.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -64,10 +71,13 @@ def triton_installed() -> bool:
 class KernelPolicy:
     backend: Backend = "auto"
     invariant: bool = False
+    fp8: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.fp8 and self.invariant:
+            raise ValueError("fp8 GEMMs are not batch-invariant: choose fp8 or invariant, not both")
 
     def resolve(self, device: torch.device | str) -> KernelPolicy:
         """This policy with "auto" made concrete for tensors on `device` (what an owner logs and passes)."""
@@ -149,11 +159,14 @@ def paged_attention_kernel(policy: KernelPolicy, q: Tensor, k_cache: Tensor) -> 
     return "paged" if policy.triton(q, k_cache) and page >= 16 and page & (page - 1) == 0 else "gather_reference"
 
 
-ExpertsKernel = Literal["grouped_mm", "invariant_grouped_mm", "loop"]
+ExpertsKernel = Literal["grouped_mm", "invariant_grouped_mm", "loop", "fp8_loop"]
 
 
 def experts_kernel(policy: KernelPolicy, x: Tensor, *weights: Tensor) -> ExpertsKernel:
-    """grouped_swiglu. torch._grouped_mm (no host sync, so CUDA-graph safe) takes bf16 on CUDA."""
+    """grouped_glu. torch._grouped_mm (no host sync, so CUDA-graph safe) takes bf16 on CUDA. FP8 (the
+    policy's, or e4m3 weights) loops over the experts (a host sync) with one fp8_linear per projection."""
+    if policy.fp8 or weights[0].dtype == torch.float8_e4m3fn:
+        return "fp8_loop"
     if policy.invariant:
         return "invariant_grouped_mm" if policy.triton(x, *weights) else "loop"
     return "grouped_mm" if policy.cuda_fast_paths(x) and x.dtype == torch.bfloat16 else "loop"
@@ -163,3 +176,34 @@ def compiles_chain(policy: KernelPolicy, x: Tensor) -> bool:
     """fused.py: compile an elementwise chain into one kernel. Invariant mode runs it eagerly, so its
     reductions keep their fixed form."""
     return policy.cuda_fast_paths(x) and x.numel() >= COMPILE_MIN_ELEMENTS
+
+
+Fp8GemmKernel = Literal["scaled_mm", "triton", "reference"]
+
+
+def fp8_quantize_triton(policy: KernelPolicy, x: Tensor) -> bool:
+    """fp8 quantize: the Triton kernel, or the reference (float64 inputs always take the reference)."""
+    return policy.triton(x)
+
+
+def fp8_gemm_kernel(policy: KernelPolicy, a: Tensor, b: Tensor) -> Fp8GemmKernel:
+    """fp8 GEMM of e4m3 operands a [M, K], b [N, K]."""
+    if policy._backend_on(a.device) != "triton":
+        return "reference"
+    aligned = all(n % 128 == 0 for n in (*a.shape, b.shape[0]))
+    return "scaled_mm" if a.is_cuda and aligned and blockwise_scaled_mm_works(a.device) else "triton"
+
+
+@functools.cache
+def blockwise_scaled_mm_works(device: torch.device) -> bool:
+    """Whether torch._scaled_mm takes DeepSeek's blockwise recipes here: Hopper, a CUDA ≥ 12.9 build, and a
+    probe product that matches the reference (a build without them raises, which is the answer too)."""
+    if torch.cuda.get_device_capability(device) != (9, 0) or torch.version.cuda is None:
+        return False
+    if tuple(int(v) for v in torch.version.cuda.split(".")[:2]) < (12, 9):
+        return False
+    from .fp8.gemm import probe_scaled_mm
+    try:
+        return probe_scaled_mm(device)
+    except (RuntimeError, ValueError):  # what torch's shape and layout checks raise
+        return False

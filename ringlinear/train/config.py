@@ -10,6 +10,7 @@ from ..config import RingLinearConfig
 
 LR_SCHEDULES = ("wsd", "cosine", "wsm")
 PARAM_DTYPES = ("auto", "bfloat16", "float32")
+PRECISIONS = ("bf16", "fp8")
 
 
 def setting(default: Any, help: str) -> Any:
@@ -40,7 +41,7 @@ class TrainConfig:
 
     out_dir: str = setting("runs/tiny", "run folder: checkpoints/, checkpoint (the latest model), "
                            "metrics.jsonl, tensorboard/, train_config.json and the tokenized corpus (data/)")
-    preset: str = setting("tiny", "model preset: tiny, mini or flash")
+    preset: str = setting("tiny", "model preset: tiny, tiny-mla, mini, flash or ring-2.5-1t")
     model_overrides: dict[str, Any] = setting({}, "model config fields changed from the preset")
     init_from: str = setting("", "start from this checkpoint in the Hugging Face layout (e.g. one made by "
                              "`ringlinear convert`) instead of random weights; its config.json replaces --preset")
@@ -82,6 +83,9 @@ class TrainConfig:
                                             "backward instead of keeping them (1 = all layers, 0 = none)")
     param_dtype: str = setting("auto", "dtype the layers compute in (fp32 master weights and optimizer "
                                "state either way): bfloat16, float32, or auto = bfloat16 on GPUs, float32 on CPUs")
+    precision: str = setting("bf16", "GEMMs of the linear layers and routed experts: bf16 (in --param-dtype) or "
+                             "fp8 (blockwise e4m3 as DeepSeek-V3: 1x128 activation and 128x128 weight scales, "
+                             "forward and backward; router, embeddings and LM head unchanged)")
     max_skipped_steps: int = setting(5, "stop after this many steps in a row with a non-finite loss or "
                                      "gradient norm (each is skipped)")
     spike_sigmas: float = setting(4.0, "log a loss spike when the loss exceeds the mean of the last 50 "
@@ -107,6 +111,7 @@ class TrainConfig:
             ("min_lr", 0 <= self.min_lr <= self.lr, f"must be in [0, lr={self.lr}]"),
             ("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"must be one of {LR_SCHEDULES}"),
             ("param_dtype", self.param_dtype in PARAM_DTYPES, f"must be one of {PARAM_DTYPES}"),
+            ("precision", self.precision in PRECISIONS, f"must be one of {PRECISIONS}"),
             ("tokenized", not (self.tokenized and self.data), "give --data or --tokenized, not both"),
         ]
         for name, ok, requirement in rules:

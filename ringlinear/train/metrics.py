@@ -24,22 +24,37 @@ class FlopCounter:
     """Model FLOPs of forward + backward (3 × forward) over packed documents: 2 per active
     non-embedding parameter per token (the routed experts a token uses, not all), the LM head once
     per prediction depth, softmax attention over each document's causal triangle (QKᵀ and PV:
-    2·D·H·n(n+1) for n tokens) and Lightning's chunked form, (4·C·D + 4·D²)·H per token (intra-chunk
-    QKᵀ and PV, then q·S and the state update). Recomputation is not counted."""
+    (Dqk + Dv)·H·n(n+1) for n tokens; Dqk = Dv = D for GQA, [nope | rope] and v for MLA in its
+    decompressed form) and Lightning's chunked form, (4·C·D + 4·D²)·H per token (intra-chunk
+    QKᵀ and PV, then q·S and the state update). Recomputation is not counted. The same count gives
+    inference: `forward` for a prefill, `decode` for one generated token."""
 
     def __init__(self, config: RingLinearConfig):
         info = model_info(config)
-        depths = 1 + config.num_nextn_predict_layers
         H, D = config.num_attention_heads, config.head_dim
         kinds = [config.is_softmax_layer(i) for i in range(config.num_hidden_layers + config.num_nextn_predict_layers)]
-        self.per_token = (2 * (info.active_params - info.embedding_params)
-                          + 2 * config.hidden_size * config.vocab_size * depths
-                          + kinds.count(False) * (4 * LIGHTNING_CHUNK * D + 4 * D * D) * H)
-        self.per_pair = kinds.count(True) * 2 * D * H
+        self.lm_head = 2 * config.hidden_size * config.vocab_size * (1 + config.num_nextn_predict_layers)
+        # per token in either form: the matmuls of the active weights, Lightning's q·S and state update
+        self.body = 2 * (info.active_params - info.embedding_params) + kinds.count(False) * 4 * D * D * H
+        self.chunk = kinds.count(False) * 4 * LIGHTNING_CHUNK * D * H  # per token of the chunked form only
+        value_dim = config.v_head_dim if config.attention_type == "mla" else D
+        self.per_pair = kinds.count(True) * (config.qk_head_dim + value_dim) * H
+
+    def forward(self, document_lengths: Sequence[int], every_logit: bool = True) -> float:
+        """Forward FLOPs; `every_logit=False` runs the LM head on each document's last token only, as
+        a prefill does."""
+        tokens = sum(document_lengths)
+        heads = tokens if every_logit else len(document_lengths)
+        pairs = sum(n * (n + 1) for n in document_lengths)
+        return float((self.body + self.chunk) * tokens + self.lm_head * heads + self.per_pair * pairs)
+
+    def decode(self, context: int) -> float:
+        """Forward FLOPs of one token decoded at `context` tokens (itself included): the recurrent
+        form of Lightning, no chunk; softmax attention over `context` keys."""
+        return float(self.body + self.lm_head + 2 * self.per_pair * context)
 
     def __call__(self, document_lengths: Sequence[int]) -> float:
-        pairs = sum(n * (n + 1) for n in document_lengths)
-        return 3.0 * (self.per_token * sum(document_lengths) + self.per_pair * pairs)
+        return 3.0 * self.forward(document_lengths)
 
 
 def peak_flops(tflops: float, device: torch.device) -> float | None:

@@ -139,7 +139,7 @@ class Trainer:
         model = model.to(world.device).train()
         self.model = parallelize(model, world, compute_dtype(config.param_dtype, world.device),
                                  config.activation_checkpointing)
-        self.policy = KernelPolicy().resolve(world.device)
+        self.policy = KernelPolicy(fp8=config.precision == "fp8").resolve(world.device)
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, (config.beta1, config.beta2))
         self.lr = LearningRate.of(config)
         self.moe_layers = [i for i in range(model_config.num_hidden_layers + model_config.num_nextn_predict_layers)
@@ -197,7 +197,8 @@ class Trainer:
         if out.mtp_loss is not None:
             metrics["mtp_loss"] = mtp_loss
         metrics.update(batch_size=batch_size, seq_len=seq_len, tokens=self.stages.position(step + 1),
-                       tokens_per_s=batch_size * seq_len / seconds, memory_gib=peak_memory_gib(world.device))
+                       tokens_per_s=batch_size * seq_len / seconds, memory_gib=peak_memory_gib(world.device),
+                       flops=float(totals[3]))  # the step's model FLOPs over all processes
         if self.peak:
             metrics["mfu"] = float(totals[3]) / (seconds * world.size * self.peak)
         if outcome.expert_load is not None:

@@ -3,7 +3,6 @@ handlers that turn every failure of a request into a status and that body (never
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -14,8 +13,6 @@ from starlette.exceptions import HTTPException
 
 from ..async_engine import EngineOverloaded
 from ..params import InvalidRequest
-
-log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -31,14 +28,28 @@ class ClientGone(Exception):
     """The client closed its connection before its response was ready."""
 
 
+class ShuttingDown(RuntimeError):
+    """The server stopped serving before this request finished."""
+
+
+class BodyTooLarge(HTTPException):
+    """A body over --max-request-bytes (raised while it is read, so FastAPI passes it on as it is)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is over this server's limit of {limit} bytes (--max-request-bytes)")
+
+
+RETRY_AFTER = {"Retry-After": "1"}  # seconds: requests in flight finish, and queue slots free, at every step
+
+
 def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                   code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, param, kind, code), status_code=status)
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, param, kind, code), status_code=status, headers=headers)
 
 
 @contextmanager
@@ -67,7 +78,21 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
 
 
 async def _overloaded(request: Request, exc: EngineOverloaded) -> JSONResponse:
-    return error_response(503, f"the server is overloaded ({exc}); retry later", None, "server_error", "overloaded")
+    return error_response(503, f"the server is overloaded ({exc}); retry later", None, "server_error", "overloaded",
+                          RETRY_AFTER)
+
+
+async def _shutting_down(request: Request, exc: ShuttingDown) -> JSONResponse:
+    return error_response(503, str(exc), None, "server_error", "shutting_down")
+
+
+def too_large(limit: int) -> JSONResponse:
+    """The 413 of a body over the limit; the connection closes, as the rest of the body is not read."""
+    return error_response(413, BodyTooLarge(limit).detail, "body", headers={"Connection": "close"})
+
+
+async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+    return too_large(request.app.state.server.max_request_bytes)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -78,14 +103,12 @@ async def _client_gone(request: Request, exc: ClientGone) -> Response:
     return Response(status_code=499)  # nobody reads it: the client closed the connection
 
 
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("request failed")
-    return error_response(500, f"internal error: {exc!r}", None, "server_error")
-
-
+# Any other exception is the `Gate`'s: a handler for Exception would run in Starlette's outermost
+# middleware, which re-raises after answering, and uvicorn then drops the connection.
 _HANDLERS = {RequestValidationError: _invalid_body, InvalidRequest: _invalid_request, APIError: _api_error,
-             EngineOverloaded: _overloaded, HTTPException: _http_error, ClientGone: _client_gone,
-             Exception: _internal_error}
+             EngineOverloaded: _overloaded, ShuttingDown: _shutting_down, BodyTooLarge: _too_large,
+             HTTPException: _http_error,
+             ClientGone: _client_gone}
 
 
 def add_error_handlers(app: FastAPI) -> None:

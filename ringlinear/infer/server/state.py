@@ -1,5 +1,5 @@
-"""What the endpoints of one app share (its engine thread, served names, chat template and key),
-kept on `app.state.server` and handed to them by the `State` dependency."""
+"""What the endpoints of one app share (its engine thread, served names, chat template, key, body
+limit and shutdown), kept on `app.state.server` and handed to them by the `State` dependency."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from ..async_engine import AsyncEngine
 from ..chat import ChatTemplate
 from ..engine import Engine
 from .errors import APIError
+from .shutdown import Shutdown
+from .tokens import PromptTokenizer
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,9 @@ class ServerState:
     model_names: tuple[str, ...]  # the names requests may use; /v1/models and responses give the first
     chat_template: ChatTemplate | None
     api_key: str | None
+    max_request_bytes: int
+    shutdown: Shutdown
+    tokenize: PromptTokenizer
 
     @property
     def engine(self) -> Engine:

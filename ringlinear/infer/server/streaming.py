@@ -29,17 +29,24 @@ def _sse(data: dict | str) -> str:
 
 @dataclass(frozen=True)
 class Batch:
+    """Choice `i * n + j` is completion j of prompt i, as OpenAI numbers them."""
     runner: AsyncEngine
     request_ids: list[str]
     prompts: list[list[int]]
+    n: int
     outputs: asyncio.Queue  # RequestOutputs, or the exception that failed a request
 
     @classmethod
     def submit(cls, runner: AsyncEngine, prefix: str, prompts: list[list[int]], params: SamplingParams) -> Batch:
-        """Submit checked prompts, one request each (EngineOverloaded when the queue is full)."""
-        batch = cls(runner, [f"{prefix}-{uuid.uuid4().hex}" for _ in prompts], prompts, asyncio.Queue())
+        """Submit checked prompts, one request of `params.n` completions each (EngineOverloaded when
+        the queue is full)."""
+        batch = cls(runner, [f"{prefix}-{uuid.uuid4().hex}" for _ in prompts], prompts, params.n, asyncio.Queue())
         runner.add([(r, p, params) for r, p in zip(batch.request_ids, prompts)], batch.outputs)
         return batch
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.n
 
     def header(self, kind: str, model: str) -> dict:
         """The fields every response and chunk starts with; `kind` is OpenAI's `object`."""
@@ -51,19 +58,20 @@ class Batch:
                 "total_tokens": prompt_tokens + completion_tokens}
 
     async def results(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(choice index, output) until every request has finished; aborts the rest on the way out."""
-        index = {r: i for i, r in enumerate(self.request_ids)}
-        pending = set(self.request_ids)
+        """(choice index, output) until every completion has finished; aborts the rest on the way out."""
+        first = {r: i * self.n for i, r in enumerate(self.request_ids)}
+        pending = set(range(self.num_choices))
         try:
             while pending:
                 output = await self.outputs.get()
                 if isinstance(output, Exception):
                     raise output
+                choice = first[output.request_id] + output.index
                 if output.finished:
-                    pending.discard(output.request_id)
-                yield index[output.request_id], output
+                    pending.discard(choice)
+                yield choice, output
         finally:
-            self.runner.abort(list(pending))
+            self.runner.abort(list(dict.fromkeys(self.request_ids[i // self.n] for i in pending)))
 
     async def collect(self, request: Request) -> list[Completion]:
         """Every request's whole result; ClientGone (and the requests aborted) if the client leaves."""
@@ -72,7 +80,7 @@ class Batch:
                 pass
             self.outputs.put_nowait(ClientGone())
 
-        completions = [Completion(r, p) for r, p in zip(self.request_ids, self.prompts)]
+        completions = [Completion(r, p, j) for r, p in zip(self.request_ids, self.prompts) for j in range(self.n)]
         watcher = asyncio.create_task(watch())
         try:
             async for i, output in self.results():
@@ -88,13 +96,13 @@ class Batch:
 
     async def _events(self, header: dict, choice: Choice, include_usage: bool,
                       first: Sequence[dict]) -> AsyncIterator[str]:
-        generated = [0] * len(self.prompts)
+        generated = [0] * self.num_choices
         try:
             for choice_dict in first:
                 yield _sse({**header, "choices": [choice_dict]})
             async for i, output in self.results():
                 generated[i] = output.num_output_tokens
-                if output.text or output.logprobs or output.finished:  # held-back text: nothing to send yet
+                if output.text or output.logprobs or output.prompt_logprobs or output.finished:  # else held back
                     yield _sse({**header, "choices": [choice(i, output)]})
             if include_usage:
                 yield _sse({**header, "choices": [], "usage": self.usage(sum(generated))})

@@ -11,9 +11,14 @@ trees for speculative decoding and fold the accepted path into the state (`tree.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import itertools
+import weakref
+from types import ModuleType
+
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..policy import (
     KernelPolicy,
@@ -54,28 +59,48 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-# tensor -> version at which its values were found negative: reading them back is a host sync on a
-# GPU, so a layer's fixed decay buffer is checked once, and again only after an in-place change
-_checked_decays = WeakIdKeyDictionary()
+# id(tensor) -> (a weak reference to it, the version at which its values were found negative):
+# reading them back is a host sync on a GPU, so a layer's fixed decay buffer is checked once, and
+# again only after an in-place change. A dict by id, as torch's WeakIdKeyDictionary costs
+# microseconds a lookup, on every call; an entry leaves when its tensor dies.
+_checked_decays: dict[int, tuple[weakref.ref, int]] = {}
 
 
 def _check_decay(log_decay: Tensor, num_heads: int) -> None:
     if log_decay.shape != (num_heads,):
         raise ValueError(f"log_decay must have shape [H]=[{num_heads}], got {list(log_decay.shape)}")
-    if _capturing() or _checked_decays.get(log_decay) == log_decay._version:
+    key = id(log_decay)
+    ref, version = _checked_decays.get(key, (None, None))
+    if (ref is not None and ref() is log_decay and version == log_decay._version) or _capturing():
         return
     if bool((log_decay >= 0).any()):
         raise ValueError("log_decay must be negative (log λ with 0 < λ < 1); got values >= 0: "
                          f"{log_decay.tolist()}")
-    _checked_decays[log_decay] = log_decay._version
+    _checked_decays[key] = (weakref.ref(log_decay, lambda _: _checked_decays.pop(key, None)), log_decay._version)
 
 
-def _check_cu_seqlens(cu_seqlens: Tensor, batch: int, seq_len: int) -> list[int]:
+@functools.cache
+def _backend(name: str) -> ModuleType:
+    """A Triton backend module (chunk, recurrent, decode), imported on first use: importing Triton
+    fixes TRITON_INTERPRET for the process. Cached: an import statement costs microseconds a call."""
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def _check_cu_seqlens(cu_seqlens: Tensor, batch: int, seq_len: int, max_seqlen: int | None) -> int:
+    """The longest packed sequence's length. Reading the offsets back is a host sync on a GPU (the
+    engine would pay it in every Lightning layer of every prefill), so with `max_seqlen` given
+    they are not read: only its range is checked."""
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [N+1] of sequence offsets, got "
                          f"shape {list(cu_seqlens.shape)} dtype {cu_seqlens.dtype}")
     if batch != 1:
         raise ValueError(f"with cu_seqlens the sequences are packed along T, so B must be 1, got B={batch}")
+    if max_seqlen is not None:
+        if not 0 <= max_seqlen <= seq_len:
+            raise ValueError(f"max_seqlen must be in [0, T={seq_len}], got {max_seqlen}")
+        return max_seqlen
+    if _capturing():
+        raise ValueError("under CUDA-graph capture cu_seqlens needs max_seqlen: its offsets cannot be read back")
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]}")
@@ -83,17 +108,21 @@ def _check_cu_seqlens(cu_seqlens: Tensor, batch: int, seq_len: int) -> list[int]
         raise ValueError(f"cu_seqlens must be non-decreasing, got {offsets}")
     if offsets[-1] != seq_len:
         raise ValueError(f"cu_seqlens must end at T={seq_len}, got {offsets[-1]}")
-    return offsets
+    return max(b - a for a, b in itertools.pairwise(offsets))
 
 
 def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None = None,
                    initial_state: Tensor | None = None, output_final_state: bool = False,
-                   cu_seqlens: Tensor | None = None, policy: KernelPolicy = KernelPolicy()
-                   ) -> tuple[Tensor, Tensor | None]:
+                   cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
+                   policy: KernelPolicy = KernelPolicy()) -> tuple[Tensor, Tensor | None]:
     """Causal linear attention with a per-head decay over whole sequences.
 
     q, k, v: [B, T, H, D]; log_decay: [H], negative; initial_state: [N, H, D, D] fp32 where N is B,
     or the number of packed sequences when `cu_seqlens` ([N+1] offsets into T, B = 1) is given.
+    `max_seqlen` (with cu_seqlens, as in FlashAttention's varlen calls): the longest sequence's
+    length, known on the host; given it, the offsets are trusted and never read back (no host sync,
+    so the call can be captured in a CUDA graph), and it only plans the kernel's work: a wrong value
+    costs speed, not correctness. Without it the offsets are read and checked.
     Returns o [B, T, H, D] in the input dtype and, if asked, the final states [N, H, D, D] in fp32.
     Differentiable with respect to q, k, v and the initial state. `policy` picks the kernel.
     """
@@ -106,34 +135,35 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: fl
         raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, T, H, D = q.shape
     _check_decay(log_decay, H)
-    offsets = None if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, B, T)
-    num_seqs = B if offsets is None else len(offsets) - 1
+    if cu_seqlens is None and max_seqlen is not None:
+        raise ValueError("max_seqlen is the longest of the packed sequences: it needs cu_seqlens")
+    longest = T if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, B, T, max_seqlen)
+    num_seqs = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if initial_state is not None and initial_state.shape != (num_seqs, H, D, D):
         raise ValueError(f"initial_state must have shape [N, H, D, D]={[num_seqs, H, D, D]}, "
                          f"got {list(initial_state.shape)}")
     match lightning_kernel(policy, q):
         case "chunk":
-            from .chunk import lightning_attn_triton
-            return lightning_attn_triton(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens,
-                                         offsets)
+            return _backend("chunk").lightning_attn_triton(q, k, v, log_decay, scale, initial_state,
+                                                           output_final_state, cu_seqlens, longest)
         case "recurrent":
-            from .recurrent import lightning_attn_recurrent_triton
-            return lightning_attn_recurrent_triton(q, k, v, log_decay, scale, initial_state, output_final_state,
-                                                   cu_seqlens, offsets)
+            return _backend("recurrent").lightning_attn_recurrent_triton(q, k, v, log_decay, scale, initial_state,
+                                                                         output_final_state, cu_seqlens, longest)
         case "recurrent_reference":
             o, final = lightning_attn_recurrent(q, k, v, log_decay, scale, initial_state, cu_seqlens)
             return o, final if output_final_state else None
         case "chunked_reference":
-            return _chunked_reference(q, k, v, log_decay, scale, initial_state, output_final_state, offsets)
+            return _chunked_reference(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
 
 
 def _chunked_reference(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None,
                        initial_state: Tensor | None, output_final_state: bool,
-                       offsets: list[int] | None) -> tuple[Tensor, Tensor | None]:
+                       cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """`lightning_attn_chunked` over each packed sequence in turn."""
-    if offsets is None:
+    if cu_seqlens is None:
         o, final = lightning_attn_chunked(q, k, v, log_decay, scale, initial_state)
     else:
+        offsets = cu_seqlens.tolist()  # the reference slices on the host
         outputs, finals = [], []
         for n, (start, end) in enumerate(zip(offsets, offsets[1:])):
             state = None if initial_state is None else initial_state[n:n + 1]
@@ -170,11 +200,9 @@ def lightning_decode(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: 
     _check_pool(state, slots, N, H, D)
     match lightning_kernel(policy, q):
         case "chunk":
-            from .decode import lightning_decode_triton
-            return lightning_decode_triton(q, k, v, log_decay, state, slots, scale)
+            return _backend("decode").lightning_decode_triton(q, k, v, log_decay, state, slots, scale)
         case "recurrent":
-            from .recurrent import lightning_decode_recurrent_triton
-            return lightning_decode_recurrent_triton(q, k, v, log_decay, state, slots, scale)
+            return _backend("recurrent").lightning_decode_recurrent_triton(q, k, v, log_decay, state, slots, scale)
         case "recurrent_reference":
             one_each = torch.arange(N + 1, device=q.device)
             o, state[slots] = lightning_attn_recurrent(q[None], k[None], v[None], log_decay, scale, state[slots],

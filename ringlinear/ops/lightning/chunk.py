@@ -21,11 +21,15 @@ Parallelism: one program per (sequence, head, role, D_v tile, segment). A long s
 into segments of `seg_len` tokens; a first launch computes each segment's own state contribution
 (from zero), and each program of the main launch starts from
     S_in(s) = λ^(s·LS) S0 + Σ_{s'<s} λ^((s-1-s')·LS) local(s'),
-so B = 1 at 64K tokens still fills the GPU. Short sequences take a single launch.
+so B = 1 at 64K tokens still fills the GPU. Short sequences take a single launch. The plan needs
+only host integers (tokens, sequences, the longest length), never the offsets themselves: reading
+those back would be a host sync per call. The longest length is a hint: a sequence longer than the
+grid's segments finishes in its last one, so a low hint costs speed, never correctness.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +51,7 @@ class KernelConfig:
     local_stages: int  # of the segments' local-state pass (few registers: deeper prefetch fits)
 
 
+@functools.cache  # called on every launch: a frozen dataclass costs microseconds to build
 def default_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
     if dtype == torch.float32:  # tiles twice the bytes: no prefetch stage, narrower at D = 256
         return KernelConfig(block_v=32 if head_dim == 256 else 64, num_warps=8 if head_dim == 256 else 4,
@@ -82,12 +87,14 @@ def _token_offsets(bos, length, pos, i_h, rev, H: tl.constexpr, D: tl.constexpr)
 
 @triton.jit(do_not_specialize=["T", "LS", "total_segs"])
 def _local_state_kernel(
-    k, v, q, do, hl, cu_seqlens, seg_base, log_decay, scale, T, LS, total_segs,
+    k, v, q, do, hl, cu_seqlens, log_decay, scale, T, LS, total_segs,
     H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     NJOBS: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Each full (non-last) segment's own state, from zero: job 0 forward over (k, v), job 1
-    (backward only) reversed over (scale·q, do)."""
+    (backward only) reversed over (scale·q, do). Segment s of the sequence starting at token bos
+    goes to slot bos // LS + s: distinct for all sequences, as a sequence of n tokens has at most
+    n // LS full non-last segments, and fewer than (all tokens) // LS in all."""
     NV: tl.constexpr = D // BV
     pid = tl.program_id(0)
     i_s = tl.program_id(1)
@@ -119,17 +126,13 @@ def _local_state_kernel(
         bv = tl.load(vr + off[:, None] + cols_v[None, :])
         bk = (bk * k_decay[:, None]).to(bv.dtype)
         S = tl.dot(tl.trans(bk), bv, S * chunk_decay, input_precision=DOT_PREC)
-    if IS_VARLEN:
-        seg = tl.load(seg_base + i_n) + i_s
-    else:
-        seg = i_n * tl.cdiv(T, LS) + i_s
-    p = hl + ((job * total_segs + seg).to(tl.int64) * H + i_h) * D * D
+    p = hl + ((job * total_segs + bos // LS + i_s) * H + i_h) * D * D
     tl.store(p + cols_k[:, None] * D + cols_v[None, :], S)
 
 
 @triton.jit(do_not_specialize=["T", "LS", "total_segs"])
 def _chunk_kernel(
-    q, k, v, do, o, dk, dv, h0, dht, ht, hl, cu_seqlens, seg_base, log_decay, scale, T, LS, total_segs,
+    q, k, v, do, o, dk, dv, h0, dht, ht, hl, cu_seqlens, log_decay, scale, T, LS, total_segs,
     H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     NJOBS: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_FINAL: tl.constexpr,
     SPLIT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -145,7 +148,8 @@ def _chunk_kernel(
     i_n = i_nh // H
     i_h = i_nh % H
     bos, length = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    nseg = tl.maximum(tl.cdiv(length, LS), 1)  # an empty sequence still passes h0 on to ht
+    # an empty sequence still passes h0 on to ht; past the grid's segments, the last runs to the end
+    nseg = tl.minimum(tl.maximum(tl.cdiv(length, LS), 1), tl.num_programs(1))
     if i_s >= nseg:
         return
     # roles; a job's states are read transposed when its key role is not the forward key dim
@@ -172,17 +176,13 @@ def _chunk_kernel(
     cols_v = i_v * BV + tl.arange(0, BV)
     state_offs = cols_v[:, None] * stride_v + cols_k[None, :] * stride_k  # of Sᵀ [BV, D]
     p0 = i_s * LS
-    p1 = tl.minimum(p0 + LS, length)
+    p1 = tl.where(i_s == nseg - 1, length, p0 + LS)
 
     S = tl.zeros([BV, D], dtype=tl.float32)  # Sᵀ
     if has_init:
         S += tl.load(init + i_nh.to(tl.int64) * D * D + state_offs) * tl.exp(g * p0)
     if SPLIT:
-        if IS_VARLEN:
-            seg0 = tl.load(seg_base + i_n)
-        else:
-            seg0 = i_n * tl.cdiv(T, LS)
-        slot = (rev * total_segs + seg0).to(tl.int64)
+        slot = rev * total_segs + bos // LS  # as _local_state_kernel stores them
         for s in range(0, i_s):
             S += tl.load(hl + ((slot + s) * H + i_h) * D * D + state_offs) * tl.exp(g * ((i_s - 1 - s) * LS))
 
@@ -211,38 +211,35 @@ def _chunk_kernel(
 
 @dataclass(frozen=True)
 class _Plan:
-    num_seqs: int
     seg_len: int
-    max_segs: int       # segments of the longest sequence (grid axis 1)
-    total_segs: int     # Σ over sequences (slots of the local-state buffer)
-    seg_base: Tensor | None  # [N] first slot of each sequence, varlen only
+    max_segs: int    # segments of the longest sequence (grid axis 1)
+    total_segs: int  # slots of the local-state buffer: (all tokens) // seg_len
 
 
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-def _plan(q: Tensor, offsets: list[int] | None, cu_seqlens: Tensor | None, programs_per_segment: int,
-          full_per_sm: float, programs_per_sm: float, seg_len: int | None) -> _Plan:
-    """Cut the longest sequences into equal segments, as many as give `programs_per_sm`, unless the
-    unsplit grid already has `full_per_sm` programs per SM: then a split would only add its pass."""
-    B, T = q.shape[:2]
-    lengths = [T] * B if offsets is None else [b - a for a, b in zip(offsets, offsets[1:])]
-    longest = max(max(lengths, default=0), 1)
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # not triton.cdiv: a constexpr_function, microseconds of host time a call
+
+
+def _plan(device: torch.device, tokens: int, longest: int, programs_per_segment: int, full_per_sm: float,
+          programs_per_sm: float, min_seg_len: int, seg_len: int | None) -> _Plan:
+    """Cut the longest sequences into equal segments of at least `min_seg_len` tokens, as many as
+    give `programs_per_sm`, unless the unsplit grid already has `full_per_sm` programs per SM: then a
+    split would only add its pass."""
+    longest = max(longest, 1)
     if seg_len is None:
-        programs = programs_per_segment * sum(lengths) / longest  # in units of the longest sequence
-        sms = _num_sms(q.device)
+        programs = programs_per_segment * max(tokens / longest, 1)  # in units of the longest sequence
+        sms = _num_sms(device)
         segments = 1 if programs >= 0.9 * full_per_sm * sms else max(1, round(programs_per_sm * sms / programs))
-        seg_len = max(4 * BT, triton.cdiv(triton.cdiv(longest, segments), BT) * BT)
+        seg_len = max(min_seg_len, _cdiv(_cdiv(longest, segments), BT) * BT)
     if seg_len % BT:
         raise ValueError(f"seg_len must be a multiple of {BT}, got {seg_len}")
-    seg_len = min(seg_len, triton.cdiv(longest, BT) * BT)
-    counts = [max(triton.cdiv(n, seg_len), 1) for n in lengths]
-    seg_base = None
-    if cu_seqlens is not None and max(counts) > 1:
-        c = torch.clamp((cu_seqlens[1:] - cu_seqlens[:-1] + seg_len - 1) // seg_len, min=1)
-        seg_base = (torch.cumsum(c, 0) - c).to(torch.int32)
-    return _Plan(len(lengths), seg_len, max(counts), sum(counts), seg_base)
+    seg_len = min(seg_len, _cdiv(longest, BT) * BT)
+    return _Plan(seg_len, _cdiv(longest, seg_len), tokens // seg_len)
 
 
 def _dot_precision(dtype: torch.dtype) -> str | None:
@@ -251,22 +248,26 @@ def _dot_precision(dtype: torch.dtype) -> str | None:
 
 def _scan(q: Tensor, k: Tensor, v: Tensor, do: Tensor | None, log_decay: Tensor, scale: float,
           h0: Tensor | None, dht: Tensor | None, store_final: bool, cu_seqlens: Tensor | None,
-          offsets: list[int] | None, config: KernelConfig, seg_len: int | None):
+          max_seqlen: int, config: KernelConfig, seg_len: int | None):
     """Forward (do is None): returns (o, ht). Backward: returns (dq, dk, dv, dh0)."""
     B, T, H, D = q.shape
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     backward = do is not None
     njobs = 3 if backward else 1
     nv = D // config.block_v
     # measured on an H100 (benchmarks/NOTES_lightning.md): the forward fills the GPU with one program
     # per SM (B4xT16K unsplit 0.40 ms vs 2 segments 0.51) and splits best to ~2 per SM (B1xT64K: 8
-    # segments), the heavier backward to ~3.5 (B1xT64K: 5 segments, vs 3 segments 1.3x slower)
-    plan = _plan(q, offsets, cu_seqlens, njobs * nv * H, 3.5 if backward else 1.0, 3.5 if backward else 2.0, seg_len)
-    N = plan.num_seqs
+    # segments), the heavier backward to ~3.5 (B1xT64K: 5 segments, vs 3 segments 1.3x slower). On an
+    # H200 a short prefill gains nothing from a split but its second launch: B1xT1K 29-36 us of device
+    # time split vs 30 unsplit, 64 vs 37 us back to back; B1xT4K 4 segments 52 us vs 8: 56, 16: 77
+    # (benchmarks/RESULTS.md). So the forward's segments are at least 1,024 tokens.
+    plan = _plan(q.device, B * T, max_seqlen, njobs * nv * H, 3.5 if backward else 1.0, 3.5 if backward else 2.0,
+                 4 * BT if backward else 16 * BT, seg_len)
     f32 = dict(device=q.device, dtype=torch.float32)
     none = torch.empty(0, **f32)  # stands for absent states; guarded by constexpr flags
     meta = dict(H=H, D=D, BT=BT, BV=config.block_v, IS_VARLEN=cu_seqlens is not None,
                 DOT_PREC=_dot_precision(q.dtype), num_warps=config.num_warps)
-    common = (cu_seqlens, plan.seg_base, log_decay, scale, T, plan.seg_len, plan.total_segs)
+    common = (cu_seqlens, log_decay, scale, T, plan.seg_len, plan.total_segs)
     split = plan.max_segs > 1
     hl = none
     if split:
@@ -289,12 +290,12 @@ def _scan(q: Tensor, k: Tensor, v: Tensor, do: Tensor | None, log_decay: Tensor,
 
 class LightningAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, offsets,
+    def forward(ctx, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, max_seqlen,
                 config, seg_len):
         o, ht = _scan(q, k, v, None, log_decay, scale, initial_state, None, output_final_state, cu_seqlens,
-                      offsets, config, seg_len)
+                      max_seqlen, config, seg_len)
         ctx.save_for_backward(q, k, v, log_decay, initial_state, cu_seqlens)
-        ctx.scale, ctx.offsets, ctx.config, ctx.seg_len = scale, offsets, config, seg_len
+        ctx.scale, ctx.max_seqlen, ctx.config, ctx.seg_len = scale, max_seqlen, config, seg_len
         return o, ht
 
     @staticmethod
@@ -302,8 +303,14 @@ class LightningAttnFunction(torch.autograd.Function):
         q, k, v, log_decay, initial_state, cu_seqlens = ctx.saved_tensors
         dq, dk, dv, dh0 = _scan(q, k, v, do.contiguous(), log_decay, ctx.scale, initial_state,
                                 None if dht is None else dht.float().contiguous(), initial_state is not None,
-                                cu_seqlens, ctx.offsets, ctx.config, ctx.seg_len)
+                                cu_seqlens, ctx.max_seqlen, ctx.config, ctx.seg_len)
         return dq, dk, dv, None, None, dh0, None, None, None, None, None
+
+
+def needs_grad(*xs: Tensor | None) -> bool:
+    """Whether autograd must record the op: outside it (inference) the launch skips
+    autograd.Function's host time, tens of microseconds that a short prefill would feel."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
 
 
 def kernel_inputs(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None,
@@ -326,14 +333,20 @@ def kernel_inputs(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: flo
 
 def lightning_attn_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None,
                           initial_state: Tensor | None, output_final_state: bool, cu_seqlens: Tensor | None,
-                          offsets: list[int] | None, *, config: KernelConfig | None = None,
+                          max_seqlen: int | None, *, config: KernelConfig | None = None,
                           seg_len: int | None = None) -> tuple[Tensor, Tensor | None]:
     """Triton backend of `lightning_attn` (inputs already validated by the dispatcher).
 
+    `max_seqlen`: the longest sequence's length, which plans the segments (None: T, its bound).
     `config` and `seg_len` (a multiple of 64) override the kernel defaults, in both directions; by
     default the forward and the backward (three times the programs) each pick their segments."""
+    grad = needs_grad(q, k, v, initial_state)
     q, k, v, log_decay, scale, initial_state, cu_seqlens = kernel_inputs(q, k, v, log_decay, scale,
                                                                          initial_state, cu_seqlens)
     config = config or default_config(q.shape[-1], q.dtype)
+    max_seqlen = q.shape[1] if max_seqlen is None else max_seqlen
+    if not grad:
+        return _scan(q, k, v, None, log_decay, scale, initial_state, None, output_final_state, cu_seqlens,
+                     max_seqlen, config, seg_len)
     return LightningAttnFunction.apply(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens,
-                                       offsets, config, seg_len)
+                                       max_seqlen, config, seg_len)

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .chunk import LightningAttnFunction, default_config, kernel_inputs
+from .chunk import LightningAttnFunction, default_config, kernel_inputs, needs_grad
 
 
 @dataclass(frozen=True)
@@ -129,31 +129,41 @@ def _run(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float, num_s
     return o
 
 
+def _forward(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float, initial_state: Tensor | None,
+             output_final_state: bool, cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    B, T, H, D = q.shape
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    ht = torch.empty(N, H, D, D, device=q.device, dtype=torch.float32) if output_final_state else None
+    flat = [x.view(B * T, H, D) for x in (q, k, v)]
+    o = _run(*flat, log_decay, scale, N, T, cu_seqlens, initial_state, ht, None)
+    return o.view(B, T, H, D), ht
+
+
 class RecurrentLightningFunction(LightningAttnFunction):
     """The recurrent forward; the backward is `LightningAttnFunction`'s (chunked, with `config`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, offsets, config,
+    def forward(ctx, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, max_seqlen, config,
                 seg_len):
-        B, T, H, D = q.shape
-        N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        ht = torch.empty(N, H, D, D, device=q.device, dtype=torch.float32) if output_final_state else None
-        flat = [x.view(B * T, H, D) for x in (q, k, v)]
-        o = _run(*flat, log_decay, scale, N, T, cu_seqlens, initial_state, ht, None)
         ctx.save_for_backward(q, k, v, log_decay, initial_state, cu_seqlens)
-        ctx.scale, ctx.offsets, ctx.config, ctx.seg_len = scale, offsets, config, seg_len
-        return o.view(B, T, H, D), ht
+        ctx.scale, ctx.max_seqlen, ctx.config, ctx.seg_len = scale, max_seqlen, config, seg_len
+        return _forward(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
 
 
 def lightning_attn_recurrent_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None,
                                     initial_state: Tensor | None, output_final_state: bool,
-                                    cu_seqlens: Tensor | None, offsets: list[int] | None
+                                    cu_seqlens: Tensor | None, max_seqlen: int | None
                                     ) -> tuple[Tensor, Tensor | None]:
-    """Batch-invariant Triton backend of `lightning_attn` (inputs validated by the dispatcher)."""
+    """Batch-invariant Triton backend of `lightning_attn` (inputs validated by the dispatcher);
+    `max_seqlen` plans the backward's segments as in `chunk.lightning_attn_triton`."""
+    grad = needs_grad(q, k, v, initial_state)
     q, k, v, log_decay, scale, initial_state, cu_seqlens = kernel_inputs(q, k, v, log_decay, scale,
                                                                          initial_state, cu_seqlens)
+    if not grad:
+        return _forward(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+    max_seqlen = q.shape[1] if max_seqlen is None else max_seqlen
     return RecurrentLightningFunction.apply(q, k, v, log_decay, scale, initial_state, output_final_state,
-                                            cu_seqlens, offsets, default_config(q.shape[-1], q.dtype), None)
+                                            cu_seqlens, max_seqlen, default_config(q.shape[-1], q.dtype), None)
 
 
 def lightning_decode_recurrent_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor,

@@ -1,0 +1,90 @@
+"""Triton kernels of blockwise FP8: quantization (1×128, transposed 1×128, 128×128) and the GEMM with
+per-128 promotion. `reference.py` holds what each computes.
+
+One quantize kernel serves the three layouts: it reads a logical matrix X [R, C] through strides
+(xᵀ is x with its strides swapped, so the transposed operand of the backward is read, not copied)
+and writes contiguous codes with one scale per row and 128 columns, or per 128×128 tile (`SQUARE`).
+Divisions are IEEE (`div_rn`) so the codes equal the reference's bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .reference import BLOCK, E4M3, E4M3_MAX, blocks
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_r, stride_c, s_stride,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SQUARE: tl.constexpr, MAX: tl.constexpr):
+    pid_r, pid_c = tl.program_id(0), tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_r + cols[None, :] * stride_c, mask=mask,
+                other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)
+    if SQUARE:
+        amax = tl.max(amax, axis=0)
+    # div_rn does not broadcast: both operands are given the same shape
+    scale = tl.math.div_rn(amax, tl.zeros_like(amax) + MAX)
+    scale = tl.where(scale > 0, scale, 1.0)
+    if SQUARE:
+        q = tl.math.div_rn(x, tl.zeros_like(x) + scale)
+        tl.store(s_ptr + pid_r * s_stride + pid_c, scale)
+    else:
+        q = tl.math.div_rn(x, tl.zeros_like(x) + scale[:, None])
+        tl.store(s_ptr + rows * s_stride + pid_c, scale, mask=rows < R)
+    q = tl.minimum(tl.maximum(q, -MAX), MAX)
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def quantize_triton(x: Tensor, square: bool) -> tuple[Tensor, Tensor]:
+    """x [R, C] (any strides) -> (codes [R, C] contiguous e4m3, scales): 1×128 blocks, or 128×128 if `square`."""
+    R, C = x.shape
+    q = torch.empty(R, C, dtype=E4M3, device=x.device)
+    scale = torch.empty(blocks(R) if square else R, blocks(C), dtype=torch.float32, device=x.device)
+    block_r = BLOCK if square else 32
+    grid = (triton.cdiv(R, block_r), blocks(C))
+    _quantize_kernel[grid](x, q, scale, R, C, x.stride(0), x.stride(1), scale.stride(0),
+                           BLOCK_R=block_r, BLOCK_C=BLOCK, SQUARE=square, MAX=E4M3_MAX, num_warps=4)
+    return q, scale
+
+
+@triton.jit
+def _gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, stride_a, stride_b, stride_c, as_stride, bs_stride,
+                 B_ROWS_PER_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    # c = a @ bᵀ, a [M, K] and b [N, K] e4m3; each 128-wide slice of K is multiplied on the tensor cores,
+    # then scaled and added in fp32 (DeepSeek-V3's promotion every 128 elements of K)
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(tl.cdiv(K, BLOCK_K)):
+        k = kb * BLOCK_K + rk
+        a = tl.load(a_ptr + rm[:, None].to(tl.int64) * stride_a + k[None, :],
+                    mask=(rm[:, None] < M) & (k[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + rn[:, None].to(tl.int64) * stride_b + k[None, :],
+                    mask=(rn[:, None] < N) & (k[None, :] < K), other=0.0)
+        sa = tl.load(as_ptr + rm * as_stride + kb, mask=rm < M, other=0.0)
+        sb = tl.load(bs_ptr + (rn // B_ROWS_PER_SCALE) * bs_stride + kb, mask=rn < N, other=0.0)
+        acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
+    tl.store(c_ptr + rm[:, None].to(tl.int64) * stride_c + rn[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def gemm_triton(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """a @ bᵀ: a [M, K] with 1×128 scales, b [N, K] with 1×128 ([N, ·]) or 128×128 ([ceil(N/128), ·]) scales."""
+    (M, K), N = a.shape, b.shape[0]
+    c = torch.empty(M, N, dtype=out_dtype, device=a.device)
+    block_m = 64 if M <= 64 else 128
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, BLOCK))
+    _gemm_kernel[grid](a, a_scale, b, b_scale, c, M, N, K, a.stride(0), b.stride(0), c.stride(0),
+                       a_scale.stride(0), b_scale.stride(0), B_ROWS_PER_SCALE=1 if b_scale.shape[0] == N else BLOCK,
+                       BLOCK_M=block_m, BLOCK_N=BLOCK, BLOCK_K=BLOCK, num_warps=8, num_stages=3)
+    return c
