@@ -118,12 +118,21 @@ def _serve(args: argparse.Namespace) -> None:
         raise ValueError(f"invalid --max-request-bytes {args.max_request_bytes}: must be >= 1")
     if not args.shutdown_timeout >= 0:
         raise ValueError(f"invalid --shutdown-timeout {args.shutdown_timeout}: must be >= 0")
+    page = EngineConfig.page_size
+    if args.prefix_snapshot_interval is not None and (args.prefix_snapshot_interval < 1
+                                                      or args.prefix_snapshot_interval % page):
+        raise ValueError(f"invalid --prefix-snapshot-interval {args.prefix_snapshot_interval}: must be a positive "
+                         f"multiple of the page size ({page})")
+    if not 0 <= args.prefix_snapshot_share < 1:
+        raise ValueError(f"invalid --prefix-snapshot-share {args.prefix_snapshot_share}: must be in [0, 1)")
     speculative = None if args.speculative_config is None else SpeculativeConfig.parse(args.speculative_config)
     from .infer.server import serve  # FastAPI and uvicorn load only to serve
 
     serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_queued,
           args.max_request_bytes, args.shutdown_timeout, device=resolve_device(args.device),
-          max_num_seqs=args.max_num_seqs, quantization=args.quantization, speculative_config=speculative)
+          max_num_seqs=args.max_num_seqs, quantization=args.quantization,
+          enable_prefix_caching=args.enable_prefix_caching, prefix_snapshot_interval=args.prefix_snapshot_interval,
+          prefix_snapshot_share=args.prefix_snapshot_share, speculative_config=speculative)
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -366,6 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT,
                      help=f"seconds requests in flight get to finish after SIGTERM or SIGINT before they are ended "
                      f"(default: {SHUTDOWN_TIMEOUT:g})")
+    srv.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                     help="reuse the KV pages and Lightning-state snapshots of cached prompt prefixes (default: on)")
+    srv.add_argument("--prefix-snapshot-interval", type=int, metavar="TOKENS",
+                     help="tokens between two Lightning-state snapshots of a cached prefix, a multiple of the page "
+                     "size (default: 16 pages, 1024 tokens)")
+    srv.add_argument("--prefix-snapshot-share", type=float, default=EngineConfig.prefix_snapshot_share,
+                     help="share of the cache memory for those snapshots "
+                     f"(default: {EngineConfig.prefix_snapshot_share})")
     srv.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
                      help="fp8: the linear layers and experts in blockwise FP8 (e4m3, 128x128 weight scales), "
                      "converted at load; a checkpoint of FP8 weights (quantization_config) loads as FP8 anyway "

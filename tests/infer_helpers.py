@@ -1,4 +1,4 @@
-"""A tiny checkpoint for the engine and server tests: a random `tiny`-preset model whose vocabulary
+"""A tiny checkpoint for the engine and server tests: a random `tiny`-preset model (or another preset) whose vocabulary
 is a byte-level tokenizer's (id 0 = <|endoftext|> = EOS, then the 256 bytes), and a chat template."""
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ def byte_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def tiny_model(seed: int = 0, **overrides) -> RingLinearForCausalLM:
+def tiny_model(seed: int = 0, preset: str = "tiny", **overrides) -> RingLinearForCausalLM:
     torch.manual_seed(seed)
-    config = RingLinearConfig.preset("tiny", vocab_size=257, **overrides)
+    config = RingLinearConfig.preset(preset, vocab_size=257, **overrides)
     return RingLinearForCausalLM(config).eval()
 
 

@@ -50,20 +50,27 @@ CONVERSATION = [
 ]
 
 
-def test_cache_hits_give_the_tokens_of_misses(model):
+@pytest.mark.parametrize("budget, interval", [(64, 8), (16, 16)])
+def test_cache_hits_give_the_tokens_of_misses(model, budget, interval):
+    """Snapshot positions inside the chunks (rounds of Lightning calls), then 16-token chunks that
+    end on them (their one call saves them)."""
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
-    cached_engine = engine_of(model, True)
+    config = {"max_num_batched_tokens": budget, "prefix_snapshot_interval": interval}
+    cached_engine = engine_of(model, True, **config)
     cached = serve(cached_engine, CONVERSATION, params)
-    plain = serve(engine_of(model, False), CONVERSATION, params)
+    plain = serve(engine_of(model, False, **config), CONVERSATION, params)
     for request_id, (ids, logprobs) in plain.items():
         assert cached[request_id][0] == ids, request_id
         assert torch.allclose(torch.tensor(cached[request_id][1]), torch.tensor(logprobs), atol=1e-5)
     stats = cached_engine.stats()
+    assert stats["prefix_cache_queries"] == sum(len(p) for batch in CONVERSATION for _, p in batch)
+    if interval == 16:  # back to 16 for the shared 27 tokens and "again"; "longer" finds 32
+        assert stats["prefix_cache_hits"] == 16 + 16 + 16 + 32
+        return
     # "same step a" and "b" find 24 tokens of "first" (their 27 shared, back to the snapshot at 24),
     # not each other's; "again" 24 of its 32 (one must be left to compute: 28, back to 24); "longer"
     # the 32 of "first"'s prompt
     assert stats["prefix_cache_hits"] == 24 + 24 + 24 + 32
-    assert stats["prefix_cache_queries"] == sum(len(p) for batch in CONVERSATION for _, p in batch)
     assert stats["snapshot_bytes"] > 0
 
 

@@ -314,10 +314,12 @@ class CacheManager:
 
 
 class PagedCache:
-    """The cache tensors: `states` [linear layers, slots + 1, H, D, D] fp32, `kv` [softmax layers, 2,
-    pages + 1, page_size, KV, D], `snapshots` [linear layers, snapshots, H, D, D] fp32, and the block
-    tables (row `slot`: the pages of the sequence in that slot), on the host for building a step's
-    inputs and on the device for the kernels."""
+    """The cache tensors: `states` [linear layers, slots + 1, H, D, D] fp32, `kv` the pages of the
+    full-attention layers, `snapshots` [linear layers, snapshots, H, D, D] fp32, and the block tables
+    (row `slot`: the pages of the sequence in that slot), on the host for building a step's inputs and
+    on the device for the kernels. `kv` is [softmax layers, 2, pages + 1, page_size, KV, D] for GQA
+    (keys and values) and [MLA layers, pages + 1, page_size, r + rope] for MLA (the normalised latent
+    and the rope key of each token); `page_dim` is its page axis."""
 
     def __init__(self, config: RingLinearConfig, size: CacheSize, device: torch.device | str, dtype: torch.dtype):
         H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -329,8 +331,12 @@ class PagedCache:
                                   dtype=torch.float32, device=device)
         self.snapshots = torch.zeros(len(self.linear_index), size.num_snapshots, H, D, D,
                                      dtype=torch.float32, device=device)
-        self.kv = torch.zeros(len(self.softmax_index), 2, size.num_pages + 1, size.page_size, KV, D,
-                              dtype=dtype, device=device)
+        pages = (size.num_pages + 1, size.page_size)
+        if config.attention_type == "mla":
+            self.page_dim, layout = 1, (*pages, config.kv_lora_rank + config.qk_rope_head_dim)
+        else:
+            self.page_dim, layout = 2, (2, *pages, KV, D)
+        self.kv = torch.zeros(len(self.softmax_index), *layout, dtype=dtype, device=device)
         self.host_tables = np.zeros((size.num_slots + 1, size.max_pages_per_seq), dtype=np.int64)
         self.block_tables = torch.zeros(size.num_slots + 1, size.max_pages_per_seq, dtype=torch.int32, device=device)
 
@@ -369,7 +375,8 @@ class PagedCache:
             self.states[:, self._index(targets)] = self.states[:, self._index(sources)]
         if changes.page_copies:
             sources, targets = zip(*changes.page_copies)
-            self.kv[:, :, self._index(targets)] = self.kv[:, :, self._index(sources)]
+            self.kv.index_copy_(self.page_dim, self._index(targets), self.kv.index_select(self.page_dim,
+                                                                                         self._index(sources)))
 
     def save_snapshots(self, slots: Sequence[int], snapshots: Sequence[int]) -> None:
         """Copy the current states of `slots` into `snapshots` (every Lightning layer)."""

@@ -15,6 +15,7 @@ from ..model.context import AttentionContext
 from ..ops import lightning_attn, lightning_decode
 from ..ops.lightning import lightning_tree_fold
 from ..ops.paged_attention import paged_attention
+from ..ops.paged_latent_attention import paged_latent_attention
 from ..ops.policy import KernelPolicy
 from .cache import PagedCache
 from .scheduler import ScheduledChunk
@@ -232,4 +233,16 @@ class PagedContext(AttentionContext):
         batch = self.batch
         o = paged_attention(q[0], k_cache, v_cache, self.block_tables, batch.seq_lens, batch.query_start, scale,
                             batch.max_query_len, policy=self.policy)
+        return o[None]
+
+    def latent_attention(self, layer_idx: int, q: Tensor, latent: Tensor, k_rope: Tensor, kv_b: Tensor,
+                         scale: float) -> Tensor:
+        """MLA layers: the new tokens' latents and rope keys go to their pages, then the absorbed
+        attention reads the cached prefix and the new tokens, decodes and prefill chunks alike."""
+        cache = self.cache.kv[self.cache.softmax_index[layer_idx]]
+        entries = torch.cat([latent[0], k_rope[0]], dim=-1)
+        cache.view(-1, entries.shape[-1]).index_copy_(0, self.batch.slot_mapping, entries)
+        batch = self.batch
+        o = paged_latent_attention(q[0], cache, kv_b, self.block_tables, batch.seq_lens, batch.query_start, scale,
+                                   batch.max_query_len, policy=self.policy)
         return o[None]

@@ -92,12 +92,12 @@ class EngineConfig:
 
 class Engine:
     def __init__(self, model: RingLinearForCausalLM, tokenizer=None, config: EngineConfig | None = None):
-        if model.config.attention_type != "gqa":
-            raise ValueError("the engine's paged cache holds GQA keys and values only; an MLA model "
-                             "(kv_lora_rank set) generates through ringlinear.generate's HybridCache")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = config = config or EngineConfig()
         config.validate()
+        if config.batch_invariant and model.config.attention_type == "mla":
+            raise ValueError("batch_invariant: an MLA model's absorbed attention cannot give the training "
+                             "forward's bits; run it with batch_invariant=False")
         param = model.model.word_embeddings.weight  # the compute dtype (not the e4m3 of FP8 weights)
         self.device, self.dtype = param.device, param.dtype
         self.policy = KernelPolicy(config.backend, config.batch_invariant).resolve(self.device)

@@ -26,6 +26,7 @@ sampler for its log-probs); the ops below switch by the table. Backward passes r
 | lightning_tree_fold         | tree.py                  | tree fold loop | tree.py             | tree fold loop   |
 | causal_attention            | SDPA; FlashAttention (1) | SDPA, masked   | key blocks (2)      | key-block loop   |
 | paged_attention             | kernel.py (3)            | gather + SDPA  | key blocks (2)      | key-block loop   |
+| paged_latent_attention      | kernel.py (3)            | gather + SDPA  | none (8)            | none (8)         |
 | grouped_glu (moe.py)        | torch._grouped_mm (4)    | expert loop    | grouped GEMM (2)    | expert loop      |
 | grouped_glu, fp8            | expert loop of fp8 GEMMs | same, refs     | –                   | –                |
 | elementwise chains (fused)  | torch.compile (5)        | eager          | eager               | eager            |
@@ -41,6 +42,8 @@ lightning_attn's invariant form (so a recurrent kernel, by the backend), the bit
 (7) cuBLAS's blockwise recipes on Hopper (CUDA ≥ 12.9) for operands whose dimensions are multiples of 128,
 if a probe product on the device matches the reference (`blockwise_scaled_mm_works`); else kernels.py's
 GEMM. FP8 is not batch-invariant.
+(8) The absorbed form sums over the latent, not the heads' channels as the training forward does: it
+cannot give the training forward's bits, and an invariant policy is refused.
 """
 
 from __future__ import annotations
@@ -157,6 +160,15 @@ def paged_attention_kernel(policy: KernelPolicy, q: Tensor, k_cache: Tensor) -> 
         return "key_blocks"
     page = k_cache.shape[1]
     return "paged" if policy.triton(q, k_cache) and page >= 16 and page & (page - 1) == 0 else "gather_reference"
+
+
+def latent_attention_kernel(policy: KernelPolicy, q: Tensor, cache: Tensor) -> Literal["paged", "gather_reference"]:
+    """paged_latent_attention, cache [P, page_size, r + rope]: the kernel reads whole key blocks of
+    pages of a power of two ≥ 16 tokens; others take the reference. No invariant form (8)."""
+    if policy.invariant:
+        raise ValueError("paged_latent_attention has no batch-invariant form: run MLA with invariant=False")
+    page = cache.shape[1]
+    return "paged" if policy.triton(q, cache) and page >= 16 and page & (page - 1) == 0 else "gather_reference"
 
 
 ExpertsKernel = Literal["grouped_mm", "invariant_grouped_mm", "loop", "fp8_loop"]

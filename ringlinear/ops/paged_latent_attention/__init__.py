@@ -1,0 +1,59 @@
+"""MLA attention of new tokens against a paged latent cache, in the absorbed form: the entry point,
+input checks and dispatch.
+
+The cache of one MLA layer is `cache` [num_pages, page_size, r + rope]: per token the normalised
+latent and the rotated rope key, shared by all heads. Sequence n owns the pages
+`block_tables[n, :ceil(seq_lens[n] / page_size)]`; its new tokens (rows `query_start[n]:query_start[n + 1]`
+of q, already written to the cache) are its last ones, as in `paged_attention`. Nothing is
+decompressed: `kv_b` [H·(nope + v), r] splits per head into W_uk [nope, r] and W_uv [v, r], and
+q_nope · k_nope = (q_nope · W_uk) · latent, o = (softmax · latent) · W_uvᵀ, so the attention runs in
+the latent space and reads each cached entry once for all heads. The kernel policy picks the Triton
+kernel or the gather-then-SDPA reference (`ops.policy`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..policy import KernelPolicy, latent_attention_kernel
+from .reference import latent_attention_reference
+
+__all__ = ["latent_attention_reference", "paged_latent_attention"]
+
+
+def paged_latent_attention(q: Tensor, cache: Tensor, kv_b: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                           query_start: Tensor, scale: float, max_query_len: int,
+                           policy: KernelPolicy = KernelPolicy()) -> Tensor:
+    """q [T, H, nope + rope] (all sequences' new tokens packed, rope part rotated); cache [P, page_size,
+    r + rope]; kv_b [H·(nope + v), r] (`kv_b_proj.weight`); block_tables [N, max_pages] int32;
+    seq_lens [N] int32 (tokens in the cache after this step); query_start [N+1] int32 offsets into T;
+    `max_query_len` the longest run of new tokens (a host int: it sizes the launch). Returns
+    o [T, H, v]. Shape checks only: nothing reads the device."""
+    if q.dim() != 3 or cache.dim() != 3 or kv_b.dim() != 2:
+        raise ValueError(f"q must be [T, H, nope + rope], the cache [P, page_size, r + rope] and kv_b "
+                         f"[H·(nope + v), r], got {list(q.shape)}, {list(cache.shape)}, {list(kv_b.shape)}")
+    _, H, qk = q.shape
+    r = kv_b.shape[1]
+    rope = cache.shape[2] - r
+    if not 0 < rope < qk or kv_b.shape[0] % H or kv_b.shape[0] // H <= qk - rope:
+        raise ValueError(f"the cache entry ({cache.shape[2]}) must be kv_b's rank ({r}) plus the query's rope "
+                         f"part, and kv_b {list(kv_b.shape)} must hold {H} heads of nope + v rows")
+    if cache.dtype != q.dtype:
+        raise ValueError(f"q and the cache must share a dtype, got {q.dtype} and {cache.dtype}")
+    N = seq_lens.shape[0]
+    if block_tables.dim() != 2 or block_tables.shape[0] != N or query_start.shape != (N + 1,):
+        raise ValueError(f"block_tables must be [N, max_pages] and query_start [N+1] for N={N} sequences, "
+                         f"got {list(block_tables.shape)} and {list(query_start.shape)}")
+    nope = qk - rope
+    w_uk, w_uv = kv_b.view(H, -1, r).split([nope, kv_b.shape[0] // H - nope], dim=1)
+    q_latent = torch.einsum("thn,hnr->thr", q[..., :nope], w_uk)
+    absorbed = torch.cat([q_latent, q[..., nope:]], dim=-1)
+    match latent_attention_kernel(policy, absorbed, cache):
+        case "paged":
+            from .kernel import latent_attention_triton
+            o = latent_attention_triton(absorbed, cache, block_tables, seq_lens, query_start, scale, r,
+                                        max_query_len)
+        case "gather_reference":
+            o = latent_attention_reference(absorbed, cache, block_tables, seq_lens, query_start, scale, r)
+    return torch.einsum("thr,hvr->thv", o, w_uv)
