@@ -19,6 +19,7 @@ from .config import PRESETS, RingLinearConfig
 from .infer import EngineConfig
 from .infer.async_engine import MAX_QUEUED
 from .infer.limits import MAX_REQUEST_BYTES, SHUTDOWN_TIMEOUT
+from .infer.spec.config import SpeculativeConfig
 from .info import describe
 from .model import RingLinearForCausalLM
 from .model.fp8 import QUANTIZATIONS
@@ -124,13 +125,14 @@ def _serve(args: argparse.Namespace) -> None:
                          f"multiple of the page size ({page})")
     if not 0 <= args.prefix_snapshot_share < 1:
         raise ValueError(f"invalid --prefix-snapshot-share {args.prefix_snapshot_share}: must be in [0, 1)")
+    speculative = None if args.speculative_config is None else SpeculativeConfig.parse(args.speculative_config)
     from .infer.server import serve  # FastAPI and uvicorn load only to serve
 
     serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_queued,
           args.max_request_bytes, args.shutdown_timeout, device=resolve_device(args.device),
           max_num_seqs=args.max_num_seqs, quantization=args.quantization,
           enable_prefix_caching=args.enable_prefix_caching, prefix_snapshot_interval=args.prefix_snapshot_interval,
-          prefix_snapshot_share=args.prefix_snapshot_share)
+          prefix_snapshot_share=args.prefix_snapshot_share, speculative_config=speculative)
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -386,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fp8: the linear layers and experts in blockwise FP8 (e4m3, 128x128 weight scales), "
                      "converted at load; a checkpoint of FP8 weights (quantization_config) loads as FP8 anyway "
                      "(default: none)")
+    srv.add_argument("--speculative-config", metavar="JSON",
+                     help='speculative decoding, as vLLM: \'{"method": "mtp", "num_speculative_tokens": 3}\' (the '
+                     'checkpoint\'s MTP layers draft) or \'{"method": "ngram", "num_speculative_tokens": 3, '
+                     '"prompt_lookup_max": 4}\' (default: off)')
     srv.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     srv.set_defaults(run=_serve)
 

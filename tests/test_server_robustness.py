@@ -339,7 +339,7 @@ def test_a_failed_step_ends_the_running_requests_and_not_the_queued_ones(monkeyp
             time.sleep(0.01)
         execute = engine.runner.execute
 
-        def fail_once(*args):
+        def fail_once(*args, **kwargs):
             monkeypatch.setattr(engine.runner, "execute", execute)
             raise RuntimeError("the device failed")
 

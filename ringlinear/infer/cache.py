@@ -101,6 +101,7 @@ class PrefixHit:
 @dataclass
 class CacheChanges:
     """What the manager decided since the runner last looked, in the order the runner applies it."""
+    saved: list[tuple[int, int]] = field(default_factory=list)  # (slot, snapshot): states at the last step's end
     new_slots: list[int] = field(default_factory=list)  # their states start at zero
     restored: list[tuple[int, int]] = field(default_factory=list)  # (slot, snapshot) copied in, before the step
     new_pages: list[PageEntry] = field(default_factory=list)  # block-table entries added
@@ -204,6 +205,15 @@ class CacheManager:
         self._num_pages[slot] = 0
         self._free_slots.append(slot)
 
+    def trim(self, slot: int, num_tokens: int) -> None:
+        """Give back the slot's pages past its first `num_tokens` tokens (those of rejected drafts:
+        never hashed, held by this slot alone)."""
+        keep = self.pages_for(num_tokens)
+        for page in self._pages[slot, keep:self._num_pages[slot]].tolist():
+            self._refs[page] = 0
+            self._free_pages.append(page)
+        self._num_pages[slot] = min(keep, self._num_pages[slot])
+
     def fork(self, slot: int, num_tokens: int) -> int | None:
         """A new slot that continues the sequence in `slot` after its first `num_tokens` tokens (all
         computed by the end of this step): the states are copied, the full pages shared and the last,
@@ -281,6 +291,11 @@ class CacheManager:
         self._snapshot_of[h] = snapshot
         return snapshot
 
+    def save_state(self, slot: int, snapshot: int) -> None:
+        """Write the slot's states as they are at the end of this step into `snapshot` (for a snapshot
+        position that accepted drafts reached: their state exists once the runner has folded them)."""
+        self._changes.saved.append((slot, snapshot))
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached page and snapshot (when no sequence holds a page)."""
         if (self._refs > 0).any():
@@ -337,8 +352,11 @@ class PagedCache:
         return torch.tensor(list(values), dtype=torch.long).to(self.device, non_blocking=True)
 
     def apply_before(self, changes: CacheChanges) -> None:
-        """The decisions to apply before the step: clear the states of new slots, restore snapshots
-        into the slots of cache hits, write new block-table entries (one host-to-device copy)."""
+        """The decisions to apply before the step: save the states the last step left for snapshots
+        (before a slot is reused), clear the states of new slots, restore snapshots into the slots of
+        cache hits, write new block-table entries (one host-to-device copy)."""
+        if changes.saved:
+            self.save_snapshots(*zip(*changes.saved))
         for slot in changes.new_slots:
             self.states[:, slot].zero_()
         if changes.restored:

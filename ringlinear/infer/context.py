@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..model.context import AttentionContext
 from ..ops import lightning_attn, lightning_decode
+from ..ops.lightning import lightning_tree_fold
 from ..ops.paged_attention import paged_attention
 from ..ops.paged_latent_attention import paged_latent_attention
 from ..ops.policy import KernelPolicy
@@ -72,7 +73,9 @@ def final_snapshots(chunks: Seq[ScheduledChunk]) -> tuple[Tensor, Tensor] | None
 
 @dataclass
 class StepBatch:
-    """Sequences with exactly one new token come first: they take the decode kernels."""
+    """Sequences with exactly one new token come first: they take the decode kernels; then verify
+    chunks (a sequence's last token and its drafts, a chain: causal at positions prefix + i); then
+    prompt chunks."""
     input_ids: Tensor  # [T]
     positions: Tensor  # [T]
     slot_mapping: Tensor  # [T] where each token's keys and values go: page * page_size + offset
@@ -83,6 +86,8 @@ class StepBatch:
     num_decodes: int
     max_query_len: int
     rounds: list[LightningRound] | None = None  # the prefill chunks' Lightning calls, if cut for snapshots
+    num_verifies: int = 0  # verify chunks, after the decodes
+    num_verify_tokens: int = 0  # their rows
     final_snapshots: tuple[Tensor, Tensor] | None = None  # else (prefill sequence, snapshot) at chunk ends
 
     @property
@@ -93,7 +98,6 @@ class StepBatch:
     def build(cls, chunks: Seq[ScheduledChunk], cache: PagedCache) -> StepBatch:
         """Host tensors for the scheduled chunks (single-token ones first), each adding `num_tokens`
         of its sequence's tokens to the `start` it holds in the cache."""
-        token_ids = [c.seq.token_ids for c in chunks]
         num_computed, num_new = [c.start for c in chunks], [c.num_tokens for c in chunks]
         counts = np.asarray(num_new, dtype=np.int64)
         computed = np.asarray(num_computed, dtype=np.int64)
@@ -102,20 +106,25 @@ class StepBatch:
         np.cumsum(counts, out=query_start[1:])
         total = int(query_start[-1])
         positions = np.repeat(computed - query_start[:-1], counts) + np.arange(total)
-        input_ids = np.fromiter(itertools.chain.from_iterable(
-            ids[c:c + n] for ids, c, n in zip(token_ids, num_computed, num_new)), dtype=np.int64, count=total)
+        input_ids = np.fromiter(itertools.chain.from_iterable(c.input_ids() for c in chunks), dtype=np.int64,
+                                count=total)
         page = cache.page_size
         slot_mapping = cache.host_tables[np.repeat(slot_array, counts), positions // page] * page + positions % page
         ends = computed + counts
-        complete = np.fromiter((c.sample for c in chunks), dtype=bool, count=len(counts))
+        logits_indices = np.concatenate([np.zeros(0, dtype=np.int64)] + [
+            np.arange(query_start[i + 1] - c.num_logits, query_start[i + 1]) for i, c in enumerate(chunks)])
         num_decodes = int((counts == 1).sum())
-        assert (counts[:num_decodes] == 1).all(), "single-token sequences must come first"
-        arrays = (input_ids, positions, slot_mapping, slot_array, ends, query_start, query_start[1:][complete] - 1)
-        prefills = chunks[num_decodes:]
+        num_verifies = sum(bool(c.drafts) for c in chunks)
+        verify = slice(num_decodes, num_decodes + num_verifies)
+        assert (counts[:num_decodes] == 1).all() and all(c.drafts for c in chunks[verify]), \
+            "single-token sequences must come first, then verify chunks"
+        arrays = (input_ids, positions, slot_mapping, slot_array, ends, query_start, logits_indices)
+        prefills = chunks[verify.stop:]
         rounds = lightning_rounds(prefills)
         return cls(*(torch.from_numpy(a) for a in arrays), num_decodes=num_decodes,
                    max_query_len=int(counts.max(initial=0)), rounds=rounds,
-                   final_snapshots=final_snapshots(prefills) if rounds is None else None)
+                   final_snapshots=final_snapshots(prefills) if rounds is None else None,
+                   num_verifies=num_verifies, num_verify_tokens=int(counts[verify].sum()))
 
     def tensors(self) -> list[Tensor]:
         return [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)]
@@ -128,22 +137,28 @@ class StepBatch:
         rounds = None if self.rounds is None else [r.to(device) for r in self.rounds]
         final = None if self.final_snapshots is None else tuple(t.to(device) for t in self.final_snapshots)
         return StepBatch(*moved, num_decodes=self.num_decodes, max_query_len=self.max_query_len, rounds=rounds,
-                         final_snapshots=final)
+                         final_snapshots=final, num_verifies=self.num_verifies,
+                         num_verify_tokens=self.num_verify_tokens)
 
 
 class PagedContext(AttentionContext):
     """Lightning layers: single-token sequences update their state slots in place (decode kernel);
-    longer runs continue from their slots' states (varlen chunk kernel) and write the final states
-    back, in rounds cut at snapshot positions when the step takes snapshots. Softmax layers: the new
-    keys and values go to their pages, then paged attention reads the cached prefix and the new
-    tokens. `policy` picks the kernels."""
+    verify chunks run from their slots' states without writing them, keeping their keys and values
+    for `fold`; longer runs continue from their slots' states (varlen chunk kernel) and write the
+    final states back, in rounds cut at snapshot positions when the step takes snapshots. Softmax
+    layers: the new keys and values go to their pages (a verify chunk's at prefix + i: a chain is
+    causal), then paged attention reads the cached prefix and the new tokens. `policy` picks the
+    kernels."""
 
     def __init__(self, cache: PagedCache, batch: StepBatch, policy: KernelPolicy):
         self.cache, self.batch, self.policy = cache, batch, policy
-        decodes = batch.num_decodes
+        decodes, verifies = batch.num_decodes, batch.num_decodes + batch.num_verifies
         self.block_tables = cache.block_tables[batch.slots]
-        self.prefill_slots = batch.slots[decodes:]
-        self.prefill_cu_seqlens = batch.query_start[decodes:] - decodes
+        self.verify_slots = batch.slots[decodes:verifies]
+        self.verify_cu_seqlens = batch.query_start[decodes:verifies + 1] - decodes
+        self.prefill_slots = batch.slots[verifies:]
+        self.prefill_cu_seqlens = batch.query_start[verifies:] - (decodes + batch.num_verify_tokens)
+        self.verified: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # Lightning layer -> verify rows' k, v, log λ
 
     def positions(self, batch: int, seq_len: int, device: torch.device) -> Tensor:
         if batch != 1 or seq_len != self.batch.input_ids.shape[0]:
@@ -153,13 +168,21 @@ class PagedContext(AttentionContext):
 
     def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor) -> Tensor:
         states = self.cache.states[self.cache.linear_index[layer_idx]]
-        decodes = self.batch.num_decodes
+        decodes, verified = self.batch.num_decodes, self.batch.num_decodes + self.batch.num_verify_tokens
         outputs = []
         if decodes:
             outputs.append(lightning_decode(q[0, :decodes], k[0, :decodes], v[0, :decodes], log_decay, states,
                                             self.batch.slots[:decodes], policy=self.policy))
-        if decodes < q.shape[1]:
-            q, k, v = q[0, decodes:], k[0, decodes:], v[0, decodes:]
+        if verified > decodes:
+            rows = slice(decodes, verified)
+            o, _ = lightning_attn(q[:, rows], k[:, rows], v[:, rows], log_decay, initial_state=states[self.verify_slots],
+                                  cu_seqlens=self.verify_cu_seqlens, max_seqlen=min(self.batch.max_query_len,
+                                                                                    verified - decodes),
+                                  policy=self.policy)
+            outputs.append(o[0])
+            self.verified[layer_idx] = (k[0, rows], v[0, rows], log_decay)
+        if verified < q.shape[1]:
+            q, k, v = q[0, verified:], k[0, verified:], v[0, verified:]
             if self.batch.rounds is None:
                 o, final = lightning_attn(q[None], k[None], v[None], log_decay,
                                           initial_state=states[self.prefill_slots], output_final_state=True,
@@ -174,6 +197,19 @@ class PagedContext(AttentionContext):
                 snapshots = self.cache.snapshots[self.cache.linear_index[layer_idx]]
                 outputs.append(self._lightning_rounds(q, k, v, log_decay, states, snapshots))
         return (outputs[0] if len(outputs) == 1 else torch.cat(outputs))[None]
+
+    def fold(self, sizes: Seq[int], num_accepted: Seq[int]) -> None:
+        """After the target accepted `num_accepted[n]` of the drafts of verify chunk n (`sizes[n]`
+        tokens): its root and those drafts enter the slot's state in every Lightning layer; the
+        rejected ones leave no trace."""
+        counts = np.asarray(num_accepted, dtype=np.int64) + 1
+        starts = np.cumsum([0, *sizes[:-1]], dtype=np.int64)
+        rows = np.minimum(starts[:, None] + np.arange(counts.max()), starts[:, None] + counts[:, None] - 1)
+        device = self.cache.device
+        accepted, counts = torch.from_numpy(rows).to(device), torch.from_numpy(counts).to(device)
+        for layer_idx, (k, v, log_decay) in self.verified.items():
+            states = self.cache.states[self.cache.linear_index[layer_idx]]
+            lightning_tree_fold(k, v, log_decay, states, self.verify_slots, accepted, counts, policy=self.policy)
 
     def _lightning_rounds(self, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, states: Tensor,
                           snapshots: Tensor) -> Tensor:

@@ -29,6 +29,8 @@ from .outputs import RequestOutput
 from .params import InvalidRequest, SamplingParams
 from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerOutput, Sequence
+from .spec.config import SpeculativeConfig
+from .spec.drafting import Speculator
 
 CPU_CACHE_MEMORY = 2 * 2**30  # at most, on the CPU: a quarter of the available memory below that
 
@@ -58,6 +60,9 @@ class EngineConfig:
     # "fp8": the linear layers and experts in blockwise FP8 (`model.fp8`), quantized at load unless the
     # checkpoint holds FP8 weights already (which load as FP8 whatever this says). No CUDA graphs yet.
     quantization: str = "none"
+    # Speculative decoding, vLLM's dict (or its JSON text): {"method": "mtp" | "ngram",
+    # "num_speculative_tokens": k, "prompt_lookup_min"/"prompt_lookup_max": n-gram lengths}; None: off
+    speculative_config: SpeculativeConfig | dict | str | None = None
 
     def validate(self) -> None:
         if self.quantization not in QUANTIZATIONS:
@@ -72,6 +77,8 @@ class EngineConfig:
         if self.batch_invariant and self.page_size % KEY_BLOCK:
             raise ValueError(f"batch_invariant needs a page_size that is a multiple of {KEY_BLOCK}, "
                              f"got {self.page_size}")
+        if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
+            self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
 
 
     @property
@@ -117,6 +124,8 @@ class Engine:
                                    model.config.eos_token_ids)
         self.runner = ModelRunner(model, size, self.policy, use_graphs, self.scheduler.max_num_seqs)
         self.sampler = Sampler(self.policy, self.device, config.seed)
+        spec = config.speculative_config
+        self.speculator = None if spec is None else Speculator(spec, model, self.policy)
         self._arrivals = itertools.count()
 
     @classmethod
@@ -218,11 +227,19 @@ class Engine:
         output = self.scheduler.schedule()
         if not output.chunks:
             return []
-        result = self.runner.execute(output)
+        speculator = self.speculator
+        result = self.runner.execute(output, hidden_states=speculator is not None and speculator.needs_hidden_states)
         rows = output.sample_rows
         logits = result.logits if len(rows) == result.logits.shape[0] else result.logits[rows]
         tokens, logprobs = self.sampler(logits, output.sampled)
-        return self.scheduler.update(output, tokens, logprobs, self._prompt_logprobs(output, result.hidden_states))
+        verified = [self.sampler.verify(result.logits[row:row + chunk.num_tokens], chunk.seq, chunk.drafts)
+                    for chunk, row in output.verifies]
+        self.runner.fold(output, [len(emitted) - 1 for emitted, _ in verified])
+        outputs = self.scheduler.update(output, tokens, logprobs, self._prompt_logprobs(output, result.hidden_states),
+                                        verified)
+        if speculator is not None:
+            self.scheduler.set_drafts(speculator.propose(output, result.hidden_states))
+        return outputs
 
     def _prompt_logprobs(self, output: SchedulerOutput, hidden: torch.Tensor | None) -> dict[int, list]:
         """By chunk index, the log-probs of the prompt tokens its rows predict, where asked."""
@@ -271,4 +288,5 @@ class Engine:
                 "page_usage": pages, "preemptions": scheduler.num_preemptions,
                 "prompt_tokens": scheduler.num_prompt_tokens, "generated_tokens": scheduler.num_generated_tokens,
                 "prefix_cache_queries": cache.num_queried_tokens, "prefix_cache_hits": cache.num_hit_tokens,
-                "snapshot_bytes": cache.num_snapshots_used * self.runner.cache.snapshot_bytes}
+                "snapshot_bytes": cache.num_snapshots_used * self.runner.cache.snapshot_bytes,
+                "spec_draft_tokens": scheduler.num_draft_tokens, "spec_accepted_tokens": scheduler.num_accepted_tokens}

@@ -33,6 +33,10 @@ class Metrics:
                                          registry=registry)
         self.snapshot_bytes = Gauge("ringlinear_prefix_cache_snapshot_bytes",
                                     "Memory held by cached Lightning-state snapshots", registry=registry)
+        self.spec_draft_tokens = Counter("ringlinear_spec_decode_num_draft_tokens",
+                                         "Draft tokens verified (speculative decoding)", registry=registry)
+        self.spec_accepted_tokens = Counter("ringlinear_spec_decode_num_accepted_tokens",
+                                            "Draft tokens accepted (speculative decoding)", registry=registry)
         self.requests = Counter("ringlinear_requests", "Finished requests", ["finish_reason"], registry=registry)
         self.rejected = Counter("ringlinear_requests_rejected", "Requests refused because the queue was full",
                                 registry=registry)
@@ -44,7 +48,8 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=registry)
         self._counters = {"prompt_tokens": self.prompt_tokens, "generated_tokens": self.generation_tokens,
                           "preemptions": self.preemptions, "prefix_cache_queries": self.prefix_cache_queries,
-                          "prefix_cache_hits": self.prefix_cache_hits}
+                          "prefix_cache_hits": self.prefix_cache_hits, "spec_draft_tokens": self.spec_draft_tokens,
+                          "spec_accepted_tokens": self.spec_accepted_tokens}
         self._totals = dict.fromkeys(self._counters, 0)
         self._window: deque[tuple[float, int]] = deque()
 

@@ -25,8 +25,8 @@ StepHook = Callable[[SchedulerOutput, StepBatch], None]
 
 @dataclass
 class StepResult:
-    logits: Tensor  # [chunks that sample, V] fp32
-    hidden_states: Tensor | None  # [T, hidden] after the final norm, when a chunk asks for prompt log-probs
+    logits: Tensor  # [rows: one per sampling chunk, every row of a verify chunk, V] fp32
+    hidden_states: Tensor | None  # [T, hidden] after the final norm, when asked or a chunk wants prompt log-probs
 
 
 class ModelRunner:
@@ -39,6 +39,7 @@ class ModelRunner:
         self.cache = PagedCache(model.config, size, param.device, param.dtype)
         self.graphs = DecodeGraphs(model, self.cache, max_num_seqs, policy) if cuda_graphs else None
         self._step_hooks: OrderedDict[int, StepHook] = OrderedDict()  # weakly referenced by the handles
+        self._verifying: PagedContext | None = None  # the last step's, while its verify chunks wait for `fold`
 
     def register_step_hook(self, hook: StepHook) -> RemovableHandle:
         """Call `hook(scheduler_output, batch)` before every forward, with the step's host inputs:
@@ -51,13 +52,14 @@ class ModelRunner:
         return handle
 
     @torch.no_grad()
-    def execute(self, output: SchedulerOutput) -> StepResult:
-        """Run one scheduled step: its logits, and its hidden states if prompt log-probs are asked."""
+    def execute(self, output: SchedulerOutput, hidden_states: bool = False) -> StepResult:
+        """Run one scheduled step: its logits, and its hidden states if asked (the MTP drafter reads
+        them) or prompt log-probs are. A step with verify chunks waits for `fold`."""
         self.cache.apply_before(output.changes)
         batch = StepBatch.build(output.chunks, self.cache)
         for hook in self._step_hooks.values():
             hook(output, batch)
-        wants_hidden = any(chunk.prompt_logprob_positions() for chunk in output.chunks)
+        wants_hidden = hidden_states or any(chunk.prompt_logprob_positions() for chunk in output.chunks)
         if self.graphs is not None and self.graphs.fits(batch) and not wants_hidden:
             result = StepResult(self.graphs.run(batch), None)
         else:
@@ -65,6 +67,7 @@ class ModelRunner:
             context = PagedContext(self.cache, batch, self.policy)
             out = self.model(batch.input_ids[None], context=context, logits_indices=batch.logits_indices)
             result = StepResult(out.logits[0], out.hidden_states[0] if wants_hidden else None)
+            self._verifying = context if batch.num_verifies else None
         # single-token chunks run the decode kernel, which updates the slots in place: their
         # snapshots are the slots' states after the step (a longer chunk's come from its rounds)
         saved = [(chunk.seq.slot, snapshot) for chunk in output.chunks if chunk.num_tokens == 1
@@ -73,3 +76,10 @@ class ModelRunner:
             self.cache.save_snapshots(*zip(*saved))
         self.cache.apply_after(output.changes)
         return result
+
+    def fold(self, output: SchedulerOutput, num_accepted: list[int]) -> None:
+        """The accepted part of each of the last step's verify chunks (`num_accepted` drafts each,
+        in the order of `output.verifies`) into the Lightning states."""
+        if self._verifying is not None:
+            self._verifying.fold([chunk.num_tokens for chunk, _ in output.verifies], num_accepted)
+            self._verifying = None

@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 from ..ops.batch_invariant import numerics
 from ..ops.policy import KernelPolicy
-from ..sampling import apply_penalties, sample, token_logprobs
+from ..sampling import apply_penalties, filter_logits, sample, token_logprobs
 from .outputs import TokenLogprob
 from .scheduler import Sequence
+from .spec.rejection import accept_chain
 
 PROMPT_LOGPROB_ROWS = 1024  # rows of [rows, V] fp32 logits made at a time for prompt log-probs
 
@@ -52,6 +53,27 @@ class Sampler:
                     TokenLogprob(token, chosen[i], list(zip(top_ids[i][:p.logprobs], top_values[i][:p.logprobs])))
                     for i, (p, token) in enumerate(zip(params, token_list))]
         return token_list, logprobs
+
+    def verify(self, logits: Tensor, seq: Sequence, drafts: tuple[int, ...]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """A verify chunk's logits [1 + k, V] (row j: after j of the k drafts) -> the drafts the
+        target accepts and the token after them (rejection sampling: distributed as the target's own
+        samples; greedy: its argmax path), with their log-probs (None where not asked). Penalised
+        requests draft nothing, so the distribution is the same for every row but for its context."""
+        params = seq.params
+        with numerics(self.policy):
+            if params.greedy:
+                target = logits
+            else:
+                scaled = logits / params.temperature
+                target = filter_logits(scaled, params.top_k, params.top_p, params.min_p).softmax(-1)
+            draft_tokens = torch.tensor(drafts, device=logits.device)
+            tokens = accept_chain(draft_tokens, target, None, params.greedy, seq.generator or self.generator)
+            if params.logprobs is None:
+                return tokens, [None] * len(tokens)
+            chosen, top_values, top_ids = (t.tolist() for t in token_logprobs(
+                logits[:len(tokens)], torch.tensor(tokens, device=logits.device), params.logprobs))
+        return tokens, [TokenLogprob(token, chosen[i], list(zip(top_ids[i], top_values[i])))
+                        for i, token in enumerate(tokens)]
 
     def prompt_logprobs(self, head: nn.Module, hidden: Tensor, rows: Tensor, targets: Tensor,
                         num_top: int) -> list[TokenLogprob]:

@@ -25,6 +25,15 @@ step on, when they are written.
 
 Parallel sampling (`n > 1`): the step that completes the prompt forks `n - 1` more sequences from
 it, sampled from the same logits row; they share its full pages and copy its state and partial page.
+
+Speculative decoding: a decoding sequence with drafts (`set_drafts`) gets a verify chunk instead,
+its last sampled token (the root) and its drafts, in pages reserved for all of them. The drafts never
+enter `token_ids` until the target accepts them, so preemption and recompute are unchanged; `update`
+appends the accepted ones and the token after them, counts the accepted as computed (their keys and
+values are in the pages at their positions; the runner folds them into the states), registers their
+pages, snapshots the state at a snapshot position they reach, and gives back the pages past them.
+A verify chunk ends at the next snapshot position at the latest, so that one is reached only as the
+state after every accepted token, which is the only state the step leaves.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
 import torch
 
 from .cache import CacheChanges, CacheManager, page_hashes
@@ -70,6 +80,7 @@ class Sequence:
     num_registered_pages: int = 0  # pages of this sequence's slot offered to the prefix cache
     prompt_logprobs: list[TokenLogprob | None] | None = None  # [None] + one per prompt token after the first
     prompt_logprobs_sent: bool = False
+    drafts: list[int] = field(default_factory=list)  # proposed tokens after the last one, to verify next
 
     @property
     def output_ids(self) -> list[int]:
@@ -91,10 +102,21 @@ class ScheduledChunk:
     sample: bool
     snapshots: tuple[tuple[int, int], ...] = ()
     forks: tuple[Sequence, ...] = ()
+    drafts: tuple[int, ...] = ()  # a verify chunk: its token at `start` (the root), then these drafts
 
     @property
     def end(self) -> int:
         return self.start + self.num_tokens
+
+    @property
+    def num_logits(self) -> int:
+        """Rows of the step's logits it takes: every row of a verify chunk, the last of a sampling one."""
+        return self.num_tokens if self.drafts else int(self.sample)
+
+    def input_ids(self) -> list[int]:
+        if self.drafts:
+            return [self.seq.token_ids[self.start], *self.drafts]
+        return self.seq.token_ids[self.start:self.end]
 
     def prompt_logprob_positions(self) -> range:
         """Positions of this chunk whose next token is a prompt token whose log-prob is asked and not
@@ -113,14 +135,22 @@ class SchedulerOutput:
 
     @property
     def sampled(self) -> list[Sequence]:
-        """The sequences whose next token this step samples (forks right after their parent)."""
-        return [s for chunk in self.chunks if chunk.sample for s in (chunk.seq, *chunk.forks)]
+        """The sequences whose next token this step samples plainly (forks right after their parent)."""
+        return [s for chunk in self.chunks if chunk.sample and not chunk.drafts for s in (chunk.seq, *chunk.forks)]
+
+    def _first_logit_rows(self) -> list[int]:
+        return np.cumsum([0] + [chunk.num_logits for chunk in self.chunks])[:-1].tolist()
 
     @property
     def sample_rows(self) -> list[int]:
-        """For each of `sampled`, its row of the step's logits (one per sampling chunk)."""
-        sampling = [chunk for chunk in self.chunks if chunk.sample]
-        return [row for row, chunk in enumerate(sampling) for _ in range(1 + len(chunk.forks))]
+        """For each of `sampled`, its row of the step's logits."""
+        return [row for row, chunk in zip(self._first_logit_rows(), self.chunks) if chunk.sample and not chunk.drafts
+                for _ in range(1 + len(chunk.forks))]
+
+    @property
+    def verifies(self) -> list[tuple[ScheduledChunk, int]]:
+        """The verify chunks and the first of their rows of the step's logits."""
+        return [(chunk, row) for row, chunk in zip(self._first_logit_rows(), self.chunks) if chunk.drafts]
 
 
 class Scheduler:
@@ -137,6 +167,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_prompt_tokens = 0  # computed so far, recomputation included
         self.num_generated_tokens = 0
+        self.num_draft_tokens = 0  # verified
+        self.num_accepted_tokens = 0  # of those, accepted
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -155,10 +187,16 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def set_drafts(self, drafts: dict[Sequence, list[int]]) -> None:
+        """Tokens proposed to follow each running sequence's last one, verified by its next step."""
+        for seq, proposed in drafts.items():
+            seq.drafts = proposed
+
     def reset_counters(self) -> None:
         """Start the counters and the prefix cache afresh (when nothing runs)."""
         self.cache.reset_prefix_cache()
         self.num_preemptions = self.num_prompt_tokens = self.num_generated_tokens = 0
+        self.num_draft_tokens = self.num_accepted_tokens = 0
         self.cache.num_queried_tokens = self.cache.num_hit_tokens = 0
 
     # -- one step -------------------------------------------------------------------------------
@@ -166,52 +204,89 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """The next step's chunks; every scheduled token counts as computed from here on."""
         chunks = []
-        for seq, num_tokens in self._pick():
-            start, end = seq.num_computed, seq.num_computed + num_tokens
+        for seq, num_tokens, drafts in self._pick():
+            # a verify chunk computes its root for sure; its drafts count once accepted (`update`)
+            start, end = seq.num_computed, seq.num_computed + num_tokens - len(drafts)
             sample = end == len(seq.token_ids)
             snapshots = self._offer_to_cache(seq, start, end) if self.cache.prefix_caching else ()
             forks = self._fork(seq, end) if sample and seq.num_forks else ()
-            chunks.append(ScheduledChunk(seq, start, num_tokens, sample, snapshots, forks))
+            chunks.append(ScheduledChunk(seq, start, num_tokens, sample, snapshots, forks, drafts))
             self.num_prompt_tokens += min(num_tokens, max(0, seq.num_prompt_tokens - start))
+            self.num_draft_tokens += len(drafts)
             seq.num_computed = end
         return SchedulerOutput(chunks, self.cache.take_changes())
 
     def update(self, output: SchedulerOutput, tokens: list[int], logprobs: list[TokenLogprob | None],
-               prompt_logprobs: dict[int, list[TokenLogprob]] | None = None) -> list[RequestOutput]:
+               prompt_logprobs: dict[int, list[TokenLogprob]] | None = None,
+               verified: list[tuple[list[int], list[TokenLogprob | None]]] = ()) -> list[RequestOutput]:
         """Take the token sampled for each of `output.sampled` (and its log-probs if asked): append it,
         or finish the sequence at a stop token, a stop string or its length; return what each gained.
-        `prompt_logprobs`: by chunk index, the log-probs of the prompt tokens its positions predict."""
+        `prompt_logprobs`: by chunk index, the log-probs of the prompt tokens its positions predict.
+        `verified`: for each of `output.verifies`, the drafts it accepted and the token after them
+        (with their log-probs)."""
         for i, values in (prompt_logprobs or {}).items():
             seq = output.chunks[i].seq
             seq.prompt_logprobs.extend(values)
-        return [self._append(seq, token, logprob) for seq, token, logprob in zip(output.sampled, tokens, logprobs)]
+        outputs = [self._append(seq, [token], [logprob])
+                   for seq, token, logprob in zip(output.sampled, tokens, logprobs)]
+        for (chunk, _), (emitted, emitted_logprobs) in zip(output.verifies, verified):
+            self.num_accepted_tokens += len(emitted) - 1
+            outputs.append(self._append(chunk.seq, emitted, emitted_logprobs, num_accepted=len(emitted) - 1))
+        return outputs
 
-    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+    def _append(self, seq: Sequence, tokens: list[int], token_logprobs: list[TokenLogprob | None],
+                num_accepted: int | None = None) -> RequestOutput:
+        """Append `tokens` up to a stop; after a verify chunk, the first `num_accepted` are its
+        accepted drafts, computed already."""
         params = seq.params
         new_ids: list[int] = []
-        reason = None
-        if params.max_tokens == 0:
-            reason = "length"  # a prompt scored for its log-probs only
-        elif (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
-            reason = "stop"  # the stop token itself is not part of the output
-        else:
-            seq.token_ids.append(token)
-            new_ids.append(token)
-            self.num_generated_tokens += 1
-            if seq.detokenizer is not None and seq.detokenizer.add(token):
-                reason = "stop"
-            elif len(seq.token_ids) - seq.num_prompt_tokens >= params.max_tokens:
-                reason = "length"
+        reason = stop_logprob = None
+        seq.drafts = []
+        for token, logprob in zip(tokens, token_logprobs):
+            if params.max_tokens == 0:
+                reason = "length"  # a prompt scored for its log-probs only
+            elif (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+                reason, stop_logprob = "stop", logprob  # the stop token itself is not part of the output
+            else:
+                seq.token_ids.append(token)
+                new_ids.append(token)
+                self.num_generated_tokens += 1
+                if seq.detokenizer is not None and seq.detokenizer.add(token):
+                    reason = "stop"
+                elif len(seq.token_ids) - seq.num_prompt_tokens >= params.max_tokens:
+                    reason = "length"
+            if reason is not None:
+                break
+        if num_accepted is not None:
+            self._accept(seq, min(num_accepted, len(new_ids)))
         if reason is not None:
             self._finish(seq, reason)
         text = "" if seq.detokenizer is None else seq.detokenizer.new_text(final=reason is not None)
-        logprobs = None if params.logprobs is None else ([logprob] if new_ids else [])
-        stop_logprob = None if new_ids or params.max_tokens == 0 else logprob
+        logprobs = None if params.logprobs is None else token_logprobs[:len(new_ids)]
         prompt_logprobs = None
         if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
             prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
         return RequestOutput(seq.request_id, new_ids, text, logprobs, reason, seq.num_prompt_tokens,
                              len(seq.token_ids) - seq.num_prompt_tokens, stop_logprob, seq.index, prompt_logprobs)
+
+    def _accept(self, seq: Sequence, num_accepted: int) -> None:
+        """The verified drafts just appended are computed: register their pages, snapshot the state
+        after them if they end at a snapshot position, and give back the pages past them."""
+        start = seq.num_computed
+        seq.num_computed += num_accepted
+        if self.cache.prefix_caching:
+            for _, snapshot in self._offer_to_cache(seq, start, seq.num_computed):
+                self.cache.save_state(seq.slot, snapshot)
+        self.cache.trim(seq.slot, seq.num_computed + 1)
+
+    def _draft_limit(self, seq: Sequence, budget: int) -> int:
+        """How many of its drafts a decoding sequence may verify: what its length, the step's token
+        budget and the next snapshot position leave room for."""
+        limit = min(len(seq.drafts), seq.params.max_tokens - len(seq.output_ids) - 1, budget - 1)
+        interval = self.cache.snapshot_interval if self.cache.prefix_caching else 0
+        if interval:
+            limit = min(limit, (seq.num_computed // interval + 1) * interval - seq.num_computed - 1)
+        return max(limit, 0)
 
     # -- state changes --------------------------------------------------------------------------
 
@@ -236,7 +311,7 @@ class Scheduler:
         self.running.remove(seq)
         self.cache.free(seq.slot)
         seq.slot, seq.num_computed, seq.status = None, 0, Status.WAITING
-        seq.num_registered_pages = 0
+        seq.num_registered_pages, seq.drafts = 0, []
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self._enqueue(seq)
@@ -316,31 +391,37 @@ class Scheduler:
         seq.num_forks = 0
         return tuple(forks)
 
-    def _pick(self) -> list[tuple[Sequence, int]]:
-        """(sequence, number of new tokens) for the next step, single-token ones first."""
+    def _pick(self) -> list[tuple[Sequence, int, tuple[int, ...]]]:
+        """(sequence, number of new tokens, drafts verified) for the next step: single-token ones
+        first, then verify chunks, then prompt chunks."""
         cache = self.cache
         preempted = False
         while True:
             budget = self.max_num_batched_tokens
-            scheduled: list[tuple[Sequence, int]] = []
-            for seq in list(self.running):  # 1. decodes
+            scheduled: list[tuple[Sequence, int, tuple[int, ...]]] = []
+            for seq in list(self.running):  # 1. decodes, with their drafts as far as pages allow
                 if seq.status != Status.RUNNING or seq.num_uncomputed != 1 or budget == 0:
                     continue
-                while cache.reserve(seq.slot, seq.num_computed + 1) <= seq.num_computed:
+                while (held := cache.reserve(seq.slot, seq.num_computed + 1)) <= seq.num_computed:
                     self._preempt(self.running[-1])
                     preempted = True
                     if seq.status != Status.RUNNING:
                         break
                 else:
-                    scheduled.append((seq, 1))
-                    budget -= 1
+                    num_tokens = 1 + self._draft_limit(seq, budget)
+                    if num_tokens > 1:  # drafts never preempt: they take pages above the watermark only
+                        room = max(cache.num_free_pages - self.watermark_pages, 0) * cache.page_size
+                        held = cache.reserve(seq.slot, min(seq.num_computed + num_tokens, held + room))
+                        num_tokens = min(num_tokens, held - seq.num_computed)
+                    scheduled.append((seq, num_tokens, tuple(seq.drafts[:num_tokens - 1])))
+                    budget -= num_tokens
             for seq in self.running:  # 2. prompt chunks
                 if seq.num_uncomputed <= 1 or budget == 0:
                     continue
                 wanted = seq.num_computed + min(seq.num_uncomputed, budget)
                 num_tokens = min(cache.reserve(seq.slot, wanted), wanted) - seq.num_computed
                 if num_tokens > 0:
-                    scheduled.append((seq, num_tokens))
+                    scheduled.append((seq, num_tokens, ()))
                     budget -= num_tokens
             if scheduled or not self.running:
                 break
@@ -351,7 +432,8 @@ class Scheduler:
             num_tokens = self._admit_first_chunk(seq, budget)
             if num_tokens == 0:
                 break
-            scheduled.append((seq, num_tokens))
+            scheduled.append((seq, num_tokens, ()))
             budget -= num_tokens
-        scheduled.sort(key=lambda item: item[1] > 1)  # stable: decodes first, each group by arrival
+        # stable: decodes, verify chunks, prompt chunks, each group by arrival
+        scheduled.sort(key=lambda item: 0 if item[1] == 1 else 1 if item[2] else 2)
         return scheduled

@@ -33,6 +33,13 @@ class MTPCache(AttentionContext):
         self.num_verified = 0  # the sequence's positions that the first MTP layer has seen
         self._positions: Tensor | None = None
 
+    def copy(self) -> MTPCache:
+        """An independent cache with the same entries (a forked sequence's: it shares the prompt)."""
+        other = MTPCache(self.policy)
+        other.keys, other.values, other.verified = dict(self.keys), dict(self.values), dict(self.verified)
+        other.num_verified = self.num_verified
+        return other
+
     def start(self, positions: Tensor) -> None:
         """The positions [T] of the next forward."""
         self._positions = positions

@@ -1,0 +1,80 @@
+"""Drafting inside the engine: after every step, the tokens each running sequence proposes to verify
+in its next one. The n-gram drafter reads the sequence's tokens; the MTP drafter reads the target's
+hidden states at the positions the step computed for good (a prompt chunk's, a verify chunk's root
+and accepted drafts), holding a sequence's prompt chunks until the last one has sampled a token.
+Penalised requests draft nothing: their penalties change with every token a verify step accepts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ...model import RingLinearForCausalLM
+from ...ops.policy import KernelPolicy
+from ..scheduler import SchedulerOutput, Sequence, Status
+from .config import SpeculativeConfig
+from .mtp import MTPCache, MTPDrafter
+from .ngram import NgramProposer
+
+
+@dataclass
+class _MTPState:
+    cache: MTPCache
+    hidden: list[Tensor] = field(default_factory=list)  # rows of prompt chunks the MTP layers have not seen
+    tokens: list[int] = field(default_factory=list)  # the token after each
+
+    @property
+    def next_position(self) -> int:
+        return self.cache.num_verified + len(self.tokens)
+
+    def copy(self) -> _MTPState:
+        return _MTPState(self.cache.copy(), list(self.hidden), list(self.tokens))
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig, model: RingLinearForCausalLM, policy: KernelPolicy):
+        config.check_model(model.config)
+        k = config.num_speculative_tokens
+        self.mtp = MTPDrafter(model, k, policy) if config.method == "mtp" else None
+        self.ngram = None if self.mtp else NgramProposer(k, config.prompt_lookup_min, config.prompt_lookup_max)
+        self._states: dict[Sequence, _MTPState] = {}
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        return self.mtp is not None
+
+    def propose(self, output: SchedulerOutput, hidden: Tensor | None) -> dict[Sequence, list[int]]:
+        """The drafts of every sequence that gained a token in this step (after `Scheduler.update`);
+        `hidden` [T, hidden]: the step's final hidden states (MTP)."""
+        drafts: dict[Sequence, list[int]] = {}
+        starts = np.cumsum([0] + [chunk.num_tokens for chunk in output.chunks]).tolist()
+        for chunk, row in zip(output.chunks, starts):
+            seqs = [s for s in (chunk.seq, *chunk.forks) if s.status == Status.RUNNING and not s.params.penalised]
+            if self.ngram is not None:
+                drafts.update((s, self.ngram.propose(s.token_ids)) for s in seqs if chunk.sample)
+                continue
+            parent = self._state(chunk.seq, chunk.start)
+            states = {s: parent if s is chunk.seq else parent.copy() for s in seqs}  # forks copy the prompt's
+            for seq, state in states.items():
+                self._states[seq] = state
+                computed = seq.num_computed - chunk.start  # rows computed for good: all but rejected drafts
+                state.hidden.append(hidden[row:row + computed])
+                state.tokens += seq.token_ids[chunk.start + 1:seq.num_computed + 1]
+                if chunk.sample:
+                    next_tokens = torch.tensor(state.tokens, device=hidden.device)
+                    drafts[seq] = self.mtp.propose(state.cache, torch.cat(state.hidden), next_tokens).tolist()
+                    state.hidden, state.tokens = [], []
+        self._states = {s: state for s, state in self._states.items() if s.status != Status.FINISHED}
+        return drafts
+
+    def _state(self, seq: Sequence, start: int) -> _MTPState:
+        """The sequence's MTP state if it continues at `start`; else (new, recomputed, or started
+        from a cached prefix whose MTP keys no one kept) a fresh one from `start` on."""
+        state = self._states.get(seq)
+        if state is None or state.next_position != start:
+            state = _MTPState(self.mtp.new_cache())
+            state.cache.num_verified = start
+        return state

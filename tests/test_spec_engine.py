@@ -1,0 +1,128 @@
+"""Speculative decoding in the engine on the CPU: greedy output equals plain greedy output token for
+token (random MTP weights, so most drafts are rejected; the n-gram drafter on repetitive output, so
+many are accepted) under chunked prefill, continuous batching, preemption and penalised requests
+decoding plainly beside; accepted tokens' log-probs bit-identical in batch-invariant mode; prefix-cache
+snapshots at accepted positions; seeded sampling and the draft metrics."""
+
+import pytest
+import torch
+from infer_helpers import tiny_model
+
+from ringlinear.infer import Engine, EngineConfig, SamplingParams
+from ringlinear.infer.metrics import Metrics
+
+MTP = {"method": "mtp", "num_speculative_tokens": 3}
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(num_hidden_layers=3, num_nextn_predict_layers=1)  # Lightning, Lightning, softmax; MTP
+
+
+@pytest.fixture(scope="module")
+def repetitive(model):
+    """The same model whose LM head scores five tokens only: its output repeats itself."""
+    copy = tiny_model(num_hidden_layers=3, num_nextn_predict_layers=1)
+    with torch.no_grad():
+        copy.lm_head.weight[5:] = 0
+    return copy
+
+
+def prompts_of(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 257, (n,), generator=g).tolist() for n in lengths]
+
+
+def serve(engine: Engine, arrivals: dict[int, list[tuple[str, list[int], SamplingParams]]]) -> dict[str, list]:
+    """Add each request at its step, step until all finished; (tokens, log-probs) by request id."""
+    outputs: dict[str, list] = {}
+    step = 0
+    while step <= max(arrivals) or engine.has_unfinished():
+        for request_id, prompt, params in arrivals.get(step, []):
+            engine.add_request(request_id, prompt, params)
+            outputs[request_id] = ([], [])
+        for output in engine.step():
+            outputs[output.request_id][0].extend(output.token_ids)
+            outputs[output.request_id][1].extend(output.logprobs or [])
+        step += 1
+    return outputs
+
+
+@pytest.mark.parametrize("method", ["mtp", "ngram"])
+def test_greedy_speculative_output_equals_plain_greedy_output(model, repetitive, method):
+    target, spec = (model, MTP) if method == "mtp" else (repetitive, NGRAM)
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    penalised = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, repetition_penalty=1.3)
+    prompts = prompts_of([7, 20, 12])
+    arrivals = {0: [("a", prompts[0], greedy), ("b", prompts[1], greedy)], 3: [("c", prompts[2], penalised)]}
+    # 12-token steps chunk the prompts; 11 pages of 4 tokens hold about 2 sequences: preemption
+    config = {"max_num_seqs": 3, "max_num_batched_tokens": 12, "page_size": 4, "num_pages": 11}
+    plain = serve(Engine(target, None, EngineConfig(**config)), arrivals)
+    engine = Engine(target, None, EngineConfig(**config, speculative_config=spec))
+    speculative = serve(engine, arrivals)
+    assert {r: t for r, (t, _) in speculative.items()} == {r: t for r, (t, _) in plain.items()}
+    stats = engine.stats()
+    assert stats["preemptions"] > 0 and stats["page_usage"] == stats["slot_usage"] == 0
+    assert engine.scheduler.cache.num_free_pages == 11
+    drafts, accepted = stats["spec_draft_tokens"], stats["spec_accepted_tokens"]
+    if method == "mtp":
+        assert drafts > 15 and accepted < 0.2 * drafts  # random MTP weights: most drafts are rejected
+    else:
+        assert drafts > 10 and accepted > 0.4 * drafts
+
+
+def test_batch_invariant_accepted_tokens_logprobs_are_bit_identical(repetitive):
+    """Verify chains run the invariant kernels of a decode: the log-probs of every token, accepted
+    draft or not, are the plain engine's bits."""
+    params = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True, logprobs=0)
+    prompts = prompts_of([9, 21], seed=2)
+    arrivals = {0: [("a", prompts[0], params)], 1: [("b", prompts[1], params)]}
+    config = {"max_num_seqs": 2, "max_num_batched_tokens": 16, "page_size": 16, "num_pages": 8, "batch_invariant": True}
+    plain = serve(Engine(repetitive, None, EngineConfig(**config)), arrivals)
+    engine = Engine(repetitive, None, EngineConfig(**config, speculative_config=NGRAM))
+    speculative = serve(engine, arrivals)
+    assert engine.stats()["spec_accepted_tokens"] >= 4
+    for request_id, (tokens, logprobs) in plain.items():
+        spec_tokens, spec_logprobs = speculative[request_id]
+        assert spec_tokens == tokens
+        assert torch.equal(torch.tensor([lp.logprob for lp in spec_logprobs]), torch.tensor([lp.logprob for lp in logprobs]))
+
+
+def test_prefix_cache_keeps_only_accepted_tokens(repetitive):
+    """A follow-up request (prompt + completion + more) hits the pages and snapshots that accepted
+    drafts reached, and continues as the plain engine does."""
+    first = prompts_of([9], seed=3)[0]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    config = {"max_num_seqs": 2, "max_num_batched_tokens": 32, "page_size": 4, "num_pages": 40,
+              "prefix_snapshot_interval": 8}
+    results = []
+    for spec in (None, NGRAM):
+        engine = Engine(repetitive, None, EngineConfig(**config, speculative_config=spec))
+        completion = serve(engine, {0: [("a", first, params)]})["a"][0]
+        follow_up = first + completion + [7, 8, 9]
+        results.append((completion, serve(engine, {0: [("b", follow_up, params)]})["b"][0]))
+        assert engine.stats()["prefix_cache_hits"] >= 24  # a snapshot inside the generated tokens
+    assert results[0] == results[1]
+
+
+def test_seeded_sampling_is_reproducible_and_counts_drafts(model):
+    params = SamplingParams(max_tokens=10, temperature=0.8, top_k=20, seed=5, ignore_eos=True)
+    runs = []
+    for _ in range(2):
+        engine = Engine(model, None, EngineConfig(max_num_seqs=2, page_size=4, num_pages=32, speculative_config=MTP))
+        runs.append(serve(engine, {0: [("a", prompts_of([6])[0], params)]})["a"][0])
+    assert runs[0] == runs[1] and len(runs[0]) == 10
+    metrics = Metrics()
+    metrics.update(engine.stats())
+    text = metrics.render().decode()
+    drafts = engine.stats()["spec_draft_tokens"]
+    assert drafts > 0 and f"ringlinear_spec_decode_num_draft_tokens_total {float(drafts)}" in text
+    assert "ringlinear_spec_decode_num_accepted_tokens_total" in text
+
+
+def test_bad_speculative_configs_fail_at_start_up(model):
+    with pytest.raises(ValueError, match="num_nextn_predict_layers=0"):
+        Engine(tiny_model(num_hidden_layers=3), None, EngineConfig(num_pages=8, speculative_config=MTP))
+    with pytest.raises(ValueError, match="speculative_config.num_speculative_tokens must be"):
+        Engine(model, None, EngineConfig(num_pages=8, speculative_config='{"method": "mtp", "num_speculative_tokens": 64}'))
