@@ -25,6 +25,17 @@ from .reference import paged_attention_reference
 __all__ = ["paged_attention", "paged_attention_reference"]
 
 
+def check_paged_batch(q: Tensor, cache: Tensor, block_tables: Tensor, seq_lens: Tensor, query_start: Tensor) -> None:
+    """The checks every paged op makes of its step: one dtype for the queries and the cache, a block
+    table row and query offsets for each of the N sequences."""
+    if cache.dtype != q.dtype:
+        raise ValueError(f"q and the cache must share a dtype, got {q.dtype} and {cache.dtype}")
+    N = seq_lens.shape[0]
+    if block_tables.dim() != 2 or block_tables.shape[0] != N or query_start.shape != (N + 1,):
+        raise ValueError(f"block_tables must be [N, max_pages] and query_start [N+1] for N={N} sequences, "
+                         f"got {list(block_tables.shape)} and {list(query_start.shape)}")
+
+
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                     query_start: Tensor, scale: float, max_query_len: int,
                     policy: KernelPolicy = KernelPolicy(), tree_ancestors: Tensor | None = None) -> Tensor:
@@ -41,12 +52,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
     if k_cache.shape[3] != D or H % KV:
         raise ValueError(f"cache heads {KV} must divide query heads {H} and head dims must match, "
                          f"got q {list(q.shape)}, cache {list(k_cache.shape)}")
-    if k_cache.dtype != q.dtype:
-        raise ValueError(f"q and the cache must share a dtype, got {q.dtype} and {k_cache.dtype}")
-    N = seq_lens.shape[0]
-    if block_tables.dim() != 2 or block_tables.shape[0] != N or query_start.shape != (N + 1,):
-        raise ValueError(f"block_tables must be [N, max_pages] and query_start [N+1] for N={N} sequences, "
-                         f"got {list(block_tables.shape)} and {list(query_start.shape)}")
+    check_paged_batch(q, k_cache, block_tables, seq_lens, query_start)
     if tree_ancestors is not None:
         if tree_ancestors.shape != (T,):
             raise ValueError(f"tree_ancestors must be [T]=[{T}], got {list(tree_ancestors.shape)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..paged_attention import check_paged_batch
 from ..policy import KernelPolicy, latent_attention_kernel
 from .reference import latent_attention_reference
 
@@ -39,12 +40,7 @@ def paged_latent_attention(q: Tensor, cache: Tensor, kv_b: Tensor, block_tables:
     if not 0 < rope < qk or kv_b.shape[0] % H or kv_b.shape[0] // H <= qk - rope:
         raise ValueError(f"the cache entry ({cache.shape[2]}) must be kv_b's rank ({r}) plus the query's rope "
                          f"part, and kv_b {list(kv_b.shape)} must hold {H} heads of nope + v rows")
-    if cache.dtype != q.dtype:
-        raise ValueError(f"q and the cache must share a dtype, got {q.dtype} and {cache.dtype}")
-    N = seq_lens.shape[0]
-    if block_tables.dim() != 2 or block_tables.shape[0] != N or query_start.shape != (N + 1,):
-        raise ValueError(f"block_tables must be [N, max_pages] and query_start [N+1] for N={N} sequences, "
-                         f"got {list(block_tables.shape)} and {list(query_start.shape)}")
+    check_paged_batch(q, cache, block_tables, seq_lens, query_start)
     nope = qk - rope
     w_uk, w_uv = kv_b.view(H, -1, r).split([nope, kv_b.shape[0] // H - nope], dim=1)
     q_latent = torch.einsum("thn,hnr->thr", q[..., :nope], w_uk)
