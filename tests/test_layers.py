@@ -10,6 +10,7 @@ from ringlinear import RingLinearConfig
 from ringlinear.model.layers import RMSNorm, RotaryEmbedding, apply_rotary
 from ringlinear.ops.policy import KernelPolicy
 from ringlinear.model.moe import MoE
+from ringlinear.ops.moe import combine_rows, dispatch_rows
 from ringlinear.ops.attention import causal_attention
 from ringlinear.ops.fused import powlu_gate
 
@@ -107,16 +108,40 @@ def test_moe_matches_a_per_token_loop(activation):
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     out = moe(x, POLICY)
     E = moe.experts
+    expected = torch.zeros_like(out)
     for b in range(2):
         for t in range(9):
             xt = x[b, t]
             shared = moe.shared_experts
-            expected = shared.down_proj.weight @ (GATES[activation](shared.gate_proj.weight @ xt)
-                                                  * (shared.up_proj.weight @ xt))
-            for e, w in route_one_token(xt, config, moe.gate.weight.detach(), moe.gate.expert_bias).items():
+            expected[b, t] = shared.down_proj.weight @ (GATES[activation](shared.gate_proj.weight @ xt)
+                                                        * (shared.up_proj.weight @ xt))
+            for e, w in route_one_token(xt.detach(), config, moe.gate.weight.detach(), moe.gate.expert_bias).items():
                 h = GATES[activation](E.gate_proj[e] @ xt) * (E.up_proj[e] @ xt)
-                expected = expected + w * (E.down_proj[e] @ h)
-            assert rel(out[b, t], expected) < 1e-10
+                expected[b, t] = expected[b, t] + w * (E.down_proj[e] @ h)
+    assert rel(out, expected) < 1e-10
+    # the experts' gradients (the loop's routing weights are Python constants: x's gradient differs
+    # by the router's path, which test_moe_dispatch_and_combine_rows_backward covers)
+    dy = torch.randn_like(out)
+    weights = [E.gate_proj, E.up_proj, E.down_proj]
+    for got, want in zip(torch.autograd.grad(out, weights, dy), torch.autograd.grad(expected, weights, dy)):
+        assert rel(got, want) < 1e-10
+
+
+def test_moe_dispatch_and_combine_rows_backward():
+    """The expert rows' gathers with gather-only backwards give indexing's own gradients."""
+    torch.manual_seed(0)
+    N, k, H = 7, 3, 5
+    experts = torch.randint(0, 4, (N, k))
+    order = experts.flatten().argsort(stable=True)
+    back = torch.empty_like(order).scatter_(0, order, torch.arange(N * k))
+    x = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
+    scale = torch.randn(N * k, H, dtype=torch.float64)
+    got = combine_rows(dispatch_rows(x, order, back, k) * scale, order, back)
+    want = (x[order // k] * scale)[back]
+    assert torch.equal(got, want)
+    assert torch.equal(want, x.repeat_interleave(k, 0) * scale[back])  # row i·k + j: token i's j-th choice
+    dy = torch.randn_like(got)
+    assert rel(torch.autograd.grad(got, x, dy)[0], torch.autograd.grad(want, x, dy)[0]) < 1e-12
 
 
 def test_powlu_gate_is_the_papers_formula_grows_slowly_and_has_finite_gradients():

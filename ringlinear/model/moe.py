@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import RingLinearConfig
-from ..ops.moe import grouped_glu
+from ..ops.moe import combine_rows, dispatch_rows, grouped_glu
 from ..ops.policy import KernelPolicy
 from .layers import MLP, at_least_fp32
 
@@ -95,11 +95,11 @@ class Experts(nn.Module):
         # bincount on CUDA reads the largest id on the host; scatter_add stays on the device
         counts = torch.zeros(self.gate_proj.shape[0], dtype=torch.long, device=flat.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat))
-        y_sorted = grouped_glu(x[order // k], self.gate_proj, self.up_proj, self.down_proj, counts,
-                               weights.flatten()[order], policy, self.activation, self.weight_scales())
         # back to token order by a gather (an index_put of whole rows is several times slower)
         back = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-        return y_sorted[back].view(N, k, -1).sum(1, dtype=weights.dtype).to(x.dtype)
+        y_sorted = grouped_glu(dispatch_rows(x, order, back, k), self.gate_proj, self.up_proj, self.down_proj,
+                               counts, weights.flatten()[order], policy, self.activation, self.weight_scales())
+        return combine_rows(y_sorted, order, back).view(N, k, -1).sum(1, dtype=weights.dtype).to(x.dtype)
 
 
 class MoE(nn.Module):

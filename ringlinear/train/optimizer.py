@@ -13,11 +13,14 @@ from .parallel import all_reduce, full_norm
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
-    """AdamW; weight decay on the matrices (and stacked expert weights), none on norms and biases."""
+    """AdamW; weight decay on the matrices (and stacked expert weights), none on norms and biases.
+    On CUDA the fused implementation: one kernel per step instead of a dozen multi-tensor passes
+    (8.6% of a 1b-model training step on the H200 with the default)."""
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
 @dataclass
