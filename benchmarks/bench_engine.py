@@ -1,13 +1,15 @@
 """The inference engine on one GPU: the hybrid model (Ring-mini-linear-2.0 shapes, random bf16
-weights) side by side with the same model made all-softmax (layer_group_size = 1).
+weights) side by side with the same model made all-softmax (layer_group_size = 1) and, asked for, with
+its softmax layers made MLA (`mla_hybrid`: the second generation's latent cache, 512 + 64 per token).
 
-    python benchmarks/bench_engine.py [--quick] [--models hybrid all_softmax] [--cases ...] [--no-warm-up]
-                                      [--out DIR] [--profile TOKENS]
+    python benchmarks/bench_engine.py [--quick] [--models hybrid all_softmax mla_hybrid] [--cases ...]
+                                      [--decode-contexts N ...] [--no-warm-up] [--out DIR] [--profile TOKENS]
 
 For each model, built on the meta device and initialised on the GPU, one at a time:
 - prefill throughput, batch 1, at 4K, 32K and 128K prompt tokens (the last is 131,071 tokens: the
   preset's context is 131,072 and one token is generated);
-- decode throughput at 4K and 32K context, at the largest batch the cache holds and at batch 64.
+- decode throughput at 4K and 32K context (or --decode-contexts), at the largest batch the cache
+  holds and at batch 64.
   The running sequences' contexts are placed in the cache as if prefilled (the pages and states
   hold zeros): a decode step costs the same whatever values it reads, and prefilling up to
   512 × 4K tokens per case would take minutes;
@@ -44,6 +46,7 @@ import torch
 from ringlinear import RingLinearConfig, RingLinearForCausalLM
 from ringlinear.generate import generate
 from ringlinear.infer import Engine, EngineConfig, SamplingParams
+from ringlinear.info import model_info
 
 T0 = time.time()
 
@@ -77,6 +80,11 @@ QUICK = Shapes("tiny", prefill=(256, 1024, 4000), decode_contexts=(256, 1024), d
                engine=dict(max_num_seqs=64, max_num_batched_tokens=2048, page_size=64, cache_memory=2 * 2**30))
 DECODE_STEPS, DECODE_WARMUP, PLAIN_TOKENS = 32, 4, 32
 CASES = ("prefill", "decode", "streams", "chat", "grpo", "plain")
+MODELS = ("hybrid", "all_softmax", "mla_hybrid")
+# the preset with its softmax layers made MLA (kv_lora_rank 512 + rope 64 = 576 values per token)
+MLA_FIELDS = dict(kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+                  architectures=["BailingMoeV2_5ForCausalLM"], model_type="bailing_hybrid")
+QUICK_MLA_FIELDS = dict(MLA_FIELDS, kv_lora_rank=64, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=48)
 BURSTS = itertools.count()
 
 
@@ -90,6 +98,15 @@ def tokens(n: int, vocab: int, seed: int = 0) -> list[int]:
 
 def sync() -> None:
     torch.cuda.synchronize()
+
+
+def model_config(name: str, shapes: Shapes) -> RingLinearConfig:
+    config = RingLinearConfig.preset(shapes.preset)
+    if name == "all_softmax":
+        return config.replace(layer_group_size=1)
+    if name == "mla_hybrid":
+        return config.replace(**(QUICK_MLA_FIELDS if shapes.preset == "tiny" else MLA_FIELDS))
+    return config
 
 
 def build(config: RingLinearConfig) -> RingLinearForCausalLM:
@@ -283,7 +300,10 @@ def make_engine(model: RingLinearForCausalLM, options: dict, results: dict, warm
 
 
 def bench_model(name: str, config: RingLinearConfig, shapes: Shapes, cases: tuple[str, ...], warm_up: bool) -> dict:
-    results: dict = {"layer_map": "".join("S" if k == "softmax" else "L" for k in config.layer_types)}
+    info = model_info(config)
+    results: dict = {"layer_map": "".join("S" if k == "softmax" else "L" for k in config.layer_types),
+                     "kv_bytes_per_token": info.kv_bytes_per_token,
+                     "state_bytes_per_sequence": info.state_bytes_per_sequence}
     log(f"{name}: building {shapes.preset} (layer_group_size={config.layer_group_size})")
     model = build(config)
     results["weights_gib"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 2)
@@ -342,7 +362,8 @@ def profile_prefill(shapes: Shapes, length: int, rows: int = 30) -> None:
 # -- report ------------------------------------------------------------------------------------
 
 def table(report: dict, shapes: Shapes) -> str:
-    hybrid, softmax = report["models"].get("hybrid", {}), report["models"].get("all_softmax", {})
+    models = report["models"]
+    hybrid, softmax = models.get("hybrid", {}), models.get("all_softmax", {})
 
     def value(results: dict, name: str, key: str) -> float | None:
         row = results.get(name, {})
@@ -351,7 +372,8 @@ def table(report: dict, shapes: Shapes) -> str:
     def fmt(x, unit="") -> str:
         return "-" if x is None else f"{x:,.1f}{unit}" if isinstance(x, float) else f"{x:,}{unit}"
 
-    rows = [("prefill tok/s", f"prefill_{n}", "tokens_per_s", f"{k(n)}, batch 1") for n in shapes.prefill]
+    rows = [("KV bytes / token", None, "kv_bytes_per_token", "softmax layers")]
+    rows += [("prefill tok/s", f"prefill_{n}", "tokens_per_s", f"{k(n)}, batch 1") for n in shapes.prefill]
     for context in shapes.decode_contexts:
         rows.append(("decode tok/s", f"decode_{context}_largest", "tokens_per_s", f"{k(context)}, largest batch"))
         rows.append(("decode tok/s", f"decode_{context}_batch{shapes.decode_batch}", "tokens_per_s",
@@ -360,22 +382,27 @@ def table(report: dict, shapes: Shapes) -> str:
         rows.append(("TTFT ms (median)", f"streams_{count}", "ttft_ms_median", f"{count} streams"))
         rows.append(("ITL ms (median)", f"streams_{count}", "itl_ms_median", f"{count} streams"))
     rows.append(("plain loop tok/s", "plain_loop", "tokens_per_s", f"{k(shapes.plain_context)}, batch 1"))
-    lines = [f"{'measure':18s} {'case':22s} {'hybrid':>14s} {'all-softmax':>14s} {'ratio':>7s}"]
+    names = list(models)
+    lines = [f"{'measure':18s} {'case':22s} " + " ".join(f"{n.replace('_', '-'):>14s}" for n in names)
+             + f" {'ratio':>7s}"]
     for label, name, key, what in rows:
-        a, b = value(hybrid, name, key), value(softmax, name, key)
-        if name.endswith("largest"):
-            what += f" ({hybrid.get(name, {}).get('batch', '?')} / {softmax.get(name, {}).get('batch', '?')})"
-        ratio = "-" if a is None or b is None or not b else f"{(a / b if 'tok/s' in label else b / a):.2f}x"
-        lines.append(f"{label:18s} {what:22s} {fmt(a):>14s} {fmt(b):>14s} {ratio:>7s}")
+        cells = {n: r.get(key) if name is None else value(r, name, key) for n, r in models.items()}
+        if name is not None and name.endswith("largest"):
+            what += " (" + " / ".join(str(r.get(name, {}).get("batch", "?")) for r in models.values()) + ")"
+        a, b = cells.get("hybrid"), cells.get("all_softmax")
+        ratio = "-" if a is None or b is None or not b or name is None else \
+            f"{(a / b if 'tok/s' in label else b / a):.2f}x"
+        lines.append(f"{label:18s} {what:22s} " + " ".join(f"{fmt(cells[n]):>14s}" for n in names) + f" {ratio:>7s}")
     engine_b = f"decode_{shapes.decode_contexts[0]}_batch{shapes.decode_batch}"
-    for model_name, results in (("hybrid", hybrid), ("all-softmax", softmax)):
+    for model_name, results in models.items():
         engine_rate, plain_rate = value(results, engine_b, "tokens_per_s"), value(results, "plain_loop", "tokens_per_s")
         if engine_rate and plain_rate:
             lines.append(f"engine / plain loop, {model_name}, batch {shapes.decode_batch}: "
                          f"{engine_rate / plain_rate:.1f}x")
-    lines.append("ratio: hybrid over all-softmax for throughput, all-softmax over hybrid for latency "
-                 "(> 1: the hybrid is better)")
-    for model_name, results in (("hybrid", hybrid), ("all-softmax", softmax)):
+    if hybrid and softmax:
+        lines.append("ratio: hybrid over all-softmax for throughput, all-softmax over hybrid for latency "
+                     "(> 1: the hybrid is better)")
+    for model_name, results in models.items():
         if "warm_up_s" in results:
             lines.append(f"{model_name}: engine start {results['engine_start_s']} s, warm-up {results['warm_up_s']} s")
         for name in ("chat_cache_on", "chat_cache_off", "grpo_forked", "grpo_separate"):
@@ -390,8 +417,9 @@ def table(report: dict, shapes: Shapes) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test of every case")
-    parser.add_argument("--models", nargs="+", choices=("hybrid", "all_softmax"), default=["hybrid", "all_softmax"],
-                        help="which of the two models to run (default: both)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=["hybrid", "all_softmax"],
+                        help="which models to run, in this order (default: hybrid all_softmax)")
+    parser.add_argument("--decode-contexts", type=int, nargs="+", help="decode contexts (default: 4K 32K)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
                         help="which case families to run, in this order (default: all)")
@@ -406,6 +434,8 @@ def main() -> None:
     shapes = QUICK if args.quick else FULL
     changes = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.engine)}
     shapes = replace(shapes, engine={**shapes.engine, **changes})
+    if args.decode_contexts:
+        shapes = replace(shapes, decode_contexts=tuple(args.decode_contexts))
     if args.profile:
         return profile_prefill(shapes, args.profile)
     try:
@@ -418,12 +448,8 @@ def main() -> None:
               "models": {}}
     path = os.path.join(args.out, "bench_engine.json")
     os.makedirs(args.out, exist_ok=True)
-    for name, group in (("hybrid", None), ("all_softmax", 1)):
-        if name not in args.models:
-            continue
-        config = RingLinearConfig.preset(shapes.preset)
-        if group is not None:
-            config = config.replace(layer_group_size=group)
+    for name in args.models:
+        config = model_config(name, shapes)
         try:
             report["models"][name] = bench_model(name, config, shapes, tuple(args.cases), not args.no_warm_up)
         except Exception as error:  # noqa: BLE001

@@ -1,18 +1,15 @@
-"""MLA on one GPU: the paged latent decode kernel against its memory floor, and the engine's decode
-throughput for the MLA hybrid beside the GQA hybrid (Ring-mini-linear-2.0 shapes, random bf16 weights).
+"""MLA on one GPU: the paged latent decode kernel against its memory floor (the engine's throughput
+with MLA: `bench_engine.py --models hybrid mla_hybrid all_softmax`).
 
-    python benchmarks/bench_mla.py [--quick] [--parts kernel engine] [--out DIR]
+    python benchmarks/bench_mla.py [--quick] [--out DIR]
 
-- kernel: one MLA layer's decode step at Ring-mini-like shapes (16 heads, latent 512 + rope 64,
-  nope 128, v 128, pages of 64 tokens scattered over the pool, bf16) for batches 1 to 128 at 4K and
-  32K context and batch 8 at 128K: the Triton core (`latent_attention_triton`), the whole op
-  (`paged_latent_attention`: with the query absorption and the output projection), and the GQA
-  paged-attention kernel at Ring-mini's GQA shapes (4 KV heads of 128) on the same contexts. Each is
-  timed as CUDA-graph replays; the floor is the bytes it must move (the pages it reads, q and o) at
-  the copy bandwidth measured in the same run. A small case checks the kernel against the reference.
-- engine: decode tokens/s at 32K context and batch 64, and the largest batch that fits, for the
-  `mini` preset (GQA hybrid) and the same model with MLA full-attention layers (kv_lora_rank 512),
-  with the cache bytes per token of each (`bench_engine.decode`: contexts placed as if prefilled).
+One MLA layer's decode step at Ring-mini-like shapes (16 heads, latent 512 + rope 64, nope 128,
+v 128, pages of 64 tokens scattered over the pool, bf16) for batches 1 to 128 at 4K and 32K context
+and batch 8 at 128K: the Triton core (`latent_attention_triton`), the whole op
+(`paged_latent_attention`: with the query absorption and the output projection), and the GQA
+paged-attention kernel at Ring-mini's GQA shapes (4 KV heads of 128) on the same contexts. Each is
+timed as CUDA-graph replays; the floor is the bytes it must move (the pages it reads, q and o) at
+the copy bandwidth measured in the same run. A small case checks the kernel against the reference.
 Every case records its error (an out-of-memory included) and the run goes on. `--quick` runs tiny
 shapes as a smoke test. Results: stdout (tables last) and DIR/bench_mla.json (DIR: --out, else $OUT,
 else .).
@@ -26,28 +23,19 @@ import json
 import os
 import subprocess
 import time
-import traceback
 
 import torch
-from bench_engine import build, case, decode, k, largest_batch, log, make_engine
+from bench_engine import case, k, log
 
-from ringlinear import RingLinearConfig
-from ringlinear.info import model_info
 from ringlinear.ops.paged_attention.kernel import paged_attention_triton
 from ringlinear.ops.paged_latent_attention import latent_attention_reference, paged_latent_attention
 from ringlinear.ops.paged_latent_attention.kernel import latent_attention_triton
 from ringlinear.ops.policy import KernelPolicy
 
-# Ring-mini-linear-2.0 with its softmax layers made MLA (kv_lora_rank 512 + rope 64 = 576 values per token)
-MLA_FIELDS = dict(kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
-                  architectures=["BailingMoeV2_5ForCausalLM"], model_type="bailing_hybrid")
 FULL = dict(heads=16, rank=512, rope=64, nope=128, value=128, kv_heads=4, head_dim=128, page=64,
-            cases=[(n, c) for c in (4096, 32768) for n in (1, 16, 64, 128)] + [(8, 131072)],
-            preset="mini", context=32768, batch=64,
-            engine=dict(max_num_seqs=64, max_num_batched_tokens=8192, page_size=64, gpu_memory_utilization=0.9))
+            cases=[(n, c) for c in (4096, 32768) for n in (1, 16, 64, 128)] + [(8, 131072)])
 QUICK = dict(heads=4, rank=64, rope=32, nope=32, value=48, kv_heads=2, head_dim=64, page=16,
-             cases=[(1, 1024), (8, 4096)], preset="tiny", context=1024, batch=8,
-             engine=dict(max_num_seqs=8, max_num_batched_tokens=2048, page_size=64, cache_memory=2 * 2**30))
+             cases=[(1, 1024), (8, 4096)])
 REPLAYS = 20  # op calls per captured graph
 
 
@@ -147,28 +135,6 @@ def bench_kernels(s: dict) -> dict:
     return results
 
 
-def engine_decode(name: str, config: RingLinearConfig, s: dict) -> dict:
-    info = model_info(config)
-    results: dict = {"kv_bytes_per_token": info.kv_bytes_per_token,
-                     "state_bytes_per_sequence": info.state_bytes_per_sequence}
-    log(f"{name}: building {s['preset']} ({config.attention_type})")
-    model = build(config)
-    try:
-        engine = make_engine(model, s["engine"], results)
-        results["graphs"] = engine.runner.graphs is not None
-        case(results, f"decode_b{s['batch']}_{k(s['context'])}", decode, engine, s["batch"], s["context"])
-        largest = largest_batch(engine, s["context"])
-        results["largest_batch"] = largest
-        if largest > s["batch"]:
-            case(results, f"decode_b{largest}_{k(s['context'])}", decode, engine, largest, s["context"])
-        del engine
-    finally:
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
-    return results
-
-
 def table(report: dict, s: dict) -> str:
     lines = []
     kernels = report.get("kernel", {})
@@ -183,31 +149,20 @@ def table(report: dict, s: dict) -> str:
             lines.append(f"{batch:>6} {k(context):>8} | {m.get('kernel_us', '-'):>8} {m.get('op_us', '-'):>8} "
                          f"{m.get('floor_us', '-'):>8} {m.get('kernel_of_floor', '-'):>8} | "
                          f"{g.get('kernel_us', '-'):>8} {g.get('floor_us', '-'):>8} {g.get('kernel_of_floor', '-'):>8}")
-    engines = report.get("engine", {})
-    if engines:
-        lines += ["", f"engine decode at {k(s['context'])} context",
-                  f"{'model':>12} {'KV B/token':>11} {'batch':>6} {'tok/s':>8} {'ms/step':>8} | {'largest':>8} {'tok/s':>8}"]
-        for name, r in engines.items():
-            fixed = r.get(f"decode_b{s['batch']}_{k(s['context'])}", {})
-            largest = r.get("largest_batch")
-            big = r.get(f"decode_b{largest}_{k(s['context'])}", {}) if largest else {}
-            lines.append(f"{name:>12} {r.get('kv_bytes_per_token', '-'):>11} {s['batch']:>6} "
-                         f"{fixed.get('tokens_per_s', r.get('error', '-')):>8} {fixed.get('ms_per_step', '-'):>8} | "
-                         f"{largest or '-':>8} {big.get('tokens_per_s', '-'):>8}")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test of every part")
-    parser.add_argument("--parts", nargs="+", choices=("kernel", "engine"), default=["kernel", "engine"])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_mla needs a CUDA GPU")
     s = QUICK if args.quick else FULL
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip()
     except OSError:
         commit = ""
     report: dict = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
@@ -219,23 +174,8 @@ def main() -> None:
         with open(path, "w") as f:
             json.dump(report, f, indent=1)
 
-    if "kernel" in args.parts:
-        report["kernel"] = bench_kernels(s)
-        save()
-    if "engine" in args.parts:
-        report["engine"] = {}
-        gqa = RingLinearConfig.preset(s["preset"])
-        mla_fields = MLA_FIELDS if not args.quick else dict(MLA_FIELDS, kv_lora_rank=64, qk_rope_head_dim=32,
-                                                             qk_nope_head_dim=32, v_head_dim=48)
-        for name, config in (("gqa_hybrid", gqa), ("mla_hybrid", gqa.replace(**mla_fields))):
-            try:
-                report["engine"][name] = engine_decode(name, config, s)
-            except Exception as error:  # noqa: BLE001  (a benchmark reports every failure and carries on)
-                report["engine"][name] = {"error": repr(error)}
-                traceback.print_exc()
-                gc.collect()
-                torch.cuda.empty_cache()
-            save()
+    report["kernel"] = bench_kernels(s)
+    save()
     log(f"results in {path}")
     print(table(report, s))
 
