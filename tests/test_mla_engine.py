@@ -12,6 +12,7 @@ from test_prefix_cache import CONVERSATION, engine_of, serve, tokens
 from ringlinear.generate import generate
 from ringlinear.infer import Engine, EngineConfig, SamplingParams
 from ringlinear.info import model_info
+from ringlinear.ops.paged_latent_attention import DECOMPRESS_MIN_QUERIES
 
 SMALL = {"hidden_size": 128, "intermediate_size": 256, "num_nextn_predict_layers": 0}
 
@@ -46,12 +47,17 @@ def test_greedy_equals_generate_under_batching_chunking_and_preemption(model):
     assert engine.scheduler.cache.num_free_pages == 24
 
 
-def test_absorbed_steps_equal_the_decompressed_full_forward(model):
-    """Prefill chunks, a whole prompt beside them and decodes, in the absorbed form, give the logits of
-    the training forward (keys and values decompressed into heads); the float64 comparison of the two
-    forms is test_paged_latent_attention's."""
-    prompts = {"a": prompts_of([21])[0], "b": prompts_of([6], seed=2)[0]}
-    engine = Engine(model, None, EngineConfig(max_num_batched_tokens=16, page_size=4, num_pages=32))
+@pytest.mark.parametrize("lengths, step_tokens", [((21, 6), 16), ((300, 150), 160)])
+def test_engine_steps_equal_the_decompressed_full_forward(model, lengths, step_tokens):
+    """Prefill chunks, a whole prompt beside them and decodes give the logits of the training forward
+    (keys and values decompressed into heads). Short chunks attend in the absorbed form (the float64
+    comparison of the two forms is test_paged_latent_attention's); chunks of DECOMPRESS_MIN_QUERIES
+    tokens or more decompress their context (the second case: a's two chunks, the second after a
+    cached prefix, then b's last 130 tokens beside a's decodes)."""
+    assert step_tokens < DECOMPRESS_MIN_QUERIES or min(step_tokens, lengths[0] - step_tokens) >= DECOMPRESS_MIN_QUERIES
+    prompts = {"a": prompts_of([lengths[0]])[0], "b": prompts_of([lengths[1]], seed=2)[0]}
+    engine = Engine(model, None, EngineConfig(max_num_batched_tokens=step_tokens, page_size=4,
+                                              num_pages=sum(lengths) // 4 + 8))
     params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     captured = []
     hook = model.lm_head.register_forward_hook(lambda module, args, logits: captured.append(logits[0]))
@@ -60,7 +66,7 @@ def test_absorbed_steps_equal_the_decompressed_full_forward(model):
     engine.add_request("b", prompts["b"], params)
     compared = 0
     while engine.has_unfinished():
-        outputs = engine.step()  # a's last 5 and b whole, then decodes of both
+        outputs = engine.step()  # a's last tokens and b (whole, or its first part), then decodes
         step_logits = captured[-1]
         for row, output in enumerate(outputs):
             with torch.no_grad():

@@ -332,7 +332,8 @@ class PagedCache:
         self.snapshots = torch.zeros(len(self.linear_index), size.num_snapshots, H, D, D,
                                      dtype=torch.float32, device=device)
         pages = (size.num_pages + 1, size.page_size)
-        if config.attention_type == "mla":
+        self.latent = config.attention_type == "mla"
+        if self.latent:
             self.page_dim, layout = 1, (*pages, config.kv_lora_rank + config.qk_rope_head_dim)
         else:
             self.page_dim, layout = 2, (2, *pages, KV, D)

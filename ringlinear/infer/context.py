@@ -12,10 +12,12 @@ import torch
 from torch import Tensor
 
 from ..model.context import AttentionContext
+from ..model.mla import decompress
 from ..ops import lightning_attn, lightning_decode
+from ..ops.attention import causal_attention
 from ..ops.lightning import lightning_tree_fold
 from ..ops.paged_attention import paged_attention
-from ..ops.paged_latent_attention import paged_latent_attention
+from ..ops.paged_latent_attention import DECOMPRESS_MIN_QUERIES, paged_latent_attention
 from ..ops.policy import KernelPolicy
 from .cache import PagedCache
 from .scheduler import ScheduledChunk
@@ -72,6 +74,36 @@ def final_snapshots(chunks: Seq[ScheduledChunk]) -> tuple[Tensor, Tensor] | None
 
 
 @dataclass
+class DecompressedChunks:
+    """An MLA step's prompt chunks of at least DECOMPRESS_MIN_QUERIES new tokens, which attend in the
+    decompressed form (their whole context's keys and values expanded into heads, then causal
+    attention), and the rest of the step, which attends in the absorbed form."""
+    chunks: list[tuple[int, int, int, int]]  # (sequence, first row, end row, tokens in the cache after the step)
+    rows: Tensor  # [T'] the other sequences' rows
+    seqs: Tensor  # [N'] those sequences
+    query_start: Tensor  # [N' + 1] their offsets along `rows`
+    max_query_len: int  # their longest run of new tokens
+
+    @classmethod
+    def build(cls, counts: np.ndarray, query_start: np.ndarray, ends: np.ndarray) -> DecompressedChunks | None:
+        long = counts >= DECOMPRESS_MIN_QUERIES
+        if not long.any():
+            return None
+        short = np.flatnonzero(~long)
+        rows = np.concatenate([np.zeros(0, dtype=np.int64)] + [np.arange(query_start[n], query_start[n + 1])
+                                                               for n in short])
+        offsets = np.zeros(len(short) + 1, dtype=np.int64)
+        np.cumsum(counts[short], out=offsets[1:])
+        chunks = [(int(n), int(query_start[n]), int(query_start[n + 1]), int(ends[n])) for n in np.flatnonzero(long)]
+        return cls(chunks, *(torch.from_numpy(a) for a in (rows, short, offsets)),
+                   max_query_len=int(counts[short].max(initial=0)))
+
+    def to(self, device: torch.device) -> DecompressedChunks:
+        tensors = (self.rows, self.seqs, self.query_start)
+        return DecompressedChunks(self.chunks, *(t.to(device, non_blocking=True) for t in tensors), self.max_query_len)
+
+
+@dataclass
 class StepBatch:
     """Sequences with exactly one new token come first: they take the decode kernels; then verify
     chunks (a sequence's last token and its drafts, a chain: causal at positions prefix + i); then
@@ -89,6 +121,7 @@ class StepBatch:
     num_verifies: int = 0  # verify chunks, after the decodes
     num_verify_tokens: int = 0  # their rows
     final_snapshots: tuple[Tensor, Tensor] | None = None  # else (prefill sequence, snapshot) at chunk ends
+    decompressed: DecompressedChunks | None = None  # MLA: the long prompt chunks, if any
 
     @property
     def num_seqs(self) -> int:
@@ -121,10 +154,11 @@ class StepBatch:
         arrays = (input_ids, positions, slot_mapping, slot_array, ends, query_start, logits_indices)
         prefills = chunks[verify.stop:]
         rounds = lightning_rounds(prefills)
+        decompressed = DecompressedChunks.build(counts, query_start, ends) if cache.latent else None
         return cls(*(torch.from_numpy(a) for a in arrays), num_decodes=num_decodes,
                    max_query_len=int(counts.max(initial=0)), rounds=rounds,
                    final_snapshots=final_snapshots(prefills) if rounds is None else None,
-                   num_verifies=num_verifies, num_verify_tokens=int(counts[verify].sum()))
+                   num_verifies=num_verifies, num_verify_tokens=int(counts[verify].sum()), decompressed=decompressed)
 
     def tensors(self) -> list[Tensor]:
         return [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)]
@@ -136,9 +170,10 @@ class StepBatch:
         moved = flat.split([t.numel() for t in tensors])
         rounds = None if self.rounds is None else [r.to(device) for r in self.rounds]
         final = None if self.final_snapshots is None else tuple(t.to(device) for t in self.final_snapshots)
+        decompressed = None if self.decompressed is None else self.decompressed.to(device)
         return StepBatch(*moved, num_decodes=self.num_decodes, max_query_len=self.max_query_len, rounds=rounds,
                          final_snapshots=final, num_verifies=self.num_verifies,
-                         num_verify_tokens=self.num_verify_tokens)
+                         num_verify_tokens=self.num_verify_tokens, decompressed=decompressed)
 
 
 class PagedContext(AttentionContext):
@@ -237,12 +272,26 @@ class PagedContext(AttentionContext):
 
     def latent_attention(self, layer_idx: int, q: Tensor, latent: Tensor, k_rope: Tensor, kv_b: Tensor,
                          scale: float) -> Tensor:
-        """MLA layers: the new tokens' latents and rope keys go to their pages, then the absorbed
-        attention reads the cached prefix and the new tokens, decodes and prefill chunks alike."""
+        """MLA layers: the new tokens' latents and rope keys go to their pages; then decodes, verify
+        chunks and short prompt chunks attend in the absorbed form, reading the cached prefix and the
+        new tokens, and long prompt chunks (`batch.decompressed`) in the decompressed form."""
         cache = self.cache.kv[self.cache.softmax_index[layer_idx]]
         entries = torch.cat([latent[0], k_rope[0]], dim=-1)
         cache.view(-1, entries.shape[-1]).index_copy_(0, self.batch.slot_mapping, entries)
-        batch = self.batch
-        o = paged_latent_attention(q[0], cache, kv_b, self.block_tables, batch.seq_lens, batch.query_start, scale,
-                                   batch.max_query_len, policy=self.policy)
+        batch, split = self.batch, self.batch.decompressed
+        if split is None:
+            return paged_latent_attention(q[0], cache, kv_b, self.block_tables, batch.seq_lens, batch.query_start,
+                                          scale, batch.max_query_len, policy=self.policy)[None]
+        r, H = latent.shape[-1], q.shape[2]
+        nope = q.shape[-1] - k_rope.shape[-1]
+        o = q.new_empty(q.shape[1], H, kv_b.shape[0] // H - nope)
+        if split.rows.numel():
+            o[split.rows] = paged_latent_attention(
+                q[0, split.rows], cache, kv_b, self.block_tables[split.seqs], batch.seq_lens[split.seqs],
+                split.query_start, scale, split.max_query_len, policy=self.policy)
+        for seq, first, end, length in split.chunks:
+            pages = self.block_tables[seq, :-(-length // self.cache.page_size)]
+            context = cache[pages].flatten(0, 1)[None, :length]  # [1, length, r + rope]
+            k, v = decompress(context[..., :r], context[..., r:], kv_b, H, nope)
+            o[first:end] = causal_attention(q[:, first:end], k, v, scale, policy=self.policy)[0]
         return o[None]

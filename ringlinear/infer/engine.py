@@ -115,8 +115,9 @@ class Engine:
             size = fixed_cache_size(config.max_num_seqs, config.num_pages, config.page_size, max_model_len,
                                     snapshots if config.enable_prefix_caching else 0, interval)
         else:
-            size = size_cache(model.config, self.dtype, self._cache_memory(use_graphs), config.max_num_seqs,
-                              config.page_size, max_model_len, share, interval)
+            memory = self._cache_memory(use_graphs, max_model_len)
+            size = size_cache(model.config, self.dtype, memory, config.max_num_seqs, config.page_size, max_model_len,
+                              share, interval)
         self.max_model_len = min(max_model_len, size.capacity_tokens)
         has_state = "linear" in model.config.layer_types
         cache = CacheManager(size, config.enable_prefix_caching, has_state)
@@ -138,9 +139,10 @@ class Engine:
         return cls(model, tokenizer, EngineConfig(**config))
 
     @torch.no_grad()
-    def _cache_memory(self, use_graphs: bool) -> int:
+    def _cache_memory(self, use_graphs: bool, max_model_len: int) -> int:
         """Bytes for the cache. On a GPU: the share the engine may fill, less what is in use, the
-        peak of one full step's activations (measured) and the sampler's logits; on the CPU a quarter
+        peak of one full step's activations (measured), an MLA model's longest context decompressed
+        into heads (a long prompt chunk's attention) and the sampler's logits; on the CPU a quarter
         of the available memory, at most CPU_CACHE_MEMORY."""
         config = self.config
         if config.cache_memory is not None:
@@ -155,6 +157,10 @@ class Engine:
         self.model(tokens, context=SequenceContext(policy=self.policy), logits_to_keep=1)
         activations = torch.cuda.max_memory_allocated(self.device) - before
         activations *= 2 if use_graphs else 1  # the graphs' memory pool is their own
+        c = self.model.config
+        if c.attention_type == "mla":  # keys and values of every head, with the products making them
+            per_token = c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)
+            activations += 2 * max_model_len * per_token * self.dtype.itemsize
         free, total = torch.cuda.mem_get_info(self.device)
         logits = 4 * config.max_num_seqs * self.model.config.vocab_size * 4  # logits, sorted copies, noise
         return int(total * config.gpu_memory_utilization - (total - free) - activations - logits)

@@ -20,7 +20,14 @@ from ..paged_attention import check_paged_batch
 from ..policy import KernelPolicy, latent_attention_kernel
 from .reference import latent_attention_reference
 
-__all__ = ["latent_attention_reference", "paged_latent_attention"]
+__all__ = ["DECOMPRESS_MIN_QUERIES", "latent_attention_reference", "paged_latent_attention"]
+
+# From this many new tokens on, a prompt chunk is cheaper in the decompressed form (the engine's
+# choice, `infer.context`): expanding its context of L tokens into heads costs L·2·r·H·(nope + v)
+# FLOPs once, and every query-key pair then costs H·2·(nope + rope + v) instead of the absorbed
+# form's H·2·(2r + rope): at the published shapes the two meet near 170 queries, whatever L; the
+# decompressed attention also runs on FlashAttention's tensor-core tiles.
+DECOMPRESS_MIN_QUERIES = 128
 
 
 def paged_latent_attention(q: Tensor, cache: Tensor, kv_b: Tensor, block_tables: Tensor, seq_lens: Tensor,
