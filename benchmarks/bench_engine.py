@@ -347,12 +347,12 @@ def bench_model(name: str, config: RingLinearConfig, shapes: Shapes, cases: tupl
     return results
 
 
-def profile_prefill(shapes: Shapes, length: int, rows: int = 30) -> None:
-    """The hybrid's prefill of `length` tokens under the PyTorch profiler: the kernels that take the
+def profile_prefill(name: str, shapes: Shapes, length: int, rows: int = 30) -> None:
+    """Model `name`'s prefill of `length` tokens under the PyTorch profiler: the kernels that take the
     GPU's time, on stdout."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine = make_engine(build(RingLinearConfig.preset(shapes.preset)), shapes.engine, {})
+    engine = make_engine(build(model_config(name, shapes)), shapes.engine, {})
     prefill(engine, length)  # compiles the kernels
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         log(f"profiled prefill: {prefill(engine, length)}")
@@ -427,7 +427,7 @@ def main() -> None:
     parser.add_argument("--engine", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="EngineConfig fields to change, e.g. prefix_snapshot_interval=512")
     parser.add_argument("--profile", type=int, metavar="TOKENS",
-                        help="only profile the hybrid's prefill of this many tokens and print its top kernels")
+                        help="only profile the first model's prefill of this many tokens and print its top kernels")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_engine needs a CUDA GPU")
@@ -437,7 +437,7 @@ def main() -> None:
     if args.decode_contexts:
         shapes = replace(shapes, decode_contexts=tuple(args.decode_contexts))
     if args.profile:
-        return profile_prefill(shapes, args.profile)
+        return profile_prefill(args.models[0], shapes, args.profile)
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
