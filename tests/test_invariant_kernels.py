@@ -83,7 +83,11 @@ def test_grouped_mm_rows_do_not_depend_on_the_other_rows(row_by_row_dot):
     assert all(torch.equal(row[0], invariant_linear(x, w[1])[i]) for row, i in zip(lone_rows, (0, 37, 69)))
 
 
-def test_grouped_mm_gradients_match_torch():
+@pytest.mark.parametrize("kernel", ["kernel_and_loop", "grouped_mm"])
+def test_grouped_mm_gradients_match_torch(kernel, monkeypatch):
+    """Both backward forms (torch._grouped_mm, CUDA bf16's, runs here on torch's CPU fallback in fp32)."""
+    import ringlinear.ops.invariant_kernels as kernels
+    monkeypatch.setattr(kernels, "grouped_mm_gradients_kernel", lambda dy: kernel)
     counts = torch.tensor(COUNTS, device=DEVICE)
     x, w = randn(sum(COUNTS), 40).requires_grad_(), randn(len(COUNTS), 24, 40, seed=1).requires_grad_()
     dy = randn(sum(COUNTS), 24, seed=2)

@@ -17,7 +17,8 @@ So every such fact that varies with the batch is made fixed: tensors whose eleme
 passed contiguous from an aligned address, and integers that vary (row counts, table strides) are
 left unspecialised. Lengths, flags and shapes of the model (K, N, D, the tile) select the binary.
 
-The backward passes need no invariance: they are ordinary PyTorch (or this file's GEMM) products.
+The backward passes need no invariance: they are ordinary PyTorch products (torch._grouped_mm for
+the grouped GEMM on CUDA bf16), else this file's GEMM.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .policy import KERNEL_DTYPES
+from .policy import KERNEL_DTYPES, grouped_mm_gradients_kernel
 
 
 def _aligned(x: Tensor) -> Tensor:
@@ -132,16 +133,32 @@ class _GroupedMMFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, w, counts = ctx.saved_tensors
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = _grouped_mm(dy, w.transpose(1, 2), counts)
-        if ctx.needs_input_grad[1]:
-            sizes = [x.shape[0]] if counts is None else counts.tolist()
-            dw = torch.zeros(w.shape, device=w.device, dtype=w.dtype)
-            for e, (dy_e, x_e) in enumerate(zip(dy.split(sizes), x.split(sizes))):
-                if x_e.shape[0]:
-                    dw[e] = dy_e.t() @ x_e
-        return dx, dw, None
+        return *_grouped_mm_gradients(dy.contiguous(), x, w, counts, *ctx.needs_input_grad[:2]), None
+
+
+def _grouped_mm_gradients(dy: Tensor, x: Tensor, w: Tensor, counts: Tensor | None, need_dx: bool,
+                          need_dw: bool) -> tuple[Tensor | None, Tensor | None]:
+    """dx [M, K] and dw [E, N, K] of out = x @ w[e]ᵀ per group. Gradients need no invariance, so they take
+    the fast products (`policy.grouped_mm_gradients_kernel`): one matmul each for one group, two
+    torch._grouped_mm (no host sync) for CUDA bf16; else this file's kernel for dx and one product per
+    group for dw (reading the counts on the host)."""
+    if counts is None:
+        return dy @ w[0] if need_dx else None, (dy.t() @ x)[None] if need_dw else None
+    if grouped_mm_gradients_kernel(dy) == "grouped_mm":
+        offsets = counts.cumsum(0).to(torch.int32)  # end row of each group
+        w = w.contiguous()
+        dx = torch._grouped_mm(dy, w, offs=offsets) if need_dx else None
+        dw = torch._grouped_mm(dy.t(), x.contiguous(), offs=offsets) if need_dw else None
+        return dx, dw
+    dx = _grouped_mm(dy, w.transpose(1, 2), counts) if need_dx else None
+    dw = None
+    if need_dw:
+        dw = torch.zeros(w.shape, device=w.device, dtype=w.dtype)
+        sizes = counts.tolist()
+        for e, (dy_e, x_e) in enumerate(zip(dy.split(sizes), x.split(sizes))):
+            if x_e.shape[0]:
+                dw[e] = dy_e.t() @ x_e
+    return dx, dw
 
 
 def invariant_grouped_mm(x: Tensor, w: Tensor, counts: Tensor | None = None) -> Tensor:
