@@ -148,6 +148,34 @@ def test_aligned_engine_log_probs_equal_the_training_forward(batch_size, dtype, 
         assert any(n not in sizes for n, sizes in replayed)  # some replays ran padding rows
 
 
+def test_aligned_steps_never_wait_for_the_host():
+    """An aligned engine's forwards (prefill chunks beside decodes, then decodes; graphs off, so that
+    every step runs the model) under CUDA's sync check: no kernel choice or launch size reads the
+    device. The first step is let through: it checks each layer's decay once."""
+    m = tiny_model(num_hidden_layers=3).to("cuda", torch.bfloat16)
+    engine = Engine(m, None, EngineConfig(max_num_seqs=4, max_num_batched_tokens=24, page_size=16, num_pages=32,
+                                          batch_invariant=True, cuda_graphs=False))
+    forwards = []
+
+    def strict(module, args):
+        if forwards:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def relaxed(module, args, output):
+        torch.cuda.set_sync_debug_mode("default")
+        forwards.append(args[0].shape[1])
+
+    m.register_forward_pre_hook(strict)
+    m.register_forward_hook(relaxed)
+    prompts = [[5, 9, 2, 7, 1] * k for k in (1, 3, 8)]
+    try:
+        outputs = LLM(engine).generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(len(o.token_ids) == 8 for o in outputs)
+    assert max(forwards) > 3 and min(forwards) < 3  # steps with prefill chunks, and decode-only steps
+
+
 def test_fused_chains_match_their_eager_ops():
     """Norms, RoPE and SwiGLU compiled on large CUDA activations against the same functions run
     op by op (the torch backend's policy), forward and gradients."""
