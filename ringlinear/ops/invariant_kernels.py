@@ -103,15 +103,16 @@ def _grouped_mm_kernel(x, w, out, counts, M, N, K, E, stride_we, stride_wn, stri
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _grouped_mm(x: Tensor, w: Tensor, counts: Tensor | None) -> Tensor:
-    """The launch: x [M, K], w [E, N, K] any strides; counts on x's device."""
+def _grouped_mm(x: Tensor, w: Tensor, counts: Tensor | None, config: MMConfig | None = None) -> Tensor:
+    """The launch: x [M, K], w [E, N, K] any strides; counts on x's device. `config`: the dtype's tile
+    unless given (benchmarks/check_invariant.py --tiles times candidates)."""
     x = _aligned(x)
     M, K = x.shape
     E, N = w.shape[0], w.shape[1]
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if M == 0:
         return out
-    c = mm_config(x.dtype)
+    c = config or mm_config(x.dtype)
     # row tiles over all groups: a group of n rows takes ceil(n / block_m) ≤ (n + block_m - 1) / block_m,
     # and at most min(E, M) groups hold rows; a bound from the shapes alone (CUDA-graph safe)
     groups = 1 if counts is None else min(E, M)
