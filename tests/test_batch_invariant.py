@@ -114,8 +114,10 @@ def test_topk_takes_the_lower_index_of_equal_values_and_sorts(dtype, largest):
         return sorted(range(len(row)), key=lambda i: (-row[i] if largest else row[i], i))[:k]
 
     with numerics(ALIGNED):
+        none = x.topk(0, largest=largest)
         rows, columns = x.topk(30, largest=largest), torch.topk(x, 4, dim=0, largest=largest)
         alone = [x[r:r + 1].topk(30, largest=largest) for r in range(6)]
+    assert none.values.shape == none.indices.shape == (6, 0) and none.indices.dtype == torch.long
     for r in range(6):
         expected = reference(x[r].tolist(), 30)
         assert rows.indices[r].tolist() == expected and torch.equal(rows.values[r], x[r, expected])

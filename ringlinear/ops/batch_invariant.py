@@ -156,6 +156,9 @@ def _topk(policy: KernelPolicy, x: Tensor, k: int, dim: int = -1, largest: bool 
         values, indices = x.sort(dim=dim, descending=largest, stable=True)
         return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))
     dim %= x.dim()
+    if k == 0:  # the sampler's when no top log-probs are asked: no keys to build over the vocabulary
+        nothing = x.narrow(dim, 0, 0)
+        return torch.return_types.topk((nothing, torch.zeros_like(nothing, dtype=torch.long)))
     n = x.shape[dim]
     index = torch.arange(n, device=x.device).view(-1, *[1] * (x.dim() - 1 - dim))
     keys = order_keys(x).to(torch.int64) * 2**32 + (n - 1 - index if largest else index)
