@@ -1,16 +1,18 @@
 """Training–inference alignment on one device: batch-invariant mode's bit-identity and its cost,
 and the fast mode's disparity over long sequences.
 
-    python benchmarks/bench_align.py [--quick] [--out DIR]
+    python benchmarks/bench_align.py [--quick] [--parts 123] [--prompt-tokens N] [--out DIR]
 
 1. Bit-identity: for batches of 1 to 64 sequences, the engine in batch-invariant mode generates
    after prompts of varied lengths (requests arriving one per step, prefill in chunks, decodes
    mixed in); the training forward in the same mode then runs every sequence alone and all of
    them in one reversed batch. Each generated token's log-prob must be equal bit for bit. The fast
-   mode's largest difference over the same tokens is given beside it.
-2. Cost: engine generation throughput (128-token prompts prefilled, then 32 tokens decoded) at
-   batch 1, 8 and 64 (fast mode: CUDA graphs and the Triton kernels), and the training forward and
-   forward + backward of 64 sequences of 256 tokens, in both modes.
+   mode's largest difference over the same tokens is given beside it, and for each mode how many
+   decode steps replayed a CUDA graph (on a GPU in bf16 both modes capture them).
+2. Cost: engine generation throughput (128-token prompts, or --prompt-tokens, prefilled in steps of
+   up to 32K tokens, then 32 tokens decoded) at batch 1, 8, 64 and 256 (both modes: CUDA graphs and
+   the Triton kernels), and the training forward and forward + backward of 16 sequences of 256
+   tokens, in both modes.
 3. Fast-mode disparity: `ringlinear.rl.probe` without module hooks over sequences of 32K prompt
    tokens + 64 sampled ones: max |Δ log p|, the share of tokens whose probability differs by more
    than 0.8 (the report's Figure 12 metric), quantiles.
@@ -61,7 +63,7 @@ class Sizes:
 
 
 FULL = Sizes("mini", layers=5, batches=(1, 2, 4, 8, 16, 32, 64), prompt_lengths=(16, 300), new_tokens=32,
-             cost_batches=(1, 8, 64), cost_prompt=128, cost_tokens=32, train_shape=(16, 256),
+             cost_batches=(1, 8, 64, 256), cost_prompt=128, cost_tokens=32, train_shape=(16, 256),
              disparity_sequences=4, disparity_context=32768, disparity_tokens=64, step_tokens=4096)
 QUICK = Sizes("tiny", layers=3, batches=(1, 3, 8), prompt_lengths=(4, 40), new_tokens=8,
               cost_batches=(1, 8), cost_prompt=16, cost_tokens=8, train_shape=(8, 32),
@@ -93,13 +95,26 @@ def prompts_of(count: int, low: int, high: int, vocab: int, seed: int) -> list[l
     return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+MAX_STEP_TOKENS = 32768  # part 2's prefill steps: batch 256 of 128-token prompts in one
+
+
 def make_engine(model, prompts, new_tokens, aligned, step_tokens=512) -> Engine:
-    """An engine whose cache holds `prompts` and their continuations; CUDA graphs in fast mode."""
+    """An engine whose cache holds `prompts` and their continuations; CUDA graphs on a GPU in bf16."""
     page = 64
     return Engine(model, None, EngineConfig(
         max_num_seqs=len(prompts), max_num_batched_tokens=step_tokens, page_size=page,
         num_pages=sum(-(-(len(p) + new_tokens) // page) for p in prompts),
         max_model_len=max(map(len, prompts)) + new_tokens, batch_invariant=aligned))
+
+
+def count_replays(engine) -> list[int]:
+    """The sizes of the decode steps `engine` replays from CUDA graphs from now on (a list it appends to)."""
+    replayed: list[int] = []
+    graphs = engine.runner.graphs
+    if graphs is not None:
+        run = graphs.run
+        graphs.run = lambda batch: replayed.append(batch.num_seqs) or run(batch)
+    return replayed
 
 
 def generate(engine, prompts, new_tokens, staggered=True):
@@ -139,7 +154,9 @@ def bit_identity(model, sizes: Sizes) -> dict:
         prompts = prompts_of(batch, *sizes.prompt_lengths, vocab, seed=batch)
         row = {}
         for aligned in (True, False):
-            rollouts = generate(make_engine(model, prompts, sizes.new_tokens, aligned), prompts, sizes.new_tokens)
+            engine = make_engine(model, prompts, sizes.new_tokens, aligned)
+            replayed = count_replays(engine)
+            rollouts = generate(engine, prompts, sizes.new_tokens)
             sequences = [p + [lp.token_id for lp in r] for p, r in zip(prompts, rollouts)]
             engine = [torch.tensor([lp.logprob for lp in r]) for r in rollouts]
             first = min(map(len, prompts)) - 1  # the first position whose next token was generated
@@ -152,7 +169,7 @@ def bit_identity(model, sizes: Sizes) -> dict:
                       for t in (a, m) if not torch.equal(t, e)]
             equal = not parted
             row["aligned" if aligned else "fast"] = {"bit_identical": equal, "max_abs_dlogp": max(gaps),
-                                                     "parted_at": parted[:4]}
+                                                     "parted_at": parted[:4], "graph_steps": len(replayed)}
         row["tokens"] = batch * sizes.new_tokens
         key = f"batch_{batch}"
         results[key if key not in results else f"{key}_again"] = row  # a repeat: does a warm GPU change it?
@@ -175,7 +192,8 @@ def cost(model, sizes: Sizes) -> dict:
     for batch in sizes.cost_batches:
         prompts = prompts_of(batch, sizes.cost_prompt, sizes.cost_prompt, vocab, seed=0)
         for aligned in (False, True):
-            engine = make_engine(model, prompts, sizes.cost_tokens, aligned, step_tokens=batch * sizes.cost_prompt)
+            engine = make_engine(model, prompts, sizes.cost_tokens, aligned,
+                                 step_tokens=min(batch * sizes.cost_prompt, MAX_STEP_TOKENS))
             seconds = timed(lambda: generate(engine, prompts, sizes.cost_tokens, staggered=False))
             results[f"engine_batch{batch}_{'aligned' if aligned else 'fast'}_tok_s"] = round(
                 batch * sizes.cost_tokens / seconds, 1)
@@ -217,11 +235,17 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help="layers of the model of parts 1 and 2 (default: 5, quick: 3)")
     parser.add_argument("--parts", default="123", help="which parts to run (default: 123)")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes of part 1 (default: 1 2 4 ... 64)")
+    parser.add_argument("--prompt-tokens", type=int, help="prompt length of part 2's engine cases (default: 128, "
+                        "quick: 16)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     if args.batches:
         sizes = replace(sizes, batches=tuple(args.batches))
+    if args.prompt_tokens is not None:
+        if args.prompt_tokens < 1:
+            parser.error(f"--prompt-tokens must be a positive number of tokens, got {args.prompt_tokens}")
+        sizes = replace(sizes, cost_prompt=args.prompt_tokens)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.quick:
         raise SystemExit("the full sizes need a GPU; --quick runs on the CPU")

@@ -1,18 +1,23 @@
 """The Triton kernels of batch-invariant mode (`ops.invariant_kernels`) on one GPU: correctness,
 bit-identity, then speed.
 
-    PYTHONPATH=$PWD python3 benchmarks/check_invariant.py [--quick] [--seed N]
+    PYTHONPATH=$PWD python3 benchmarks/check_invariant.py [--quick] [--seed N] [--tiles]
 
 At Ring-mini shapes (hidden 2048, 16 query / 4 KV heads of 128, 256 experts of 512, vocab 157,184):
 1. correctness against PyTorch in fp64/fp32: the grouped GEMM (up to 8,192 rows over 256 experts with
    random counts, some experts empty), the linear (bf16, and fp32 with no TF32), row sums, softmax
-   and log_softmax, the key-block attention (2 sequences of 2,048 tokens against causal SDPA);
+   and log_softmax, the key-block attention (2 sequences of 2,048 tokens against causal SDPA), topk
+   against a stable sort (ties to the lower index), the gradients (fp32, and bf16's torch._grouped_mm);
 2. bit-identity: rows (tokens) computed within batches of other sizes and contents, and from
    misaligned views, must be torch.equal to the same rows of the full batch;
 3. speed (triton.testing.do_bench, median ms): each kernel against its fast PyTorch equivalent and,
    where it runs in reasonable time, the fixed-block PyTorch form that aligned mode used before.
 Each case runs on its own: a failure is reported and the rest go on; the exit status is 1 if any
 check failed.
+
+`--tiles` runs instead a choice of the bf16 GEMM tile (`mm_config`): each candidate timed at M = 1,
+64, 256 and 4,096 tokens on Ring-mini's product shapes (the experts' with 8 of 256 experts a token),
+and checked batch-invariant (a row's bits the same whatever M).
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ from triton.testing import do_bench
 
 from ringlinear.ops import attention
 from ringlinear.ops.batch_invariant import KEY_BLOCK, numerics
-from ringlinear.ops.invariant_kernels import (invariant_grouped_mm, invariant_linear, key_block_attention,
-                                              mm_config, row_sum, softmax)
+from ringlinear.ops.invariant_kernels import (MMConfig, _grouped_mm, invariant_grouped_mm, invariant_linear,
+                                              key_block_attention, mm_config, row_sum, softmax)
 from ringlinear.ops.moe import grouped_glu
 from ringlinear.ops.policy import KernelPolicy
 
@@ -223,6 +228,17 @@ def check_gradients(gen: torch.Generator) -> None:
             [d.double().T @ r.double() for d, r in zip(dy.split(counts.tolist()), x.split(counts.tolist()))]))
     errs = [rel(a, b) for a, b in zip(grads, ref)]
     check("grouped mm fp32 gradients", max(errs) < 1e-6, f"dx {errs[0]:.1e}, dw {errs[1]:.1e}")
+    # bf16 takes torch._grouped_mm (no host sync), empty experts included
+    leaves = [t.detach().bfloat16().requires_grad_() for t in (x, w)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grads = torch.autograd.grad((invariant_grouped_mm(*leaves, counts) * dy.bfloat16()).sum(), leaves)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    errs = [rel(a, b) for a, b in zip(grads, ref)]
+    check("grouped mm bf16 gradients, no host sync", max(errs) < 1e-2 and bool((grads[1][counts == 0] == 0).all()),
+          f"dx {errs[0]:.1e}, dw {errs[1]:.1e}; {int((counts == 0).sum())} empty experts' dw zero")
     q, k, v = (torch.randn(2, 300, h, HEAD_DIM, generator=gen, device="cuda", requires_grad=True)
                for h in (HEADS, KV_HEADS, KV_HEADS))
     do = torch.randn(2, 300, HEADS, HEAD_DIM, generator=gen, device="cuda")
@@ -231,6 +247,21 @@ def check_gradients(gen: torch.Generator) -> None:
     ref = torch.autograd.grad((attention.causal_attention(q, k, v, 0.1) * do).sum(), [q, k, v])
     errs = [rel(a, b) for a, b in zip(grads, ref)]
     check("attention fp32 gradients through the aligned kernel", max(errs) < 1e-5, ", ".join(f"{e:.1e}" for e in errs))
+
+
+@torch.no_grad()
+def check_topk(gen: torch.Generator) -> None:
+    """The sampler's top log-probs over the vocabulary and the router's choice, many values tied."""
+    for name, x, k in (("vocab", torch.randn(64, VOCAB, generator=gen, device="cuda").bfloat16().float(), 20),
+                       ("experts", torch.randint(0, 4, (4096, EXPERTS), generator=gen, device="cuda").float() / 4, 8)):
+        x[:, ::7] = -0.0  # ties of -0.0 with +0.0
+        with numerics(ALIGNED):
+            top = x.topk(k)
+            alone = [x[r:r + 1].topk(k) for r in (0, 17)]
+        values, indices = x.sort(descending=True, stable=True)
+        ok = torch.equal(top.indices, indices[:, :k]) and torch.equal(top.values, values[:, :k])
+        ok = ok and all(torch.equal(a.indices[0], top.indices[r]) for a, r in zip(alone, (0, 17)))
+        check(f"topk {name} {list(x.shape)} k={k} vs a stable sort, rows alone", ok)
 
 
 # -- 3: speed --------------------------------------------------------------------------------------
@@ -296,6 +327,11 @@ def timings(tokens: int, seq_len: int, gen: torch.Generator) -> list[tuple[str, 
         lambda: env.update(x=randn(tokens, EXPERTS, dtype=torch.float32)))
     add(f"log_softmax fp32 [{tokens // 4}, {VOCAB}]", lambda policy: env["x"].log_softmax(-1),
         lambda: env.update(x=randn(tokens // 4, VOCAB, dtype=torch.float32)))
+    # the old aligned topk was the stable sort: the "fast" column times torch.topk, not it
+    add(f"topk 20 fp32 [64, {VOCAB}]", lambda policy: env["x"].topk(20),
+        lambda: env.update(x=randn(64, VOCAB, dtype=torch.float32)), old=False)
+    add(f"router topk 8 fp32 [{tokens}, {EXPERTS}]", lambda policy: env["x"].topk(TOPK),
+        lambda: env.update(x=randn(tokens, EXPERTS, dtype=torch.float32)), old=False)
     for B, T in ((1, seq_len // 2), (8, seq_len)):
         # before the kernels, aligned attention ran ~T·H/16 products per key block: only the small case
         add(f"attention bf16 B{B} T{T}",
@@ -305,16 +341,76 @@ def timings(tokens: int, seq_len: int, gen: torch.Generator) -> list[tuple[str, 
     return rows
 
 
+# -- --tiles: the bf16 GEMM tile ------------------------------------------------------------------
+
+TILE_CANDIDATES = (
+    MMConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),  # the tile today
+    MMConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=4),  # decode: few rows a group
+    MMConfig(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=4),
+    MMConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4),
+    MMConfig(block_m=64, block_n=256, block_k=64, num_warps=8, num_stages=3),
+    MMConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+    MMConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
+)
+# (name, N, K, experts): Ring-mini's bf16 products; the experts' rows are 8 a token over 256 experts
+TILE_SHAPES = (("lightning qkv", 3 * HEADS * HEAD_DIM, HIDDEN, 1), ("dense / g_proj", HIDDEN, HIDDEN, 1),
+               ("softmax qkv", (HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN, 1), ("shared gate/up", INTER, HIDDEN, 1),
+               ("experts gate/up", INTER, HIDDEN, EXPERTS), ("experts down", HIDDEN, INTER, EXPERTS),
+               ("lm_head", VOCAB, HIDDEN, 1))
+TILE_TOKENS = (1, 64, 256, 4096)
+
+
+@torch.no_grad()
+def tiles(gen: torch.Generator) -> None:
+    """Median ms of each candidate at each shape and token count (summed over the shapes: one layer's
+    products, roughly), and whether a row's bits are the same at every token count."""
+    shapes = []
+    for name, N, K, E in TILE_SHAPES:
+        rows = TILE_TOKENS[-1] * (TOPK if E > 1 else 1)
+        counts = random_counts(rows, gen) if E > 1 else None
+        x = torch.randn(rows, K, generator=gen, device="cuda").bfloat16()
+        w = (torch.randn(E, N, K, generator=gen, device="cuda") * K**-0.5).bfloat16()
+        shapes.append((name, x, w, counts))
+    print(f"{'tile (m, n, k, warps, stages)':<32}" + "".join(f"{f'M={m} ms':>12}" for m in TILE_TOKENS) + "  invariant")
+    for c in TILE_CANDIDATES:
+        totals, broken = [0.0] * len(TILE_TOKENS), []
+        for name, x, w, counts in shapes:
+            try:
+                full = _grouped_mm(x, w, counts, c)
+                for i, m in enumerate(TILE_TOKENS):
+                    if counts is None:
+                        sub_x, sub_counts, rows = x[:m], None, slice(0, m)
+                    else:  # about m tokens' rows: a random subset, each expert's rows a subset of its group
+                        mask, sub_counts = row_subset(counts, m / TILE_TOKENS[-1], gen)
+                        sub_x, rows = x[mask], mask
+                    totals[i] += do_bench(lambda: _grouped_mm(sub_x, w, sub_counts, c), warmup=5, rep=25,
+                                          return_mode="median")
+                    if not torch.equal(_grouped_mm(sub_x, w, sub_counts, c), full[rows]):
+                        broken.append(f"{name} M={m}")
+            except Exception as e:  # noqa: BLE001 - a tile the compiler refuses (shared memory): report it
+                broken.append(f"{name}: {type(e).__name__}")
+        tile = f"({c.block_m}, {c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages})"
+        verdict = "yes" if not broken else ", ".join(broken)
+        print(f"{tile:<32}" + "".join(f"{t:>12.3f}" for t in totals) + f"  {verdict}")
+        if broken:
+            FAILURES.append(f"tile {tile}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes: a smoke test of every case")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiles", action="store_true", help="time and check the candidate bf16 GEMM tiles instead")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("check_invariant needs a CUDA GPU")
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references and the fast fp32 path in IEEE fp32
     gen = torch.Generator("cuda").manual_seed(args.seed)
+    if args.tiles:
+        tiles(gen)
+        print(f"\n{'FAIL: ' + ', '.join(FAILURES) if FAILURES else 'every tile batch-invariant'}")
+        return 1 if FAILURES else 0
     rows, seq_len = (1024, 512) if args.quick else (8192, 2048)
     log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; GEMM tiles bf16 {mm_config(torch.bfloat16)}, "
         f"fp32 {mm_config(torch.float32)}")
@@ -327,6 +423,7 @@ def main() -> int:
     case("row ops, vocab", lambda: check_rows(rows // 8, VOCAB, gen))
     case("attention", lambda: check_attention(seq_len, gen))
     case("gradients", lambda: check_gradients(gen))
+    case("topk", lambda: check_topk(gen))
     table = timings(rows // TOPK * (1 if args.quick else 4), seq_len, gen)
     print(f"\n{'ms (median; old: one call)':<44}{'kernels':>10}{'fast':>10}{'kern/fast':>11}{'old aligned':>13}"
           f"{'old/kern':>10}")

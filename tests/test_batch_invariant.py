@@ -99,3 +99,37 @@ def test_a_products_bits_do_not_follow_its_operands_layout():
         together = q @ keys.transpose(-1, -2)
         alone = [q[t:t + 1] @ keys[t:t + 1].transpose(-1, -2) for t in range(5)]
     assert all(torch.equal(a[0], together[t]) for t, a in enumerate(alone))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("largest", [True, False])
+def test_topk_takes_the_lower_index_of_equal_values_and_sorts(dtype, largest):
+    """The invariant topk against a Python stable sort of each row: values drawn from a few, so that
+    most are tied, with -0.0 beside +0.0 (equal), infinities and fp32 subnormals; over either dim, and
+    a row alone equals it among the others."""
+    pool = torch.tensor([0.0, -0.0, 1.5, -1.5, 2.0, float("inf"), float("-inf"), 3e-40, -3e-40])
+    x = pool[torch.randint(0, len(pool), (6, 200), generator=torch.Generator().manual_seed(1))].to(dtype)
+
+    def reference(row: list[float], k: int) -> list[int]:
+        return sorted(range(len(row)), key=lambda i: (-row[i] if largest else row[i], i))[:k]
+
+    with numerics(ALIGNED):
+        none = x.topk(0, largest=largest)
+        rows, columns = x.topk(30, largest=largest), torch.topk(x, 4, dim=0, largest=largest)
+        alone = [x[r:r + 1].topk(30, largest=largest) for r in range(6)]
+    assert none.values.shape == none.indices.shape == (6, 0) and none.indices.dtype == torch.long
+    for r in range(6):
+        expected = reference(x[r].tolist(), 30)
+        assert rows.indices[r].tolist() == expected and torch.equal(rows.values[r], x[r, expected])
+        assert torch.equal(alone[r].indices[0], rows.indices[r])
+    for c in range(200):
+        assert columns.indices[:, c].tolist() == reference(x[:, c].tolist(), 4)
+
+
+def test_topk_puts_nan_where_a_stable_sort_does():
+    x = torch.tensor([[1.0, float("nan"), -float("nan"), float("inf"), 0.0, -0.0, float("nan")]])
+    for largest in (True, False):
+        with numerics(ALIGNED):
+            top = x.topk(7, largest=largest)
+        values, indices = x.sort(descending=largest, stable=True)
+        assert torch.equal(top.indices, indices) and top.values.isnan().equal(values.isnan())

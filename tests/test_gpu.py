@@ -10,6 +10,7 @@ from test_batch_invariant import check_engine_equals_training
 from ringlinear import HybridCache, RingLinearConfig, RingLinearForCausalLM, SequenceContext
 from ringlinear.ops import lightning_attn, lightning_decode
 from ringlinear.infer import LLM, Engine, EngineConfig, SamplingParams
+from ringlinear.infer.graphs import DecodeGraphs
 from ringlinear.ops.attention import causal_attention
 from ringlinear.ops.policy import COMPILE_MIN_ELEMENTS, KernelPolicy
 
@@ -132,10 +133,47 @@ def test_recurrent_lightning_gives_a_sequence_the_same_bits_however_it_is_run():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch_size", [1, 8, 64])
-def test_aligned_engine_log_probs_equal_the_training_forward(batch_size, dtype):
-    """tests/test_batch_invariant.py's check on the GPU: Triton kernels, up to 64 sequences per step."""
+def test_aligned_engine_log_probs_equal_the_training_forward(batch_size, dtype, monkeypatch):
+    """tests/test_batch_invariant.py's check on the GPU: Triton kernels, up to 64 sequences per step. In
+    bf16 the decode steps replay CUDA graphs (captured in invariant mode: no host sync), padded to the
+    captured sizes with rows that must leave the real rows' bits alone."""
+    replayed = []
+    run = DecodeGraphs.run
+    monkeypatch.setattr(DecodeGraphs, "run", lambda self, batch: replayed.append((batch.num_seqs, self.sizes))
+                        or run(self, batch))
     lengths = [14, 13, 15, 12, 30, 29, 11, 10] if batch_size <= 8 else [10 + 7 * i % 25 for i in range(batch_size)]
     check_engine_equals_training(tiny_model(num_hidden_layers=3).to("cuda", dtype), batch_size, lengths)
+    assert bool(replayed) == (dtype == torch.bfloat16)
+    if dtype == torch.bfloat16 and batch_size == 64:
+        assert any(n not in sizes for n, sizes in replayed)  # some replays ran padding rows
+
+
+def test_aligned_steps_never_wait_for_the_host():
+    """An aligned engine's forwards (prefill chunks beside decodes, then decodes; graphs off, so that
+    every step runs the model) under CUDA's sync check: no kernel choice or launch size reads the
+    device. The first step is let through: it checks each layer's decay once."""
+    m = tiny_model(num_hidden_layers=3).to("cuda", torch.bfloat16)
+    engine = Engine(m, None, EngineConfig(max_num_seqs=4, max_num_batched_tokens=24, page_size=16, num_pages=32,
+                                          batch_invariant=True, cuda_graphs=False))
+    forwards = []
+
+    def strict(module, args):
+        if forwards:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def relaxed(module, args, output):
+        torch.cuda.set_sync_debug_mode("default")
+        forwards.append(args[0].shape[1])
+
+    m.register_forward_pre_hook(strict)
+    m.register_forward_hook(relaxed)
+    prompts = [[5, 9, 2, 7, 1] * k for k in (1, 3, 8)]
+    try:
+        outputs = LLM(engine).generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(len(o.token_ids) == 8 for o in outputs)
+    assert max(forwards) > 3 and min(forwards) < 3  # steps with prefill chunks, and decode-only steps
 
 
 def test_fused_chains_match_their_eager_ops():

@@ -14,7 +14,7 @@ triton = pytest.importorskip("triton")
 
 from ringlinear import SequenceContext  # noqa: E402
 from ringlinear.ops import attention  # noqa: E402
-from ringlinear.ops.batch_invariant import KEY_BLOCK  # noqa: E402
+from ringlinear.ops.batch_invariant import KEY_BLOCK, numerics  # noqa: E402
 from ringlinear.ops.invariant_kernels import (invariant_grouped_mm, invariant_linear, key_block_attention,  # noqa: E402
                                               row_sum, softmax)
 from ringlinear.ops.policy import KernelPolicy  # noqa: E402
@@ -83,7 +83,11 @@ def test_grouped_mm_rows_do_not_depend_on_the_other_rows(row_by_row_dot):
     assert all(torch.equal(row[0], invariant_linear(x, w[1])[i]) for row, i in zip(lone_rows, (0, 37, 69)))
 
 
-def test_grouped_mm_gradients_match_torch():
+@pytest.mark.parametrize("kernel", ["kernel_and_loop", "grouped_mm"])
+def test_grouped_mm_gradients_match_torch(kernel, monkeypatch):
+    """Both backward forms (torch._grouped_mm, CUDA bf16's, runs here on torch's CPU fallback in fp32)."""
+    import ringlinear.ops.invariant_kernels as kernels
+    monkeypatch.setattr(kernels, "grouped_mm_gradients_kernel", lambda dy: kernel)
     counts = torch.tensor(COUNTS, device=DEVICE)
     x, w = randn(sum(COUNTS), 40).requires_grad_(), randn(len(COUNTS), 24, 40, seed=1).requires_grad_()
     dy = randn(sum(COUNTS), 24, seed=2)
@@ -179,6 +183,21 @@ def test_key_block_attention_query_alone_equals_it_among_others():
         k_other[own[0, -1], int(positions[t]) % KB + 1:] = float("nan")
         alone = key_block_attention(q[t:t + 1], k_other, v_blocks, own, positions[t:t + 1], 0.2)
         assert torch.equal(alone[0], together[t])
+
+
+@pytest.mark.parametrize("policy", [ALIGNED, KernelPolicy("torch", invariant=True)], ids=["kernel", "loop"])
+def test_packed_documents_get_the_bits_of_each_document_alone(policy):
+    """Packed documents (one call, blocks laid out on the device) against each document's own call:
+    lengths that fill whole key blocks, end inside one, are empty, or are one token."""
+    lengths = [17, 0, 16, 1, 30]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
+    T = sum(lengths)
+    q, k, v = (randn(1, T, h, 16, seed=s) for s, h in enumerate((4, 2, 2)))
+    with numerics(policy):
+        packed = attention.causal_attention(q, k, v, 0.25, cu_seqlens=cu, policy=policy)
+        alone = [attention.causal_attention(q[:, a:b], k[:, a:b], v[:, a:b], 0.25, policy=policy)
+                 for a, b in zip(cu.tolist(), cu[1:].tolist())]
+    assert torch.equal(packed, torch.cat(alone, dim=1))
 
 
 def test_key_block_attention_rejects_bad_shapes():

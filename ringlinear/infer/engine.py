@@ -55,7 +55,8 @@ class EngineConfig:
     prefix_snapshot_share: float = 0.1
     num_snapshots: int | None = None
     # Steps and log-probs batch-invariant: bit-identical to the training forward of the same model under
-    # an invariant policy, whatever shares the step (no CUDA graphs; page_size a multiple of KEY_BLOCK).
+    # an invariant policy, whatever shares the step, graphs' padding rows included (page_size a multiple
+    # of KEY_BLOCK).
     batch_invariant: bool = False
     # "fp8": the linear layers and experts in blockwise FP8 (`model.fp8`), quantized at load unless the
     # checkpoint holds FP8 weights already (which load as FP8 whatever this says). No CUDA graphs yet.
@@ -104,10 +105,11 @@ class Engine:
         if config.quantization == "fp8":
             quantize_weights(model, self.policy)
         # Captured decode steps need a forward that never waits for the host: the Triton kernels and
-        # the experts' grouped GEMM (bf16; the FP8 experts' loop reads the counts on the host).
+        # the experts' grouped GEMMs (bf16; the FP8 experts' loop reads the counts on the host). In
+        # invariant mode every kernel computes a row whatever the rows beside it, so a graph's padding
+        # rows leave the real rows' bits as an uncaptured step gives them.
         use_graphs = (self.device.type == "cuda" and self.dtype == torch.bfloat16 and config.cuda_graphs
-                      and self.policy.backend == "triton" and not self.policy.invariant
-                      and not is_fp8_checkpoint(model.config))
+                      and self.policy.backend == "triton" and not is_fp8_checkpoint(model.config))
         max_model_len = config.max_model_len or model.config.max_position_embeddings
         share, interval = config.snapshot_args()
         if config.num_pages is not None:

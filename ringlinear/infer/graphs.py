@@ -5,10 +5,13 @@ a GPU their launch overhead rather than their work sets its time. The step's for
 once per batch size in `capture_sizes`; a step of n sequences copies its inputs into the static
 buffers the graphs read and replays the smallest captured size ≥ n. The extra rows are padding:
 they read and write only the scratch state slot 0 and KV page 0, and their logits are dropped.
-Everything in the captured forward stays on the device (no host synchronisation).
+Everything in the captured forward stays on the device (no host synchronisation). In batch-invariant
+mode the kernels compute each row alone, so the padding changes no real row's bits either.
 """
 
 from __future__ import annotations
+
+from dataclasses import fields
 
 import torch
 from torch import Tensor
@@ -18,8 +21,12 @@ from ..ops.policy import KernelPolicy
 from .cache import PagedCache
 from .context import PagedContext, StepBatch
 
-_INPUTS = ("input_ids", "positions", "slot_mapping", "slots", "seq_lens")
-_PADDING = {"seq_lens": 1}  # a padding row sees one key, its own, at position 0 of page 0
+# A decode step's layout is fixed (one row per sequence: query_start 0..n, every row sampled); every other
+# tensor of its StepBatch, one entry per sequence, is copied into the graphs' buffers before a replay
+# (so is a tensor a context adds to StepBatch).
+_LAYOUT = ("query_start", "logits_indices")
+_INPUTS = tuple(f.name for f in fields(StepBatch) if f.type == "Tensor" and f.name not in _LAYOUT)
+_PADDING = {"seq_lens": 1}  # a padding row sees one key, its own, at position 0 of page 0; the rest are 0
 
 
 def capture_sizes(max_size: int) -> list[int]:

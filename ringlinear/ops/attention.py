@@ -126,10 +126,8 @@ def _causal_by_key_blocks(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seql
                           policy: KernelPolicy) -> Tensor:
     """`causal_attention` through `attention_by_key_blocks`: each sequence's keys cut into blocks
     from its first position on."""
-    if cu_seqlens is not None:  # packed documents, B = 1: one call per document
-        offsets = cu_seqlens.tolist()
-        return torch.cat([_causal_by_key_blocks(q[:, a:b], k[:, a:b], v[:, a:b], scale, None, policy)
-                          for a, b in zip(offsets, offsets[1:])], dim=1)
+    if cu_seqlens is not None:
+        return _packed_by_key_blocks(q, k, v, scale, cu_seqlens, policy)
     B, Tq, H, D = q.shape
     Tk, KV = k.shape[1], k.shape[2]
     KB = KEY_BLOCK
@@ -141,6 +139,29 @@ def _causal_by_key_blocks(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seql
     positions = torch.arange(Tk - Tq, Tk, device=q.device).repeat(B)
     o = attention_by_key_blocks(q.reshape(B * Tq, H, D), k_blocks, v_blocks, block_table, positions, scale, policy)
     return o.view(B, Tq, H, D)
+
+
+def _packed_by_key_blocks(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor,
+                          policy: KernelPolicy) -> Tensor:
+    """Packed documents (B = 1) in one call, built on the device: each document's keys are laid out
+    in blocks from its own start (its last block zero-padded), a query's block-table row lists its
+    document's blocks and its position counts from the document's start, so it visits the blocks (and
+    gets the bits) of its document run alone."""
+    T, KV, D = k.shape[1], k.shape[2], k.shape[3]
+    KB = KEY_BLOCK
+    cu = cu_seqlens.to(q.device, torch.long)
+    blocks = (cu[1:] - cu[:-1] + KB - 1) // KB  # per document
+    first_block = blocks.cumsum(0) - blocks
+    doc = document_ids(cu, T)
+    positions = torch.arange(T, device=q.device) - cu[doc]
+    # Σ ceil(n_i / KB) ≤ (T + N (KB - 1)) / KB: a bound from the shapes alone (no host sync)
+    num_blocks = (T + (cu.shape[0] - 1) * (KB - 1)) // KB
+    rows = first_block[doc] * KB + positions  # each key's row in the blocks
+    k_blocks, v_blocks = (x.new_zeros(num_blocks * KB, KV, D).index_copy(0, rows, x[0]).view(num_blocks, KB, KV, D)
+                          for x in (k, v))
+    # a document has at most ceil(T / KB) blocks; entries past a query's own are never read but must index
+    table = (first_block[doc, None] + torch.arange(-(-T // KB), device=q.device)).clamp_max(num_blocks - 1)
+    return attention_by_key_blocks(q[0], k_blocks, v_blocks, table, positions, scale, policy)[None]
 
 
 class _ByKeyBlocksFunction(torch.autograd.Function):

@@ -14,7 +14,8 @@ differs from the vector one in the last bit. In this mode:
   fixed row blocks; sums over another dimension are folded in index order;
 - `sigmoid` and `silu` are composed from `exp` and IEEE division, which every code path computes
   alike;
-- `topk` is a stable sort: ties go to the lower index (the MoE router's choice);
+- `topk` gives what a stable sort would: ties go to the lower index (the MoE router's choice), by an
+  exact selection over unique integer keys (no sort);
 - the attention ops take forms whose per-token order is fixed (`ops.lightning`: the state advanced
   token by token, the same code for training, prefill and decode; `ops.attention`: an online
   softmax over fixed blocks of `KEY_BLOCK` keys).
@@ -147,8 +148,32 @@ def _silu(policy: KernelPolicy, x: Tensor, inplace: bool = False) -> Tensor:
 
 
 def _topk(policy: KernelPolicy, x: Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):
-    values, indices = x.sort(dim=dim, descending=largest, stable=True)
-    return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))
+    """topk as a stable sort would give it (ties to the lower index, the result sorted), without the sort:
+    an exact selection over one integer key per element that orders the values and, among equal ones, the
+    indices. The keys are unique, so every selection algorithm (whatever it picks by shape) gives the
+    same answer. Floats wider than fp32, integers and rows of 2³¹ or more elements take the stable sort."""
+    if x.dtype not in KERNEL_DTYPES or x.dim() == 0 or x.shape[dim] >= 2**31:
+        values, indices = x.sort(dim=dim, descending=largest, stable=True)
+        return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))
+    dim %= x.dim()
+    if k == 0:  # the sampler's when no top log-probs are asked: no keys to build over the vocabulary
+        nothing = x.narrow(dim, 0, 0)
+        return torch.return_types.topk((nothing, torch.zeros_like(nothing, dtype=torch.long)))
+    n = x.shape[dim]
+    index = torch.arange(n, device=x.device).view(-1, *[1] * (x.dim() - 1 - dim))
+    keys = order_keys(x).to(torch.int64) * 2**32 + (n - 1 - index if largest else index)
+    indices = keys.topk(k, dim=dim, largest=largest, sorted=True).indices
+    return torch.return_types.topk((x.gather(dim, indices), indices))
+
+
+def order_keys(x: Tensor) -> Tensor:
+    """int32 keys of fp16, bf16 or fp32 values in the order torch.sort gives them: -0.0 equals +0.0 and
+    NaN (of either sign) is above +inf. An fp32 value's bits as an integer order the positive values; the
+    negative ones' magnitude bits are flipped so that they order the other way."""
+    f = x.float()  # exact for fp16 and bf16
+    f = torch.where(f == 0, 0.0, torch.where(f.isnan(), float("nan"), f))
+    bits = f.view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
 _OVERRIDES: dict[Callable, Callable] = {

@@ -17,7 +17,8 @@ So every such fact that varies with the batch is made fixed: tensors whose eleme
 passed contiguous from an aligned address, and integers that vary (row counts, table strides) are
 left unspecialised. Lengths, flags and shapes of the model (K, N, D, the tile) select the binary.
 
-The backward passes need no invariance: they are ordinary PyTorch (or this file's GEMM) products.
+The backward passes need no invariance: they are ordinary PyTorch products (torch._grouped_mm for
+the grouped GEMM on CUDA bf16), else this file's GEMM.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .policy import KERNEL_DTYPES
+from .policy import KERNEL_DTYPES, grouped_mm_gradients_kernel
 
 
 def _aligned(x: Tensor) -> Tensor:
@@ -102,15 +103,16 @@ def _grouped_mm_kernel(x, w, out, counts, M, N, K, E, stride_we, stride_wn, stri
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _grouped_mm(x: Tensor, w: Tensor, counts: Tensor | None) -> Tensor:
-    """The launch: x [M, K], w [E, N, K] any strides; counts on x's device."""
+def _grouped_mm(x: Tensor, w: Tensor, counts: Tensor | None, config: MMConfig | None = None) -> Tensor:
+    """The launch: x [M, K], w [E, N, K] any strides; counts on x's device. `config`: the dtype's tile
+    unless given (benchmarks/check_invariant.py --tiles times candidates)."""
     x = _aligned(x)
     M, K = x.shape
     E, N = w.shape[0], w.shape[1]
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if M == 0:
         return out
-    c = mm_config(x.dtype)
+    c = config or mm_config(x.dtype)
     # row tiles over all groups: a group of n rows takes ceil(n / block_m) ≤ (n + block_m - 1) / block_m,
     # and at most min(E, M) groups hold rows; a bound from the shapes alone (CUDA-graph safe)
     groups = 1 if counts is None else min(E, M)
@@ -132,16 +134,32 @@ class _GroupedMMFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, w, counts = ctx.saved_tensors
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = _grouped_mm(dy, w.transpose(1, 2), counts)
-        if ctx.needs_input_grad[1]:
-            sizes = [x.shape[0]] if counts is None else counts.tolist()
-            dw = torch.zeros(w.shape, device=w.device, dtype=w.dtype)
-            for e, (dy_e, x_e) in enumerate(zip(dy.split(sizes), x.split(sizes))):
-                if x_e.shape[0]:
-                    dw[e] = dy_e.t() @ x_e
-        return dx, dw, None
+        return *_grouped_mm_gradients(dy.contiguous(), x, w, counts, *ctx.needs_input_grad[:2]), None
+
+
+def _grouped_mm_gradients(dy: Tensor, x: Tensor, w: Tensor, counts: Tensor | None, need_dx: bool,
+                          need_dw: bool) -> tuple[Tensor | None, Tensor | None]:
+    """dx [M, K] and dw [E, N, K] of out = x @ w[e]ᵀ per group. Gradients need no invariance, so they take
+    the fast products (`policy.grouped_mm_gradients_kernel`): one matmul each for one group, two
+    torch._grouped_mm (no host sync) for CUDA bf16; else this file's kernel for dx and one product per
+    group for dw (reading the counts on the host)."""
+    if counts is None:
+        return dy @ w[0] if need_dx else None, (dy.t() @ x)[None] if need_dw else None
+    if grouped_mm_gradients_kernel(dy) == "grouped_mm":
+        offsets = counts.cumsum(0).to(torch.int32)  # end row of each group
+        w = w.contiguous()
+        dx = torch._grouped_mm(dy, w, offs=offsets) if need_dx else None
+        dw = torch._grouped_mm(dy.t(), x.contiguous(), offs=offsets) if need_dw else None
+        return dx, dw
+    dx = _grouped_mm(dy, w.transpose(1, 2), counts) if need_dx else None
+    dw = None
+    if need_dw:
+        dw = torch.zeros(w.shape, device=w.device, dtype=w.dtype)
+        sizes = counts.tolist()
+        for e, (dy_e, x_e) in enumerate(zip(dy.split(sizes), x.split(sizes))):
+            if x_e.shape[0]:
+                dw[e] = dy_e.t() @ x_e
+    return dx, dw
 
 
 def invariant_grouped_mm(x: Tensor, w: Tensor, counts: Tensor | None = None) -> Tensor:

@@ -28,6 +28,7 @@ sampler for its log-probs); the ops below switch by the table. Backward passes r
 | paged_attention             | kernel.py (3)            | gather + SDPA  | key blocks (2)      | key-block loop   |
 | paged_latent_attention      | kernel.py (3)            | gather + SDPA  | none (8)            | none (8)         |
 | grouped_glu (moe.py)        | torch._grouped_mm (4)    | expert loop    | grouped GEMM (2)    | expert loop      |
+| grouped GEMM's backward     | –                        | –              | _grouped_mm (9)     | –                |
 | grouped_glu, fp8            | expert loop of fp8 GEMMs | same, refs     | –                   | –                |
 | elementwise chains (fused)  | torch.compile (5)        | eager          | eager               | eager            |
 | fp8 quantize (fp8/)         | kernels.py               | reference.py   | –                   | –                |
@@ -44,6 +45,8 @@ if a probe product on the device matches the reference (`blockwise_scaled_mm_wor
 GEMM. FP8 is not batch-invariant.
 (8) The absorbed form sums over the latent, not the heads' channels as the training forward does: it
 cannot give the training forward's bits, and an invariant policy is refused.
+(9) torch._grouped_mm for CUDA bf16 (`grouped_mm_gradients_kernel`); else the forward's kernel for the
+input's gradient and a loop over the groups for the weights'. One group (F.linear, @): two plain products.
 """
 
 from __future__ import annotations
@@ -182,6 +185,13 @@ def experts_kernel(policy: KernelPolicy, x: Tensor, *weights: Tensor) -> Experts
     if policy.invariant:
         return "invariant_grouped_mm" if policy.triton(x, *weights) else "loop"
     return "grouped_mm" if policy.cuda_fast_paths(x) and x.dtype == torch.bfloat16 else "loop"
+
+
+def grouped_mm_gradients_kernel(dy: Tensor) -> Literal["grouped_mm", "kernel_and_loop"]:
+    """The backward of the invariant grouped GEMM (no invariance needed): torch._grouped_mm takes CUDA bf16
+    (no host sync); else the forward's kernel for the input's gradient and a loop over the groups (a host
+    sync) for the weights'."""
+    return "grouped_mm" if dy.is_cuda and dy.dtype == torch.bfloat16 else "kernel_and_loop"
 
 
 def compiles_chain(policy: KernelPolicy, x: Tensor) -> bool:

@@ -83,7 +83,8 @@ def _paged_by_key_blocks(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tabl
     per_page = page // KB
     k_blocks, v_blocks = (x.view(P * per_page, KB, KV, D) for x in (k_cache, v_cache))
     query_lens = query_start[1:] - query_start[:-1]
-    seq = torch.repeat_interleave(torch.arange(len(query_lens), device=q.device), query_lens)
+    # output_size: without it repeat_interleave reads the total back (a host sync, which a CUDA graph forbids)
+    seq = torch.repeat_interleave(torch.arange(len(query_lens), device=q.device), query_lens, output_size=q.shape[0])
     positions = (seq_lens - query_lens)[seq] + torch.arange(q.shape[0], device=q.device) - query_start[seq]
     table = (block_tables.long()[:, :, None] * per_page + torch.arange(per_page, device=q.device)).flatten(1)
     return attention_by_key_blocks(q, k_blocks, v_blocks, table[seq], positions, scale, policy)
