@@ -9,7 +9,7 @@ and the fast mode's disparity over long sequences.
    them in one reversed batch. Each generated token's log-prob must be equal bit for bit. The fast
    mode's largest difference over the same tokens is given beside it.
 2. Cost: engine generation throughput (128-token prompts prefilled, then 32 tokens decoded) at
-   batch 1, 8 and 64 (fast mode: CUDA graphs and the Triton kernels), and the training forward and
+   batch 1, 8, 64 and 256 (fast mode: CUDA graphs and the Triton kernels), and the training forward and
    forward + backward of 64 sequences of 256 tokens, in both modes.
 3. Fast-mode disparity: `ringlinear.rl.probe` without module hooks over sequences of 32K prompt
    tokens + 64 sampled ones: max |Δ log p|, the share of tokens whose probability differs by more
@@ -61,7 +61,7 @@ class Sizes:
 
 
 FULL = Sizes("mini", layers=5, batches=(1, 2, 4, 8, 16, 32, 64), prompt_lengths=(16, 300), new_tokens=32,
-             cost_batches=(1, 8, 64), cost_prompt=128, cost_tokens=32, train_shape=(16, 256),
+             cost_batches=(1, 8, 64, 256), cost_prompt=128, cost_tokens=32, train_shape=(16, 256),
              disparity_sequences=4, disparity_context=32768, disparity_tokens=64, step_tokens=4096)
 QUICK = Sizes("tiny", layers=3, batches=(1, 3, 8), prompt_lengths=(4, 40), new_tokens=8,
               cost_batches=(1, 8), cost_prompt=16, cost_tokens=8, train_shape=(8, 32),
