@@ -152,6 +152,9 @@ def test_a_verify_chain_writes_nothing_and_a_fold_advances_as_the_outputs_call(p
     assert torch.equal(verify, written)
     assert all(torch.equal(x, y) for x, y in zip(pools_b, pools_c))
     assert not torch.equal(pools_b[0], pools_a[0])
+    nothing, out = torch.zeros(0, dtype=torch.long, device=DEVICE), torch.full_like(q, 7.0)
+    assert lightning_aligned(q, k, v, g, *pools_c, nothing, nothing, nothing, nothing, out=out, policy=policy) is out
+    assert (out == 7).all() and all(torch.equal(x, y) for x, y in zip(pools_b, pools_c))  # no sequence: no change
 
 
 @pytest.mark.parametrize("offsets", [None, [0, 1, 1, 70, 100]])

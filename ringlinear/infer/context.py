@@ -102,10 +102,11 @@ def aligned_calls(batch: StepBatch) -> list[AlignedCall]:
     calls = [call(span(decodes, verifies), starts[decodes:verifies], lengths[decodes:verifies], False)
              ] if verifies > decodes else []
     if batch.rounds is None:
-        seqs = torch.cat([span(0, decodes), span(verifies, N)])
-        saved, snapshots = batch.final_snapshots or (None, None)
-        calls.append(call(seqs, starts[seqs], lengths[seqs], True, None if saved is None else decodes + saved,
-                          snapshots))
+        if decodes or verifies < N:
+            seqs = torch.cat([span(0, decodes), span(verifies, N)])
+            saved, snapshots = batch.final_snapshots or (None, None)
+            calls.append(call(seqs, starts[seqs], lengths[seqs], True, None if saved is None else decodes + saved,
+                              snapshots))
         return calls
     for r, piece in enumerate(batch.rounds):
         first = decodes if r == 0 else 0  # the decodes go with the first round

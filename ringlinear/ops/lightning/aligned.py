@@ -166,6 +166,8 @@ def lightning_aligned_triton(q: Tensor | None, k: Tensor, v: Tensor, log_decay: 
     log_decay = log_decay.to(device=k.device, dtype=torch.float32).contiguous()
     if q is not None and out is None:
         out = torch.empty_like(q)
+    if slots.shape[0] == 0:
+        return out
     # absent tensors: empty stand-ins of the dtypes of present ones, so that the signature is the same
     none_f32 = torch.empty(0, device=k.device, dtype=torch.float32)
     none_rows = torch.empty(0, device=k.device, dtype=k.dtype)
