@@ -6,7 +6,7 @@ import pytest
 import torch
 from infer_helpers import tiny_model
 
-from ringlinear import HybridCache, SequenceContext
+from ringlinear import SequenceContext
 from ringlinear.infer import Engine, EngineConfig, SamplingParams
 from ringlinear.ops.batch_invariant import numerics
 from ringlinear.ops.policy import KernelPolicy
@@ -62,12 +62,6 @@ def test_engine_log_probs_equal_the_training_forward_bit_for_bit(model, batch_si
     check_engine_equals_training(model, batch_size, [14, 13, 15, 12, 30, 29, 11, 10][:max(batch_size, 2)])
 
 
-def test_prompts_past_lightning_chunks_equal_the_training_forward_bit_for_bit(model):
-    """Lightning's aligned form cuts 64-token chunks: 16-token steps shared with decodes cut the prompts
-    across chunk boundaries, and decode steps complete chunks (positions 63 and 127)."""
-    check_engine_equals_training(model, 3, [60, 70, 125])
-
-
 def check_engine_equals_training(model, batch_size, prompt_lengths):
     """Engine rollouts of prompts of these lengths with `batch_size` sequences at most per step; then
     their log-probs from training forwards of each sequence alone and of all of them in one padded
@@ -81,18 +75,6 @@ def check_engine_equals_training(model, batch_size, prompt_lengths):
     for prompt, (_, engine_logp), a, m in zip(prompts, rollouts, alone, mixed):
         assert torch.equal(a[len(prompt) - 1:], engine_logp)
         assert torch.equal(m[len(prompt) - 1:], engine_logp)
-
-
-def test_hybrid_cache_generation_equals_the_training_forward_bit_for_bit(model):
-    """`HybridCache` under an invariant policy: a prefill of 60 tokens, then one of 7 that crosses the
-    first chunk boundary, then decode steps; the logits equal the training forward's."""
-    ids = torch.randint(1, 257, (2, 70), generator=torch.Generator().manual_seed(1))
-    cache = HybridCache(model.config, 2, 70, policy=ALIGNED)
-    with torch.no_grad():
-        full = model(ids, context=SequenceContext(policy=ALIGNED)).logits
-        pieces = [model(ids[:, :60], context=cache).logits, model(ids[:, 60:67], context=cache).logits]
-        pieces += [model(ids[:, t:t + 1], context=cache).logits for t in range(67, 70)]
-    assert torch.equal(torch.cat(pieces, 1), full)
 
 
 def test_the_mode_computes_the_same_function(model):

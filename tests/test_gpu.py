@@ -8,8 +8,7 @@ from infer_helpers import tiny_model
 from test_batch_invariant import check_engine_equals_training
 
 from ringlinear import HybridCache, RingLinearConfig, RingLinearForCausalLM, SequenceContext
-from ringlinear.ops import lightning_attn
-from ringlinear.ops.lightning import lightning_aligned
+from ringlinear.ops import lightning_attn, lightning_decode
 from ringlinear.infer import LLM, Engine, EngineConfig, SamplingParams
 from ringlinear.infer.graphs import DecodeGraphs
 from ringlinear.ops.attention import causal_attention
@@ -86,78 +85,50 @@ def test_packed_documents_equal_separate_runs():
     assert rel(packed, alone) < 2e-2
 
 
-def test_aligned_lightning_gives_a_sequence_the_same_bits_however_it_is_run():
+def test_recurrent_lightning_gives_a_sequence_the_same_bits_however_it_is_run():
     """Batch-invariant mode on the Triton kernels, at a real head size: each sequence alone equals it
-    packed with the others, in a padded [B, T] batch, and as the engine runs it (`lightning_aligned`
-    from pool slots: prefill pieces of odd sizes starting mid-chunk, packed with the others, then
-    decode steps in a shrinking batch, then a verify chain written nowhere). The pools end with the
-    state at the last chunk's start (the whole run's state over those tokens) and that chunk's rows."""
+    packed with the others, in a padded [B, T] batch, and as a prefill chunk then decode steps with
+    the others (a shrinking decode batch) against a state pool; outputs and final states."""
     H, D, dtype = 16, 128, torch.bfloat16
     lengths = [1000, 1, 517, 64, 999, 250, 0, 731]
     gen = torch.Generator().manual_seed(0)
     seqs = [[torch.randn(1, n, H, D, generator=gen).to("cuda", dtype) for _ in range(3)] for n in lengths]
     g = -torch.linspace(0.02, 0.7, H, device="cuda")
     aligned = KernelPolicy(invariant=True)
-    N = len(lengths)
-
-    def ints(values):
-        return torch.tensor(values, device="cuda")
-
     with torch.no_grad():
-        alone = [lightning_attn(*x, g, policy=aligned)[0] for x in seqs]
+        alone = [lightning_attn(*x, g, output_final_state=True, policy=aligned) for x in seqs]
         runs = {}
-        cu = ints([0, *torch.tensor(lengths).cumsum(0).tolist()])
-        o, _ = lightning_attn(*(torch.cat(xs, 1) for xs in zip(*seqs)), g, cu_seqlens=cu, policy=aligned)
-        runs["packed"] = o[0].split(lengths)
-        T = max(lengths)
-        o, _ = lightning_attn(*(torch.cat([F.pad(x, (0, 0, 0, 0, 0, T - x.shape[1])) for x in xs])
-                                for xs in zip(*seqs)), g, policy=aligned)
-        runs["[B, T]"] = [o[b, :n] for b, n in enumerate(lengths)]
-        # the engine: pools of random noise (rows a call must not read), each sequence from a zeroed slot
-        state = torch.randn(N + 3, H, D, D, device="cuda")
-        chunk_k, chunk_v = (torch.randn(N + 3, 64, H, D, device="cuda").to(dtype) for _ in range(2))
-        slots = torch.arange(N, device="cuda") + 2
-        state[slots] = 0
-        done, outputs = [0] * N, [[] for _ in range(N)]
-
-        def step(sizes):
-            sizes = [min(s, n - d) for s, n, d in zip(sizes, lengths, done)]
-            members = [b for b, s in enumerate(sizes) if s > 0]
-            rows = [[seqs[b][i][0, done[b]:done[b] + sizes[b]] for b in members] for i in range(3)]
-            starts = [0, *torch.tensor([sizes[b] for b in members]).cumsum(0).tolist()][:-1]
-            o = lightning_aligned(*(torch.cat(r) for r in rows), g, state, chunk_k, chunk_v, slots[members],
-                                  ints([done[b] for b in members]), ints(starts), ints([sizes[b] for b in members]),
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda")
+        o, final = lightning_attn(*(torch.cat(xs, 1) for xs in zip(*seqs)), g, output_final_state=True, cu_seqlens=cu,
                                   policy=aligned)
-            for b, start in zip(members, starts):
-                outputs[b].append(o[start:start + sizes[b]])
-                done[b] += sizes[b]
-
-        step([n // 3 + 5 for n in lengths])
-        step([37, 1, 129, 2, 300, 63, 0, 64])
-        while any(d < n - 5 for d, n in zip(done, lengths)):
-            step([1 if d < n - 5 else 0 for d, n in zip(done, lengths)])
-        before = state.clone(), chunk_k.clone(), chunk_v.clone()
-        rest = [b for b in range(N) if lengths[b] > done[b]]
-        rows = [torch.cat([seqs[b][i][0, done[b]:] for b in rest]) for i in range(3)]
-        starts = [0, *torch.tensor([lengths[b] - done[b] for b in rest]).cumsum(0).tolist()]
-        verify = lightning_aligned(*rows, g, state, chunk_k, chunk_v, slots[rest], ints([done[b] for b in rest]),
-                                   ints(starts[:-1]), ints([lengths[b] - done[b] for b in rest]), write=False,
-                                   policy=aligned)
-        assert all(torch.equal(x, y) for x, y in zip(before, (state, chunk_k, chunk_v)))
-        for b, a, z in zip(rest, starts, starts[1:]):
-            outputs[b].append(verify[a:z])
-        runs["engine: prefill pieces, decode steps, a verify chain"] = [
-            torch.cat(o) if o else alone[b][0] for b, o in enumerate(outputs)]
-        for b, n in enumerate(lengths):
-            kept = done[b] // 64 * 64
-            if kept:
-                _, at_start = lightning_attn(*(x[:, :kept] for x in seqs[b]), g, output_final_state=True,
-                                             policy=aligned)
-            assert torch.equal(state[slots[b]], at_start[0] if kept else torch.zeros_like(state[0])), b
-            assert torch.equal(chunk_k[slots[b], :done[b] - kept], seqs[b][1][0, kept:done[b]]), b
-    for name, outs in runs.items():
-        for b, (o_alone, o) in enumerate(zip(alone, outs)):
+        runs["packed"] = o[0].split(lengths), final
+        T = max(lengths)
+        o, final = lightning_attn(*(torch.cat([F.pad(x, (0, 0, 0, 0, 0, T - x.shape[1])) for x in xs])
+                                    for xs in zip(*seqs)), g, output_final_state=True, policy=aligned)
+        runs["[B, T]"] = [o[b, :n] for b, n in enumerate(lengths)], [f if n == T else None for f, n in
+                                                                     zip(final, lengths)]
+        # the engine: prefill the first halves packed from slots of a pool, then decode the rest
+        pool = torch.zeros(len(lengths) + 3, H, D, D, device="cuda")
+        slots = torch.arange(len(lengths), device="cuda") + 2
+        prefill = [n // 2 for n in lengths]
+        cu = torch.tensor([0, *torch.tensor(prefill).cumsum(0).tolist()], device="cuda")
+        o, final = lightning_attn(*(torch.cat([x[:, :p] for x, p in zip(xs, prefill)], 1) for xs in zip(*seqs)),
+                                  g, initial_state=pool[slots], output_final_state=True, cu_seqlens=cu, policy=aligned)
+        pool[slots] = final
+        outputs = [[o_n] for o_n in o[0].split(prefill)]
+        for t in range(min(prefill), T):
+            running = [b for b, (p, n) in enumerate(zip(prefill, lengths)) if p <= t < n]
+            if not running:
+                continue
+            step = [torch.cat([seqs[b][i][0, t:t + 1] for b in running]) for i in range(3)]
+            o = lightning_decode(*step, g, pool, slots[running], policy=aligned)
+            for j, b in enumerate(running):
+                outputs[b].append(o[j:j + 1])
+        runs["prefill + decode"] = [torch.cat(x) for x in outputs], pool[slots]
+    for name, (outs, finals) in runs.items():
+        for b, ((o_alone, s_alone), o, s) in enumerate(zip(alone, outs, finals)):
             assert torch.equal(o, o_alone[0]), (name, b)
+            assert s is None or torch.equal(s, s_alone[0]), (name, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -7,8 +7,6 @@ import torch
 from conftest import INTERPRET
 
 from ringlinear.ops.lightning import (
-    CHUNK,
-    lightning_aligned,
     lightning_attn,
     lightning_decode,
     lightning_tree_fold,
@@ -22,7 +20,6 @@ TORCH, TRITON = KernelPolicy("torch"), KernelPolicy("triton")
 POLICIES = [TORCH, pytest.param(TRITON, marks=pytest.mark.skipif(not triton_installed(), reason="no Triton"))]
 H, D = 2, 64
 LOG_DECAY = -torch.tensor([0.6931, 2.0**-8])  # strong (λ = 0.5) and weak decay
-ZERO, ONE = torch.tensor([0], device=DEVICE), torch.tensor([1], device=DEVICE)
 
 
 def random_trees(sizes, seed=0):
@@ -133,55 +130,24 @@ def test_folding_the_accepted_path_is_decoding_it_bit_for_bit(policy):
 
 
 @pytest.mark.parametrize("policy", [KernelPolicy("torch", invariant=True), KernelPolicy("triton", invariant=True)])
-def test_invariant_verify_and_fold_give_the_bits_of_decoding_the_root_path(policy):
-    """Trees over prefixes inside a 64-token chunk (the state at its start, its rows so far): each
-    token's output is what decoding its root path one token at a time gives it, and folding an
-    accepted path leaves the pools as those decode steps do; verifying writes nothing."""
+def test_invariant_verify_gives_each_token_the_bits_of_decoding_its_root_path(policy):
     sizes = [5, 3]
     parents, query_start = random_trees(sizes, seed=4)
     q, k, v, state, slots = inputs(sum(sizes), 2, torch.float32)
-    gen = torch.Generator().manual_seed(6)
-    chunk_k, chunk_v = (torch.randn(state.shape[0], CHUNK, H, D, generator=gen).to(DEVICE) for _ in range(2))
-    positions = torch.tensor([64 + 61, 30], device=DEVICE)  # the first tree's paths cross a chunk boundary
-    g = LOG_DECAY.to(DEVICE)
     ancestors, depth = tree_ancestors(parents.to(DEVICE), query_start.to(DEVICE), 5)
-    pools = (state.clone(), chunk_k.clone(), chunk_v.clone())
-    o = lightning_tree_verify(q, k, v, g, *pools[:1], slots, ancestors, depth, query_start.to(DEVICE), 5,
-                              policy=policy, chunks=(*pools[1:], positions))
-    assert all(torch.equal(x, y) for x, y in zip(pools, (state, chunk_k, chunk_v)))
-
-    def decode(path, n, pools):
-        """The path's tokens, root first, one decode step each into `pools` (sequence n's slot)."""
-        for step, row in enumerate(path):
-            decoded = lightning_aligned(q[row:row + 1], k[row:row + 1], v[row:row + 1], g, *pools, slots[n:n + 1],
-                                        positions[n:n + 1] + step, ZERO, ONE, policy=policy)
-        return decoded[0]
-
-    def root_path(i, n):
-        path = [i]
-        while parents[path[-1]] >= 0:
-            path.append(int(query_start[n]) + int(parents[path[-1]]))
-        return path[::-1]
-
+    o = lightning_tree_verify(q, k, v, LOG_DECAY.to(DEVICE), state, slots, ancestors, depth, query_start.to(DEVICE),
+                              5, policy=policy)
     for n in range(2):
-        for i in range(int(query_start[n]), int(query_start[n + 1])):
-            assert torch.equal(o[i], decode(root_path(i, n), n, [x.clone() for x in pools])), i
-    paths = [root_path(4, 0), root_path(7, 1)]  # accepted: the last token's path of each tree
-    width = max(map(len, paths))
-    accepted = torch.tensor([p + [p[-1]] * (width - len(p)) for p in paths], device=DEVICE)
-    folded = [x.clone() for x in pools]
-    lightning_tree_fold(k, v, g, folded[0], slots, accepted, torch.tensor([len(p) for p in paths], device=DEVICE),
-                        policy=policy, chunks=(*folded[1:], positions))
-    decoded = [x.clone() for x in pools]
-    for n, path in enumerate(paths):
-        decode(path, n, decoded)
-    assert torch.equal(folded[0], decoded[0])
-    for n, path in enumerate(paths):  # the live rows: those of the chunk the sequence is in now
-        live = (int(positions[n]) + len(path)) % CHUNK
-        for x, y in zip(folded[1:], decoded[1:]):
-            assert torch.equal(x[slots[n], :live], y[slots[n], :live])
-    with pytest.raises(ValueError, match="need chunks"):
-        lightning_tree_fold(k, v, g, state, slots, accepted, torch.tensor([1, 1], device=DEVICE), policy=policy)
+        start = int(query_start[n])
+        for i in range(start, int(query_start[n + 1])):
+            path = [i]
+            while parents[path[-1]] >= 0:
+                path.append(start + int(parents[path[-1]]))
+            pool = state[slots[n:n + 1]].clone()
+            for row in reversed(path):
+                decoded = lightning_decode(q[row:row + 1], k[row:row + 1], v[row:row + 1], LOG_DECAY.to(DEVICE),
+                                           pool, torch.zeros(1, dtype=torch.long, device=DEVICE), policy=policy)
+            assert torch.equal(o[i], decoded[0])
 
 
 def test_bad_trees_are_clear_errors():

@@ -9,8 +9,7 @@ import torch
 
 from ringlinear.ops.batch_invariant import numerics
 from ringlinear.ops.policy import (COMPILE_MIN_ELEMENTS, KernelPolicy, causal_attention_kernel, compiles_chain,
-                                   experts_kernel, lightning_aligned_kernel, lightning_decode_kernel,
-                                   lightning_fold_kernel, lightning_kernel, lightning_tree_kernel,
+                                   experts_kernel, lightning_fold_kernel, lightning_kernel, lightning_tree_kernel,
                                    paged_attention_kernel, triton_installed)
 
 pytestmark = pytest.mark.skipif(not triton_installed(), reason="the table's Triton rows need Triton installed")
@@ -67,17 +66,17 @@ def test_float64_and_unsupported_head_sizes_take_the_references():
 
 def test_invariant_mode_takes_the_fixed_order_forms():
     assert row(KernelPolicy(invariant=True), Stand()) == (
-        "aligned", "key_blocks", "key_blocks", "key_blocks", "invariant_grouped_mm", False)
+        "recurrent", "key_blocks", "key_blocks", "key_blocks", "invariant_grouped_mm", False)
     for device in ("cpu", "cuda"):
         assert row(KernelPolicy("torch", invariant=True), Stand(device)) == (
-            "aligned_reference", "key_blocks_reference", "key_blocks_reference", "key_blocks", "loop", False)
+            "recurrent_reference", "key_blocks_reference", "key_blocks_reference", "key_blocks", "loop", False)
 
 
 def test_the_triton_backend_on_the_cpu_interprets_the_kernels_but_no_cuda_fast_path():
     policy = KernelPolicy("triton")
     assert row(policy, Stand("cpu", torch.float32)) == ("chunk", "sdpa", "sdpa", "paged", "loop", False)
     assert row(KernelPolicy("triton", invariant=True), Stand("cpu", torch.float32)) == (
-        "aligned", "key_blocks", "key_blocks", "key_blocks", "invariant_grouped_mm", False)
+        "recurrent", "key_blocks", "key_blocks", "key_blocks", "invariant_grouped_mm", False)
 
 
 def test_mixed_dtypes_take_the_references_and_a_bad_backend_is_named():
@@ -108,17 +107,6 @@ def test_tree_verify_takes_the_kernel_the_reference_or_in_invariant_mode_the_roo
                       (KernelPolicy("triton"), Stand(dtype=torch.float64))):
         assert (lightning_tree_kernel(policy, x), lightning_fold_kernel(policy, x)) == (
             "tree_reference", "fold_reference")
-    for backend, form in (("torch", "aligned_reference"), ("triton", "aligned")):
+    for backend in ("torch", "triton"):
         assert lightning_tree_kernel(KernelPolicy(backend, invariant=True), tokens) == "root_paths"
-        assert lightning_fold_kernel(KernelPolicy(backend, invariant=True), tokens) == form  # as decode steps there
-
-
-def test_the_aligned_form_serves_every_invariant_step_and_decode_has_none():
-    tokens = Stand(shape=(64, 16, 128))
-    for invariant in (False, True):  # the aligned op is its own form, whatever the policy
-        assert lightning_aligned_kernel(KernelPolicy(invariant=invariant), tokens) == "aligned"
-        assert lightning_aligned_kernel(KernelPolicy("torch", invariant=invariant), tokens) == "aligned_reference"
-    assert lightning_decode_kernel(KernelPolicy(), tokens) == "decode"
-    assert lightning_decode_kernel(KernelPolicy("torch"), tokens) == "decode_reference"
-    with pytest.raises(ValueError, match="lightning_decode has no batch-invariant form"):
-        lightning_decode_kernel(KernelPolicy(invariant=True), tokens)
+    assert lightning_fold_kernel(KernelPolicy(invariant=True), tokens) == "tree"  # a decode step's update either way

@@ -32,7 +32,6 @@ import torch
 
 from ..config import RingLinearConfig
 from ..info import model_info
-from ..ops.lightning import CHUNK
 
 PageEntry = tuple[int, int, int]  # (slot, index in its block table, page)
 
@@ -51,26 +50,17 @@ class CacheSize:
         return self.num_pages * self.page_size
 
 
-def chunk_bytes_per_sequence(config: RingLinearConfig, dtype: torch.dtype) -> int:
-    """Aligned mode's partial chunks: every Lightning layer's k, v rows of one 64-token chunk."""
-    linear_layers = sum(kind == "linear" for kind in config.layer_types)
-    return linear_layers * 2 * CHUNK * config.num_attention_heads * config.head_dim * dtype.itemsize
-
-
 def size_cache(config: RingLinearConfig, dtype: torch.dtype, memory_bytes: int, max_num_seqs: int,
                page_size: int, max_model_len: int, snapshot_share: float = 0.0,
-               snapshot_interval: int = 0, aligned: bool = False) -> CacheSize:
+               snapshot_interval: int = 0) -> CacheSize:
     """Split `memory_bytes` (no more than `max_num_seqs` sequences of `max_model_len` tokens can
     use) into a state slot and at least one KV page for each of up to `max_num_seqs` sequences,
     the rest into more pages; sequences are then at most `max_model_len` tokens or the capacity.
-    `snapshot_share` of the memory, if the model has Lightning layers, goes to prefix-cache snapshots.
-    `aligned`: a slot holds its partial chunks too (`PagedCache`)."""
+    `snapshot_share` of the memory, if the model has Lightning layers, goes to prefix-cache snapshots."""
     info = model_info(config, dtype)
-    snapshot = info.state_bytes_per_sequence
-    snapshots = int(memory_bytes * snapshot_share) // snapshot if snapshot and snapshot_share else 0
-    chunks = chunk_bytes_per_sequence(config, dtype) if aligned else 0
-    state = snapshot + chunks
-    memory_bytes = min(memory_bytes - snapshots * snapshot, max_num_seqs * (info.cache_bytes(max_model_len) + chunks))
+    state = info.state_bytes_per_sequence
+    snapshots = int(memory_bytes * snapshot_share) // state if state and snapshot_share else 0
+    memory_bytes = min(memory_bytes - snapshots * state, max_num_seqs * info.cache_bytes(max_model_len))
     page_bytes = info.kv_bytes_per_token * page_size
     slots = min(max_num_seqs, memory_bytes // (state + page_bytes))
     if slots < 1:
@@ -329,16 +319,9 @@ class PagedCache:
     (row `slot`: the pages of the sequence in that slot), on the host for building a step's inputs and
     on the device for the kernels. `kv` is [softmax layers, 2, pages + 1, page_size, KV, D] for GQA
     (keys and values) and [MLA layers, pages + 1, page_size, r + rope] for MLA (the normalised latent
-    and the rope key of each token); `page_dim` is its page axis.
+    and the rope key of each token); `page_dim` is its page axis."""
 
-    `aligned` (batch-invariant mode, `ops.lightning.lightning_aligned`): `chunk_k`, `chunk_v` [linear
-    layers, slots + 1, 64, H, D] in the model dtype hold the k, v rows of each sequence's current
-    64-token chunk (position % 64 of them), and `states` the state at that chunk's start. A new slot's
-    rows need no clearing (a sequence at position 0 reads none), and snapshots are taken at multiples
-    of 64 tokens (`EngineConfig.validate`), where the rows are none: only forks copy them."""
-
-    def __init__(self, config: RingLinearConfig, size: CacheSize, device: torch.device | str, dtype: torch.dtype,
-                 aligned: bool = False):
+    def __init__(self, config: RingLinearConfig, size: CacheSize, device: torch.device | str, dtype: torch.dtype):
         H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.size, self.page_size, self.device = size, size.page_size, torch.device(device)
         kinds = config.layer_types
@@ -348,10 +331,6 @@ class PagedCache:
                                   dtype=torch.float32, device=device)
         self.snapshots = torch.zeros(len(self.linear_index), size.num_snapshots, H, D, D,
                                      dtype=torch.float32, device=device)
-        self.aligned = aligned
-        chunks = (len(self.linear_index), size.num_slots + 1 if aligned else 0, CHUNK, H, D)
-        self.chunk_k = torch.zeros(chunks, dtype=dtype, device=device)
-        self.chunk_v = torch.zeros(chunks, dtype=dtype, device=device)
         pages = (size.num_pages + 1, size.page_size)
         self.latent = config.attention_type == "mla"
         if self.latent:
@@ -368,8 +347,7 @@ class PagedCache:
         return self.snapshots[:, :1].numel() * 4
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.states, self.snapshots, self.kv, self.chunk_k,
-                                                          self.chunk_v))
+        return sum(t.numel() * t.element_size() for t in (self.states, self.snapshots, self.kv))
 
     def _index(self, values: Iterable[int]) -> torch.Tensor:
         return torch.tensor(list(values), dtype=torch.long).to(self.device, non_blocking=True)
@@ -394,9 +372,8 @@ class PagedCache:
     def apply_after(self, changes: CacheChanges) -> None:
         """The decisions to apply after the step: forked sequences' states and partial pages copied."""
         if changes.forks:
-            sources, targets = (self._index(slots) for slots in zip(*changes.forks))
-            for pool in (self.states, self.chunk_k, self.chunk_v) if self.aligned else (self.states,):
-                pool[:, targets] = pool[:, sources]
+            sources, targets = zip(*changes.forks)
+            self.states[:, self._index(targets)] = self.states[:, self._index(sources)]
         if changes.page_copies:
             sources, targets = zip(*changes.page_copies)
             self.kv.index_copy_(self.page_dim, self._index(targets), self.kv.index_select(self.page_dim,

@@ -15,7 +15,7 @@ from ..model.context import AttentionContext
 from ..model.mla import decompress
 from ..ops import lightning_attn, lightning_decode
 from ..ops.attention import causal_attention
-from ..ops.lightning import lightning_aligned, lightning_tree_fold
+from ..ops.lightning import lightning_tree_fold
 from ..ops.paged_attention import paged_attention
 from ..ops.paged_latent_attention import DECOMPRESS_MIN_QUERIES, paged_latent_attention
 from ..ops.policy import KernelPolicy
@@ -101,53 +101,6 @@ class DecompressedChunks:
     def to(self, device: torch.device) -> DecompressedChunks:
         tensors = (self.rows, self.seqs, self.query_start)
         return DecompressedChunks(self.chunks, *(t.to(device, non_blocking=True) for t in tensors), self.max_query_len)
-
-
-@dataclass
-class AlignedCall:
-    """One `lightning_aligned` call of an invariant-mode step: sequences continuing at their positions."""
-    slots: Tensor  # [n] their state slots
-    positions: Tensor  # [n] of their first new tokens
-    starts: Tensor  # [n] their first rows along the step's T
-    lengths: Tensor  # [n] their new tokens
-    write: bool  # False for verify chains: drafts leave no trace until folded
-    saved: Tensor | None = None  # [m] of these sequences, those whose states after the call are snapshots
-    snapshots: Tensor | None = None  # [m] where they go
-
-
-def aligned_calls(batch: StepBatch) -> list[AlignedCall]:
-    """The Lightning calls of an invariant-mode step (its batch on the device): verify chains in one that
-    writes nothing; decodes and prefill chunks in one, or, when the step takes snapshots inside prefill
-    chunks, decodes with the first round and one call for each round after (the pieces of `rounds`)."""
-    decodes, verifies, N = batch.num_decodes, batch.num_decodes + batch.num_verifies, batch.num_seqs
-    starts = batch.query_start[:-1]
-    lengths = batch.query_start[1:] - starts
-
-    def call(seqs: Tensor, call_starts: Tensor, call_lengths: Tensor, write: bool, saved: Tensor | None = None,
-             snapshots: Tensor | None = None) -> AlignedCall:
-        return AlignedCall(batch.slots[seqs], batch.positions[call_starts], call_starts, call_lengths, write, saved,
-                           snapshots)
-
-    def span(a: int, b: int) -> Tensor:
-        return torch.arange(a, b, device=starts.device)
-
-    calls = [call(span(decodes, verifies), starts[decodes:verifies], lengths[decodes:verifies], False)
-             ] if verifies > decodes else []
-    if batch.rounds is None:
-        if decodes or verifies < N:
-            seqs = torch.cat([span(0, decodes), span(verifies, N)])
-            saved, snapshots = batch.final_snapshots or (None, None)
-            calls.append(call(seqs, starts[seqs], lengths[seqs], True, None if saved is None else decodes + saved,
-                              snapshots))
-        return calls
-    for r, piece in enumerate(batch.rounds):
-        first = decodes if r == 0 else 0  # the decodes go with the first round
-        piece_starts = starts[verifies] + piece.rows[piece.cu_seqlens[:-1]]
-        calls.append(call(torch.cat([span(0, first), verifies + piece.seqs]),
-                          torch.cat([starts[:first], piece_starts]),
-                          torch.cat([lengths[:first], piece.cu_seqlens[1:] - piece.cu_seqlens[:-1]]),
-                          True, first + piece.save, piece.snapshots))
-    return calls
 
 
 @dataclass
@@ -241,9 +194,6 @@ class PagedContext(AttentionContext):
         self.prefill_slots = batch.slots[verifies:]
         self.prefill_cu_seqlens = batch.query_start[verifies:] - (decodes + batch.num_verify_tokens)
         self.verified: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # Lightning layer -> verify rows' k, v, log λ
-        if policy.invariant:
-            self.aligned_calls = aligned_calls(batch)
-            self.verify_positions = batch.positions[batch.query_start[decodes:verifies]]
 
     def positions(self, batch: int, seq_len: int, device: torch.device) -> Tensor:
         if batch != 1 or seq_len != self.batch.input_ids.shape[0]:
@@ -254,10 +204,6 @@ class PagedContext(AttentionContext):
     def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor) -> Tensor:
         states = self.cache.states[self.cache.linear_index[layer_idx]]
         decodes, verified = self.batch.num_decodes, self.batch.num_decodes + self.batch.num_verify_tokens
-        if verified > decodes:
-            self.verified[layer_idx] = (k[0, decodes:verified], v[0, decodes:verified], log_decay)
-        if self.policy.invariant:
-            return self._lightning_aligned(layer_idx, q, k, v, log_decay)
         outputs = []
         if decodes:
             outputs.append(lightning_decode(q[0, :decodes], k[0, :decodes], v[0, :decodes], log_decay, states,
@@ -269,6 +215,7 @@ class PagedContext(AttentionContext):
                                                                                     verified - decodes),
                                   policy=self.policy)
             outputs.append(o[0])
+            self.verified[layer_idx] = (k[0, rows], v[0, rows], log_decay)
         if verified < q.shape[1]:
             q, k, v = q[0, verified:], k[0, verified:], v[0, verified:]
             if self.batch.rounds is None:
@@ -296,25 +243,8 @@ class PagedContext(AttentionContext):
         device = self.cache.device
         accepted, counts = torch.from_numpy(rows).to(device), torch.from_numpy(counts).to(device)
         for layer_idx, (k, v, log_decay) in self.verified.items():
-            index = self.cache.linear_index[layer_idx]
-            chunks = (self.cache.chunk_k[index], self.cache.chunk_v[index], self.verify_positions) \
-                if self.policy.invariant else None
-            lightning_tree_fold(k, v, log_decay, self.cache.states[index], self.verify_slots, accepted, counts,
-                                policy=self.policy, chunks=chunks)
-
-    def _lightning_aligned(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor) -> Tensor:
-        """Invariant mode: every sequence continues from its slot's state at its chunk's start and that
-        chunk's rows, at its position (`aligned_calls`); snapshots are taken at multiples of 64 tokens,
-        where the chunk's rows are none and the state is the whole prefix's."""
-        index = self.cache.linear_index[layer_idx]
-        pools = (self.cache.states[index], self.cache.chunk_k[index], self.cache.chunk_v[index])
-        o = torch.empty_like(q[0])
-        for call in self.aligned_calls:
-            lightning_aligned(q[0], k[0], v[0], log_decay, *pools, call.slots, call.positions, call.starts,
-                              call.lengths, write=call.write, out=o, policy=self.policy)
-            if call.snapshots is not None:
-                self.cache.snapshots[index][call.snapshots] = pools[0][call.slots[call.saved]]
-        return o[None]
+            states = self.cache.states[self.cache.linear_index[layer_idx]]
+            lightning_tree_fold(k, v, log_decay, states, self.verify_slots, accepted, counts, policy=self.policy)
 
     def _lightning_rounds(self, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, states: Tensor,
                           snapshots: Tensor) -> Tensor:

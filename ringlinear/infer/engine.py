@@ -21,7 +21,6 @@ from ..checkpoint import load_tokenizer
 from ..model import RingLinearForCausalLM, SequenceContext
 from ..model.fp8 import QUANTIZATIONS, is_fp8_checkpoint, quantize_weights
 from ..ops.batch_invariant import KEY_BLOCK
-from ..ops.lightning import CHUNK
 from ..ops.policy import Backend, KernelPolicy
 from .cache import CacheManager, fixed_cache_size, size_cache
 from .detokenizer import Detokenizer
@@ -57,7 +56,7 @@ class EngineConfig:
     num_snapshots: int | None = None
     # Steps and log-probs batch-invariant: bit-identical to the training forward of the same model under
     # an invariant policy, whatever shares the step, graphs' padding rows included (page_size a multiple
-    # of KEY_BLOCK, prefix_snapshot_interval of 64 tokens, Lightning's chunk).
+    # of KEY_BLOCK).
     batch_invariant: bool = False
     # "fp8": the linear layers and experts in blockwise FP8 (`model.fp8`), quantized at load unless the
     # checkpoint holds FP8 weights already (which load as FP8 whatever this says). No CUDA graphs yet.
@@ -79,10 +78,6 @@ class EngineConfig:
         if self.batch_invariant and self.page_size % KEY_BLOCK:
             raise ValueError(f"batch_invariant needs a page_size that is a multiple of {KEY_BLOCK}, "
                              f"got {self.page_size}")
-        if self.batch_invariant and self.enable_prefix_caching and self.snapshot_interval % CHUNK:
-            # a snapshot holds the Lightning state alone: at a chunk boundary no rows of a partial chunk remain
-            raise ValueError(f"batch_invariant needs a prefix_snapshot_interval that is a multiple of {CHUNK} "
-                             f"tokens (Lightning's chunk), got {self.snapshot_interval}")
         if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
             self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
 
@@ -124,7 +119,7 @@ class Engine:
         else:
             memory = self._cache_memory(use_graphs, max_model_len)
             size = size_cache(model.config, self.dtype, memory, config.max_num_seqs, config.page_size, max_model_len,
-                              share, interval, aligned=self.policy.invariant)
+                              share, interval)
         self.max_model_len = min(max_model_len, size.capacity_tokens)
         has_state = "linear" in model.config.layer_types
         cache = CacheManager(size, config.enable_prefix_caching, has_state)

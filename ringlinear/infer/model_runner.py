@@ -36,7 +36,7 @@ class ModelRunner:
         the forward never waits for the host under `policy`)."""
         param = next(model.parameters())
         self.model, self.policy = model, policy
-        self.cache = PagedCache(model.config, size, param.device, param.dtype, aligned=policy.invariant)
+        self.cache = PagedCache(model.config, size, param.device, param.dtype)
         self.graphs = DecodeGraphs(model, self.cache, max_num_seqs, policy) if cuda_graphs else None
         self._step_hooks: OrderedDict[int, StepHook] = OrderedDict()  # weakly referenced by the handles
         self._verifying: PagedContext | None = None  # the last step's, while its verify chunks wait for `fold`

@@ -5,8 +5,7 @@ positions the tokens have, what the attention sees besides them, and what is kep
 
 - `SequenceContext`: whole sequences, optionally several documents packed along T (training).
 - `HybridCache`: B sequences advanced together (prefill, then decode), keeping per linear layer one
-  fp32 state [B, H, D, D] (under an invariant policy the state at the current 64-token chunk's start
-  and that chunk's k, v rows), per GQA layer the keys and values, per MLA layer the latents and rope keys.
+  fp32 state [B, H, D, D], per GQA layer the keys and values, per MLA layer the latents and rope keys.
 
 Every context carries the run's `KernelPolicy` (`ops.policy`): which kernels its attention calls and
 the layers' norms, MLPs and MoE run, and whether the forward is batch-invariant. The inference
@@ -22,7 +21,6 @@ from torch import Tensor
 
 from ..config import RingLinearConfig
 from ..ops import lightning_attn, lightning_decode
-from ..ops.lightning import CHUNK, lightning_aligned
 from ..ops.attention import causal_attention, document_ids
 from ..ops.policy import KernelPolicy
 from .mla import decompress
@@ -93,15 +91,11 @@ class HybridCache(AttentionContext):
         H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.batch_size, self.max_length, self.length = batch_size, max_length, 0
         self.states: dict[int, Tensor] = {}
-        self.chunks: dict[int, tuple[Tensor, Tensor]] = {}  # invariant: the current chunk's k, v [B, 64, H, D]
         self.keys: dict[int, Tensor] = {}  # GQA: keys; MLA: the latents [B, max_length, r]
         self.values: dict[int, Tensor] = {}  # GQA: values; MLA: the rope keys [B, max_length, rope]
         for i, kind in enumerate(config.layer_types):
             if kind == "linear":
                 self.states[i] = torch.zeros(batch_size, H, D, D, device=device, dtype=torch.float32)
-                if policy.invariant:
-                    self.chunks[i] = tuple(torch.zeros(batch_size, CHUNK, H, D, device=device, dtype=dtype)
-                                           for _ in range(2))
             elif config.attention_type == "mla":
                 self.keys[i] = torch.zeros(batch_size, max_length, config.kv_lora_rank, device=device, dtype=dtype)
                 self.values[i] = torch.zeros(batch_size, max_length, config.qk_rope_head_dim, device=device,
@@ -112,8 +106,7 @@ class HybridCache(AttentionContext):
         self._slots = torch.arange(batch_size, device=device)
 
     def nbytes(self) -> int:
-        tensors = [*self.states.values(), *self.keys.values(), *self.values.values(),
-                   *(t for pair in self.chunks.values() for t in pair)]
+        tensors = [*self.states.values(), *self.keys.values(), *self.values.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def positions(self, batch: int, seq_len: int, device: torch.device) -> Tensor:
@@ -127,13 +120,6 @@ class HybridCache(AttentionContext):
 
     def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor) -> Tensor:
         state = self.states[layer_idx]
-        if self.policy.invariant:  # prefill and decode alike continue the sequences at their position
-            B, T = q.shape[:2]
-            rows = [x.reshape(B * T, *x.shape[2:]) for x in (q, k, v)]
-            o = lightning_aligned(*rows, log_decay, state, *self.chunks[layer_idx], self._slots,
-                                  torch.full_like(self._slots, self.length), self._slots * T,
-                                  torch.full_like(self._slots, T), policy=self.policy)
-            return o.view(q.shape)
         if q.shape[1] == 1:
             return lightning_decode(q[:, 0], k[:, 0], v[:, 0], log_decay, state, self._slots,
                                     policy=self.policy)[:, None]

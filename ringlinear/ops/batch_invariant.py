@@ -16,10 +16,9 @@ differs from the vector one in the last bit. In this mode:
   alike;
 - `topk` gives what a stable sort would: ties go to the lower index (the MoE router's choice), by an
   exact selection over unique integer keys (no sort);
-- the attention ops take forms whose per-token order is fixed (`ops.lightning`: 64-token chunks cut
-  at multiples of 64 from each sequence's start, each on a full 64-row tile, the same code for
-  training, prefill, decode and verification; `ops.attention`: an online softmax over fixed blocks
-  of `KEY_BLOCK` keys).
+- the attention ops take forms whose per-token order is fixed (`ops.lightning`: the state advanced
+  token by token, the same code for training, prefill and decode; `ops.attention`: an online
+  softmax over fixed blocks of `KEY_BLOCK` keys).
 
 On the Triton backend (`policy.KernelPolicy`), fp16, bf16 and fp32 tensors take Triton kernels that
 are invariant by construction, one launch where the blocks above take thousands

@@ -20,16 +20,15 @@ sampler for its log-probs); the ops below switch by the table. Backward passes r
 
 | op (file)                   | triton                   | torch          | invariant, triton   | invariant, torch |
 |-----------------------------|--------------------------|----------------|---------------------|------------------|
-| lightning_attn (lightning/) | chunk.py                 | naive chunked  | aligned.py          | naive aligned    |
-| lightning_decode            | decode.py                | naive decode   | none (9)            | none (9)         |
-| lightning_aligned           | aligned.py               | naive aligned  | aligned.py          | naive aligned    |
+| lightning_attn (lightning/) | chunk.py                 | naive chunked  | recurrent.py        | naive recurrent  |
+| lightning_decode            | decode.py                | naive decode   | recurrent.py        | naive recurrent  |
 | lightning_tree_verify       | tree.py                  | tree quadratic | root paths (6)      | root paths (6)   |
-| lightning_tree_fold         | tree.py                  | tree fold loop | aligned.py          | naive aligned    |
+| lightning_tree_fold         | tree.py                  | tree fold loop | tree.py             | tree fold loop   |
 | causal_attention            | SDPA; FlashAttention (1) | SDPA, masked   | key blocks (2)      | key-block loop   |
 | paged_attention             | kernel.py (3)            | gather + SDPA  | key blocks (2)      | key-block loop   |
 | paged_latent_attention      | kernel.py (3)            | gather + SDPA  | none (8)            | none (8)         |
 | grouped_glu (moe.py)        | torch._grouped_mm (4)    | expert loop    | grouped GEMM (2)    | expert loop      |
-| grouped GEMM's backward     | –                        | –              | _grouped_mm (10)    | –                |
+| grouped GEMM's backward     | –                        | –              | _grouped_mm (9)     | –                |
 | grouped_glu, fp8            | expert loop of fp8 GEMMs | same, refs     | –                   | –                |
 | elementwise chains (fused)  | torch.compile (5)        | eager          | eager               | eager            |
 | fp8 quantize (fp8/)         | kernels.py               | reference.py   | –                   | –                |
@@ -40,15 +39,13 @@ sampler for its log-probs); the ops below switch by the table. Backward passes r
 `invariant_kernels.py`. (3) Pages of a power of two ≥ 16 tokens; Lightning kernels take head sizes
 LIGHTNING_HEAD_DIMS; other shapes take the references. (4) CUDA bf16; else the expert loop.
 (5) CUDA activations of at least COMPILE_MIN_ELEMENTS. (6) Each draft token's root path through
-lightning_aligned from its sequence's state and partial chunk, written nowhere: the bits a decode step gives it.
+lightning_attn's invariant form (so a recurrent kernel, by the backend), the bits a decode step gives it.
 (7) cuBLAS's blockwise recipes on Hopper (CUDA ≥ 12.9) for operands whose dimensions are multiples of 128,
 if a probe product on the device matches the reference (`blockwise_scaled_mm_works`); else kernels.py's
 GEMM. FP8 is not batch-invariant.
 (8) The absorbed form sums over the latent, not the heads' channels as the training forward does: it
 cannot give the training forward's bits, and an invariant policy is refused.
-(9) A decode step's invariant bits need the rows of its sequence's current 64-token chunk: `lightning_aligned`
-takes them (the engine's form in that mode); an invariant policy is refused.
-(10) torch._grouped_mm for CUDA bf16 (`grouped_mm_gradients_kernel`); else the forward's kernel for the
+(9) torch._grouped_mm for CUDA bf16 (`grouped_mm_gradients_kernel`); else the forward's kernel for the
 input's gradient and a loop over the groups for the weights'. One group (F.linear, @): two plain products.
 """
 
@@ -111,33 +108,17 @@ class KernelPolicy:
 
 # -- the rule table, one function per row ----------------------------------------------------------
 
-LightningKernel = Literal["chunk", "aligned", "chunked_reference", "aligned_reference"]
-
-
-def _lightning_triton(policy: KernelPolicy, x: Tensor) -> bool:
-    return policy.triton(x) and x.shape[-1] in LIGHTNING_HEAD_DIMS
+LightningKernel = Literal["chunk", "recurrent", "chunked_reference", "recurrent_reference"]
 
 
 def lightning_kernel(policy: KernelPolicy, q: Tensor) -> LightningKernel:
-    """lightning_attn: chunk.py; invariant mode runs the chunk-aligned form (chunks cut at multiples of
-    64 from each sequence's start, full 64-row tiles), which `lightning_aligned` continues in the
-    engine, so a token gets the same bits whether it was trained on, prefilled or decoded."""
+    """lightning_attn and lightning_decode: `chunk` is chunk.py for whole sequences and decode.py for
+    one token; invariant mode runs the recurrent form for both, so a token gets the same bits whether
+    it was prefilled or decoded."""
+    triton = policy.triton(q) and q.shape[-1] in LIGHTNING_HEAD_DIMS
     if policy.invariant:
-        return "aligned" if _lightning_triton(policy, q) else "aligned_reference"
-    return "chunk" if _lightning_triton(policy, q) else "chunked_reference"
-
-
-def lightning_decode_kernel(policy: KernelPolicy, q: Tensor) -> Literal["decode", "decode_reference"]:
-    """lightning_decode: decode.py. No invariant form (9)."""
-    if policy.invariant:
-        raise ValueError("lightning_decode has no batch-invariant form: a decode step needs its sequence's "
-                         "partial chunk, use lightning_aligned")
-    return "decode" if _lightning_triton(policy, q) else "decode_reference"
-
-
-def lightning_aligned_kernel(policy: KernelPolicy, k: Tensor) -> Literal["aligned", "aligned_reference"]:
-    """lightning_aligned: aligned.py, invariant or not (the form exists for invariance alone)."""
-    return "aligned" if _lightning_triton(policy, k) else "aligned_reference"
+        return "recurrent" if triton else "recurrent_reference"
+    return "chunk" if triton else "chunked_reference"
 
 
 TreeVerifyKernel = Literal["tree", "tree_reference", "root_paths"]
@@ -145,21 +126,16 @@ TreeVerifyKernel = Literal["tree", "tree_reference", "root_paths"]
 
 def lightning_tree_kernel(policy: KernelPolicy, q: Tensor) -> TreeVerifyKernel:
     """lightning_tree_verify: tree.py takes a whole tree in one tile (a masked product, whose sums follow
-    the tree's shape); invariant mode runs each token's root path through lightning_aligned instead (6)."""
+    the tree's shape); invariant mode decodes each token's root path instead, one token per step."""
     if policy.invariant:
         return "root_paths"
-    return "tree" if _lightning_triton(policy, q) else "tree_reference"
+    return "tree" if policy.triton(q) and q.shape[-1] in LIGHTNING_HEAD_DIMS else "tree_reference"
 
 
-FoldKernel = Literal["tree", "fold_reference", "aligned", "aligned_reference"]
-
-
-def lightning_fold_kernel(policy: KernelPolicy, k: Tensor) -> FoldKernel:
-    """lightning_tree_fold: either fast form is a decode step's update per token, elementwise in fp32;
-    invariant mode folds the accepted path through lightning_aligned, as decode steps there do."""
-    if policy.invariant:
-        return lightning_aligned_kernel(policy, k)
-    return "tree" if _lightning_triton(policy, k) else "fold_reference"
+def lightning_fold_kernel(policy: KernelPolicy, k: Tensor) -> Literal["tree", "fold_reference"]:
+    """lightning_tree_fold: either form is a decode step's update per token, elementwise in fp32 (the
+    same in invariant mode)."""
+    return "tree" if policy.triton(k) and k.shape[-1] in LIGHTNING_HEAD_DIMS else "fold_reference"
 
 
 AttentionKernel = Literal["sdpa", "flash_varlen", "key_blocks", "key_blocks_reference"]

@@ -2,14 +2,11 @@
 
 `lightning_attn` runs whole sequences (training, prefill); `lightning_decode` advances N sequences
 by one token against a pool of fp32 states. The kernel policy (`ops.policy.lightning_kernel`) picks
-the Triton kernels (`chunk.py`, `decode.py`) or the chunked reference in `naive.py`. Invariant mode
-runs the chunk-aligned form (chunks cut at multiples of 64 from each sequence's start, full 64-row
-tiles), so that a token gets the same bits in training, prefill, decode and verification:
-`aligned.py` on the Triton backend, else `naive.lightning_aligned_reference`. `lightning_attn` takes
-it for whole sequences; `lightning_aligned` continues sequences from the state at their current
-chunk's start and that chunk's rows so far (the engine's form in that mode, for every step).
-`lightning_tree_verify` and `lightning_tree_fold` verify draft trees for speculative decoding and
-fold the accepted path into the state (`tree.py`, `tree_reference.py`).
+the Triton kernels (`chunk.py`, `decode.py`) or the chunked reference in `naive.py`; in invariant
+mode every call runs a recurrent form, one token per step, so that a token gets the same bits in
+training, prefill and decode: `recurrent.py` on the Triton backend, else
+`naive.lightning_attn_recurrent`. `lightning_tree_verify` and `lightning_tree_fold` verify draft
+trees for speculative decoding and fold the accepted path into the state (`tree.py`, `tree_reference.py`).
 """
 
 from __future__ import annotations
@@ -25,21 +22,16 @@ from torch import Tensor
 
 from ..policy import (
     KernelPolicy,
-    lightning_aligned_kernel,
-    lightning_decode_kernel,
     lightning_fold_kernel,
     lightning_kernel,
     lightning_tree_kernel,
 )
 from ..tree import MAX_TREE_TOKENS
 from .naive import (
-    CHUNK,
-    lightning_aligned_reference,
     lightning_attn_chunked,
     lightning_attn_quadratic,
     lightning_attn_recurrent,
     lightning_decode_reference,
-    sequence_bounds,
 )
 from .tree_reference import (
     lightning_tree_fold_reference,
@@ -48,9 +40,6 @@ from .tree_reference import (
 )
 
 __all__ = [
-    "CHUNK",
-    "lightning_aligned",
-    "lightning_aligned_reference",
     "lightning_attn",
     "lightning_attn_chunked",
     "lightning_attn_quadratic",
@@ -92,7 +81,7 @@ def _check_decay(log_decay: Tensor, num_heads: int) -> None:
 
 @functools.cache
 def _backend(name: str) -> ModuleType:
-    """A Triton backend module (chunk, aligned, decode, tree), imported on first use: importing Triton
+    """A Triton backend module (chunk, recurrent, decode), imported on first use: importing Triton
     fixes TRITON_INTERPRET for the process. Cached: an import statement costs microseconds a call."""
     return importlib.import_module(f"{__name__}.{name}")
 
@@ -135,8 +124,7 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: fl
     so the call can be captured in a CUDA graph), and it only plans the kernel's work: a wrong value
     costs speed, not correctness. Without it the offsets are read and checked.
     Returns o [B, T, H, D] in the input dtype and, if asked, the final states [N, H, D, D] in fp32.
-    Differentiable with respect to q, k, v and the initial state. `policy` picks the kernel; under an
-    invariant one (the chunk-aligned form) every sequence starts at a chunk boundary, position 0.
+    Differentiable with respect to q, k, v and the initial state. `policy` picks the kernel.
     """
     if q.dim() != 4:
         raise ValueError(f"q must be [B, T, H, D], got shape {list(q.shape)}")
@@ -158,11 +146,12 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: fl
         case "chunk":
             return _backend("chunk").lightning_attn_triton(q, k, v, log_decay, scale, initial_state,
                                                            output_final_state, cu_seqlens, longest)
-        case "aligned":
-            return _backend("aligned").lightning_attn_aligned_triton(q, k, v, log_decay, scale, initial_state,
-                                                                     output_final_state, cu_seqlens, longest)
-        case "aligned_reference":
-            return _aligned_reference(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+        case "recurrent":
+            return _backend("recurrent").lightning_attn_recurrent_triton(q, k, v, log_decay, scale, initial_state,
+                                                                         output_final_state, cu_seqlens, longest)
+        case "recurrent_reference":
+            o, final = lightning_attn_recurrent(q, k, v, log_decay, scale, initial_state, cu_seqlens)
+            return o, final if output_final_state else None
         case "chunked_reference":
             return _chunked_reference(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
 
@@ -188,20 +177,6 @@ def _chunked_reference(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale
     return o, final if final.dtype == torch.float64 else final.float()
 
 
-def _aligned_reference(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None,
-                       initial_state: Tensor | None, output_final_state: bool,
-                       cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """`lightning_aligned_reference` over whole sequences from chunk offset 0."""
-    B, T, H, D = q.shape
-    starts, lengths = sequence_bounds(B, T, cu_seqlens, q.device)
-    N = starts.shape[0]
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    final = torch.empty(N, H, D, D, device=q.device, dtype=work) if output_final_state else None
-    o = lightning_aligned_reference(*(x.reshape(B * T, H, D) for x in (q, k, v)), log_decay, scale, initial_state,
-                                    final, None, None, torch.arange(N, device=q.device), None, starts, lengths)
-    return o.view(B, T, H, D), final
-
-
 def _check_pool(state: Tensor, slots: Tensor, num_seqs: int, H: int, D: int) -> None:
     if state.dim() != 4 or state.shape[1:] != (H, D, D):
         raise ValueError(f"state must be a pool [S, H, D, D] with H={H}, D={D}, got {list(state.shape)}")
@@ -216,79 +191,34 @@ def lightning_decode(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: 
                      scale: float | None = None, policy: KernelPolicy = KernelPolicy()) -> Tensor:
     """One decode step for N sequences: q, k, v [N, H, D]; state pool [S, H, D, D] fp32, updated in
     place at rows `slots` [N]. No host synchronisation and no allocation in the Triton path, so it
-    can be captured in a CUDA graph. Returns o [N, H, D] in the dtype of q. No invariant form: a decode
-    step's invariant bits need its chunk's rows, which `lightning_aligned` takes."""
+    can be captured in a CUDA graph. Returns o [N, H, D] in the dtype of q."""
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must all be [N, H, D], got {list(q.shape)}, {list(k.shape)}, "
                          f"{list(v.shape)}")
     N, H, D = q.shape
     _check_decay(log_decay, H)
     _check_pool(state, slots, N, H, D)
-    match lightning_decode_kernel(policy, q):
-        case "decode":
+    match lightning_kernel(policy, q):
+        case "chunk":
             return _backend("decode").lightning_decode_triton(q, k, v, log_decay, state, slots, scale)
-        case "decode_reference":
+        case "recurrent":
+            return _backend("recurrent").lightning_decode_recurrent_triton(q, k, v, log_decay, state, slots, scale)
+        case "recurrent_reference":
+            one_each = torch.arange(N + 1, device=q.device)
+            o, state[slots] = lightning_attn_recurrent(q[None], k[None], v[None], log_decay, scale, state[slots],
+                                                       cu_seqlens=one_each)
+            return o[0]
+        case "chunked_reference":
             return lightning_decode_reference(q, k, v, log_decay, state, slots, scale)
-
-
-def _check_chunks(state: Tensor, chunk_k: Tensor, chunk_v: Tensor, k: Tensor, num_seqs: int,
-                  positions: Tensor) -> None:
-    H, D = k.shape[1:]
-    if chunk_k.shape != (state.shape[0], CHUNK, H, D) or chunk_v.shape != chunk_k.shape:
-        raise ValueError(f"chunk_k and chunk_v must be pools [S, {CHUNK}, H, D]={[state.shape[0], CHUNK, H, D]} "
-                         f"beside the state pool, got {list(chunk_k.shape)}, {list(chunk_v.shape)}")
-    if chunk_k.dtype != k.dtype or chunk_v.dtype != k.dtype:
-        raise ValueError(f"chunk_k and chunk_v must have k's dtype {k.dtype}, got {chunk_k.dtype}, {chunk_v.dtype}")
-    if positions.shape != (num_seqs,) or positions.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"positions must be an int tensor [N]=[{num_seqs}], got shape {list(positions.shape)} "
-                         f"dtype {positions.dtype}")
-
-
-def lightning_aligned(q: Tensor | None, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor, chunk_k: Tensor,
-                      chunk_v: Tensor, slots: Tensor, positions: Tensor, starts: Tensor, lengths: Tensor,
-                      scale: float | None = None, write: bool = True, out: Tensor | None = None,
-                      policy: KernelPolicy = KernelPolicy()) -> Tensor | None:
-    """The chunk-aligned form (batch-invariant) for N sequences continuing where they are: the
-    engine's form in invariant mode for prefill chunks of any size, decode steps and verify chains.
-
-    Sequence n's new tokens are rows starts[n]:starts[n] + lengths[n] of q, k, v [T, H, D], the first
-    at position positions[n] of the sequence. The fp32 pool `state` [S, H, D, D] holds at row
-    slots[n] the state at the start of its current 64-token chunk, and `chunk_k`, `chunk_v`
-    [S, 64, H, D] (k's dtype) the rows of that chunk's positions[n] % 64 tokens so far. `write`: the
-    state and the chunk rows advance in place (else nothing is written: a draft's verify). q None:
-    no outputs, the tokens only enter the state (a fold of accepted ones). Returns o [T, H, D] in
-    q's dtype (`out` if given: rows of no sequence are left as they are); no host synchronisation
-    on the Triton backend."""
-    if k.dim() != 3 or v.shape != k.shape or (q is not None and q.shape != k.shape):
-        raise ValueError(f"q, k, v must all be [T, H, D], got {None if q is None else list(q.shape)}, "
-                         f"{list(k.shape)}, {list(v.shape)}")
-    N, (_, H, D) = slots.shape[0], k.shape
-    _check_decay(log_decay, H)
-    _check_pool(state, slots, N, H, D)
-    _check_chunks(state, chunk_k, chunk_v, k, N, positions)
-    if starts.shape != (N,) or lengths.shape != (N,):
-        raise ValueError(f"starts and lengths must be [N]=[{N}], got {list(starts.shape)}, {list(lengths.shape)}")
-    if out is not None and (q is None or out.shape != q.shape or out.dtype != q.dtype):
-        raise ValueError("out must be a tensor of q's shape and dtype")
-    args = (q, k, v, log_decay, scale, state, state if write else None, chunk_k, chunk_v, slots, positions, starts,
-            lengths, out)
-    match lightning_aligned_kernel(policy, k):
-        case "aligned":
-            return _backend("aligned").lightning_aligned_triton(*args)
-        case "aligned_reference":
-            return lightning_aligned_reference(*args)
 
 
 def lightning_tree_verify(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor, slots: Tensor,
                           ancestors: Tensor, depth: Tensor, query_start: Tensor, max_tree_len: int,
-                          scale: float | None = None, policy: KernelPolicy = KernelPolicy(),
-                          chunks: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+                          scale: float | None = None, policy: KernelPolicy = KernelPolicy()) -> Tensor:
     """Draft trees of N sequences packed along T (q, k, v [T, H, D]; `ops.tree` for query_start [N+1],
     the ancestor bitmasks and depths [T], and `max_tree_len`, a host int) over their prefix states
     `state[slots]`: token i sees the prefix and its ancestors-or-self. Writes no state; shape checks
-    only (nothing reads the device but the invariant form). Under an invariant policy `chunks` is
-    (chunk_k, chunk_v, positions) as `lightning_aligned` takes them, positions [N] being each root's:
-    the state pool holds the state at the chunk's start. Returns o [T, H, D] in the dtype of q."""
+    only (nothing reads the device but the invariant form). Returns o [T, H, D] in the dtype of q."""
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must all be [T, H, D], got {list(q.shape)}, {list(k.shape)}, "
                          f"{list(v.shape)}")
@@ -309,28 +239,17 @@ def lightning_tree_verify(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, st
             return lightning_tree_verify_quadratic(q, k, v, log_decay, state, slots, ancestors, depth,
                                                    query_start, scale)
         case "root_paths":
-            chunk_k, chunk_v, positions = _invariant_chunks(chunks)
             rows, cu_seqlens = tree_paths(ancestors, query_start)
-            tree = torch.repeat_interleave(query_start[1:] - query_start[:-1], output_size=T)  # of each path
-            o = lightning_aligned(q[rows], k[rows], v[rows], log_decay, state, chunk_k, chunk_v, slots[tree],
-                                  positions[tree], cu_seqlens[:-1], cu_seqlens[1:] - cu_seqlens[:-1], scale,
-                                  write=False, policy=policy)
-            return o[cu_seqlens[1:] - 1]
-
-
-def _invariant_chunks(chunks: tuple[Tensor, Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
-    if chunks is None:
-        raise ValueError("under an invariant policy the tree ops need chunks=(chunk_k, chunk_v, positions): "
-                         "the state pool then holds the state at each chunk's start")
-    return chunks
+            prefix = state[slots.long()].repeat_interleave(query_start[1:] - query_start[:-1], dim=0, output_size=T)
+            o, _ = lightning_attn(q[rows][None], k[rows][None], v[rows][None], log_decay, scale, prefix,
+                                  cu_seqlens=cu_seqlens, policy=policy)
+            return o[0, cu_seqlens[1:] - 1]
 
 
 def lightning_tree_fold(k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor, slots: Tensor, accepted: Tensor,
-                        num_accepted: Tensor, policy: KernelPolicy = KernelPolicy(),
-                        chunks: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+                        num_accepted: Tensor, policy: KernelPolicy = KernelPolicy()) -> None:
     """Fold each sequence's accepted path into its state: `state[slots[n]]` (in place) takes rows
-    `accepted[n, :num_accepted[n]]` of k, v [T, H, D], root first, as that many decode steps would.
-    Under an invariant policy `chunks` is as `lightning_tree_verify` takes it, and advances too."""
+    `accepted[n, :num_accepted[n]]` of k, v [T, H, D], root first, as that many decode steps would."""
     if k.dim() != 3 or v.shape != k.shape:
         raise ValueError(f"k, v must be [T, H, D], got {list(k.shape)}, {list(v.shape)}")
     _, H, D = k.shape
@@ -346,9 +265,3 @@ def lightning_tree_fold(k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor, 
             lightning_tree_fold_triton(k, v, log_decay, state, slots, accepted, num_accepted)
         case "fold_reference":
             lightning_tree_fold_reference(k, v, log_decay, state, slots, accepted, num_accepted)
-        case "aligned" | "aligned_reference":
-            chunk_k, chunk_v, positions = _invariant_chunks(chunks)
-            rows = accepted.reshape(-1).long()  # sequence n's path: rows n·width onwards
-            starts = torch.arange(N, device=k.device) * accepted.shape[1]
-            lightning_aligned(None, k[rows], v[rows], log_decay, state, chunk_k, chunk_v, slots, positions, starts,
-                              num_accepted, policy=policy)

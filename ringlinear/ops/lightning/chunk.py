@@ -315,7 +315,7 @@ def needs_grad(*xs: Tensor | None) -> bool:
 
 def kernel_inputs(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None,
                   initial_state: Tensor | None, cu_seqlens: Tensor | None):
-    """The inputs as every Triton Lightning kernel (chunked, aligned) takes them: a head dim and
+    """The inputs as every Triton Lightning kernel (chunked, recurrent) takes them: a head dim and
     dtype they support, contiguous q, k, v, fp32 decays and state, a float scale."""
     D = q.shape[-1]
     if D not in LIGHTNING_HEAD_DIMS:

@@ -10,18 +10,12 @@ chunk, the state carried between chunks) and recurrent (token by token). All tak
 shape [B, T, H, D], an optional initial state [B, H, D, D] and return (o, final_state). Work is done
 in float32 (float64 when the inputs are float64); `o` comes back in the input dtype and the state
 in the working precision. Every decay factor is exp of a non-positive number.
-
-`lightning_aligned_reference` is the chunk-aligned form of batch-invariant mode (`aligned.py` has the
-algorithm): chunks cut at multiples of 64 from each sequence's start, every product on full 64-row
-tiles of one shape, so a token's bits do not depend on how its sequence is split into calls.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-CHUNK = 64  # the aligned form's chunk: positions 64·c to 64·c + 63 of a sequence
 
 
 def _prepare(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None,
@@ -117,63 +111,3 @@ def lightning_decode_reference(q: Tensor, k: Tensor, v: Tensor, log_decay: Tenso
     s = torch.exp(log_decay.to(work))[:, None, None] * s + k.to(work)[..., :, None] * v.to(work)[..., None, :]
     state[slots] = s
     return ((scale * q.to(work))[..., None, :] @ s).squeeze(-2).to(q.dtype)
-
-
-def sequence_bounds(batch: int, seq_len: int, cu_seqlens: Tensor | None, device: torch.device
-                    ) -> tuple[Tensor, Tensor]:
-    """(first token, length) [N] of each sequence of a [B, T] batch flattened, or of the packed ones."""
-    if cu_seqlens is None:
-        return torch.arange(batch, device=device) * seq_len, torch.full((batch,), seq_len, device=device)
-    return cu_seqlens[:-1], cu_seqlens[1:] - cu_seqlens[:-1]
-
-
-def lightning_aligned_reference(q: Tensor | None, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None,
-                                state_in: Tensor | None, state_out: Tensor | None, chunk_k: Tensor | None,
-                                chunk_v: Tensor | None, slots: Tensor, positions: Tensor | None, starts: Tensor,
-                                lengths: Tensor, out: Tensor | None = None) -> Tensor | None:
-    """The chunk-aligned form, sequence by sequence and chunk by chunk (`lightning_aligned` has the
-    arguments). Every product is a batch of H matrices of [64, D] rows, the same shape in every call,
-    so the library takes the same kernel whatever the call (and the fixed row blocks of
-    `batch_invariant.numerics` keep that shape). Reads the offsets on the host."""
-    T, H, D = k.shape
-    work = torch.float64 if k.dtype == torch.float64 else torch.float32
-    scale = D**-0.5 if scale is None else scale
-    if q is not None and out is None:
-        out = torch.empty_like(q)
-    g = log_decay.to(device=k.device, dtype=work)
-    rows = torch.arange(CHUNK, device=k.device)
-    dist = rows[:, None] - rows[None, :]
-    intra_decay = torch.where(dist >= 0, torch.exp(g[:, None, None] * dist.clamp(min=0)), 0.0) * scale  # [H, 64, 64]
-    q_decay = (torch.exp(g[:, None] * (rows + 1)) * scale)[..., None]  # [H, 64, 1]
-    host_positions = [0] * slots.shape[0] if positions is None else positions.tolist()
-    for slot, position, start, length in zip(slots.tolist(), host_positions, starts.tolist(), lengths.tolist()):
-        S = torch.zeros(H, D, D, device=k.device, dtype=work) if state_in is None else state_in[slot].to(work)
-        offset = position % CHUNK
-        end = offset + length
-        for c in range(0, end, CHUNK):
-            t = c + rows - offset  # each row's token index in this call
-            is_new = (t >= 0) & (t < length)
-            new, index = is_new[:, None, None], (start + t).clamp(0, T - 1)
-
-            def tile(x: Tensor, chunk: Tensor | None) -> Tensor:
-                """[H, 64, D]: the chunk's buffered rows, then the new rows, then zeros."""
-                rows_of = torch.where(new, x[index], 0)
-                if chunk is not None and c == 0:
-                    rows_of = torch.where((rows < offset)[:, None, None], chunk[slot], rows_of)
-                return rows_of.to(work).transpose(0, 1)
-
-            K, V = tile(k, chunk_k), tile(v, chunk_v)
-            if q is not None:
-                Q = tile(q, None)
-                o = (Q @ S) * q_decay + ((Q @ K.transpose(-1, -2)) * intra_decay) @ V
-                out[index[is_new]] = o.transpose(0, 1)[is_new].to(out.dtype)
-            n = min(end - c, CHUNK)
-            if n == CHUNK or chunk_k is None:
-                kv_decay = torch.exp(g[:, None] * (n - 1 - rows).clamp(min=0))[..., None]  # [H, 64, 1]
-                S = torch.exp(g * n)[:, None, None] * S + (K * kv_decay).transpose(-1, -2) @ V
-            elif state_out is not None:  # the partial chunk's new rows wait for the next call
-                chunk_k[slot, rows[is_new]] = k[index[is_new]]
-                chunk_v[slot, rows[is_new]] = v[index[is_new]]
-        if state_out is not None and (end >= CHUNK or chunk_k is None):
-            state_out[slot] = S.to(state_out.dtype)
-    return out
