@@ -329,6 +329,12 @@ def test_cache_bytes_and_flops_of_mla():
     info = model_info(config)
     assert info.kv_bytes_per_token == 10 * (512 + 64) * 2  # ten MLA layers, bf16 latent + rope key
     assert 0.99e12 < info.total_params < 1.02e12
+    # Ling-2.6-flash's model card: ~104B total, ~7.4B active, not counting the MTP layer
+    flash = RingLinearConfig.preset("ling-2.6-flash")
+    assert [i for i, kind in enumerate(flash.layer_types) if kind == "softmax"] == [7, 15, 23, 31]
+    without_mtp = model_info(flash.replace(num_nextn_predict_layers=0))
+    assert 103.5e9 < without_mtp.total_params < 104.5e9 and 7.35e9 < without_mtp.active_params < 7.5e9
+    assert 107e9 < model_info(flash).total_params < 108e9  # Hugging Face's 107B: the MTP layer's too
     tiny = RingLinearConfig.preset("tiny-mla")
     flops = FlopCounter(tiny)
     # 3 MLA layers (2 + the MTP layer): QKᵀ over 64 channels and PV over 48 per head, 4 heads
