@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from ringlinear import RingLinearConfig, RingLinearForCausalLM
 from ringlinear.generate import generate
-from ringlinear.info import model_info
+from ringlinear.info import describe, model_info
 from ringlinear.model.context import HybridCache, SequenceContext
 from ringlinear.ops.attention import causal_attention
 from ringlinear.ops.policy import KernelPolicy
@@ -328,13 +328,14 @@ def test_cache_bytes_and_flops_of_mla():
     config = RingLinearConfig.preset("ring-2.5-1t")
     info = model_info(config)
     assert info.kv_bytes_per_token == 10 * (512 + 64) * 2  # ten MLA layers, bf16 latent + rope key
-    assert 0.99e12 < info.total_params < 1.02e12
+    assert 0.99e12 < info.total_params < 1.02e12 and 62.5e9 < info.active_params < 64e9  # Ling-2.5-1T: 1T, 63B
     # Ling-2.6-flash's model card: ~104B total, ~7.4B active, not counting the MTP layer
     flash = RingLinearConfig.preset("ling-2.6-flash")
     assert [i for i, kind in enumerate(flash.layer_types) if kind == "softmax"] == [7, 15, 23, 31]
     without_mtp = model_info(flash.replace(num_nextn_predict_layers=0))
     assert 103.5e9 < without_mtp.total_params < 104.5e9 and 7.35e9 < without_mtp.active_params < 7.5e9
     assert 107e9 < model_info(flash).total_params < 108e9  # Hugging Face's 107B: the MTP layer's too
+    assert "104.2G total, 7.4G active without the MTP layers" in describe(flash)
     tiny = RingLinearConfig.preset("tiny-mla")
     flops = FlopCounter(tiny)
     # 3 MLA layers (2 + the MTP layer): QKᵀ over 64 channels and PV over 48 per head, 4 heads
