@@ -1,7 +1,7 @@
 """SwiGLU against PowLU (issue 18): the tiny preset trained on the standard library with each gate,
 the same budget and seeds, then validation bits per byte and the largest activations.
 
-    python benchmarks/powlu_vs_swiglu.py [--out DIR] [--steps 100] [--batch-size 4] [--seeds 0 1]
+    python benchmarks/powlu_vs_swiglu.py [--out DIR] [--steps 200] [--batch-size 4] [--seeds 0 1]
 
 Every run is an ordinary `ringlinear train` run (`--override hidden_act=silu|powlu --seed S --steps N
 --batch-size B`) in DIR/ACT-seedS; the first tokenizes the corpus and the others read its files.
@@ -96,8 +96,8 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/powlu_vs_swiglu"))
-    # the default fits 4 runs in ~40 min on 2 shared CPU cores; the default tiny run is 300 steps of 8
-    parser.add_argument("--steps", type=int, default=100)
+    # 4 runs in ~20 min on 2 shared CPU cores (the default tiny run is 300 steps of 8)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
