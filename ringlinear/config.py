@@ -405,6 +405,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         v_head_dim=128, initializer_range=0.02, mtp_loss_scaling_factor=0.0,
         architectures=["BailingMoeV2_5ForCausalLM"], model_type="bailing_hybrid",
     ),
+    # Ling-2.6-flash (inclusionAI/Ling-2.6-flash): the Ling-flash-2.0 backbone (our "flash" shapes)
+    # retrofitted to Lightning + MLA 7:1. Its model card: 32 layers, ~104B total and ~7.4B active
+    # (without the MTP layer; Hugging Face's 107B counts it). The checkpoint's layout as the OsaurusAI
+    # Ling-2.6-flash-JANGTQ card reads it: layer 0 dense (9216), MLA in layers 7, 15, 23 and 31, 256 + 1
+    # experts top-8, one MTP layer (MLA), q_lora_rank 1536, 131K positions. kv_lora_rank and the head
+    # dims (512; 64 rope = 128 × 0.5, 128 nope, 128 value) are the Ring-V2.5 configuration file's
+    # defaults: the 104B / 7.4B do not tell them from near values (they weigh ~1M parameters each).
+    "ling-2.6-flash": dict(
+        hidden_size=4096, intermediate_size=9216, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, head_dim=128, moe_intermediate_size=1024, moe_shared_expert_intermediate_size=1024,
+        layer_group_size=8, num_nextn_predict_layers=1, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+        qk_nope_head_dim=128, v_head_dim=128, architectures=["BailingMoeV2_5ForCausalLM"], model_type="bailing_hybrid",
+    ),
 }
 
 

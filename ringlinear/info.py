@@ -68,6 +68,12 @@ def describe(config: RingLinearConfig, cache_dtype: torch.dtype = torch.bfloat16
         f"parameters       {format_count(info.total_params)} total, "
         f"{format_count(info.active_params)} active per token, "
         f"{format_count(info.active_params - info.embedding_params)} without embedding and LM head",
+    ]
+    if config.num_nextn_predict_layers:  # model cards leave the MTP layers out of their counts
+        main = model_info(config.replace(num_nextn_predict_layers=0), cache_dtype)
+        lines.append(f"                 {format_count(main.total_params)} total, "
+                     f"{format_count(main.active_params)} active without the MTP layers")
+    lines += [
         f"layers           {info.layer_map}   (L = Lightning attention, S = softmax {kind}, + = MTP)",
         f"experts          {config.num_experts} routed, {config.num_experts_per_tok} per token in "
         f"{config.topk_group} of {config.n_group} groups, {config.num_shared_experts} shared; "

@@ -177,8 +177,8 @@ def test_aligned_steps_never_wait_for_the_host():
 
 
 def test_fused_chains_match_their_eager_ops():
-    """Norms, RoPE and SwiGLU compiled on large CUDA activations against the same functions run
-    op by op (the torch backend's policy), forward and gradients."""
+    """Norms, RoPE, SwiGLU and PowLU compiled on large CUDA activations against the same functions run
+    op by op (the torch backend's policy), forward and gradients; PowLU's gates reach ±64."""
     from ringlinear.model.layers import apply_rotary, rms_norm
     from ringlinear.ops.fused import glu
 
@@ -194,6 +194,7 @@ def test_fused_chains_match_their_eager_ops():
         "gated group norm": lambda policy: rms_norm(x, weight, 1e-6, 4, gate, policy=policy),
         "rope": lambda policy: apply_rotary(x.view(1, T, H, D), angles.cos(), angles.sin(), policy=policy),
         "swiglu": lambda policy: glu(x[0], gate[0], scales, "silu", policy=policy),
+        "powlu": lambda policy: glu(x[0], gate[0] * 16, scales, "powlu", policy=policy),
     }
     for name, run in cases.items():
         fused = run(KernelPolicy())

@@ -144,14 +144,43 @@ def test_moe_dispatch_and_combine_rows_backward():
     assert rel(torch.autograd.grad(got, x, dy)[0], torch.autograd.grad(want, x, dy)[0]) < 1e-12
 
 
-def test_powlu_gate_is_the_papers_formula_grows_slowly_and_has_finite_gradients():
-    z = torch.tensor([-30.0, -2.0, -1e-3, 0.0, 1e-3, 0.5, 2.0, 100.0], dtype=torch.float64, requires_grad=True)
-    out = powlu_gate(z)
-    assert rel(out, powlu_gate_by_formula(z)) < 1e-12
-    assert abs(out[-1].item() - 100 ** (3 / 11)) < 1e-9  # x·gate(x) ~ 3.5x at x = 100, not SwiGLU's ~100x
-    out.sum().backward()
+def powlu_by_paper(x: float, m: float = 3.0) -> float:
+    """The paper's Eq. 1 (arXiv 2605.25704), scalar form: x·x^(m/(√x+1))·σ(x) for x > 0, x²·σ(x) below."""
+    sigmoid = 1 / (1 + math.exp(-x))
+    return x * x ** (m / (math.sqrt(x) + 1)) * sigmoid if x > 0 else x * x * sigmoid
+
+
+POWLU_POINTS = [-40.0, -2.4, -1.0, -1e-3, 0.0, 1e-8, 1e-3, 0.3, 1.0, 4.0, 9.0, 100.0, 1e4, 1e8]
+
+
+def test_powlu_gate_is_the_papers_formula():
+    """Its §3.1 gated form x1·f(x2) with x1 = x2 = x is Eq. 1; at 1, 4 and 9 the exponent is 3/2, 1 and 3/4."""
+    z = torch.tensor(POWLU_POINTS, dtype=torch.float64)
+    expected = torch.tensor([powlu_by_paper(x) for x in POWLU_POINTS], dtype=torch.float64)
+    assert torch.allclose(z * powlu_gate(z), expected, rtol=1e-12, atol=1e-300)
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    hand = {1.0: sigmoid(1), 4.0: 4 * sigmoid(4), 9.0: 27 ** 0.5 * sigmoid(9), 0.0: 0.0, -1.0: -sigmoid(-1)}
+    for x, gate in hand.items():
+        assert abs(powlu_gate(torch.tensor(x, dtype=torch.float64)).item() - gate) < 1e-14
+
+
+def test_powlu_gate_tends_to_one_and_keeps_finite_gradients():
+    """x·gate(x) grows like x (gate → 1 from above), not SwiGLU's x²; gradients are finite everywhere,
+    0 and the largest floats included, and match finite differences off the kink at 0."""
+    for dtype in (torch.float32, torch.bfloat16):
+        big = torch.tensor([1e2, 1e4, 1e8, 1e30, torch.finfo(dtype).max, -1e30, -torch.finfo(dtype).max], dtype=dtype,
+                           requires_grad=True)
+        gate = powlu_gate(big)
+        assert gate.dtype == dtype and torch.isfinite(gate).all()
+        assert (gate[:5] >= 1).all() and (gate[:5] < 3.6).all() and abs(gate[3].item() - 1) < 1e-2
+        assert gate[:4].float().diff().le(0).all()  # decreasing towards 1
+        gate.float().sum().backward()
+        assert torch.isfinite(big.grad).all()
+    z = torch.tensor(POWLU_POINTS, dtype=torch.float64, requires_grad=True)
+    powlu_gate(z).sum().backward()
     assert torch.isfinite(z.grad).all()
-    assert powlu_gate(torch.randn(8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    smooth = torch.tensor([-3.0, -0.5, 0.2, 1.0, 7.0, 300.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(powlu_gate, (smooth,))
 
 
 def test_bias_changes_the_choice_not_the_weights():

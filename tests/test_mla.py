@@ -11,14 +11,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import save_file
+from test_train import read_metrics, small_run
 
 from ringlinear import RingLinearConfig, RingLinearForCausalLM
 from ringlinear.generate import generate
-from ringlinear.info import model_info
+from ringlinear.info import describe, model_info
 from ringlinear.model.context import HybridCache, SequenceContext
 from ringlinear.ops.attention import causal_attention
 from ringlinear.ops.policy import KernelPolicy
+from ringlinear.train import train
 from ringlinear.train.metrics import FlopCounter
 
 # A published-style config.json (field names of BailingMoeV2_5Config), small.
@@ -269,7 +272,6 @@ def test_published_layout_loads_and_equals_the_float64_reference(tmp_path, chang
     model.save_pretrained(tmp_path / "again")
     saved = json.loads((tmp_path / "again" / "config.json").read_text())
     assert {k: saved[k] for k in cfg if k != "torch_dtype"} == {k: v for k, v in cfg.items() if k != "torch_dtype"}
-    from safetensors import safe_open
     with safe_open(str(tmp_path / "again" / "model.safetensors"), "pt") as f:
         assert set(f.keys()) == set(state)
 
@@ -328,8 +330,32 @@ def test_cache_bytes_and_flops_of_mla():
     config = RingLinearConfig.preset("ring-2.5-1t")
     info = model_info(config)
     assert info.kv_bytes_per_token == 10 * (512 + 64) * 2  # ten MLA layers, bf16 latent + rope key
-    assert 0.99e12 < info.total_params < 1.02e12
+    assert 0.99e12 < info.total_params < 1.02e12 and 62.5e9 < info.active_params < 64e9  # Ling-2.5-1T: 1T, 63B
+    # Ling-2.6-flash's model card: ~104B total, ~7.4B active, not counting the MTP layer
+    flash = RingLinearConfig.preset("ling-2.6-flash")
+    assert [i for i, kind in enumerate(flash.layer_types) if kind == "softmax"] == [7, 15, 23, 31]
+    without_mtp = model_info(flash.replace(num_nextn_predict_layers=0))
+    assert 103.5e9 < without_mtp.total_params < 104.5e9 and 7.35e9 < without_mtp.active_params < 7.5e9
+    assert 107e9 < model_info(flash).total_params < 108e9  # Hugging Face's 107B: the MTP layer's too
+    assert "104.2G total, 7.4G active without the MTP layers" in describe(flash)
     tiny = RingLinearConfig.preset("tiny-mla")
     flops = FlopCounter(tiny)
     # 3 MLA layers (2 + the MTP layer): QKᵀ over 64 channels and PV over 48 per head, 4 heads
     assert flops.per_pair == 3 * (64 + 48) * 4
+
+
+def test_mla_with_mtp_trains_and_exports_the_published_layout(tmp_path):
+    """The trainer on `tiny-mla` (MLA layers, one MTP layer on MLA): the MTP loss is logged and falls,
+    and the exported checkpoint holds the MTP layer under the published names."""
+    small = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, intermediate_size=128, moe_intermediate_size=32,
+                 moe_shared_expert_intermediate_size=32)
+    result = train(small_run(tmp_path, preset="tiny-mla", model_overrides=small))
+    steps = [m for m in read_metrics(tmp_path) if "mtp_loss" in m]
+    assert len(steps) == 8 and steps[-1]["mtp_loss"] < steps[0]["mtp_loss"] - 0.1
+    config = json.loads((result.checkpoint_dir / "config.json").read_text())
+    assert config["architectures"] == ["BailingMoeV2_5ForCausalLM"] and config["num_nextn_predict_layers"] == 1
+    with safe_open(str(result.checkpoint_dir / "model.safetensors"), "pt") as f:
+        mtp = {k.removeprefix("model.layers.3.") for k in f.keys() if k.startswith("model.layers.3.")}
+    assert {"eh_proj.weight", "enorm.weight", "hnorm.weight", "final_layernorm.weight", "attention.q_a_proj.weight",
+            "attention.kv_a_proj_with_mqa.weight", "attention.kv_b_proj.weight", "attention.dense.weight"} <= mtp
+    assert result.model.config.attention_type == "mla" and len(result.model.model.mtp_layers) == 1

@@ -1,20 +1,23 @@
 """The engine with an MLA model (`tiny-mla`): the latent pages, and its output against the model's
-own greedy decode under batching, chunked prefill and preemption, against a float64 full forward
-(the absorbed attention against the decompressed form), against itself without the prefix cache,
-and with parallel sampling's forks."""
+own greedy decode under batching, chunked prefill and preemption (also with its MTP layer drafting),
+against a float64 full forward (the absorbed attention against the decompressed form), against itself
+without the prefix cache, and with parallel sampling's forks."""
 
 import pytest
 import torch
 from infer_helpers import tiny_model
 from test_engine import graph_and_eager_tokens, prompts_of, run
 from test_prefix_cache import CONVERSATION, engine_of, serve, tokens
+from test_spec_drafters import from_scratch
 
 from ringlinear.generate import generate
 from ringlinear.infer import Engine, EngineConfig, SamplingParams
+from ringlinear.infer.spec.mtp import MTPDrafter
 from ringlinear.info import model_info
 from ringlinear.ops.paged_latent_attention import DECOMPRESS_MIN_QUERIES
 
 SMALL = {"hidden_size": 128, "intermediate_size": 256, "num_nextn_predict_layers": 0}
+MTP_MODEL = {**SMALL, "num_nextn_predict_layers": 1}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +48,41 @@ def test_greedy_equals_generate_under_batching_chunking_and_preemption(model):
     assert [outputs[str(i)] for i in range(len(prompts))] == expected
     assert engine.stats()["preemptions"] > 0
     assert engine.scheduler.cache.num_free_pages == 24
+
+
+def test_mtp_drafter_keeps_latents_and_drafts_as_the_layer_run_from_scratch():
+    """The MTP layer is an MLA layer: the drafter's cache keeps its latent and rope key per position,
+    and its drafts over two rounds are those of the layer rerun over everything it has seen."""
+    model = tiny_model(preset="tiny-mla", **MTP_MODEL).double()
+    config = model.config
+    ids = torch.randint(1, 257, (30,), generator=torch.Generator().manual_seed(0))
+    hidden = model(ids[None]).hidden_states[0]
+    drafter, k = MTPDrafter(model, 3), 3
+    cache = drafter.new_cache()
+    for verified_before, verified in ((0, 20), (20, 23)):  # the second round after 2 accepted drafts
+        drafts = drafter.propose(cache, hidden[verified_before:verified], ids[verified_before + 1:verified + 1])
+        assert drafts.tolist() == from_scratch(model, ids, hidden, verified, k)
+    positions = 23 + k - 1  # the verified ones and the last round's chained steps
+    mtp_layer = config.num_hidden_layers
+    assert cache.keys[mtp_layer].shape == (1, positions, config.kv_lora_rank)
+    assert cache.values[mtp_layer].shape == (1, positions, config.qk_rope_head_dim)
+
+
+def test_mtp_drafts_on_mla_keep_the_greedy_output():
+    """MTP drafts, verified several tokens a step on the latent pages and mostly rejected (random
+    weights), leave the model's own greedy decode unchanged under batching, chunking and preemption."""
+    model = tiny_model(preset="tiny-mla", **MTP_MODEL)
+    prompts = prompts_of([7, 20, 12])
+    new = 12
+    expected = [generate(model, [p], max_new_tokens=new, temperature=0)[0] for p in prompts]
+    greedy = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    engine = Engine(model, None, EngineConfig(max_num_seqs=3, max_num_batched_tokens=12, page_size=4, num_pages=11,
+                                              speculative_config={"method": "mtp", "num_speculative_tokens": 3}))
+    outputs = run(engine, {0: [("0", prompts[0], greedy), ("1", prompts[1], greedy)], 3: [("2", prompts[2], greedy)]})
+    assert [outputs[str(i)] for i in range(len(prompts))] == expected
+    stats = engine.stats()
+    assert stats["preemptions"] > 0 and stats["spec_draft_tokens"] > 15
+    assert engine.scheduler.cache.num_free_pages == 11
 
 
 @pytest.mark.parametrize("lengths, step_tokens", [((21, 6), 16), ((300, 150), 160)])

@@ -41,7 +41,7 @@ class TrainConfig:
 
     out_dir: str = setting("runs/tiny", "run folder: checkpoints/, checkpoint (the latest model), "
                            "metrics.jsonl, tensorboard/, train_config.json and the tokenized corpus (data/)")
-    preset: str = setting("tiny", "model preset: tiny, tiny-mla, mini, flash or ring-2.5-1t")
+    preset: str = setting("tiny", "model preset: tiny, tiny-mla, mini, flash, ring-2.5-1t or ling-2.6-flash")
     model_overrides: dict[str, Any] = setting({}, "model config fields changed from the preset")
     init_from: str = setting("", "start from this checkpoint in the Hugging Face layout (e.g. one made by "
                              "`ringlinear convert`) instead of random weights; its config.json replaces --preset")

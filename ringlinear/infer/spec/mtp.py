@@ -5,9 +5,10 @@ of token t+1, and to predict token t+2 (`RingLinearForCausalLM._forward`). So on
 sampled token t+1, the drafter runs the layer over the positions it has not seen yet, with their
 true inputs, and the last one's argmax is the first draft. Further drafts chain as vLLM does: step j
 feeds the previous step's output hidden state and draft back into MTP layer j mod (number of layers)
-at the next position. The MTP layers are softmax layers with their own keys and values: an
-`MTPCache` per sequence keeps those of the verified positions and drops the chained steps' at the next
-call, since those were computed from drafts.
+at the next position. The MTP layers are softmax layers with their own keys and values (an MLA
+layer's: its latent and rope key per position, as the engine's pages keep them): an `MTPCache` per
+sequence keeps those of the verified positions and drops the chained steps' at the next call, since
+those were computed from drafts.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from torch import Tensor
 
 from ...model import RingLinearForCausalLM
 from ...model.context import AttentionContext
+from ...model.mla import decompress
 from ...ops.attention import causal_attention
 from ...ops.batch_invariant import numerics
 from ...ops.policy import KernelPolicy
 
 
 class MTPCache(AttentionContext):
-    """One sequence's keys and values [1, positions, KV, D] per MTP layer."""
+    """One sequence's keys and values [1, positions, KV, D] per MTP layer; an MLA layer's latents
+    [1, positions, r] and rope keys [1, positions, rope]."""
 
     def __init__(self, policy: KernelPolicy):
         self.policy = policy
@@ -50,11 +53,22 @@ class MTPCache(AttentionContext):
     def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor) -> Tensor:
         raise ValueError(f"layer {layer_idx}: MTP layers are softmax layers")
 
-    def softmax(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    def _append(self, layer_idx: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """The layer's entries with these new positions' after them."""
         if layer_idx in self.keys:
-            k = torch.cat([self.keys[layer_idx], k], dim=1)
-            v = torch.cat([self.values[layer_idx], v], dim=1)
-        self.keys[layer_idx], self.values[layer_idx] = k, v
+            keys = torch.cat([self.keys[layer_idx], keys], dim=1)
+            values = torch.cat([self.values[layer_idx], values], dim=1)
+        self.keys[layer_idx], self.values[layer_idx] = keys, values
+        return keys, values
+
+    def softmax(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        return causal_attention(q, *self._append(layer_idx, k, v), scale, policy=self.policy)
+
+    def latent_attention(self, layer_idx: int, q: Tensor, latent: Tensor, k_rope: Tensor, kv_b: Tensor,
+                         scale: float) -> Tensor:
+        # the latents are what a position costs (576 values at the published shapes, against 20,480 for
+        # the 64 heads' keys and values): decompressed for each call, not kept
+        k, v = decompress(*self._append(layer_idx, latent, k_rope), kv_b, q.shape[2], q.shape[-1] - k_rope.shape[-1])
         return causal_attention(q, k, v, scale, policy=self.policy)
 
     def drop_drafts(self) -> None:
