@@ -1,7 +1,7 @@
 """The Triton kernels of batch-invariant mode (`ops.invariant_kernels`) on one GPU: correctness,
 bit-identity, then speed.
 
-    PYTHONPATH=$PWD python3 benchmarks/check_invariant.py [--quick] [--seed N] [--tiles]
+    PYTHONPATH=$PWD python3 benchmarks/check_invariant.py [--quick] [--seed N] [--tiles | --attention-tiles]
 
 At Ring-mini shapes (hidden 2048, 16 query / 4 KV heads of 128, 256 experts of 512, vocab 157,184):
 1. correctness against PyTorch in fp64/fp32: the grouped GEMM (up to 8,192 rows over 256 experts with
@@ -22,7 +22,9 @@ check failed.
 
 `--tiles` runs instead a choice of the bf16 GEMM tile (`mm_config`): each candidate timed at M = 1,
 64, 256 and 4,096 tokens on Ring-mini's product shapes (the experts' with 8 of 256 experts a token),
-and checked batch-invariant (a row's bits the same whatever M).
+and checked batch-invariant (a row's bits the same whatever M). `--attention-tiles` likewise times
+the candidate tiles of the key-block attention (`attention_config`) on decode, prefill-chunk and
+training shapes and checks that single decode steps and a chunk get the training forward's bits.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from ringlinear.ops import attention
-from ringlinear.ops.batch_invariant import numerics
-from ringlinear.ops.invariant_kernels import (MMConfig, _grouped_mm, invariant_grouped_mm, invariant_linear,
-                                              mm_config, row_sum, softmax)
+from ringlinear.ops.batch_invariant import KEY_BLOCK, numerics
+from ringlinear.ops.invariant_kernels import (AttentionConfig, MMConfig, _grouped_mm, attention_config,
+                                              invariant_grouped_mm, invariant_linear, key_block_attention, mm_config,
+                                              row_sum, softmax)
 from ringlinear.ops.moe import grouped_glu
 from ringlinear.ops.paged_attention import paged_attention
 from ringlinear.ops.policy import KernelPolicy
@@ -456,24 +459,80 @@ def tiles(gen: torch.Generator) -> None:
             FAILURES.append(f"tile {tile}")
 
 
+# -- --attention-tiles: the bf16 attention tile ---------------------------------------------------
+
+ATTENTION_CANDIDATES = (
+    AttentionConfig(block_m=64, num_warps=4, num_stages=2),  # the tile today
+    AttentionConfig(block_m=16, num_warps=4, num_stages=2),  # decode: G = 4 rows of a query's heads
+    AttentionConfig(block_m=32, num_warps=4, num_stages=2),
+    AttentionConfig(block_m=64, num_warps=4, num_stages=3),
+    AttentionConfig(block_m=128, num_warps=8, num_stages=2),
+    AttentionConfig(block_m=128, num_warps=8, num_stages=3),
+)
+
+
+@torch.no_grad()
+def attention_tiles(seq_len: int, gen: torch.Generator) -> None:
+    """Median ms of each candidate tile (key blocks of KEY_BLOCK) on Ring-mini's heads: decodes of 64
+    sequences of 2·seq_len keys, a prefill chunk of seq_len after seq_len, a training batch of 8 × seq_len;
+    and whether a sequence's queries get the same bits as single decode steps and as a chunk after a
+    prefix as in its training forward."""
+    scale = HEAD_DIM**-0.5
+
+    def inputs(B: int, Tq: int, Tk: int):
+        """B sequences of Tk keys (each one page, as training passes them), their last Tq queries."""
+        q = torch.randn(B * Tq, HEADS, HEAD_DIM, generator=gen, device="cuda").bfloat16()
+        k, v = (torch.randn(B, Tk, KV_HEADS, HEAD_DIM, generator=gen, device="cuda").bfloat16() for _ in range(2))
+        table = torch.arange(B, device="cuda")[:, None]
+        return (q, k, v, table, torch.zeros(B, dtype=torch.long, device="cuda"),
+                torch.full((B,), Tk, device="cuda"), torch.arange(B + 1, device="cuda") * Tq)
+
+    shapes = {f"decode 64x{2 * seq_len}": inputs(64, 1, 2 * seq_len),
+              f"chunk {seq_len} after {seq_len}": inputs(1, seq_len, 2 * seq_len),
+              f"train 8x{seq_len}": inputs(8, seq_len, seq_len)}
+    q, k, v, *rest = inputs(1, seq_len, seq_len)
+    picks = [0, KEY_BLOCK - 1, KEY_BLOCK, seq_len // 2, seq_len - 1]
+    print(f"{'tile (rows, warps, stages)':<30}" + "".join(f"{name + ' ms':>24}" for name in shapes) + "  invariant")
+    for c in ATTENTION_CANDIDATES:
+        try:
+            times = [do_bench(lambda x=x: key_block_attention(*x, scale, config=c), warmup=5, rep=25,
+                              return_mode="median") for x in shapes.values()]
+            whole = key_block_attention(q, k, v, *rest, scale, config=c)
+            one, start = torch.ones(1, dtype=torch.long, device="cuda"), torch.tensor([0, 1], device="cuda")
+            decodes = [key_block_attention(q[t:t + 1], k[:, :t + 1], v[:, :t + 1], rest[0], rest[1], one * (t + 1),
+                                           start, scale, config=c) for t in picks]
+            half = seq_len // 2
+            chunk = key_block_attention(q[half:], k, v, *rest[:3], start * (seq_len - half), scale, config=c)
+            ok = torch.equal(torch.cat(decodes), whole[picks]) and torch.equal(chunk, whole[half:])
+            verdict = "yes" if ok else "NO"
+        except Exception as e:  # noqa: BLE001 - a tile the compiler refuses (shared memory): report it
+            times, verdict = [float("nan")] * len(shapes), f"{type(e).__name__}: {str(e)[:60]}"
+        tile = f"({c.block_m}, {c.num_warps}, {c.num_stages})"
+        print(f"{tile:<30}" + "".join(f"{t:>24.3f}" for t in times) + f"  {verdict}")
+        if verdict != "yes":
+            FAILURES.append(f"attention tile {tile}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes: a smoke test of every case")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiles", action="store_true", help="time and check the candidate bf16 GEMM tiles instead")
+    parser.add_argument("--attention-tiles", action="store_true",
+                        help="time and check the candidate bf16 attention tiles instead")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("check_invariant needs a CUDA GPU")
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references and the fast fp32 path in IEEE fp32
     gen = torch.Generator("cuda").manual_seed(args.seed)
-    if args.tiles:
-        tiles(gen)
+    rows, seq_len = (1024, 512) if args.quick else (8192, 2048)
+    if args.tiles or args.attention_tiles:
+        tiles(gen) if args.tiles else attention_tiles(seq_len, gen)
         print(f"\n{'FAIL: ' + ', '.join(FAILURES) if FAILURES else 'every tile batch-invariant'}")
         return 1 if FAILURES else 0
-    rows, seq_len = (1024, 512) if args.quick else (8192, 2048)
     log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; GEMM tiles bf16 {mm_config(torch.bfloat16)}, "
-        f"fp32 {mm_config(torch.float32)}")
+        f"fp32 {mm_config(torch.float32)}; attention tile bf16 {attention_config(torch.bfloat16)}")
     case("grouped mm gate/up", lambda: check_grouped_mm(rows, INTER, HIDDEN, gen))
     case("grouped mm down", lambda: check_grouped_mm(rows, HIDDEN, INTER, gen))
     case("linear bf16", lambda: check_linear(rows // 2, HIDDEN, HIDDEN, torch.bfloat16, gen))

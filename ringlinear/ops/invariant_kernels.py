@@ -333,8 +333,11 @@ def _key_block_attention_kernel(q, k, v, o, page_table, key_offset, seq_lens, qu
 
 
 def key_block_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_table: Tensor, key_offset: Tensor,
-                        seq_lens: Tensor, query_start: Tensor, scale: float) -> Tensor:
-    """`attention.attention_by_key_blocks` (same arguments and result) in one launch; forward only."""
+                        seq_lens: Tensor, query_start: Tensor, scale: float,
+                        config: AttentionConfig | None = None) -> Tensor:
+    """`attention.attention_by_key_blocks` (same arguments and result) in one launch; forward only.
+    `config`: the dtype's tile unless given (benchmarks/check_invariant.py --attention-tiles times
+    candidates)."""
     T, H, D = q.shape
     N = seq_lens.shape[0]
     KV = k_pages.shape[2]
@@ -342,7 +345,7 @@ def key_block_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_table:
         raise ValueError(f"the key-block attention kernel takes head dims of a power of two >= 16, got {D}")
     if q.dtype not in KERNEL_DTYPES:
         raise ValueError(f"the key-block attention kernel takes fp16, bf16 or fp32, got {q.dtype}")
-    c = attention_config(q.dtype)
+    c = config or attention_config(q.dtype)
     G = H // KV
     if G > c.block_m:
         raise ValueError(f"the key-block attention kernel takes at most {c.block_m} query heads a KV head, got {G}")
