@@ -349,8 +349,10 @@ def key_block_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_table:
     G = H // KV
     if G > c.block_m:
         raise ValueError(f"the key-block attention kernel takes at most {c.block_m} query heads a KV head, got {G}")
-    q, k_pages, v_pages, page_table, key_offset, seq_lens, query_start = (
-        _aligned(x) for x in (q, k_pages, v_pages, page_table, key_offset, seq_lens, query_start))
+    q, k_pages, v_pages = (_aligned(x) for x in (q, k_pages, v_pages))
+    # int32 whoever calls (the engine's tables are int32, training's int64): one binary for all calls
+    page_table, key_offset, seq_lens, query_start = (
+        _aligned(x.to(torch.int32)) for x in (page_table, key_offset, seq_lens, query_start))
     o = torch.empty_like(q)
     if T == 0:
         return o
