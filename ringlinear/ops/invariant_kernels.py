@@ -290,7 +290,7 @@ def _key_block_attention_kernel(q, k, v, o, page_table, key_offset, seq_lens, qu
     (finite from block 0 on, which always holds key 0), alpha = exp2(0) = 1, acc · 1 + 0 = acc."""
     KV: tl.constexpr = H // G
     QUERIES: tl.constexpr = BLOCK_M // G
-    tile = tl.program_id(0)
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # a sequence's last tiles (the most blocks) first: less tail
     g = tl.program_id(1)
     n = tl.load(tile_seq + tile).to(tl.int64)
     first = tl.load(tile_first + tile).to(tl.int64)
