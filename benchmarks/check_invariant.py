@@ -1,7 +1,7 @@
 """The Triton kernels of batch-invariant mode (`ops.invariant_kernels`) on one GPU: correctness,
 bit-identity, then speed.
 
-    PYTHONPATH=$PWD python3 benchmarks/check_invariant.py [--quick] [--seed N] [--tiles]
+    PYTHONPATH=$PWD python3 benchmarks/check_invariant.py [--quick] [--seed N] [--tiles | --attention-tiles]
 
 At Ring-mini shapes (hidden 2048, 16 query / 4 KV heads of 128, 256 experts of 512, vocab 157,184):
 1. correctness against PyTorch in fp64/fp32: the grouped GEMM (up to 8,192 rows over 256 experts with
@@ -9,15 +9,22 @@ At Ring-mini shapes (hidden 2048, 16 query / 4 KV heads of 128, 256 experts of 5
    and log_softmax, the key-block attention (2 sequences of 2,048 tokens against causal SDPA), topk
    against a stable sort (ties to the lower index), the gradients (fp32, and bf16's torch._grouped_mm);
 2. bit-identity: rows (tokens) computed within batches of other sizes and contents, and from
-   misaligned views, must be torch.equal to the same rows of the full batch;
+   misaligned views, must be torch.equal to the same rows of the full batch; an attention query's
+   output from its sequence's training forward alone must equal it from a padded training batch,
+   packed documents, a prefill chunk after a cached prefix beside other sequences' decodes, and
+   single decode steps (engine pages of 64 and of 16 tokens, scattered, NaN past the sequences);
 3. speed (triton.testing.do_bench, median ms): each kernel against its fast PyTorch equivalent and,
-   where it runs in reasonable time, the fixed-block PyTorch form that aligned mode used before.
+   where it runs in reasonable time, the fixed-block PyTorch form that aligned mode used before;
+   the attention as training calls it and as an engine step does (paged: decodes of 64 sequences,
+   a prefill chunk after a prefix), against SDPA and the paged Triton kernel.
 Each case runs on its own: a failure is reported and the rest go on; the exit status is 1 if any
 check failed.
 
 `--tiles` runs instead a choice of the bf16 GEMM tile (`mm_config`): each candidate timed at M = 1,
 64, 256 and 4,096 tokens on Ring-mini's product shapes (the experts' with 8 of 256 experts a token),
-and checked batch-invariant (a row's bits the same whatever M).
+and checked batch-invariant (a row's bits the same whatever M). `--attention-tiles` likewise times
+the candidate tiles of the key-block attention (`attention_config`) on decode, prefill-chunk and
+training shapes and checks that single decode steps and a chunk get the training forward's bits.
 """
 
 from __future__ import annotations
@@ -34,9 +41,11 @@ from triton.testing import do_bench
 
 from ringlinear.ops import attention
 from ringlinear.ops.batch_invariant import KEY_BLOCK, numerics
-from ringlinear.ops.invariant_kernels import (MMConfig, _grouped_mm, invariant_grouped_mm, invariant_linear,
-                                              key_block_attention, mm_config, row_sum, softmax)
+from ringlinear.ops.invariant_kernels import (AttentionConfig, MMConfig, _grouped_mm, attention_config,
+                                              invariant_grouped_mm, invariant_linear, key_block_attention, mm_config,
+                                              row_sum, softmax)
 from ringlinear.ops.moe import grouped_glu
+from ringlinear.ops.paged_attention import paged_attention
 from ringlinear.ops.policy import KernelPolicy
 
 ALIGNED = KernelPolicy(invariant=True)  # on the Triton kernels
@@ -168,22 +177,37 @@ def check_rows(rows: int, columns: int, gen: torch.Generator) -> None:
     check(f"softmax bf16 [{rows}, {columns}]", err < 1e-2, f"rel err {err:.2e}")
 
 
-def paged_queries(lengths: list[int], dtype: torch.dtype, gen: torch.Generator):
-    """Every position of sequences of these lengths as queries against key blocks scattered in a
-    pool: q [T, H, D], k/v blocks, block table [T, max_blocks], positions [T]."""
-    blocks = [-(-n // KEY_BLOCK) for n in lengths]
-    pool = sum(blocks) + 3
-    k_blocks, v_blocks = (torch.randn(pool, KEY_BLOCK, KV_HEADS, HEAD_DIM, generator=gen, device="cuda").to(dtype)
-                          for _ in range(2))
+def scatter_pages(kvs: list[tuple[torch.Tensor, torch.Tensor]], page: int, gen: torch.Generator):
+    """Sequences' keys and values ([L, KV, D] each) in pages of `page` tokens scattered over a pool in
+    random order, every slot no sequence holds NaN (a page may hold anything past a sequence's end):
+    k_cache, v_cache [P, page, KV, D] and the block table [N, max_pages] int32."""
+    counts = [-(-len(k) // page) for k, _ in kvs]
+    pool = sum(counts) + 3
+    caches = [torch.full((pool, page, *kvs[0][0].shape[1:]), float("nan"), dtype=kvs[0][0].dtype, device="cuda")
+              for _ in range(2)]
     order = torch.randperm(pool, generator=gen, device="cuda")
-    tables, start = [], 0
-    for b in blocks:
-        tables.append(F.pad(order[start:start + b], (0, max(blocks) - b)))
-        start += b
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda"))
-    positions = torch.cat([torch.arange(n, device="cuda") for n in lengths])
-    q = torch.randn(len(positions), HEADS, HEAD_DIM, generator=gen, device="cuda").to(dtype)
-    return q, k_blocks, v_blocks, torch.stack(tables)[seq], positions
+    table = torch.zeros(len(kvs), max(counts), dtype=torch.int32, device="cuda")
+    start = 0
+    for n, (count, kv) in enumerate(zip(counts, kvs)):
+        table[n, :count] = order[start:start + count]
+        start += count
+        for cache, x in zip(caches, kv):
+            padded = F.pad(x, (0, 0, 0, 0, 0, count * page - len(x)), value=float("nan"))
+            cache[table[n, :count].long()] = padded.view(count, page, *x.shape[1:])
+    return *caches, table
+
+
+def paged_step(queries: list[torch.Tensor], kvs: list[tuple[torch.Tensor, torch.Tensor]], page: int,
+               gen: torch.Generator, policy: KernelPolicy = ALIGNED, misalign: bool = False) -> torch.Tensor:
+    """One engine step's attention: sequence n's new queries (its last len(queries[n]) positions) against
+    its keys and values kvs[n] in scattered pages."""
+    k_cache, v_cache, table = scatter_pages(kvs, page, gen)
+    lens = torch.tensor([len(x) for x in queries], device="cuda")
+    query_start = F.pad(lens.cumsum(0), (1, 0)).int()
+    seq_lens = torch.tensor([len(k) for k, _ in kvs], dtype=torch.int32, device="cuda")
+    q = torch.cat(queries)
+    return paged_attention(misaligned(q) if misalign else q, k_cache, v_cache, table, seq_lens, query_start,
+                           HEAD_DIM**-0.5, int(lens.max()), policy=policy)
 
 
 @torch.no_grad()
@@ -199,21 +223,36 @@ def check_attention(seq_len: int, gen: torch.Generator) -> None:
         err = rel(out, ref)
         check(f"attention {str(dtype).removeprefix('torch.')} B2 T{seq_len} vs causal SDPA fp64", err < tol,
               f"rel err {err:.2e}")
+    # bit-identity: each sequence's queries from its training forward alone against every other way of
+    # computing them: a padded training batch, packed documents, engine steps over pages of 64 and 16
     lengths = [seq_len, 1, 17, seq_len // 3, 700]
-    q, k_blocks, v_blocks, table, positions = paged_queries(lengths, torch.bfloat16, gen)
-    out = key_block_attention(q, k_blocks, v_blocks, table, positions, scale)
-    bad = []
-    subsets = {"one query": torch.tensor([len(q) // 2], device="cuda"),
-               "a prefill chunk": torch.arange(100, 164, device="cuda"),
-               "decode of the last tokens": torch.tensor(lengths, device="cuda").cumsum(0) - 1,
-               "random 500": torch.randperm(len(q), generator=gen, device="cuda")[:500]}
-    for name, pick in subsets.items():
-        needed = int(positions[pick].max()) // KEY_BLOCK + 1  # a narrower table: another row stride
-        for source in (q[pick], misaligned(q[pick])):
-            got = key_block_attention(source, k_blocks, v_blocks, table[pick, :needed], positions[pick], scale)
-            if not torch.equal(got, out[pick]):
-                bad.append(name)
-    check(f"attention bf16: queries within other batches ({len(q)} queries of {len(lengths)} sequences)",
+    seqs = [tuple(torch.randn(n, h, HEAD_DIM, generator=gen, device="cuda").bfloat16()
+                  for h in (HEADS, KV_HEADS, KV_HEADS)) for n in lengths]
+    kvs = [(k, v) for _, k, v in seqs]
+    alone = [attention.causal_attention(q[None], k[None], v[None], scale, policy=ALIGNED)[0] for q, k, v in seqs]
+    T = max(lengths)
+    batch = attention.causal_attention(*(torch.stack([F.pad(s[i], (0, 0, 0, 0, 0, T - len(s[i]))) for s in seqs])
+                                         for i in range(3)), scale, policy=ALIGNED)
+    cu = F.pad(torch.tensor(lengths, device="cuda").cumsum(0), (1, 0))
+    packed = attention.causal_attention(*(torch.cat([s[i] for s in seqs])[None] for i in range(3)), scale,
+                                        cu_seqlens=cu, policy=ALIGNED)[0]
+    last_tokens = [a[-1:] for a in alone[1:]]
+    # (way, outputs, the same queries' outputs alone)
+    ways = [("a padded training batch", [batch[n, :L] for n, L in enumerate(lengths)], alone),
+            ("packed documents", list(packed.split(lengths)), alone)]
+    long_q, half = seqs[0][0], seq_len // 2
+    picks = sorted({0, 63, 64, 65, 127, 128, half, seq_len - 1})  # at and around key-block edges
+    for page in (64, 16):
+        for misalign in (False, True):
+            step = paged_step([long_q[half:]] + [s[0][-1:] for s in seqs[1:]], kvs, page, gen, misalign=misalign)
+            ways.append((f"pages of {page}: a chunk after a {half}-token prefix beside decodes"
+                         f"{', misaligned' * misalign}", [step[:seq_len - half], *step[seq_len - half:].split(1)],
+                         [alone[0][half:], *last_tokens]))
+        decodes = [paged_step([long_q[t:t + 1]], [(seqs[0][1][:t + 1], seqs[0][2][:t + 1])], page, gen) for t in picks]
+        ways.append((f"pages of {page}: single decode steps", decodes, list(alone[0][picks].split(1))))
+    bad = [name for name, got, expected in ways
+           if len(got) != len(expected) or not all(map(torch.equal, got, expected))]
+    check(f"attention bf16: a query's bits alone vs in other calls ({len(lengths)} sequences, {len(ways)} ways)",
           not bad, ", ".join(bad))
 
 
@@ -338,6 +377,30 @@ def timings(tokens: int, seq_len: int, gen: torch.Generator) -> list[tuple[str, 
             lambda policy: attention.causal_attention(env["q"], env["k"], env["v"], HEAD_DIM**-0.5, policy=policy),
             lambda B=B, T=T: env.update(q=randn(B, T, HEADS, HEAD_DIM), k=randn(B, T, KV_HEADS, HEAD_DIM),
                                         v=randn(B, T, KV_HEADS, HEAD_DIM)), old=B == 1)
+
+    def engine_step(queries: list[int], contexts: list[int]) -> None:
+        """An engine step's attention inputs: sequence n's last queries[n] of contexts[n] tokens, pages of
+        the engine's default 64 tokens scattered over the pool."""
+        page = 64
+        counts = [-(-n // page) for n in contexts]
+        k_cache, v_cache = (randn(sum(counts), page, KV_HEADS, HEAD_DIM) for _ in range(2))
+        order = torch.randperm(sum(counts), generator=gen, device="cuda").int()
+        table = torch.zeros(len(contexts), max(counts), dtype=torch.int32, device="cuda")
+        for n, (start, count) in enumerate(zip([0, *torch.tensor(counts).cumsum(0).tolist()], counts)):
+            table[n, :count] = order[start:start + count]
+        lens = torch.tensor(queries, device="cuda")
+        env.update(q=randn(sum(queries), HEADS, HEAD_DIM), k_cache=k_cache, v_cache=v_cache, table=table,
+                   seq_lens=torch.tensor(contexts, dtype=torch.int32, device="cuda"),
+                   query_start=F.pad(lens.cumsum(0), (1, 0)).int(), max_query_len=torch.tensor(max(queries)))
+
+    def paged(policy: KernelPolicy) -> torch.Tensor:
+        return paged_attention(env["q"], env["k_cache"], env["v_cache"], env["table"], env["seq_lens"],
+                               env["query_start"], HEAD_DIM**-0.5, int(env["max_query_len"]), policy=policy)
+
+    add(f"paged decode bf16 64 x {2 * seq_len} context", paged,
+        lambda: engine_step([1] * 64, [2 * seq_len] * 64), old=False)
+    add(f"paged prefill bf16 {seq_len} after {seq_len}", paged,
+        lambda: engine_step([seq_len], [2 * seq_len]), old=False)
     return rows
 
 
@@ -396,24 +459,80 @@ def tiles(gen: torch.Generator) -> None:
             FAILURES.append(f"tile {tile}")
 
 
+# -- --attention-tiles: the bf16 attention tile ---------------------------------------------------
+
+ATTENTION_CANDIDATES = (
+    AttentionConfig(block_m=64, num_warps=4, num_stages=2),  # the tile today
+    AttentionConfig(block_m=16, num_warps=4, num_stages=2),  # decode: G = 4 rows of a query's heads
+    AttentionConfig(block_m=32, num_warps=4, num_stages=2),
+    AttentionConfig(block_m=64, num_warps=4, num_stages=3),
+    AttentionConfig(block_m=128, num_warps=8, num_stages=2),
+    AttentionConfig(block_m=128, num_warps=8, num_stages=3),
+)
+
+
+@torch.no_grad()
+def attention_tiles(seq_len: int, gen: torch.Generator) -> None:
+    """Median ms of each candidate tile (key blocks of KEY_BLOCK) on Ring-mini's heads: decodes of 64
+    sequences of 2·seq_len keys, a prefill chunk of seq_len after seq_len, a training batch of 8 × seq_len;
+    and whether a sequence's queries get the same bits as single decode steps and as a chunk after a
+    prefix as in its training forward."""
+    scale = HEAD_DIM**-0.5
+
+    def inputs(B: int, Tq: int, Tk: int):
+        """B sequences of Tk keys (each one page, as training passes them), their last Tq queries."""
+        q = torch.randn(B * Tq, HEADS, HEAD_DIM, generator=gen, device="cuda").bfloat16()
+        k, v = (torch.randn(B, Tk, KV_HEADS, HEAD_DIM, generator=gen, device="cuda").bfloat16() for _ in range(2))
+        table = torch.arange(B, device="cuda")[:, None]
+        return (q, k, v, table, torch.zeros(B, dtype=torch.long, device="cuda"),
+                torch.full((B,), Tk, device="cuda"), torch.arange(B + 1, device="cuda") * Tq)
+
+    shapes = {f"decode 64x{2 * seq_len}": inputs(64, 1, 2 * seq_len),
+              f"chunk {seq_len} after {seq_len}": inputs(1, seq_len, 2 * seq_len),
+              f"train 8x{seq_len}": inputs(8, seq_len, seq_len)}
+    q, k, v, *rest = inputs(1, seq_len, seq_len)
+    picks = [0, KEY_BLOCK - 1, KEY_BLOCK, seq_len // 2, seq_len - 1]
+    print(f"{'tile (rows, warps, stages)':<30}" + "".join(f"{name + ' ms':>24}" for name in shapes) + "  invariant")
+    for c in ATTENTION_CANDIDATES:
+        try:
+            times = [do_bench(lambda x=x: key_block_attention(*x, scale, config=c), warmup=5, rep=25,
+                              return_mode="median") for x in shapes.values()]
+            whole = key_block_attention(q, k, v, *rest, scale, config=c)
+            one, start = torch.ones(1, dtype=torch.long, device="cuda"), torch.tensor([0, 1], device="cuda")
+            decodes = [key_block_attention(q[t:t + 1], k[:, :t + 1], v[:, :t + 1], rest[0], rest[1], one * (t + 1),
+                                           start, scale, config=c) for t in picks]
+            half = seq_len // 2
+            chunk = key_block_attention(q[half:], k, v, *rest[:3], start * (seq_len - half), scale, config=c)
+            ok = torch.equal(torch.cat(decodes), whole[picks]) and torch.equal(chunk, whole[half:])
+            verdict = "yes" if ok else "NO"
+        except Exception as e:  # noqa: BLE001 - a tile the compiler refuses (shared memory): report it
+            times, verdict = [float("nan")] * len(shapes), f"{type(e).__name__}: {str(e)[:60]}"
+        tile = f"({c.block_m}, {c.num_warps}, {c.num_stages})"
+        print(f"{tile:<30}" + "".join(f"{t:>24.3f}" for t in times) + f"  {verdict}")
+        if verdict != "yes":
+            FAILURES.append(f"attention tile {tile}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes: a smoke test of every case")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiles", action="store_true", help="time and check the candidate bf16 GEMM tiles instead")
+    parser.add_argument("--attention-tiles", action="store_true",
+                        help="time and check the candidate bf16 attention tiles instead")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("check_invariant needs a CUDA GPU")
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references and the fast fp32 path in IEEE fp32
     gen = torch.Generator("cuda").manual_seed(args.seed)
-    if args.tiles:
-        tiles(gen)
+    rows, seq_len = (1024, 512) if args.quick else (8192, 2048)
+    if args.tiles or args.attention_tiles:
+        tiles(gen) if args.tiles else attention_tiles(seq_len, gen)
         print(f"\n{'FAIL: ' + ', '.join(FAILURES) if FAILURES else 'every tile batch-invariant'}")
         return 1 if FAILURES else 0
-    rows, seq_len = (1024, 512) if args.quick else (8192, 2048)
     log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; GEMM tiles bf16 {mm_config(torch.bfloat16)}, "
-        f"fp32 {mm_config(torch.float32)}")
+        f"fp32 {mm_config(torch.float32)}; attention tile bf16 {attention_config(torch.bfloat16)}")
     case("grouped mm gate/up", lambda: check_grouped_mm(rows, INTER, HIDDEN, gen))
     case("grouped mm down", lambda: check_grouped_mm(rows, HIDDEN, INTER, gen))
     case("linear bf16", lambda: check_linear(rows // 2, HIDDEN, HIDDEN, torch.bfloat16, gen))

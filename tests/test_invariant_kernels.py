@@ -14,9 +14,8 @@ triton = pytest.importorskip("triton")
 
 from ringlinear import SequenceContext  # noqa: E402
 from ringlinear.ops import attention  # noqa: E402
-from ringlinear.ops.batch_invariant import KEY_BLOCK, numerics  # noqa: E402
-from ringlinear.ops.invariant_kernels import (invariant_grouped_mm, invariant_linear, key_block_attention,  # noqa: E402
-                                              row_sum, softmax)
+from ringlinear.ops.batch_invariant import numerics  # noqa: E402
+from ringlinear.ops.invariant_kernels import invariant_grouped_mm, invariant_linear, row_sum, softmax  # noqa: E402
 from ringlinear.ops.policy import KernelPolicy  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -151,45 +150,127 @@ def test_row_sum_and_softmax_gradients_match_torch():
 
 # -- attention over key blocks ---------------------------------------------------------------------
 
-def paged(T=6, H=4, KV=2, D=32, dtype=torch.float32):
-    """Queries of three sequences at various positions, their key blocks scattered over a pool."""
-    KB = KEY_BLOCK
-    q = randn(T, H, D, dtype=dtype)
-    k_blocks, v_blocks = randn(9, KB, KV, D, seed=1, dtype=dtype), randn(9, KB, KV, D, seed=2, dtype=dtype)
-    tables = torch.tensor([[4, 0, 7], [1, 8, 2], [3, 5, 6]], device=DEVICE)
-    seq = torch.tensor([0, 1, 0, 2, 1, 2][:T], device=DEVICE)
-    positions = torch.tensor([0, 47, 20, 15, 16, 33][:T], device=DEVICE)
-    return q, k_blocks, v_blocks, tables[seq], positions
+LOOP = KernelPolicy("torch", invariant=True)  # attention_by_key_blocks' PyTorch loop
+SCALE = 0.2
 
 
-@pytest.mark.parametrize("H,KV,dtype,tol", [(4, 2, torch.float32, 1e-5), (6, 2, torch.float32, 1e-5),
-                                            (4, 4, torch.bfloat16, 1e-2)])
-def test_key_block_attention_matches_the_reference(H, KV, dtype, tol):
-    q, k_blocks, v_blocks, table, positions = paged(H=H, KV=KV, dtype=dtype)
-    out = key_block_attention(q, k_blocks, v_blocks, table, positions, 0.2)
-    ref = attention.attention_by_key_blocks(q.float(), k_blocks.float(), v_blocks.float(), table, positions, 0.2,
-                                            KernelPolicy("torch", invariant=True))
-    assert out.dtype == dtype and torch.allclose(out.float(), ref, atol=tol)
+def scattered_pages(sequences, page, seed=0):
+    """The keys and values of sequences ([L, KV, D] each) in pages of `page` tokens scattered over a
+    pool in random order; every slot no sequence holds is NaN (a page may hold anything past a
+    sequence's end). Returns k_pages, v_pages [P, page, KV, D] and the page table [N, max_pages]."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = [-(-len(k) // page) for k, _ in sequences]
+    order = torch.randperm(sum(counts) + 2, generator=gen).tolist()
+    KV, D = sequences[0][0].shape[1:]
+    pools = [torch.full((sum(counts) + 2, page, KV, D), float("nan"), dtype=sequences[0][0].dtype, device=DEVICE)
+             for _ in range(2)]
+    table = torch.zeros(len(sequences), max(counts), dtype=torch.int32)
+    for n, (count, kv) in enumerate(zip(counts, sequences)):
+        for i in range(count):
+            table[n, i] = order.pop()
+            for pool, x in zip(pools, kv):
+                part = x[i * page:(i + 1) * page]
+                pool[table[n, i], :len(part)] = part
+    return *pools, table.to(DEVICE)
 
 
-def test_key_block_attention_query_alone_equals_it_among_others():
-    q, k_blocks, v_blocks, table, positions = paged()
-    together = key_block_attention(q, k_blocks, v_blocks, table, positions, 0.2)
-    for t in range(q.shape[0]):
-        # alone, with a table cut to its own blocks and the keys past it overwritten
-        KB = KEY_BLOCK
-        own = table[t:t + 1, :int(positions[t]) // KB + 1]
-        k_other = k_blocks.clone()
-        k_other[own[0, -1], int(positions[t]) % KB + 1:] = float("nan")
-        alone = key_block_attention(q[t:t + 1], k_other, v_blocks, own, positions[t:t + 1], 0.2)
-        assert torch.equal(alone[0], together[t])
+def paged_call(q_parts, sequences, page, policy, seed=0):
+    """attention_by_key_blocks over pages: sequence n's new queries q_parts[n] ([t_n, H, D], its last
+    t_n positions) against its keys and values sequences[n] = (k, v), [L_n, KV, D] each."""
+    k_pages, v_pages, table = scattered_pages(sequences, page, seed)
+    lens = [len(q) for q in q_parts]
+    query_start = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=DEVICE)
+    seq_lens = torch.tensor([len(k) for k, _ in sequences], device=DEVICE)
+    offsets = torch.zeros(len(sequences), dtype=torch.long, device=DEVICE)
+    return attention.attention_by_key_blocks(torch.cat(q_parts), k_pages, v_pages, table, offsets, seq_lens,
+                                             query_start, SCALE, policy)
 
 
-@pytest.mark.parametrize("policy", [ALIGNED, KernelPolicy("torch", invariant=True)], ids=["kernel", "loop"])
-def test_packed_documents_get_the_bits_of_each_document_alone(policy):
-    """Packed documents (one call, blocks laid out on the device) against each document's own call:
-    lengths that fill whole key blocks, end inside one, are empty, or are one token."""
-    lengths = [17, 0, 16, 1, 30]
+def explicit(q, k, v):
+    """float64: the last len(q) queries of a sequence of len(k) keys, each a softmax over the keys up
+    to its own, written out."""
+    G = q.shape[1] // k.shape[1]
+    k, v = (x.double().repeat_interleave(G, dim=1) for x in (k, v))
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    for i in range(len(q)):
+        pos = len(k) - len(q) + i
+        weights = torch.softmax(torch.einsum("hd,khd->hk", q[i].double(), k[:pos + 1]) * SCALE, dim=-1)
+        out[i] = torch.einsum("hk,khd->hd", weights, v[:pos + 1])
+    return out
+
+
+def sequence(L, H, KV, D, seed, dtype=torch.float32):
+    return randn(L, H, D, seed=seed, dtype=dtype), (randn(L, KV, D, seed=seed + 1, dtype=dtype),
+                                                    randn(L, KV, D, seed=seed + 2, dtype=dtype))
+
+
+@pytest.mark.parametrize("H,KV,D,dtype,tol", [(2, 2, 16, torch.float32, 1e-5), (4, 2, 32, torch.float32, 1e-5),
+                                              (8, 2, 64, torch.float32, 1e-5), (6, 2, 32, torch.float32, 1e-5),
+                                              (4, 1, 16, torch.bfloat16, 2e-2)],
+                         ids=["G1-D16", "G2-D32", "G4-D64", "G3-D32", "G4-D16-bf16"])
+@pytest.mark.parametrize("policy", [ALIGNED, LOOP], ids=["kernel", "loop"])
+def test_key_block_attention_over_scattered_pages_matches_float64(policy, H, KV, D, dtype, tol):
+    """A prefill of a whole sequence, a chunk after a cached prefix, decodes at and past a block's
+    edge and of a first token, in one call over pages of 16 tokens (a key block spans four)."""
+    lengths, new = [130, 150, 64, 65, 1], [130, 70, 1, 1, 1]
+    cases = [sequence(L, H, KV, D, seed=3 * n, dtype=dtype) for n, L in enumerate(lengths)]
+    q_parts = [q[L - t:] for (q, _), L, t in zip(cases, lengths, new)]
+    out = paged_call(q_parts, [kv for _, kv in cases], 16, policy)
+    ref = torch.cat([explicit(qp, *kv) for qp, (_, kv) in zip(q_parts, cases)])
+    assert out.dtype == dtype and torch.allclose(out.double(), ref, atol=tol)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "packed"])
+@pytest.mark.parametrize("policy", [ALIGNED, LOOP], ids=["kernel", "loop"])
+def test_causal_attention_by_key_blocks_matches_float64(policy, packed):
+    """The training forms: sequences of a batch (queries after a prefix too) and packed documents."""
+    q, k, v = (randn(2, 100, h, 32, seed=s) for s, h in enumerate((4, 2, 2)))
+    with numerics(policy):
+        if packed:
+            cu = torch.tensor([0, 30, 30, 95, 100], device=DEVICE)
+            out = attention.causal_attention(q[:1], k[:1], v[:1], SCALE, cu_seqlens=cu, policy=policy)[0]
+            ref = torch.cat([explicit(q[0, a:b], k[0, a:b], v[0, a:b]) for a, b in zip(cu.tolist(), cu[1:].tolist())])
+        else:
+            out = attention.causal_attention(q[:, 60:], k, v, SCALE, policy=policy)
+            ref = torch.stack([explicit(q[b, 60:], k[b], v[b]) for b in range(2)])
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("H,KV", [(4, 2), (4, 1)], ids=["G2", "G4"])
+@pytest.mark.parametrize("policy", [ALIGNED, LOOP], ids=["kernel", "loop"])
+def test_a_querys_bits_do_not_depend_on_the_split_or_the_batch(policy, H, KV, row_by_row_dot):
+    """A sequence of 150 tokens (three key blocks): its queries' bits from the training forward over it
+    alone equal those from a training batch and packed documents with other sequences, a prefill chunk
+    after a cached prefix beside another sequence's decode (pages of 16), single decode steps (pages of
+    16 and of 128), and decodes batched with other sequences'."""
+    L, D = 150, 32
+    q, (k, v) = sequence(L, H, KV, D, seed=0)
+    others = [sequence(n, H, KV, D, seed=10 + 3 * i) for i, n in enumerate((40, 200))]
+    with numerics(policy):
+        alone = attention.causal_attention(q[None], k[None], v[None], SCALE, policy=policy)[0]
+        (q1, (k1, v1)), (q2, (k2, v2)) = others
+        batch = attention.causal_attention(torch.stack([q2[:L], q]), torch.stack([k2[:L], k]), torch.stack([v2[:L], v]),
+                                           SCALE, policy=policy)[1]
+        cu = torch.tensor([0, 40, 40 + L, 40 + L + 7], device=DEVICE)
+        packed = attention.causal_attention(*(torch.cat([a, b, c[:7]])[None] for a, b, c in
+                                              ((q1, q, q2), (k1, k, k2), (v1, v, v2))),
+                                            SCALE, cu_seqlens=cu, policy=policy)[0, 40:40 + L]
+        chunk = paged_call([q[80:], q1[-1:]], [(k, v), (k1, v1)], 16, policy)[:70]
+        decodes = {page: torch.cat([paged_call([q[t:t + 1]], [(k[:t + 1], v[:t + 1])], page, policy, seed=t)
+                                    for t in (0, 63, 64, 100, 149)]) for page in (16, 128)}
+        among = paged_call([q2[-1:], q[149:], q1[-1:]], [(k2, v2), (k, v), (k1, v1)], 16, policy)[1:2]
+    assert torch.equal(batch, alone) and torch.equal(packed, alone)
+    assert torch.equal(chunk, alone[80:])
+    picked = alone[[0, 63, 64, 100, 149]]
+    assert torch.equal(decodes[16], picked) and torch.equal(decodes[128], picked)
+    assert torch.equal(among, alone[149:])
+
+
+@pytest.mark.parametrize("policy", [ALIGNED, LOOP], ids=["kernel", "loop"])
+def test_packed_documents_get_the_bits_of_each_document_alone(policy, row_by_row_dot):
+    """Packed documents (one call, read in place) against each document's own call: lengths that fill
+    whole key blocks, end inside one, are empty, or are one token."""
+    lengths = [70, 0, 64, 1, 30]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
     T = sum(lengths)
     q, k, v = (randn(1, T, h, 16, seed=s) for s, h in enumerate((4, 2, 2)))
@@ -201,11 +282,17 @@ def test_packed_documents_get_the_bits_of_each_document_alone(policy):
 
 
 def test_key_block_attention_rejects_bad_shapes():
-    q, k_blocks, v_blocks, table, positions = paged()
+    q, (k, v) = sequence(5, 4, 2, 16, seed=0)
+    k_pages, v_pages, table = scattered_pages([(k, v)], 16)
+    one = torch.tensor([5], device=DEVICE)
+    offsets, start = torch.zeros(1, dtype=torch.long, device=DEVICE), torch.tensor([0, 5], device=DEVICE)
     with pytest.raises(ValueError, match="divide"):
-        key_block_attention(q[:, :3], k_blocks, v_blocks, table, positions, 0.2)
-    with pytest.raises(ValueError, match="positions"):
-        key_block_attention(q, k_blocks, v_blocks, table, positions[:2], 0.2)
+        attention.attention_by_key_blocks(q[:, :3], k_pages, v_pages, table, offsets, one, start, SCALE, ALIGNED)
+    with pytest.raises(ValueError, match="query_start"):
+        attention.attention_by_key_blocks(q, k_pages, v_pages, table, offsets, one, start[:1], SCALE, ALIGNED)
+    with pytest.raises(ValueError, match="power of two"):
+        attention.attention_by_key_blocks(q[..., :12], k_pages[..., :12], v_pages[..., :12], table, offsets, one,
+                                          start, SCALE, ALIGNED)
 
 
 @pytest.mark.slow

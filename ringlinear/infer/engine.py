@@ -20,7 +20,6 @@ import torch
 from ..checkpoint import load_tokenizer
 from ..model import RingLinearForCausalLM, SequenceContext
 from ..model.fp8 import QUANTIZATIONS, is_fp8_checkpoint, quantize_weights
-from ..ops.batch_invariant import KEY_BLOCK
 from ..ops.policy import Backend, KernelPolicy
 from .cache import CacheManager, fixed_cache_size, size_cache
 from .detokenizer import Detokenizer
@@ -55,8 +54,8 @@ class EngineConfig:
     prefix_snapshot_share: float = 0.1
     num_snapshots: int | None = None
     # Steps and log-probs batch-invariant: bit-identical to the training forward of the same model under
-    # an invariant policy, whatever shares the step, graphs' padding rows included (page_size a multiple
-    # of KEY_BLOCK).
+    # an invariant policy, whatever shares the step, graphs' padding rows included (any page_size: the
+    # attention's key blocks are read through the page table).
     batch_invariant: bool = False
     # "fp8": the linear layers and experts in blockwise FP8 (`model.fp8`), quantized at load unless the
     # checkpoint holds FP8 weights already (which load as FP8 whatever this says). No CUDA graphs yet.
@@ -75,9 +74,6 @@ class EngineConfig:
         if self.snapshot_interval % self.page_size or self.snapshot_interval < 1:
             raise ValueError(f"prefix_snapshot_interval must be a positive multiple of page_size ({self.page_size}), "
                              f"got {self.prefix_snapshot_interval}")
-        if self.batch_invariant and self.page_size % KEY_BLOCK:
-            raise ValueError(f"batch_invariant needs a page_size that is a multiple of {KEY_BLOCK}, "
-                             f"got {self.page_size}")
         if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
             self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
 

@@ -85,33 +85,62 @@ def _flash_varlen(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Ten
     return o[None]
 
 
-def attention_by_key_blocks(q: Tensor, k_blocks: Tensor, v_blocks: Tensor, block_table: Tensor, positions: Tensor,
-                            scale: float, policy: KernelPolicy) -> Tensor:
+def attention_by_key_blocks(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_table: Tensor, key_offset: Tensor,
+                            seq_lens: Tensor, query_start: Tensor, scale: float, policy: KernelPolicy) -> Tensor:
     """Causal attention whose arithmetic per query is fixed by the query alone (batch-invariant).
 
-    q [T, H, D]: queries of any sequences; query t sits at `positions[t]` of its sequence, whose keys
-    0, 1, ... lie in blocks of KB: block j is `k_blocks[block_table[t, j]]` ([P, KB, KV, D], likewise
-    `v_blocks`). An online softmax visits the blocks in order j = 0, 1, ..., and blocks wholly past
-    the query change nothing, so how many blocks the other queries need does not matter. Returns
+    q [T, H, D]: the new queries of N sequences, rows `query_start[n]:query_start[n + 1]` ([N+1]) for
+    sequence n, its last ones: of its `seq_lens[n]` ([N]) keys, query t sits at position
+    seq_lens[n] - query_start[n + 1] + t and sees keys up to its own. Key x of sequence n is row
+    key_offset[n] + page_table[n, x // page] · page + x % page of k_pages, v_pages [P, page, KV, D]
+    viewed as [P · page, KV, D]: engine pages (key_offset 0), or whole sequences as one page each.
+
+    An online softmax visits the keys in blocks of KEY_BLOCK at fixed positions from the sequence's
+    start, in order j = 0, 1, ..., and blocks wholly past a query change nothing, so neither the other
+    queries of the call nor how the sequence was split into calls (a training forward, prefill chunks,
+    decode steps) change a bit; nor does the paging, which only says where a key is read from. Returns
     [T, H, D] in q's dtype; the work is in fp32 (fp64 for fp64 inputs). On the Triton backend fp16,
-    bf16 and fp32 take a Triton kernel (one launch; not differentiable: `causal_attention` wraps it);
-    the rest this loop over blocks."""
-    if policy.triton(q, k_blocks, v_blocks):
+    bf16 and fp32 take a Triton kernel on the tensor cores (`invariant_kernels.key_block_attention`;
+    not differentiable: `causal_attention` wraps it); the rest this loop over blocks."""
+    if q.dim() != 3 or k_pages.dim() != 4 or v_pages.shape != k_pages.shape:
+        raise ValueError(f"q must be [T, H, D] and the key/value pages [P, page, KV, D], got {list(q.shape)}, "
+                         f"{list(k_pages.shape)}, {list(v_pages.shape)}")
+    (T, H, D), KV, N = q.shape, k_pages.shape[2], seq_lens.shape[0]
+    if k_pages.shape[3] != D or H % KV:
+        raise ValueError(f"KV heads {KV} must divide query heads {H} and head dims must match, got q "
+                         f"{list(q.shape)}, pages {list(k_pages.shape)}")
+    if k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
+        raise ValueError(f"q and the pages must share a dtype, got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
+    if page_table.dim() != 2 or page_table.shape[0] != N or key_offset.shape != (N,) or query_start.shape != (N + 1,):
+        raise ValueError(f"page_table must be [N, max_pages], key_offset [N] and query_start [N+1] for N={N} "
+                         f"sequences (seq_lens), got {list(page_table.shape)}, {list(key_offset.shape)} and "
+                         f"{list(query_start.shape)}")
+    page_table, key_offset, seq_lens, query_start = (
+        x.contiguous() for x in (page_table, key_offset, seq_lens, query_start))
+    if policy.triton(q, k_pages, v_pages):
         from .invariant_kernels import key_block_attention
-        return key_block_attention(q, k_blocks, v_blocks, block_table, positions, scale)
-    (T, H, D), dtype = q.shape, q.dtype
-    KB, KV = k_blocks.shape[1], k_blocks.shape[2]
+        return key_block_attention(q, k_pages, v_pages, page_table, key_offset, seq_lens, query_start, scale)
+    dtype, page, KB = q.dtype, k_pages.shape[1], KEY_BLOCK
     work = torch.promote_types(dtype, torch.float32)
     heads = torch.arange(H, device=q.device) // (H // KV)
+    seq = torch.repeat_interleave(torch.arange(N, device=q.device), query_start[1:] - query_start[:-1],
+                                  output_size=T)
+    positions = (seq_lens - query_start[1:])[seq] + torch.arange(T, device=q.device)
+    k_rows, v_rows = k_pages.flatten(0, 1), v_pages.flatten(0, 1)
     q = q.to(work)[:, :, None, :]  # [T, H, 1, D]
     m = torch.full((T, H), float("-inf"), dtype=work, device=q.device)
     total = torch.zeros(T, H, dtype=work, device=q.device)
     acc = torch.zeros(T, H, D, dtype=work, device=q.device)
     offsets = torch.arange(KB, device=q.device)
     for j in range(int(positions.max()) // KB + 1 if T else 0):
-        keys, values = (x[block_table[:, j]][:, :, heads].to(work).transpose(1, 2) for x in (k_blocks, v_blocks))
+        x = j * KB + offsets
+        present = x < seq_lens[seq, None]  # [T, KB]: keys past the sequence are not read
+        pages = page_table[seq[:, None], (x // page).clamp_max(page_table.shape[1] - 1)]
+        rows = torch.where(present, key_offset[seq, None] + pages * page + x % page, 0)
+        keys, values = (r[rows][:, :, heads].to(work).masked_fill(~present[:, :, None, None], 0).transpose(1, 2)
+                        for r in (k_rows, v_rows))  # [T, H, KB, D]
         scores = (q @ keys.transpose(-1, -2))[:, :, 0] * scale  # [T, H, KB]
-        visible = j * KB + offsets <= positions[:, None]  # [T, KB]; block 0 always holds key 0
+        visible = x <= positions[:, None]  # [T, KB]; block 0 always holds key 0
         scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
         m_new = torch.maximum(m, scores.amax(-1))
         p = torch.exp(scores - m_new[..., None])
@@ -124,44 +153,21 @@ def attention_by_key_blocks(q: Tensor, k_blocks: Tensor, v_blocks: Tensor, block
 
 def _causal_by_key_blocks(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor | None,
                           policy: KernelPolicy) -> Tensor:
-    """`causal_attention` through `attention_by_key_blocks`: each sequence's keys cut into blocks
-    from its first position on."""
-    if cu_seqlens is not None:
-        return _packed_by_key_blocks(q, k, v, scale, cu_seqlens, policy)
+    """`causal_attention` through `attention_by_key_blocks`: each sequence (or packed document) one page
+    of its keys, read in place, its blocks counted from its first position."""
+    if cu_seqlens is not None:  # B = 1, Tq = Tk: the documents are the sequences, their keys one page
+        cu = cu_seqlens.to(q.device, torch.long)
+        lengths = cu[1:] - cu[:-1]
+        table = torch.zeros(len(lengths), 1, dtype=torch.long, device=q.device)
+        return attention_by_key_blocks(q[0], k, v, table, cu[:-1], lengths, cu, scale, policy)[None]
     B, Tq, H, D = q.shape
-    Tk, KV = k.shape[1], k.shape[2]
-    KB = KEY_BLOCK
-    nb = -(-Tk // KB)
-    pad = (0, 0, 0, 0, 0, nb * KB - Tk)
-    k_blocks, v_blocks = (F.pad(x, pad).reshape(B * nb, KB, KV, D) for x in (k, v))
-    block_table = (torch.arange(B, device=q.device)[:, None] * nb + torch.arange(nb, device=q.device))
-    block_table = block_table.repeat_interleave(Tq, dim=0)  # [B*Tq, nb]
-    positions = torch.arange(Tk - Tq, Tk, device=q.device).repeat(B)
-    o = attention_by_key_blocks(q.reshape(B * Tq, H, D), k_blocks, v_blocks, block_table, positions, scale, policy)
+    Tk = k.shape[1]
+    table = torch.arange(B, device=q.device)[:, None]  # sequence b is page b
+    query_start = torch.arange(B + 1, device=q.device) * Tq
+    no_offset = torch.zeros(B, dtype=torch.long, device=q.device)
+    o = attention_by_key_blocks(q.reshape(B * Tq, H, D), k, v, table, no_offset, torch.full((B,), Tk, device=q.device),
+                                query_start, scale, policy)
     return o.view(B, Tq, H, D)
-
-
-def _packed_by_key_blocks(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor,
-                          policy: KernelPolicy) -> Tensor:
-    """Packed documents (B = 1) in one call, built on the device: each document's keys are laid out
-    in blocks from its own start (its last block zero-padded), a query's block-table row lists its
-    document's blocks and its position counts from the document's start, so it visits the blocks (and
-    gets the bits) of its document run alone."""
-    T, KV, D = k.shape[1], k.shape[2], k.shape[3]
-    KB = KEY_BLOCK
-    cu = cu_seqlens.to(q.device, torch.long)
-    blocks = (cu[1:] - cu[:-1] + KB - 1) // KB  # per document
-    first_block = blocks.cumsum(0) - blocks
-    doc = document_ids(cu, T)
-    positions = torch.arange(T, device=q.device) - cu[doc]
-    # Σ ceil(n_i / KB) ≤ (T + N (KB - 1)) / KB: a bound from the shapes alone (no host sync)
-    num_blocks = (T + (cu.shape[0] - 1) * (KB - 1)) // KB
-    rows = first_block[doc] * KB + positions  # each key's row in the blocks
-    k_blocks, v_blocks = (x.new_zeros(num_blocks * KB, KV, D).index_copy(0, rows, x[0]).view(num_blocks, KB, KV, D)
-                          for x in (k, v))
-    # a document has at most ceil(T / KB) blocks; entries past a query's own are never read but must index
-    table = (first_block[doc, None] + torch.arange(-(-T // KB), device=q.device)).clamp_max(num_blocks - 1)
-    return attention_by_key_blocks(q[0], k_blocks, v_blocks, table, positions, scale, policy)[None]
 
 
 class _ByKeyBlocksFunction(torch.autograd.Function):

@@ -23,7 +23,8 @@ differs from the vector one in the last bit. In this mode:
 On the Triton backend (`policy.KernelPolicy`), fp16, bf16 and fp32 tensors take Triton kernels that
 are invariant by construction, one launch where the blocks above take thousands
 (`ops.invariant_kernels`: products of one fixed tile, one program per row for sums and softmax, one
-per query for the attention); everything else (the torch backend, fp64) takes the fixed-shape blocks.
+per tile of a sequence's queries for the attention); everything else (the torch backend, fp64) takes
+the fixed-shape blocks.
 
 The generic ops are switched by `InvariantMode`, a `TorchFunctionMode` that `numerics(policy)` enters
 for an invariant policy (the model's forward does, for its whole body), so the model's code is the
@@ -44,7 +45,9 @@ from torch.overrides import TorchFunctionMode
 from .policy import KERNEL_DTYPES, KernelPolicy
 
 ROWS = 16  # rows (or matrices) per product and per reduction call
-KEY_BLOCK = 16  # keys per block of the batch-invariant attention; engine pages hold whole blocks
+# keys per block of the batch-invariant attention (blocks at fixed positions from a sequence's start; a
+# block may span pages): the tile of its kernel's tensor-core products, for training and the engine alike
+KEY_BLOCK = 64
 
 
 def fold_sum(x: Tensor, dim: int) -> Tensor:

@@ -8,8 +8,10 @@ gets there with a Python loop over fixed-shape blocks).
   rows of the tile (zeros, or rows of other tokens).
 - `row_sum` (and `softmax` from it): one program per row, a fixed block over the columns; torch's
   own reductions split a row over more threads when there are few rows.
-- `key_block_attention`: `attention.attention_by_key_blocks`, one program per (query, KV head)
-  visiting that query's key blocks in order.
+- `key_block_attention`: `attention.attention_by_key_blocks` on the tensor cores, FlashAttention's
+  online softmax with one tile shape for every call: a program takes a tile of one sequence's queries
+  (the query heads of a KV head folded into its rows, a decode step's tile padded with masked rows)
+  and visits the key blocks at fixed positions from the sequence's start, in order.
 
 A `tl.sum` reduces in the order of its tile's layout, and Triton picks the layout of loads by what it
 knows of the pointers (16-byte alignment) and of the integer arguments (divisible by 16, equal to 1).
@@ -30,6 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .batch_invariant import KEY_BLOCK
 from .policy import KERNEL_DTYPES, grouped_mm_gradients_kernel
 
 
@@ -254,76 +257,118 @@ def softmax(x: Tensor, log: bool = False, dtype: torch.dtype | None = None) -> T
 
 # -- attention over key blocks ---------------------------------------------------------------------
 
-@triton.jit(do_not_specialize=["stride_table"])
-def _key_block_attention_kernel(q, k_blocks, v_blocks, block_table, positions, o, scale, stride_table,
-                                stride_kp, stride_kb, stride_kh, stride_vp, stride_vb, stride_vh,
-                                H: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, KB: tl.constexpr,
-                                D: tl.constexpr):
-    """Program (t, g): the G query heads of KV head g for query t. q and o [T, H, D] contiguous; key
-    j of block b is k_blocks[b, j, g] ([P, KB, KV, D], unit stride over D), likewise for values."""
+@dataclass(frozen=True)
+class AttentionConfig:
+    block_m: int  # rows of a tile: queries × the G query heads of a KV head
+    num_warps: int
+    num_stages: int
+
+
+def attention_config(dtype: torch.dtype) -> AttentionConfig:
+    """The one tile of a dtype, whatever the number of queries (a decode step pads its tile with masked
+    rows). The key block is KEY_BLOCK. fp32 runs IEEE products on CUDA cores with twice the bytes of a
+    key block: one stage."""
+    if dtype == torch.float32:
+        return AttentionConfig(block_m=64, num_warps=4, num_stages=1)
+    return AttentionConfig(block_m=64, num_warps=4, num_stages=2)
+
+
+@triton.jit(do_not_specialize=["page_size", "stride_table"])
+def _key_block_attention_kernel(q, k, v, o, page_table, key_offset, seq_lens, query_start, tile_seq, tile_first,
+                                qk_scale, page_size, stride_table, H: tl.constexpr, G: tl.constexpr,
+                                D: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (i, g): tile i (up to BLOCK_M // G queries of one sequence, from row tile_first[i] of q)
+    with the G query heads of KV head g folded into its rows (row r: query r // G, head r % G).
+    q, o [T, H, D], k, v [P, page_size, KV, D], all contiguous. Key x of sequence n is row
+    key_offset[n] + page_table[n, x // page_size] · page_size + x % page_size of k and v viewed as
+    [P · page_size, KV, D].
+
+    Why a row's bits are those of its query alone: the blocks are the same absolute keys in the same
+    order in every call; an MMA's row depends only on that row's operands, and the row reductions
+    (max, sum) reduce each row alike wherever it sits in the tile; a block wholly past a row (the
+    tile's later queries need it) leaves its state as it was: p = exp2(-inf) = 0 exactly, m stays
+    (finite from block 0 on, which always holds key 0), alpha = exp2(0) = 1, acc · 1 + 0 = acc."""
     KV: tl.constexpr = H // G
-    pid = tl.program_id(0)
-    t = (pid // KV).to(tl.int64)
-    g = pid % KV
-    heads = tl.arange(0, G_P2)
-    head_ok = heads < G
+    QUERIES: tl.constexpr = BLOCK_M // G
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # a sequence's last tiles (the most blocks) first: less tail
+    g = tl.program_id(1)
+    n = tl.load(tile_seq + tile).to(tl.int64)
+    first = tl.load(tile_first + tile).to(tl.int64)
+    end = tl.load(query_start + n + 1).to(tl.int64)
+    if first >= end:  # past the last tile: the grid is an upper bound
+        return
+    seq_len = tl.load(seq_lens + n).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    query = first + rows // G
+    row_ok = (rows < QUERIES * G) & (query < end)
+    pos = tl.where(row_ok, seq_len - end + query, -1)  # the new queries are the sequence's last ones
     dims = tl.arange(0, D)
+    p_q = (query * H + g * G + rows % G)[:, None] * D + dims[None, :]
+    bq = tl.load(q + p_q, mask=row_ok[:, None], other=0.0)
+    table = page_table + n * stride_table
+    base = tl.load(key_offset + n).to(tl.int64)
     keys = tl.arange(0, KB)
-    p_q = (t * H + g * G + heads[:, None]) * D + dims[None, :]
-    bq = tl.load(q + p_q, mask=head_ok[:, None], other=0.0).to(tl.float32)  # [G_P2, D]
-    pos = tl.load(positions + t)
-    m = tl.full([G_P2], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([G_P2], dtype=tl.float32)
-    acc = tl.zeros([G_P2, D], dtype=tl.float32)
-    for j in range(0, pos // KB + 1):  # the query's own blocks: block 0 holds key 0, always visible
-        block = tl.load(block_table + t * stride_table + j).to(tl.int64)
-        visible = j * KB + keys <= pos
-        # keys past the query are not read: a cache page may hold anything there
-        bk = tl.load(k_blocks + block * stride_kp + keys[:, None] * stride_kb + g * stride_kh + dims[None, :],
-                     mask=visible[:, None], other=0.0).to(tl.float32)
-        bv = tl.load(v_blocks + block * stride_vp + keys[:, None] * stride_vb + g * stride_vh + dims[None, :],
-                     mask=visible[:, None], other=0.0).to(tl.float32)
-        scores = tl.sum(bq[:, None, :] * bk[None, :, :], 2) * scale  # [G_P2, KB]
-        scores = tl.where(visible[None, :], scores, float("-inf"))
+    # finite: a fully masked block then leaves m as it is, with no -inf - (-inf)
+    m = tl.full([BLOCK_M], -1.0e38, dtype=tl.float32)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    last = seq_len - end + tl.minimum(first + QUERIES, end) - 1  # the tile's last query
+    for j in range(0, last // KB + 1):
+        x = j * KB + keys
+        present = x < seq_len  # keys past the sequence are not read: a page may hold anything there
+        page = tl.load(table + x // page_size, mask=present, other=0).to(tl.int64)
+        p_k = ((base + page * page_size + x % page_size) * KV + g)[:, None] * D + dims[None, :]
+        bk = tl.load(k + p_k, mask=present[:, None], other=0.0)
+        bv = tl.load(v + p_k, mask=present[:, None], other=0.0)
+        scores = tl.dot(bq, tl.trans(bk), input_precision=PRECISION) * qk_scale  # [BLOCK_M, KB], log2 units
+        scores = tl.where(x[None, :] <= pos[:, None], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
         total = total * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * bv[None, :, :], 1)
+        acc = tl.dot(p.to(bv.dtype), bv, acc * alpha[:, None], input_precision=PRECISION)
         m = m_new
-    tl.store(o + p_q, (acc / total[:, None]).to(o.dtype.element_ty), mask=head_ok[:, None])
+    total = tl.where(row_ok, total, 1.0)  # padding rows saw no key: no 0 / 0
+    tl.store(o + p_q, (acc / total[:, None]).to(o.dtype.element_ty), mask=row_ok[:, None])
 
 
-def key_block_attention(q: Tensor, k_blocks: Tensor, v_blocks: Tensor, block_table: Tensor, positions: Tensor,
-                        scale: float) -> Tensor:
+def key_block_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_table: Tensor, key_offset: Tensor,
+                        seq_lens: Tensor, query_start: Tensor, scale: float,
+                        config: AttentionConfig | None = None) -> Tensor:
     """`attention.attention_by_key_blocks` (same arguments and result) in one launch; forward only.
-    q [T, H, D]; k_blocks, v_blocks [P, KB, KV, D]; block_table [T, max_blocks]; positions [T]."""
-    if q.dim() != 3 or k_blocks.dim() != 4 or v_blocks.shape != k_blocks.shape:
-        raise ValueError(f"q must be [T, H, D] and the key/value blocks [P, KB, KV, D], got {list(q.shape)}, "
-                         f"{list(k_blocks.shape)}, {list(v_blocks.shape)}")
+    `config`: the dtype's tile unless given (benchmarks/check_invariant.py --attention-tiles times
+    candidates)."""
     T, H, D = q.shape
-    KB, KV = k_blocks.shape[1], k_blocks.shape[2]
-    if k_blocks.shape[3] != D or H % KV or D & (D - 1) or KB & (KB - 1):
-        raise ValueError(f"KV heads {KV} must divide query heads {H}, head dims must match and be powers of "
-                         f"two, and so must the block size {KB}; got q {list(q.shape)}, blocks "
-                         f"{list(k_blocks.shape)}")
-    if q.dtype not in KERNEL_DTYPES or k_blocks.dtype != q.dtype or v_blocks.dtype != q.dtype:
-        raise ValueError(f"q and the blocks must share a dtype of fp16, bf16 or fp32, got {q.dtype}, "
-                         f"{k_blocks.dtype}, {v_blocks.dtype}")
-    if block_table.dim() != 2 or block_table.shape[0] != T or positions.shape != (T,):
-        raise ValueError(f"block_table must be [T, max_blocks] and positions [T] for T={T}, got "
-                         f"{list(block_table.shape)} and {list(positions.shape)}")
-    if k_blocks.stride(3) != 1 or v_blocks.stride(3) != 1:
-        raise ValueError("the key and value blocks must have unit stride over D")
-    q = _aligned(q)
-    block_table = block_table.contiguous()
+    N = seq_lens.shape[0]
+    KV = k_pages.shape[2]
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"the key-block attention kernel takes head dims of a power of two >= 16, got {D}")
+    if q.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"the key-block attention kernel takes fp16, bf16 or fp32, got {q.dtype}")
+    c = config or attention_config(q.dtype)
+    G = H // KV
+    if G > c.block_m:
+        raise ValueError(f"the key-block attention kernel takes at most {c.block_m} query heads a KV head, got {G}")
+    q, k_pages, v_pages = (_aligned(x) for x in (q, k_pages, v_pages))
+    # int32 whoever calls (the engine's tables are int32, training's int64): one binary for all calls
+    page_table, key_offset, seq_lens, query_start = (
+        _aligned(x.to(torch.int32)) for x in (page_table, key_offset, seq_lens, query_start))
     o = torch.empty_like(q)
     if T == 0:
         return o
-    G = H // KV
-    G_P2 = triton.next_power_of_2(G)
-    _key_block_attention_kernel[(T * KV,)](
-        q, k_blocks, v_blocks, block_table, positions.contiguous(), o, float(scale), block_table.stride(0),
-        *k_blocks.stride()[:3], *v_blocks.stride()[:3], H=H, G=G, G_P2=G_P2, KB=KB, D=D,
-        num_warps=4 if G_P2 * KB * D <= 8192 else 8)
+    # the tiles: each sequence's queries cut from its first one on, BLOCK_M // G at a time. Σ ceil(t_n / Q)
+    # ≤ (T + N (Q - 1)) / Q: a grid from the shapes alone, the tiles listed on the device (no host sync);
+    # the tiles past the real ones go to a last, empty "sequence" N: they start at row T or later and return
+    per_tile = c.block_m // G
+    bound = (T + N * (per_tile - 1)) // per_tile
+    tiles = (query_start[1:] - query_start[:-1]).long().add(per_tile - 1) // per_tile
+    tiles = torch.cat([tiles, bound - tiles.sum().reshape(1)])
+    tile_seq = torch.repeat_interleave(torch.arange(N + 1, device=q.device), tiles, output_size=bound)
+    first_tile = tiles.cumsum(0) - tiles
+    tile_first = query_start.long()[tile_seq] + (torch.arange(bound, device=q.device) - first_tile[tile_seq]) * per_tile
+    _key_block_attention_kernel[(bound, KV)](
+        q, k_pages, v_pages, o, page_table, key_offset, seq_lens, query_start, tile_seq.clamp_max(N - 1), tile_first,
+        float(scale) * 1.4426950408889634, k_pages.shape[1], page_table.stride(0), H=H, G=G, D=D, KB=KEY_BLOCK,
+        BLOCK_M=c.block_m, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=c.num_warps, num_stages=c.num_stages)
     return o

@@ -24,8 +24,8 @@ sampler for its log-probs); the ops below switch by the table. Backward passes r
 | lightning_decode            | decode.py                | naive decode   | recurrent.py        | naive recurrent  |
 | lightning_tree_verify       | tree.py                  | tree quadratic | root paths (6)      | root paths (6)   |
 | lightning_tree_fold         | tree.py                  | tree fold loop | tree.py             | tree fold loop   |
-| causal_attention            | SDPA; FlashAttention (1) | SDPA, masked   | key blocks (2)      | key-block loop   |
-| paged_attention             | kernel.py (3)            | gather + SDPA  | key blocks (2)      | key-block loop   |
+| causal_attention            | SDPA; FlashAttention (1) | SDPA, masked   | key blocks (10)     | key-block loop   |
+| paged_attention             | kernel.py (3)            | gather + SDPA  | key blocks (10)     | key-block loop   |
 | paged_latent_attention      | kernel.py (3)            | gather + SDPA  | none (8)            | none (8)         |
 | grouped_glu (moe.py)        | torch._grouped_mm (4)    | expert loop    | grouped GEMM (2)    | expert loop      |
 | grouped GEMM's backward     | –                        | –              | _grouped_mm (9)     | –                |
@@ -47,6 +47,10 @@ GEMM. FP8 is not batch-invariant.
 cannot give the training forward's bits, and an invariant policy is refused.
 (9) torch._grouped_mm for CUDA bf16 (`grouped_mm_gradients_kernel`); else the forward's kernel for the
 input's gradient and a loop over the groups for the weights'. One group (F.linear, @): two plain products.
+(10) `attention.attention_by_key_blocks` on `invariant_kernels.key_block_attention`: tensor cores, one tile
+(a sequence's queries × the query heads of a KV head) for every call, key blocks of KEY_BLOCK at fixed
+positions read through the page table (any page size; a training sequence is one page); head dims a
+power of two ≥ 16. Its backward: SDPA's, recomputed.
 """
 
 from __future__ import annotations
@@ -157,8 +161,8 @@ PagedKernel = Literal["paged", "gather_reference", "key_blocks"]
 def paged_attention_kernel(policy: KernelPolicy, q: Tensor, k_cache: Tensor) -> PagedKernel:
     """paged_attention, k_cache [P, page_size, KV, D]. The kernel multiplies a page of keys on the tensor
     cores: pages of a power of two ≥ 16 tokens; others take the reference. Invariant:
-    `attention_by_key_blocks` over the pages' key blocks (kernel or loop as for causal_attention), so a
-    query visits the blocks the training forward visits."""
+    `attention_by_key_blocks` reading its key blocks through the pages (kernel or loop as for
+    causal_attention), so a query visits the blocks the training forward visits, whatever the page size."""
     if policy.invariant:
         return "key_blocks"
     page = k_cache.shape[1]

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from ..attention import attention_by_key_blocks
-from ..batch_invariant import KEY_BLOCK
 from ..policy import KernelPolicy, paged_attention_kernel
 from ..tree import MAX_TREE_TOKENS
 from .reference import paged_attention_reference
@@ -74,17 +73,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
 
 def _paged_by_key_blocks(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                          query_start: Tensor, scale: float, policy: KernelPolicy) -> Tensor:
-    """Each page holds whole key blocks of `attention_by_key_blocks`, so the blocks a query visits
-    are those of the training forward over the same sequence."""
-    P, page, KV, D = k_cache.shape
-    KB = KEY_BLOCK
-    if page % KB:
-        raise ValueError(f"batch-invariant attention needs pages of a multiple of {KB} tokens, got {page}")
-    per_page = page // KB
-    k_blocks, v_blocks = (x.view(P * per_page, KB, KV, D) for x in (k_cache, v_cache))
-    query_lens = query_start[1:] - query_start[:-1]
-    # output_size: without it repeat_interleave reads the total back (a host sync, which a CUDA graph forbids)
-    seq = torch.repeat_interleave(torch.arange(len(query_lens), device=q.device), query_lens, output_size=q.shape[0])
-    positions = (seq_lens - query_lens)[seq] + torch.arange(q.shape[0], device=q.device) - query_start[seq]
-    table = (block_tables.long()[:, :, None] * per_page + torch.arange(per_page, device=q.device)).flatten(1)
-    return attention_by_key_blocks(q, k_blocks, v_blocks, table[seq], positions, scale, policy)
+    """The pages are where `attention_by_key_blocks` reads its keys: a query visits the key blocks (and
+    gets the bits) of the training forward over the same sequence, whatever the page size."""
+    no_offset = torch.zeros(seq_lens.shape[0], dtype=torch.long, device=q.device)
+    return attention_by_key_blocks(q, k_cache, v_cache, block_tables, no_offset, seq_lens, query_start, scale, policy)
