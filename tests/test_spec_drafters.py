@@ -8,6 +8,7 @@ from infer_helpers import tiny_model
 from ringlinear.infer.spec.config import MAX_SPECULATIVE_TOKENS, SpeculativeConfig
 from ringlinear.infer.spec.mtp import MTPDrafter
 from ringlinear.infer.spec.ngram import NgramProposer
+from ringlinear.infer.spec.tree import chain_paths
 from ringlinear.model import SequenceContext
 
 
@@ -42,17 +43,17 @@ def test_mtp_needs_the_checkpoints_mtp_layers():
     with pytest.raises(ValueError, match="num_nextn_predict_layers=0"):
         SpeculativeConfig("mtp", 2).check_model(model.config)
     with pytest.raises(ValueError, match="num_nextn_predict_layers=0"):
-        MTPDrafter(model, 2)
+        MTPDrafter(model, chain_paths(2))
     SpeculativeConfig("ngram", 2).check_model(model.config)
 
 
 def test_ngram_proposes_what_followed_the_longest_most_recent_match():
-    proposer = NgramProposer(2, prompt_lookup_min=1, prompt_lookup_max=3)
-    assert proposer.propose([1, 2, 3, 4, 9, 3, 5, 1, 2, 3]) == [4, 9]  # [1, 2, 3] beats the later [3]
-    assert proposer.propose([5, 6, 7, 5, 6, 8, 5, 6]) == [8, 5]  # the most recent [5, 6]
-    assert proposer.propose([7, 1, 7]) == [1, 7]
-    assert proposer.propose([1, 2, 3]) == []
-    assert NgramProposer(3, 2, 2).propose([4, 4, 1, 4]) == []  # [1, 4] never occurred before
+    proposer = NgramProposer(chain_paths(2), prompt_lookup_min=1, prompt_lookup_max=3)
+    assert proposer.propose([1, 2, 3, 4, 9, 3, 5, 1, 2, 3]).tokens == (4, 9)  # [1, 2, 3] beats the later [3]
+    assert proposer.propose([5, 6, 7, 5, 6, 8, 5, 6]).tokens == (8, 5)  # the most recent [5, 6]
+    assert proposer.propose([7, 1, 7]).tokens == (1, 7)
+    assert proposer.propose([1, 2, 3]).tokens == ()
+    assert NgramProposer(chain_paths(3), 2, 2).propose([4, 4, 1, 4]).tokens == ()  # [1, 4] never occurred before
 
 
 def from_scratch(model, ids, hidden, num_verified, k):
@@ -82,10 +83,9 @@ def test_mtp_drafts_equal_the_layers_run_from_scratch_over_two_rounds(num_layers
                        moe_intermediate_size=32, moe_shared_expert_intermediate_size=32).double()
     ids = torch.randint(1, 257, (30,), generator=torch.Generator().manual_seed(0))
     hidden = model(ids[None]).hidden_states[0]
-    drafter, k = MTPDrafter(model, 3), 3
+    drafter, k = MTPDrafter(model, chain_paths(3)), 3
     cache = drafter.new_cache()
     for verified_before, verified in ((0, 20), (20, 23)):  # the second round after 2 accepted drafts
         drafts = drafter.propose(cache, hidden[verified_before:verified], ids[verified_before + 1:verified + 1])
-        assert drafts.tolist() == from_scratch(model, ids, hidden, verified, k)
-    assert cache.num_verified == 23 and cache.keys[model.config.num_hidden_layers].shape[1] == 23 + (
-        k - 1 if num_layers == 1 else 1)
+        assert list(drafts.tokens) == from_scratch(model, ids, hidden, verified, k) and drafts.is_chain
+    assert cache.num_verified == 23 and cache.keys.shape[1] == 23  # the chained steps' keys are not kept
