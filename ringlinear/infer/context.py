@@ -213,8 +213,8 @@ class PagedContext(AttentionContext):
             if self.batch.rounds is None:
                 o, final = lightning_attn(q[None], k[None], v[None], log_decay,
                                           initial_state=states[self.prefill_slots], output_final_state=True,
-                                          cu_seqlens=self.prefill_cu_seqlens, max_seqlen=self.batch.max_query_len,
-                                          policy=self.policy)
+                                          cu_seqlens=self.prefill_cu_seqlens,
+                                          max_seqlen=min(self.batch.max_query_len, q.shape[0]), policy=self.policy)
                 states[self.prefill_slots] = final
                 if self.batch.final_snapshots is not None:
                     seqs, snapshots = self.batch.final_snapshots
@@ -279,7 +279,8 @@ class PagedContext(AttentionContext):
         if rows == q.shape[1]:
             return o[None]
         prompt = paged_attention(q[0, rows:], k_cache, v_cache, self.block_tables[seqs:], batch.seq_lens[seqs:],
-                                 batch.query_start[seqs:] - rows, scale, batch.max_query_len, policy=self.policy)
+                                 batch.query_start[seqs:] - rows, scale, min(batch.max_query_len, q.shape[1] - rows),
+                                 policy=self.policy)
         return torch.cat([o, prompt])[None]
 
     def latent_attention(self, layer_idx: int, q: Tensor, latent: Tensor, k_rope: Tensor, kv_b: Tensor,
