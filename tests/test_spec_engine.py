@@ -59,9 +59,9 @@ def record_paths(engine: Engine) -> list[list[int]]:
     """The accepted paths of every verify chunk the engine runs from now on."""
     paths, verify = [], engine.sampler.verify
 
-    def recording(*args):
-        verified = verify(*args)
-        paths.append(verified.path)
+    def recording(logits, verifies):
+        verified = verify(logits, verifies)
+        paths.extend(v.path for v in verified)
         return verified
     engine.sampler.verify = recording
     return paths

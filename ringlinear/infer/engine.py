@@ -236,8 +236,7 @@ class Engine:
         rows = output.sample_rows
         logits = result.logits if len(rows) == result.logits.shape[0] else result.logits[rows]
         tokens, logprobs = self.sampler(logits, output.sampled)
-        verified = [self.sampler.verify(result.logits[row:row + chunk.num_tokens], chunk.seq, chunk)
-                    for chunk, row in output.verifies]
+        verified = self.sampler.verify(result.logits, output.verifies)
         accepted = [v.path for v in verified]
         self.runner.fold(output, accepted)
         outputs = self.scheduler.update(output, tokens, logprobs, self._prompt_logprobs(output, result.hidden_states),

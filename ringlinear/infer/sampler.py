@@ -14,7 +14,7 @@ from ..ops.policy import KernelPolicy
 from ..sampling import apply_penalties, filter_logits, sample, token_logprobs
 from .outputs import TokenLogprob
 from .scheduler import ScheduledChunk, Sequence
-from .spec.rejection import accept_tree
+from .spec.rejection import accept_tree, greedy_path
 
 PROMPT_LOGPROB_ROWS = 1024  # rows of [rows, V] fp32 logits made at a time for prompt log-probs
 
@@ -63,27 +63,32 @@ class Sampler:
                     for i, (p, token) in enumerate(zip(params, token_list))]
         return token_list, logprobs
 
-    def verify(self, logits: Tensor, seq: Sequence, chunk: ScheduledChunk) -> Verified:
-        """A verify chunk's logits [1 + m, V] (row i: after its node i, the root 0 then the m draft
-        nodes) -> the path of draft nodes the target accepts, the tokens it emits (that path's, then
-        the token after it) and their log-probs (None where not asked). Rejection sampling: the
-        tokens are distributed as the target's own samples; greedy: its argmax path. Penalised
-        requests draft nothing, so the distribution is the same for every row but for its context."""
-        params = seq.params
+    def verify(self, logits: Tensor, verifies: list[tuple[ScheduledChunk, int]]) -> list[Verified]:
+        """For each verify chunk (and its first row of `logits`: its rows [1 + m, V], row i after its
+        node i, the root 0 then the m draft nodes), the path of draft nodes the target accepts, the
+        tokens it emits (that path's, then the token after it) and their log-probs (None where not
+        asked). Rejection sampling: the tokens are distributed as the target's own samples; greedy:
+        its argmax path, the argmax of every row read back at once. Penalised requests draft
+        nothing, so the distribution is the same for every row but for its context."""
         with numerics(self.policy):
-            if params.greedy:
-                target = logits
-            else:
-                scaled = logits / params.temperature
-                target = filter_logits(scaled, params.top_k, params.top_p, params.min_p).softmax(-1)
-            tokens = torch.tensor([0, *chunk.drafts], device=logits.device)
-            path, token = accept_tree(chunk.tree_parents, tokens, target, None, params.greedy,
-                                      seq.generator or self.generator)
-            emitted = [*tokens[path].tolist(), token]
-            if params.logprobs is None:
-                return Verified(path, emitted, [None] * len(emitted))
-            chosen, top_values, top_ids = (t.tolist() for t in token_logprobs(
-                logits[[0, *path]], torch.tensor(emitted, device=logits.device), params.logprobs))
+            best = logits.argmax(-1).tolist() if any(c.seq.params.greedy for c, _ in verifies) else []
+            return [self._verify(logits[row:row + chunk.num_tokens], chunk, best[row:row + chunk.num_tokens])
+                    for chunk, row in verifies]
+
+    def _verify(self, logits: Tensor, chunk: ScheduledChunk, best: list[int]) -> Verified:
+        seq, params = chunk.seq, chunk.seq.params
+        tokens = [0, *chunk.drafts]
+        if params.greedy:
+            path, token = greedy_path(chunk.tree_parents, tokens, best)
+        else:
+            target = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p).softmax(-1)
+            path, token = accept_tree(chunk.tree_parents, torch.tensor(tokens), target, None,
+                                      generator=seq.generator or self.generator)
+        emitted = [*(tokens[node] for node in path), token]
+        if params.logprobs is None:
+            return Verified(path, emitted, [None] * len(emitted))
+        chosen, top_values, top_ids = (t.tolist() for t in token_logprobs(
+            logits[[0, *path]], torch.tensor(emitted, device=logits.device), params.logprobs))
         return Verified(path, emitted, [TokenLogprob(token, chosen[i], list(zip(top_ids[i], top_values[i])))
                                         for i, token in enumerate(emitted)])
 
