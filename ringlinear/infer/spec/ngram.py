@@ -17,6 +17,8 @@ import numpy as np
 
 from .tree import DraftTree, Path
 
+MAX_CANDIDATES_PER_NODE = 4  # distinct continuations read per node of the shape, at most
+
 
 class NgramProposer:
     def __init__(self, paths: Sequence[Path], prompt_lookup_min: int, prompt_lookup_max: int):
@@ -37,6 +39,8 @@ class NgramProposer:
             if continuation not in seen:
                 seen.add(continuation)
                 found.append(list(continuation))
+                if len(found) == MAX_CANDIDATES_PER_NODE * len(self.paths):
+                    break  # repetitive text has thousands of matches; the best few fill the shape
         return found
 
     def propose(self, token_ids: Sequence[int]) -> DraftTree:
