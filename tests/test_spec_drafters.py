@@ -159,3 +159,21 @@ def test_trees_parse_from_json_or_python_text_and_count_their_nodes():
     assert not SpeculativeConfig("mtp", 3).is_tree and SpeculativeConfig("mtp", 3).paths == ((0,), (0, 0), (0, 0, 0))
     with pytest.raises(ValueError, match="num_speculative_tokens must be the number of nodes of speculative_token_tr"):
         SpeculativeConfig.parse({"method": "mtp", "num_speculative_tokens": 4, "speculative_token_tree": "[[0], [1]]"})
+
+
+def test_mtp_drafts_for_many_sequences_in_one_call_equal_those_drafted_one_by_one():
+    """The engine drafts for every sequence of a step in one call (one packed first pass, one batch
+    per depth): each tree is the one its sequence gets alone, over two rounds."""
+    model = mtp_model(1)
+    drafter = MTPDrafter(model, SpeculativeConfig("mtp", 9, speculative_token_tree=TREE).paths)
+    ids = [torch.randint(1, 257, (n,), generator=torch.Generator().manual_seed(n)) for n in (12, 30, 21)]
+    hidden = [model(x[None]).hidden_states[0] for x in ids]
+    rounds = [(4, 9), (20, 24), (1, 15)], [(9, 11), (24, 25), (15, 20)]  # (verified before, verified) each
+    together, alone = [drafter.new_cache() for _ in ids], [drafter.new_cache() for _ in ids]
+    for cache, (start, _) in zip(together + alone, rounds[0] * 2):
+        cache.num_verified = start  # as the engine's, for a sequence started from a cached prefix
+    for spans in rounds:
+        requests = [(c, h[a:b], x[a + 1:b + 1]) for c, h, x, (a, b) in zip(together, hidden, ids, spans)]
+        batched = drafter.propose_many(requests)
+        for i, (c, h, x, (a, b)) in enumerate(zip(alone, hidden, ids, spans)):
+            assert drafter.propose(c, h[a:b], x[a + 1:b + 1]) == batched[i]

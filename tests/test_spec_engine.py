@@ -179,11 +179,12 @@ def test_prefix_cache_keeps_only_accepted_tokens(repetitive):
     assert results[0] == results[1]
 
 
-def test_seeded_sampling_is_reproducible_and_counts_drafts(model):
+@pytest.mark.parametrize("spec", [MTP, MTP_TREE], ids=["chain", "tree"])
+def test_seeded_sampling_is_reproducible_and_counts_drafts(model, spec):
     params = SamplingParams(max_tokens=10, temperature=0.8, top_k=20, seed=5, ignore_eos=True)
     runs = []
     for _ in range(2):
-        engine = Engine(model, None, EngineConfig(max_num_seqs=2, page_size=4, num_pages=32, speculative_config=MTP))
+        engine = Engine(model, None, EngineConfig(max_num_seqs=2, page_size=4, num_pages=32, speculative_config=spec))
         runs.append(serve(engine, {0: [("a", prompts_of([6])[0], params)]})["a"][0])
     assert runs[0] == runs[1] and len(runs[0]) == 10
     metrics = Metrics()

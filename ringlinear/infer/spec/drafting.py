@@ -57,6 +57,7 @@ class Speculator:
         drafts: dict[Sequence, DraftTree] = {}
         starts = np.cumsum([0] + [chunk.num_tokens for chunk in output.chunks]).tolist()
         paths = {id(chunk): path for (chunk, _), path in zip(output.verifies, accepted)}
+        ready: list[tuple[Sequence, _MTPState]] = []  # MTP: the sequences to draft for, with their states
         for chunk, row in zip(output.chunks, starts):
             seqs = [s for s in (chunk.seq, *chunk.forks) if s.status == Status.RUNNING and not s.params.penalised]
             if self.ngram is not None:
@@ -72,9 +73,13 @@ class Speculator:
                     state.hidden.append(hidden[row:row + seq.num_computed - chunk.start])
                 state.tokens += seq.token_ids[chunk.start + 1:seq.num_computed + 1]
                 if chunk.sample:
-                    next_tokens = torch.tensor(state.tokens, device=hidden.device)
-                    drafts[seq] = self.mtp.propose(state.cache, torch.cat(state.hidden), next_tokens)
-                    state.hidden, state.tokens = [], []
+                    ready.append((seq, state))
+        if ready:  # one MTP call for every sequence of the step
+            requests = [(state.cache, torch.cat(state.hidden), torch.tensor(state.tokens, device=hidden.device))
+                        for _, state in ready]
+            drafts.update(zip((seq for seq, _ in ready), self.mtp.propose_many(requests)))
+            for _, state in ready:
+                state.hidden, state.tokens = [], []
         self._states = {s: state for s, state in self._states.items() if s.status != Status.FINISHED}
         return drafts
 
@@ -83,6 +88,6 @@ class Speculator:
         from a cached prefix whose MTP keys no one kept) a fresh one from `start` on."""
         state = self._states.get(seq)
         if state is None or state.next_position != start:
-            state = _MTPState(self.mtp.new_cache())
+            state = _MTPState(MTPCache())
             state.cache.num_verified = start
         return state

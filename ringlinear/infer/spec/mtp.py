@@ -6,11 +6,12 @@ sampled token t+1, the drafter runs the layer over the positions it has not seen
 true inputs, and the best candidates of the last one's logits are the first depth of the tree.
 Deeper nodes chain as vLLM does: a node at depth d feeds its token and its parent's output hidden
 state into MTP layer d mod (number of layers) at the next position, and its children are the best
-candidates of that step's logits; the nodes of one depth run as one batch. A chain is the tree of
-one branch. The MTP layers are softmax layers with their own keys and values: an `MTPCache` per
-sequence keeps the first layer's at the verified positions; a chained step attends to those and to
-the keys its own ancestors computed at its layer (`_Branches`), which are dropped after the call,
-since they were computed from drafts.
+candidates of that step's logits. A chain is the tree of one branch. One call drafts for every
+sequence of an engine step: the first pass packs all their new positions in one forward, and each
+chained depth runs the nodes of every tree as one batch; only attention is per sequence. The MTP
+layers are softmax layers with their own keys and values: an `MTPCache` per sequence keeps the first
+layer's at the verified positions; a chained step attends to those and to the keys its own ancestors
+computed at its layer (`_Branches`), which are dropped after the call, since they came from drafts.
 """
 
 from __future__ import annotations
@@ -30,66 +31,78 @@ from .tree import DraftTree, Path, path_parents
 KV = tuple[Tensor, Tensor]  # keys, values [B, positions, KV, D]
 
 
-class MTPCache(AttentionContext):
+class MTPCache:
     """One sequence's keys and values [1, positions, KV, D] of the first MTP layer at its verified
     positions (those it ran with true inputs)."""
 
-    def __init__(self, policy: KernelPolicy):
-        self.policy = policy
+    def __init__(self) -> None:
         self.keys: Tensor | None = None
         self.values: Tensor | None = None
         self.num_verified = 0  # the sequence's positions that the first MTP layer has seen
-        self._positions: Tensor | None = None
 
     def copy(self) -> MTPCache:
-        """An independent cache with the same entries (a forked sequence's: it shares the prompt)."""
-        other = MTPCache(self.policy)
+        """An independent cache with the same entries (a forked sequence's: it shares the prompt).
+        Entries are replaced, never written in place, so sharing the tensors is safe."""
+        other = MTPCache()
         other.keys, other.values, other.num_verified = self.keys, self.values, self.num_verified
         return other
 
-    def start(self, positions: Tensor) -> None:
-        """The positions [T] of the next forward."""
-        self._positions = positions
-
-    def positions(self, batch: int, seq_len: int, device: torch.device) -> Tensor:
-        return self._positions[None]
-
-    def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor) -> Tensor:
-        raise ValueError(f"layer {layer_idx}: MTP layers are softmax layers")
-
-    def softmax(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append new verified keys and values [1, n, KV, D]; returns all of them."""
         if self.keys is not None:
             k, v = torch.cat([self.keys, k], dim=1), torch.cat([self.values, v], dim=1)
         self.keys, self.values = k, v
-        return causal_attention(q, k, v, scale, policy=self.policy)
+        return k, v
 
 
-class _Branches(AttentionContext):
-    """One chained step of B tree nodes at the same position, one per batch row: each attends to the
-    first layer's verified keys (when it runs that layer), to the keys its ancestors computed at its
-    layer, and to its own; `computed` then holds its own."""
-
-    def __init__(self, cache: MTPCache, first_layer: int, ancestors: KV | None):
-        self.cache, self.first_layer, self.ancestors, self.policy = cache, first_layer, ancestors, cache.policy
-        self.computed: KV | None = None
-
+class _SoftmaxOnly(AttentionContext):
     def positions(self, batch: int, seq_len: int, device: torch.device) -> Tensor:
-        raise ValueError("the drafter passes the rotary embedding of a chained step itself")
+        raise ValueError("the drafter passes the rotary embedding itself")
 
     def lightning(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor) -> Tensor:
         raise ValueError(f"layer {layer_idx}: MTP layers are softmax layers")
 
+
+class _Verified(_SoftmaxOnly):
+    """The first pass: every sequence's new positions packed along T (B = 1), each run of rows
+    attending causally to its own cache and itself, whose keys and values it then keeps."""
+
+    def __init__(self, caches: list[MTPCache], lengths: list[int], policy: KernelPolicy):
+        self.caches, self.lengths, self.policy = caches, lengths, policy
+
+    def softmax(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        outputs = []
+        for cache, q_i, k_i, v_i in zip(self.caches, *(x.split(self.lengths, dim=1) for x in (q, k, v))):
+            keys, values = cache.extend(k_i, v_i)
+            outputs.append(causal_attention(q_i, keys, values, scale, policy=self.policy))
+        return torch.cat(outputs, dim=1)
+
+
+class _Branches(_SoftmaxOnly):
+    """One chained depth: the tree nodes of every sequence at the same depth, one per batch row (a
+    sequence's rows consecutive, `groups`: its cache and row count). Each attends to its sequence's
+    verified keys (when it runs the first layer), to the keys its ancestors computed at its layer,
+    and to its own; `computed` then holds its own."""
+
+    def __init__(self, groups: list[tuple[MTPCache, int]], first_layer: int, ancestors: KV | None,
+                 policy: KernelPolicy):
+        self.groups, self.first_layer, self.ancestors, self.policy = groups, first_layer, ancestors, policy
+        self.computed: KV | None = None
+
     def softmax(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         self.computed = (k, v)
-        keys, values = [k], [v]
         if self.ancestors is not None:
-            keys.insert(0, self.ancestors[0])
-            values.insert(0, self.ancestors[1])
-        if layer_idx == self.first_layer and self.cache.keys is not None:
-            batch = k.shape[0]
-            keys.insert(0, self.cache.keys.expand(batch, -1, -1, -1))
-            values.insert(0, self.cache.values.expand(batch, -1, -1, -1))
-        return causal_attention(q, torch.cat(keys, 1), torch.cat(values, 1), scale, policy=self.policy)
+            k, v = torch.cat([self.ancestors[0], k], 1), torch.cat([self.ancestors[1], v], 1)
+        if layer_idx != self.first_layer:
+            return causal_attention(q, k, v, scale, policy=self.policy)
+        outputs = []
+        sizes = [rows for _, rows in self.groups]
+        for (cache, rows), q_i, k_i, v_i in zip(self.groups, *(x.split(sizes) for x in (q, k, v))):
+            if cache.keys is not None:
+                k_i = torch.cat([cache.keys.expand(rows, -1, -1, -1), k_i], 1)
+                v_i = torch.cat([cache.values.expand(rows, -1, -1, -1), v_i], 1)
+            outputs.append(causal_attention(q_i, k_i, v_i, scale, policy=self.policy))
+        return torch.cat(outputs)
 
 
 class MTPDrafter:
@@ -105,51 +118,62 @@ class MTPDrafter:
             self.num_children[path[:-1]] = max(self.num_children.get(path[:-1], 0), path[-1] + 1)
 
     def new_cache(self) -> MTPCache:
-        return MTPCache(self.policy)
+        return MTPCache()
+
+    def propose(self, cache: MTPCache, hidden: Tensor, next_tokens: Tensor) -> DraftTree:
+        """One sequence's `propose_many`."""
+        return self.propose_many([(cache, hidden, next_tokens)])[0]
 
     @torch.no_grad()
-    def propose(self, cache: MTPCache, hidden: Tensor, next_tokens: Tensor) -> DraftTree:
-        """hidden [n, hidden]: the target's final hidden states (after `model.norm`) at the sequence's
-        n positions after `cache.num_verified`; next_tokens [n]: the token that followed each (the
-        last: the one just sampled). Returns the draft tree of the shape's paths (each node the
-        ranked candidate its path names)."""
+    def propose_many(self, requests: Sequence[tuple[MTPCache, Tensor, Tensor]]) -> list[DraftTree]:
+        """For each sequence (cache, hidden [n, hidden], next_tokens [n]): hidden, the target's final
+        hidden states (after `model.norm`) at its n positions after `cache.num_verified`; next_tokens,
+        the token that followed each (the last: the one just sampled). Returns each one's draft tree
+        of the shape's paths (each node the ranked candidate its path names)."""
         with numerics(self.policy):
-            return self._propose(cache, hidden, next_tokens)
+            return self._propose(requests)
 
-    def _propose(self, cache: MTPCache, hidden: Tensor, next_tokens: Tensor) -> DraftTree:
+    def _propose(self, requests: Sequence[tuple[MTPCache, Tensor, Tensor]]) -> list[DraftTree]:
         model, layers = self.model.model, self.model.model.mtp_layers
-        positions = torch.arange(cache.num_verified, cache.num_verified + hidden.shape[0], device=hidden.device)
-        cache.start(positions)
-        h = layers[0](model.word_embeddings(next_tokens[None]), hidden[None], model.rotary(positions[None]), cache)
-        cache.num_verified += positions.shape[0]
-        position = positions[-1:]
-        tokens: dict[Path, int] = {}
-        # the nodes whose children are picked next: their paths, output hidden states [B, 1, hidden],
-        # the layer that made them, and the keys their paths computed so far per layer
-        parents, h, layer = [()], h[:, -1:], layers[0]
-        chained: list[dict[int, KV]] = [{}]
-        while parents:
-            logits = self.model.lm_head(layer.final_layernorm(h, self.policy))  # [B, 1, V]
-            ranked = logits[:, 0].topk(max(self.num_children[p] for p in parents), dim=-1).indices.tolist()
-            for path, best in zip(parents, ranked):
-                tokens.update(((*path, c), best[c]) for c in range(self.num_children[path]))
-            expand = [i for i, p in enumerate(parents) for c in range(self.num_children[p])
+        caches = [cache for cache, _, _ in requests]
+        lengths = [hidden.shape[0] for _, hidden, _ in requests]
+        device = requests[0][1].device
+        positions = torch.cat([torch.arange(c.num_verified, c.num_verified + n, device=device)
+                               for c, n in zip(caches, lengths)])
+        hidden = torch.cat([h for _, h, _ in requests])[None]
+        embedded = model.word_embeddings(torch.cat([t for _, _, t in requests])[None])
+        h = layers[0](embedded, hidden, model.rotary(positions[None]), _Verified(caches, lengths, self.policy))
+        last = torch.tensor(lengths, device=device).cumsum(0) - 1
+        base = (positions[last] + 1).view(-1, 1)  # [B, 1] the first chained position of each sequence
+        for cache, n in zip(caches, lengths):
+            cache.num_verified += n
+        tokens: list[dict[Path, int]] = [{} for _ in requests]
+        # the nodes whose children are picked next, as (sequence, path), with their output hidden
+        # states [R, 1, hidden], the layer that made them, and the keys their paths computed per layer
+        parents = [(b, ()) for b in range(len(requests))]
+        h, layer, chained = h[0, last][:, None], layers[0], [{} for _ in requests]
+        while True:
+            logits = self.model.lm_head(layer.final_layernorm(h, self.policy))[:, 0]  # [R, V]
+            ranked = logits.topk(max(self.num_children[p] for _, p in parents), dim=-1).indices.tolist()
+            for (b, path), best in zip(parents, ranked):
+                tokens[b].update(((*path, c), best[c]) for c in range(self.num_children[path]))
+            expand = [(i, (b, (*p, c))) for i, (b, p) in enumerate(parents) for c in range(self.num_children[p])
                       if (*p, c) in self.num_children]
-            children = [(*parents[i], c) for i, p in enumerate(parents) for c in range(self.num_children[p])
-                        if (*p, c) in self.num_children]
-            if not children:
+            if not expand:
                 break
-            depth = len(children[0])
+            rows, children = [i for i, _ in expand], [child for _, child in expand]
+            depth = len(children[0][1])
             layer = layers[depth % len(layers)]
-            own = [chained[i].get(layer.layer_idx) for i in expand]
+            own = [chained[i].get(layer.layer_idx) for i in rows]
             ancestors = None if own[0] is None else tuple(torch.cat([kv[j] for kv in own]) for j in (0, 1))
-            branches = _Branches(cache, layers[0].layer_idx, ancestors)
-            position = position + 1
-            embedded = model.word_embeddings(torch.tensor([[tokens[c]] for c in children], device=hidden.device))
-            h = layer(embedded, h[expand], model.rotary(position[None]), branches)
+            groups = [(caches[b], sum(1 for c, _ in children if c == b)) for b in dict.fromkeys(c for c, _ in children)]
+            branches = _Branches(groups, layers[0].layer_idx, ancestors, self.policy)
+            embedded = model.word_embeddings(torch.tensor([[tokens[b][p]] for b, p in children], device=device))
+            position = base[[b for b, _ in children]] + depth - 1  # [R, 1]
+            h = layer(embedded, h[rows], model.rotary(position), branches)
             k, v = branches.computed
-            chained = [{**chained[i], layer.layer_idx: (k[b:b + 1], v[b:b + 1]) if own[b] is None else
-                        (torch.cat([own[b][0], k[b:b + 1]], 1), torch.cat([own[b][1], v[b:b + 1]], 1))}
-                       for b, i in enumerate(expand)]
+            chained = [{**chained[i], layer.layer_idx: (k[r:r + 1], v[r:r + 1]) if own[r] is None else
+                        (torch.cat([own[r][0], k[r:r + 1]], 1), torch.cat([own[r][1], v[r:r + 1]], 1))}
+                       for r, i in enumerate(rows)]
             parents = children
-        return DraftTree(tuple(tokens[p] for p in self.paths), self.parents)
+        return [DraftTree(tuple(t[p] for p in self.paths), self.parents) for t in tokens]
