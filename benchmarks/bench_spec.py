@@ -10,9 +10,10 @@ the standard library, as the trainer splits it), generated greedily, plainly and
 the MTP head as chains of k = 1, 2, 3 and as the tree TREE, and the n-gram drafter (code repeats
 itself) as a chain and a tree. Per draft position (tree depth), the share of verify steps that
 accepted a token there; the mean accepted drafts per verify step; tokens/s against plain decoding
-at batch 1 (requests one after another) and 16 (all at once), the fastest of --repeats runs. Every
-speculative output is checked against the plain one, token for token. On a shared CPU run it with
-OMP_NUM_THREADS=1: two threads fighting other processes made every step 7x slower.
+at batch 1 (requests one after another) and 16 (all at once), the fastest of --repeats rounds (each
+round runs every drafter once). Every speculative output is checked against the plain one, token
+for token. On a shared CPU run it with OMP_NUM_THREADS=1: two threads fighting other processes made
+every step 7x slower.
 
 Without it: random weights at Ring-mini shapes (`--quick`: tiny ones, on the CPU), batches of
 sequences whose contexts are placed in the cache as if prefilled (bench_engine's `decode`); each
@@ -131,29 +132,32 @@ def trained(checkpoint: str, repeats: int, results: dict) -> None:
     prompts = held_out_prompts(tokenizer, val_fraction, BATCH)
     results["setup"] = {"checkpoint": checkpoint, "prompts": len(prompts), "prompt_tokens": PROMPT_TOKENS,
                         "new_tokens": NEW_TOKENS, "threads": torch.get_num_threads(), "tree": TREE,
-                       "repeats": repeats}
+                        "repeats": repeats}
     log(f"{len(prompts)} held-out prompts of {PROMPT_TOKENS} tokens, {NEW_TOKENS} new each")
     for batch, group in ((1, prompts[:BATCH_ONE_REQUESTS]), (BATCH, prompts)):
-        reference = None
-        for name, spec in spec_configs().items():
-            def measure(spec=spec, group=group, batch=batch):
-                """The fastest of `repeats` runs (a shared CPU is noisy); the same tokens each time."""
-                nonlocal reference
-                runs = []
-                for _ in range(repeats):
-                    engine = Engine(model, None, EngineConfig(max_num_seqs=BATCH, page_size=16, num_pages=4096,
-                                                              speculative_config=spec))
-                    verifies = VerifyLog(engine)
-                    runs.append(generate_all(engine, group, at_once=batch > 1))
-                outputs, seconds = min(runs, key=lambda run: run[1])
-                if reference is None:
-                    reference = outputs
-                row = {"tokens_per_s": round(sum(map(len, outputs)) / seconds, 1), "seconds": round(seconds, 2),
-                       "equals_plain": outputs == reference, **verifies.summary()}
-                stats = engine.stats()
-                row["draft_tokens"], row["accepted_tokens"] = stats["spec_draft_tokens"], stats["spec_accepted_tokens"]
-                return row
-            case(results, f"batch{batch}_{name}", measure)
+        reference: list[list[int]] | None = None
+
+        def measure(spec: dict | None, group=group, batch=batch) -> dict:
+            nonlocal reference
+            engine = Engine(model, None, EngineConfig(max_num_seqs=BATCH, page_size=16, num_pages=4096,
+                                                      speculative_config=spec))
+            verifies = VerifyLog(engine)
+            outputs, seconds = generate_all(engine, group, at_once=batch > 1)
+            reference = reference or outputs  # the plain run's, first
+            stats = engine.stats()
+            return {"tokens_per_s": round(sum(map(len, outputs)) / seconds, 1), "seconds": round(seconds, 2),
+                    "equals_plain": outputs == reference, **verifies.summary(),
+                    "draft_tokens": stats["spec_draft_tokens"], "accepted_tokens": stats["spec_accepted_tokens"]}
+
+        runs: list[dict] = []
+        for _ in range(repeats):  # every drafter once per round, so that all meet the same load
+            runs.append({})
+            for name, spec in spec_configs().items():
+                case(runs[-1], f"batch{batch}_{name}", measure, spec)
+        for name in spec_configs():
+            timed = [run[f"batch{batch}_{name}"] for run in runs if "seconds" in run[f"batch{batch}_{name}"]]
+            results[f"batch{batch}_{name}"] = (min(timed, key=lambda row: row["seconds"]) if timed
+                                               else runs[0][f"batch{batch}_{name}"])
         plain = results[f"batch{batch}_plain"].get("tokens_per_s")
         for name in spec_configs():
             row = results[f"batch{batch}_{name}"]
