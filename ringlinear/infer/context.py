@@ -19,6 +19,7 @@ from ..ops.paged_latent_attention import paged_latent_attention
 from ..ops.policy import KernelPolicy
 from .cache import PagedCache
 from .scheduler import ScheduledChunk
+from .spec.tree import DraftTree
 
 
 @dataclass
@@ -145,7 +146,7 @@ class StepBatch:
             positions[:len(depth)] = computed[:verify.stop].repeat(counts[:verify.stop]) + depth
             trees = {"tree_ancestors": torch.from_numpy(ancestors), "tree_depth": torch.from_numpy(depth),
                      "max_tree_len": int(counts[verify].max()),
-                     "has_branches": not all(c.draft_parents == tuple(range(len(c.drafts))) for c in chunks[verify])}
+                     "has_branches": not all(DraftTree(c.drafts, c.draft_parents).is_chain for c in chunks[verify])}
         arrays = (input_ids, positions, slot_mapping, slot_array, ends, query_start, logits_indices)
         prefills = chunks[verify.stop:]
         rounds = lightning_rounds(prefills)
@@ -154,18 +155,17 @@ class StepBatch:
                    final_snapshots=final_snapshots(prefills) if rounds is None else None,
                    num_verifies=num_verifies, num_verify_tokens=int(counts[verify].sum()), **trees)
 
-    def tensors(self) -> list[Tensor]:
-        return [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)]
+    def tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
 
     def to(self, device: torch.device) -> StepBatch:
         """The same batch on `device`, in one host-to-device copy."""
         tensors = self.tensors()
-        flat = torch.cat(tensors).to(device, non_blocking=True)
-        moved = flat.split([t.numel() for t in tensors])
-        names = [f.name for f in fields(self) if isinstance(getattr(self, f.name), Tensor)]
+        flat = torch.cat(list(tensors.values())).to(device, non_blocking=True)
+        moved = flat.split([t.numel() for t in tensors.values()])
         rounds = None if self.rounds is None else [r.to(device) for r in self.rounds]
         final = None if self.final_snapshots is None else tuple(t.to(device) for t in self.final_snapshots)
-        return replace(self, **dict(zip(names, moved)), rounds=rounds, final_snapshots=final)
+        return replace(self, **dict(zip(tensors, moved)), rounds=rounds, final_snapshots=final)
 
 
 class PagedContext(AttentionContext):
