@@ -262,3 +262,25 @@ def test_packed_prefill_with_max_seqlen_needs_no_host_sync_and_can_be_captured()
     graph.replay()
     fresh = prefill()
     assert torch.equal(captured[0], fresh[0]) and torch.equal(captured[1], fresh[1])
+
+
+def test_draft_trees_on_the_triton_kernels_emit_the_plain_greedy_output():
+    """Verify steps on CUDA (the tree verify and fold kernels, tree-masked paged attention, the
+    accepted paths' keys and values moved): fp32, so that a verify row and a decode step, summed in
+    different orders, pick the same argmax. A forced drafter's paths leave the first branch; the
+    MTP head's top-k tree (random weights) is mostly rejected."""
+    from test_spec_engine import MTP_TREE, ForcedTreeDrafter, prompts_of, record_paths, serve
+
+    target = model(torch.float32, num_nextn_predict_layers=1, vocab_size=257)
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    prompts = prompts_of([6, 40, 300, 17], seed=4)
+    arrivals = {0: [(str(i), p, greedy) for i, p in enumerate(prompts[:3])], 2: [("3", prompts[3], greedy)]}
+    config = {"max_num_seqs": 4, "max_num_batched_tokens": 256, "page_size": 16, "num_pages": 64}
+    plain = {r: t for r, (t, _) in serve(Engine(target, None, EngineConfig(**config)), arrivals).items()}
+    forced = Engine(target, None, EngineConfig(**config, speculative_config=MTP_TREE))
+    forced.speculator = ForcedTreeDrafter(plain)
+    paths = record_paths(forced)
+    assert {r: t for r, (t, _) in serve(forced, arrivals).items()} == plain and [2, 4, 5] in paths
+    mtp = Engine(target, None, EngineConfig(**config, speculative_config=MTP_TREE))
+    assert {r: t for r, (t, _) in serve(mtp, arrivals).items()} == plain
+    assert mtp.stats()["spec_draft_tokens"] > 0

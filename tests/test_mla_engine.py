@@ -13,6 +13,7 @@ from test_spec_drafters import from_scratch
 from ringlinear.generate import generate
 from ringlinear.infer import Engine, EngineConfig, SamplingParams
 from ringlinear.infer.spec.mtp import MTPDrafter
+from ringlinear.infer.spec.tree import chain_paths
 from ringlinear.info import model_info
 from ringlinear.ops.paged_latent_attention import DECOMPRESS_MIN_QUERIES
 
@@ -51,21 +52,19 @@ def test_greedy_equals_generate_under_batching_chunking_and_preemption(model):
 
 
 def test_mtp_drafter_keeps_latents_and_drafts_as_the_layer_run_from_scratch():
-    """The MTP layer is an MLA layer: the drafter's cache keeps its latent and rope key per position,
-    and its drafts over two rounds are those of the layer rerun over everything it has seen."""
+    """The MTP layer is an MLA layer: the drafter's cache keeps its latent and rope key per verified
+    position, and its drafts over two rounds are those of the layer rerun over everything it has seen."""
     model = tiny_model(preset="tiny-mla", **MTP_MODEL).double()
     config = model.config
     ids = torch.randint(1, 257, (30,), generator=torch.Generator().manual_seed(0))
     hidden = model(ids[None]).hidden_states[0]
-    drafter, k = MTPDrafter(model, 3), 3
+    drafter, k = MTPDrafter(model, chain_paths(3)), 3
     cache = drafter.new_cache()
     for verified_before, verified in ((0, 20), (20, 23)):  # the second round after 2 accepted drafts
         drafts = drafter.propose(cache, hidden[verified_before:verified], ids[verified_before + 1:verified + 1])
-        assert drafts.tolist() == from_scratch(model, ids, hidden, verified, k)
-    positions = 23 + k - 1  # the verified ones and the last round's chained steps
-    mtp_layer = config.num_hidden_layers
-    assert cache.keys[mtp_layer].shape == (1, positions, config.kv_lora_rank)
-    assert cache.values[mtp_layer].shape == (1, positions, config.qk_rope_head_dim)
+        assert list(drafts.tokens) == from_scratch(model, ids, hidden, verified, k)
+    assert cache.keys.shape == (1, 23, config.kv_lora_rank)  # the chained steps' entries are not kept
+    assert cache.values.shape == (1, 23, config.qk_rope_head_dim)
 
 
 def test_mtp_drafts_on_mla_keep_the_greedy_output():

@@ -10,9 +10,15 @@ from infer_helpers import tiny_model
 
 from ringlinear.infer import Engine, EngineConfig, SamplingParams
 from ringlinear.infer.metrics import Metrics
+from ringlinear.infer.scheduler import Status
+from ringlinear.infer.spec.tree import DraftTree
 
 MTP = {"method": "mtp", "num_speculative_tokens": 3}
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+# trees: the MTP head's top 2 at the first two depths; the n-gram drafter's three best continuations
+MTP_TREE = {**MTP, "num_speculative_tokens": 5, "speculative_token_tree": "[(0,), (1,), (0, 0), (1, 0), (0, 0, 0)]"}
+NGRAM_TREE = {**NGRAM, "num_speculative_tokens": 7,
+              "speculative_token_tree": [[0], [1], [2], [0, 0], [1, 0], [0, 0, 0], [0, 0, 0, 0]]}
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +55,26 @@ def serve(engine: Engine, arrivals: dict[int, list[tuple[str, list[int], Samplin
     return outputs
 
 
-@pytest.mark.parametrize("method", ["mtp", "ngram"])
-def test_greedy_speculative_output_equals_plain_greedy_output(model, repetitive, method):
-    target, spec = (model, MTP) if method == "mtp" else (repetitive, NGRAM)
+def record_paths(engine: Engine) -> list[list[int]]:
+    """The accepted paths of every verify chunk the engine runs from now on."""
+    paths, verify = [], engine.sampler.verify
+
+    def recording(logits, verifies):
+        verified = verify(logits, verifies)
+        paths.extend(v.path for v in verified)
+        return verified
+    engine.sampler.verify = recording
+    return paths
+
+
+@pytest.mark.parametrize("method,shape", [("mtp", "chain"), ("ngram", "chain"), ("mtp", "tree"), ("ngram", "tree")])
+def test_greedy_speculative_output_equals_plain_greedy_output(model, repetitive, method, shape):
+    """Mixed steps of verify chunks, plain (penalised) decodes and prompt chunks, with preemption:
+    chains, and trees whose accepted paths leave their first branch (their keys and values moved to
+    consecutive positions, their Lightning state folded along the path)."""
+    target = model if method == "mtp" else repetitive
+    spec = {("mtp", "chain"): MTP, ("ngram", "chain"): NGRAM, ("mtp", "tree"): MTP_TREE,
+            ("ngram", "tree"): NGRAM_TREE}[method, shape]
     greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     penalised = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, repetition_penalty=1.3)
     prompts = prompts_of([7, 20, 12])
@@ -60,8 +83,10 @@ def test_greedy_speculative_output_equals_plain_greedy_output(model, repetitive,
     config = {"max_num_seqs": 3, "max_num_batched_tokens": 12, "page_size": 4, "num_pages": 11}
     plain = serve(Engine(target, None, EngineConfig(**config)), arrivals)
     engine = Engine(target, None, EngineConfig(**config, speculative_config=spec))
+    paths = record_paths(engine)
     speculative = serve(engine, arrivals)
     assert {r: t for r, (t, _) in speculative.items()} == {r: t for r, (t, _) in plain.items()}
+    assert paths and all(path == sorted(path) for path in paths)
     stats = engine.stats()
     assert stats["preemptions"] > 0 and stats["page_usage"] == stats["slot_usage"] == 0
     assert engine.scheduler.cache.num_free_pages == 11
@@ -70,6 +95,54 @@ def test_greedy_speculative_output_equals_plain_greedy_output(model, repetitive,
         assert drafts > 15 and accepted < 0.2 * drafts  # random MTP weights: most drafts are rejected
     else:
         assert drafts > 10 and accepted > 0.4 * drafts
+
+
+class ForcedTreeDrafter:
+    """Trees whose first branch at every depth is wrong and whose second is the plain engine's next
+    token: every accepted path leaves the first branch, so its keys and values move and its
+    Lightning state folds along nodes that are not consecutive."""
+    needs_hidden_states = False
+    # (0,) wrong, (1,) right; under it (1, 0) wrong, (1, 1) right, then (1, 1, 0) right
+    shape = [(0,), (1,), (1, 0), (1, 1), (1, 1, 0)]
+
+    def __init__(self, reference: dict[str, list[int]]):
+        self.reference = reference
+
+    def propose(self, output, hidden, accepted):
+        drafts = {}
+        for chunk in output.chunks:
+            seq = chunk.seq
+            if not chunk.sample or seq.status != Status.RUNNING or seq.params.penalised:
+                continue
+            right = self.reference[seq.request_id][len(seq.output_ids):][:3]
+            if len(right) == 3:
+                wrong = [(t + 1) % 257 for t in right]
+                drafts[seq] = DraftTree((wrong[0], right[0], wrong[1], right[1], right[2]), (0, 0, 2, 2, 4))
+        return drafts
+
+
+def test_accepted_paths_off_the_first_branch_leave_the_cache_as_plain_decoding_does(model):
+    """Greedy output equals plain greedy output when every accepted path skips rejected siblings,
+    beside plain decodes and prompt chunks, under preemption; then a follow-up request reads the
+    prefix cache those paths registered."""
+    greedy = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+    prompts = prompts_of([6, 17, 11], seed=4)
+    arrivals = {0: [("a", prompts[0], greedy), ("b", prompts[1], greedy)], 2: [("c", prompts[2], greedy)]}
+    config = {"max_num_seqs": 3, "max_num_batched_tokens": 16, "page_size": 4, "num_pages": 14,
+              "prefix_snapshot_interval": 8}
+    plain_engine = Engine(model, None, EngineConfig(**config))
+    plain = {r: t for r, (t, _) in serve(plain_engine, arrivals).items()}
+    engine = Engine(model, None, EngineConfig(**config, speculative_config=MTP_TREE))
+    engine.speculator = ForcedTreeDrafter(plain)
+    paths = record_paths(engine)
+    assert {r: t for r, (t, _) in serve(engine, arrivals).items()} == plain
+    assert engine.stats()["preemptions"] > 0
+    assert [2, 4, 5] in paths and all(path[:1] in ([], [2]) for path in paths)
+    follow_up = prompts[1] + plain["b"] + [3, 4]
+    for e in (plain_engine, engine):
+        e.speculator = None
+    again = [serve(e, {0: [("d", follow_up, greedy)]})["d"][0] for e in (plain_engine, engine)]
+    assert again[0] == again[1] and engine.stats()["prefix_cache_hits"] >= 24  # into the generated tokens
 
 
 def test_batch_invariant_accepted_tokens_logprobs_are_bit_identical(repetitive):
@@ -106,11 +179,12 @@ def test_prefix_cache_keeps_only_accepted_tokens(repetitive):
     assert results[0] == results[1]
 
 
-def test_seeded_sampling_is_reproducible_and_counts_drafts(model):
+@pytest.mark.parametrize("spec", [MTP, MTP_TREE], ids=["chain", "tree"])
+def test_seeded_sampling_is_reproducible_and_counts_drafts(model, spec):
     params = SamplingParams(max_tokens=10, temperature=0.8, top_k=20, seed=5, ignore_eos=True)
     runs = []
     for _ in range(2):
-        engine = Engine(model, None, EngineConfig(max_num_seqs=2, page_size=4, num_pages=32, speculative_config=MTP))
+        engine = Engine(model, None, EngineConfig(max_num_seqs=2, page_size=4, num_pages=32, speculative_config=spec))
         runs.append(serve(engine, {0: [("a", prompts_of([6])[0], params)]})["a"][0])
     assert runs[0] == runs[1] and len(runs[0]) == 10
     metrics = Metrics()
@@ -126,3 +200,8 @@ def test_bad_speculative_configs_fail_at_start_up(model):
         Engine(tiny_model(num_hidden_layers=3), None, EngineConfig(num_pages=8, speculative_config=MTP))
     with pytest.raises(ValueError, match="speculative_config.num_speculative_tokens must be"):
         Engine(model, None, EngineConfig(num_pages=8, speculative_config='{"method": "mtp", "num_speculative_tokens": 64}'))
+    with pytest.raises(ValueError, match="speculative_config.speculative_token_tree: batch_invariant verifies chains"):
+        Engine(model, None, EngineConfig(num_pages=8, page_size=16, batch_invariant=True, speculative_config=MTP_TREE))
+    with pytest.raises(ValueError, match="speculative_config.speculative_token_tree: an MLA model verifies chains"):
+        Engine(tiny_model(preset="tiny-mla", num_hidden_layers=3, num_nextn_predict_layers=1), None,
+               EngineConfig(num_pages=8, speculative_config=MTP_TREE))

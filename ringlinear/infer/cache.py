@@ -379,6 +379,13 @@ class PagedCache:
             self.kv.index_copy_(self.page_dim, self._index(targets), self.kv.index_select(self.page_dim,
                                                                                          self._index(sources)))
 
+    def move_tokens(self, sources: torch.Tensor, targets: torch.Tensor) -> None:
+        """Copy the keys and values (latents) of every softmax layer at flat token rows `sources`
+        (page * page_size + offset) to rows `targets`: an accepted draft-tree path to consecutive
+        positions. All sources are read before any target is written."""
+        rows = self.kv.flatten(self.page_dim, self.page_dim + 1)  # a view: pages and offsets as one dim
+        rows.index_copy_(self.page_dim, targets, rows.index_select(self.page_dim, sources))
+
     def save_snapshots(self, slots: Sequence[int], snapshots: Sequence[int]) -> None:
         """Copy the current states of `slots` into `snapshots` (every Lightning layer)."""
         if snapshots:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -15,12 +15,13 @@ from ..model.context import AttentionContext
 from ..model.mla import decompress
 from ..ops import lightning_attn, lightning_decode
 from ..ops.attention import causal_attention
-from ..ops.lightning import lightning_tree_fold
+from ..ops.lightning import lightning_tree_fold, lightning_tree_verify
 from ..ops.paged_attention import paged_attention
 from ..ops.paged_latent_attention import DECOMPRESS_MIN_QUERIES, paged_latent_attention
 from ..ops.policy import KernelPolicy
 from .cache import PagedCache
 from .scheduler import ScheduledChunk
+from .spec.tree import DraftTree
 
 
 @dataclass
@@ -65,6 +66,20 @@ def lightning_rounds(chunks: Seq[ScheduledChunk]) -> list[LightningRound] | None
     return rounds
 
 
+def tree_masks(chunks: Seq[ScheduledChunk]) -> tuple[np.ndarray, np.ndarray]:
+    """Of the rows of single-token and verify `chunks` (in step order): the `ops.tree` ancestor
+    bitmasks (int64, bit 63 its sign) and depths; a single token is a root."""
+    ancestors, depths = [], []
+    for chunk in chunks:
+        own: list[int] = []
+        for i, parent in enumerate(chunk.tree_parents):
+            own.append((1 << i) | (own[parent] if parent >= 0 else 0))
+            depths.append(depths[len(depths) - i + parent] + 1 if parent >= 0 else 0)
+        ancestors += own
+    bits = np.asarray(ancestors, dtype=np.uint64).view(np.int64)
+    return bits, np.asarray(depths, dtype=np.int64)
+
+
 def final_snapshots(chunks: Seq[ScheduledChunk]) -> tuple[Tensor, Tensor] | None:
     """(which of the multi-token `chunks`, snapshot) for the snapshots taken at their ends."""
     pairs = [(i, snapshot) for i, c in enumerate(chunks) for position, snapshot in c.snapshots if position == c.end]
@@ -106,8 +121,8 @@ class DecompressedChunks:
 @dataclass
 class StepBatch:
     """Sequences with exactly one new token come first: they take the decode kernels; then verify
-    chunks (a sequence's last token and its drafts, a chain: causal at positions prefix + i); then
-    prompt chunks."""
+    chunks (a sequence's last token and its draft tree: node i at position prefix + depth, its keys
+    and values in the page slot of prefix + i); then prompt chunks."""
     input_ids: Tensor  # [T]
     positions: Tensor  # [T]
     slot_mapping: Tensor  # [T] where each token's keys and values go: page * page_size + offset
@@ -122,6 +137,11 @@ class StepBatch:
     num_verify_tokens: int = 0  # their rows
     final_snapshots: tuple[Tensor, Tensor] | None = None  # else (prefill sequence, snapshot) at chunk ends
     decompressed: DecompressedChunks | None = None  # MLA: the long prompt chunks, if any
+    # with verify chunks, of the decode and verify rows: `ops.tree`'s ancestor bitmasks and depths
+    tree_ancestors: Tensor | None = None
+    tree_depth: Tensor | None = None
+    max_tree_len: int = 0  # the largest verify chunk
+    has_branches: bool = False  # some verify chunk is not a chain: softmax layers need the tree mask
 
     @property
     def num_seqs(self) -> int:
@@ -138,11 +158,12 @@ class StepBatch:
         query_start = np.zeros(len(counts) + 1, dtype=np.int64)
         np.cumsum(counts, out=query_start[1:])
         total = int(query_start[-1])
-        positions = np.repeat(computed - query_start[:-1], counts) + np.arange(total)
+        slot_positions = np.repeat(computed - query_start[:-1], counts) + np.arange(total)
         input_ids = np.fromiter(itertools.chain.from_iterable(c.input_ids() for c in chunks), dtype=np.int64,
                                 count=total)
         page = cache.page_size
-        slot_mapping = cache.host_tables[np.repeat(slot_array, counts), positions // page] * page + positions % page
+        slot_mapping = (cache.host_tables[np.repeat(slot_array, counts), slot_positions // page] * page
+                        + slot_positions % page)
         ends = computed + counts
         logits_indices = np.concatenate([np.zeros(0, dtype=np.int64)] + [
             np.arange(query_start[i + 1] - c.num_logits, query_start[i + 1]) for i, c in enumerate(chunks)])
@@ -151,6 +172,14 @@ class StepBatch:
         verify = slice(num_decodes, num_decodes + num_verifies)
         assert (counts[:num_decodes] == 1).all() and all(c.drafts for c in chunks[verify]), \
             "single-token sequences must come first, then verify chunks"
+        positions, trees = slot_positions, {}
+        if num_verifies:
+            ancestors, depth = tree_masks(chunks[:verify.stop])
+            positions = slot_positions.copy()
+            positions[:len(depth)] = computed[:verify.stop].repeat(counts[:verify.stop]) + depth
+            trees = {"tree_ancestors": torch.from_numpy(ancestors), "tree_depth": torch.from_numpy(depth),
+                     "max_tree_len": int(counts[verify].max()),
+                     "has_branches": not all(DraftTree(c.drafts, c.draft_parents).is_chain for c in chunks[verify])}
         arrays = (input_ids, positions, slot_mapping, slot_array, ends, query_start, logits_indices)
         prefills = chunks[verify.stop:]
         rounds = lightning_rounds(prefills)
@@ -158,31 +187,32 @@ class StepBatch:
         return cls(*(torch.from_numpy(a) for a in arrays), num_decodes=num_decodes,
                    max_query_len=int(counts.max(initial=0)), rounds=rounds,
                    final_snapshots=final_snapshots(prefills) if rounds is None else None,
-                   num_verifies=num_verifies, num_verify_tokens=int(counts[verify].sum()), decompressed=decompressed)
+                   num_verifies=num_verifies, num_verify_tokens=int(counts[verify].sum()), decompressed=decompressed,
+                   **trees)
 
-    def tensors(self) -> list[Tensor]:
-        return [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)]
+    def tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
 
     def to(self, device: torch.device) -> StepBatch:
         """The same batch on `device`, in one host-to-device copy."""
         tensors = self.tensors()
-        flat = torch.cat(tensors).to(device, non_blocking=True)
-        moved = flat.split([t.numel() for t in tensors])
+        flat = torch.cat(list(tensors.values())).to(device, non_blocking=True)
+        moved = flat.split([t.numel() for t in tensors.values()])
         rounds = None if self.rounds is None else [r.to(device) for r in self.rounds]
         final = None if self.final_snapshots is None else tuple(t.to(device) for t in self.final_snapshots)
         decompressed = None if self.decompressed is None else self.decompressed.to(device)
-        return StepBatch(*moved, num_decodes=self.num_decodes, max_query_len=self.max_query_len, rounds=rounds,
-                         final_snapshots=final, num_verifies=self.num_verifies,
-                         num_verify_tokens=self.num_verify_tokens, decompressed=decompressed)
+        return replace(self, **dict(zip(tensors, moved)), rounds=rounds, final_snapshots=final,
+                       decompressed=decompressed)
 
 
 class PagedContext(AttentionContext):
     """Lightning layers: single-token sequences update their state slots in place (decode kernel);
-    verify chunks run from their slots' states without writing them, keeping their keys and values
-    for `fold`; longer runs continue from their slots' states (varlen chunk kernel) and write the
-    final states back, in rounds cut at snapshot positions when the step takes snapshots. Softmax
-    layers: the new keys and values go to their pages (a verify chunk's at prefix + i: a chain is
-    causal), then paged attention reads the cached prefix and the new tokens. `policy` picks the
+    verify chunks run from their slots' states without writing them (tree verify kernel), keeping
+    their keys and values for `fold`; longer runs continue from their slots' states (varlen chunk
+    kernel) and write the final states back, in rounds cut at snapshot positions when the step takes
+    snapshots. Softmax layers: the new keys and values go to their pages (a verify chunk's node i at
+    prefix + i), then paged attention reads the cached prefix and the new tokens, with the tree mask
+    for decode and verify rows when some tree has branches (a chain is causal). `policy` picks the
     kernels."""
 
     def __init__(self, cache: PagedCache, batch: StepBatch, policy: KernelPolicy):
@@ -210,19 +240,18 @@ class PagedContext(AttentionContext):
                                             self.batch.slots[:decodes], policy=self.policy))
         if verified > decodes:
             rows = slice(decodes, verified)
-            o, _ = lightning_attn(q[:, rows], k[:, rows], v[:, rows], log_decay, initial_state=states[self.verify_slots],
-                                  cu_seqlens=self.verify_cu_seqlens, max_seqlen=min(self.batch.max_query_len,
-                                                                                    verified - decodes),
-                                  policy=self.policy)
-            outputs.append(o[0])
+            outputs.append(lightning_tree_verify(q[0, rows], k[0, rows], v[0, rows], log_decay, states,
+                                                 self.verify_slots, self.batch.tree_ancestors[rows],
+                                                 self.batch.tree_depth[rows], self.verify_cu_seqlens,
+                                                 self.batch.max_tree_len, policy=self.policy))
             self.verified[layer_idx] = (k[0, rows], v[0, rows], log_decay)
         if verified < q.shape[1]:
             q, k, v = q[0, verified:], k[0, verified:], v[0, verified:]
             if self.batch.rounds is None:
                 o, final = lightning_attn(q[None], k[None], v[None], log_decay,
                                           initial_state=states[self.prefill_slots], output_final_state=True,
-                                          cu_seqlens=self.prefill_cu_seqlens, max_seqlen=self.batch.max_query_len,
-                                          policy=self.policy)
+                                          cu_seqlens=self.prefill_cu_seqlens,
+                                          max_seqlen=min(self.batch.max_query_len, q.shape[0]), policy=self.policy)
                 states[self.prefill_slots] = final
                 if self.batch.final_snapshots is not None:
                     seqs, snapshots = self.batch.final_snapshots
@@ -233,18 +262,27 @@ class PagedContext(AttentionContext):
                 outputs.append(self._lightning_rounds(q, k, v, log_decay, states, snapshots))
         return (outputs[0] if len(outputs) == 1 else torch.cat(outputs))[None]
 
-    def fold(self, sizes: Seq[int], num_accepted: Seq[int]) -> None:
-        """After the target accepted `num_accepted[n]` of the drafts of verify chunk n (`sizes[n]`
-        tokens): its root and those drafts enter the slot's state in every Lightning layer; the
-        rejected ones leave no trace."""
-        counts = np.asarray(num_accepted, dtype=np.int64) + 1
+    def fold(self, sizes: Seq[int], accepted: Seq[list[int]]) -> None:
+        """After the target accepted the path `accepted[n]` (draft nodes, root to leaf) of verify
+        chunk n (`sizes[n]` rows): its root and those nodes enter the slot's state in every Lightning
+        layer, and their keys and values move to consecutive positions prefix + depth (a chain's are
+        there already); the rejected ones leave no trace but in pages past the path, given back."""
+        paths = [[0, *path] for path in accepted]
         starts = np.cumsum([0, *sizes[:-1]], dtype=np.int64)
-        rows = np.minimum(starts[:, None] + np.arange(counts.max()), starts[:, None] + counts[:, None] - 1)
+        width = max(len(path) for path in paths)
+        rows = np.asarray([[start + path[min(j, len(path) - 1)] for j in range(width)]
+                           for start, path in zip(starts, paths)], dtype=np.int64)
         device = self.cache.device
-        accepted, counts = torch.from_numpy(rows).to(device), torch.from_numpy(counts).to(device)
+        counts = torch.tensor([len(path) for path in paths], device=device)
+        rows_on_device = torch.from_numpy(rows).to(device)
         for layer_idx, (k, v, log_decay) in self.verified.items():
             states = self.cache.states[self.cache.linear_index[layer_idx]]
-            lightning_tree_fold(k, v, log_decay, states, self.verify_slots, accepted, counts, policy=self.policy)
+            lightning_tree_fold(k, v, log_decay, states, self.verify_slots, rows_on_device, counts, policy=self.policy)
+        moves = [(start + node, start + depth) for start, path in zip(starts, paths)
+                 for depth, node in enumerate(path) if node != depth]
+        if moves and self.cache.softmax_index:
+            offsets = torch.tensor(moves, device=device) + self.batch.num_decodes  # rows of the step
+            self.cache.move_tokens(self.batch.slot_mapping[offsets[:, 0]], self.batch.slot_mapping[offsets[:, 1]])
 
     def _lightning_rounds(self, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, states: Tensor,
                           snapshots: Tensor) -> Tensor:
@@ -266,9 +304,21 @@ class PagedContext(AttentionContext):
         for cache, new in ((k_cache, k), (v_cache, v)):
             cache.view(-1, *new.shape[2:]).index_copy_(0, self.batch.slot_mapping, new[0])
         batch = self.batch
-        o = paged_attention(q[0], k_cache, v_cache, self.block_tables, batch.seq_lens, batch.query_start, scale,
-                            batch.max_query_len, policy=self.policy)
-        return o[None]
+        if not batch.has_branches:
+            o = paged_attention(q[0], k_cache, v_cache, self.block_tables, batch.seq_lens, batch.query_start, scale,
+                                batch.max_query_len, policy=self.policy)
+            return o[None]
+        # the tree mask covers trees of up to MAX_TREE_TOKENS rows: prompt chunks take a second call
+        seqs, rows = batch.num_decodes + batch.num_verifies, batch.num_decodes + batch.num_verify_tokens
+        o = paged_attention(q[0, :rows], k_cache, v_cache, self.block_tables[:seqs], batch.seq_lens[:seqs],
+                            batch.query_start[:seqs + 1], scale, batch.max_tree_len, policy=self.policy,
+                            tree_ancestors=batch.tree_ancestors)
+        if rows == q.shape[1]:
+            return o[None]
+        prompt = paged_attention(q[0, rows:], k_cache, v_cache, self.block_tables[seqs:], batch.seq_lens[seqs:],
+                                 batch.query_start[seqs:] - rows, scale, min(batch.max_query_len, q.shape[1] - rows),
+                                 policy=self.policy)
+        return torch.cat([o, prompt])[None]
 
     def latent_attention(self, layer_idx: int, q: Tensor, latent: Tensor, k_rope: Tensor, kv_b: Tensor,
                          scale: float) -> Tensor:

@@ -61,7 +61,8 @@ class EngineConfig:
     # checkpoint holds FP8 weights already (which load as FP8 whatever this says). No CUDA graphs yet.
     quantization: str = "none"
     # Speculative decoding, vLLM's dict (or its JSON text): {"method": "mtp" | "ngram",
-    # "num_speculative_tokens": k, "prompt_lookup_min"/"prompt_lookup_max": n-gram lengths}; None: off
+    # "num_speculative_tokens": k, "prompt_lookup_min"/"prompt_lookup_max": n-gram lengths,
+    # "speculative_token_tree": a tree shape instead of a chain, e.g. "[(0,), (1,), (0, 0)]"}; None: off
     speculative_config: SpeculativeConfig | dict | str | None = None
 
     def validate(self) -> None:
@@ -76,6 +77,9 @@ class EngineConfig:
                              f"got {self.prefix_snapshot_interval}")
         if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
             self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if self.batch_invariant and self.speculative_config is not None and self.speculative_config.is_tree:
+            raise ValueError("speculative_config.speculative_token_tree: batch_invariant verifies chains only "
+                             "(paged attention has no invariant tree mask); give a chain (no branches)")
 
 
     @property
@@ -236,13 +240,13 @@ class Engine:
         rows = output.sample_rows
         logits = result.logits if len(rows) == result.logits.shape[0] else result.logits[rows]
         tokens, logprobs = self.sampler(logits, output.sampled)
-        verified = [self.sampler.verify(result.logits[row:row + chunk.num_tokens], chunk.seq, chunk.drafts)
-                    for chunk, row in output.verifies]
-        self.runner.fold(output, [len(emitted) - 1 for emitted, _ in verified])
+        verified = self.sampler.verify(result.logits, output.verifies)
+        accepted = [v.path for v in verified]
+        self.runner.fold(output, accepted)
         outputs = self.scheduler.update(output, tokens, logprobs, self._prompt_logprobs(output, result.hidden_states),
-                                        verified)
+                                        [(v.tokens, v.logprobs) for v in verified])
         if speculator is not None:
-            self.scheduler.set_drafts(speculator.propose(output, result.hidden_states))
+            self.scheduler.set_drafts(speculator.propose(output, result.hidden_states, accepted))
         return outputs
 
     def _prompt_logprobs(self, output: SchedulerOutput, hidden: torch.Tensor | None) -> dict[int, list]:

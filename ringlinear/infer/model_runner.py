@@ -77,9 +77,10 @@ class ModelRunner:
         self.cache.apply_after(output.changes)
         return result
 
-    def fold(self, output: SchedulerOutput, num_accepted: list[int]) -> None:
-        """The accepted part of each of the last step's verify chunks (`num_accepted` drafts each,
-        in the order of `output.verifies`) into the Lightning states."""
+    def fold(self, output: SchedulerOutput, accepted: list[list[int]]) -> None:
+        """The accepted path of each of the last step's verify chunks (its draft nodes, root to leaf,
+        in the order of `output.verifies`) into the Lightning states and to consecutive positions of
+        the pages."""
         if self._verifying is not None:
-            self._verifying.fold([chunk.num_tokens for chunk, _ in output.verifies], num_accepted)
+            self._verifying.fold([chunk.num_tokens for chunk, _ in output.verifies], accepted)
             self._verifying = None

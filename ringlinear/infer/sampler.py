@@ -4,6 +4,8 @@ of prompt tokens, from the hidden states of the rows that predict them."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -11,10 +13,17 @@ from ..ops.batch_invariant import numerics
 from ..ops.policy import KernelPolicy
 from ..sampling import apply_penalties, filter_logits, sample, token_logprobs
 from .outputs import TokenLogprob
-from .scheduler import Sequence
-from .spec.rejection import accept_chain
+from .scheduler import ScheduledChunk, Sequence
+from .spec.rejection import accept_tree, greedy_path
 
 PROMPT_LOGPROB_ROWS = 1024  # rows of [rows, V] fp32 logits made at a time for prompt log-probs
+
+
+class Verified(NamedTuple):
+    """What a verify chunk gave: its accepted draft nodes, root to leaf, and the tokens it emits."""
+    path: list[int]
+    tokens: list[int]
+    logprobs: list[TokenLogprob | None]
 
 
 class Sampler:
@@ -54,26 +63,34 @@ class Sampler:
                     for i, (p, token) in enumerate(zip(params, token_list))]
         return token_list, logprobs
 
-    def verify(self, logits: Tensor, seq: Sequence, drafts: tuple[int, ...]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """A verify chunk's logits [1 + k, V] (row j: after j of the k drafts) -> the drafts the
-        target accepts and the token after them (rejection sampling: distributed as the target's own
-        samples; greedy: its argmax path), with their log-probs (None where not asked). Penalised
-        requests draft nothing, so the distribution is the same for every row but for its context."""
-        params = seq.params
+    def verify(self, logits: Tensor, verifies: list[tuple[ScheduledChunk, int]]) -> list[Verified]:
+        """For each verify chunk (and its first row of `logits`: its rows [1 + m, V], row i after its
+        node i, the root 0 then the m draft nodes), the path of draft nodes the target accepts, the
+        tokens it emits (that path's, then the token after it) and their log-probs (None where not
+        asked). Rejection sampling: the tokens are distributed as the target's own samples; greedy:
+        its argmax path, the argmax of every row read back at once. Penalised requests draft
+        nothing, so the distribution is the same for every row but for its context."""
         with numerics(self.policy):
-            if params.greedy:
-                target = logits
-            else:
-                scaled = logits / params.temperature
-                target = filter_logits(scaled, params.top_k, params.top_p, params.min_p).softmax(-1)
-            draft_tokens = torch.tensor(drafts, device=logits.device)
-            tokens = accept_chain(draft_tokens, target, None, params.greedy, seq.generator or self.generator)
-            if params.logprobs is None:
-                return tokens, [None] * len(tokens)
-            chosen, top_values, top_ids = (t.tolist() for t in token_logprobs(
-                logits[:len(tokens)], torch.tensor(tokens, device=logits.device), params.logprobs))
-        return tokens, [TokenLogprob(token, chosen[i], list(zip(top_ids[i], top_values[i])))
-                        for i, token in enumerate(tokens)]
+            best = logits.argmax(-1).tolist() if any(c.seq.params.greedy for c, _ in verifies) else []
+            return [self._verify(logits[row:row + chunk.num_tokens], chunk, best[row:row + chunk.num_tokens])
+                    for chunk, row in verifies]
+
+    def _verify(self, logits: Tensor, chunk: ScheduledChunk, best: list[int]) -> Verified:
+        seq, params = chunk.seq, chunk.seq.params
+        tokens = [0, *chunk.drafts]
+        if params.greedy:
+            path, token = greedy_path(chunk.tree_parents, tokens, best)
+        else:
+            target = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p).softmax(-1)
+            path, token = accept_tree(chunk.tree_parents, torch.tensor(tokens), target, None,
+                                      generator=seq.generator or self.generator)
+        emitted = [*(tokens[node] for node in path), token]
+        if params.logprobs is None:
+            return Verified(path, emitted, [None] * len(emitted))
+        chosen, top_values, top_ids = (t.tolist() for t in token_logprobs(
+            logits[[0, *path]], torch.tensor(emitted, device=logits.device), params.logprobs))
+        return Verified(path, emitted, [TokenLogprob(token, chosen[i], list(zip(top_ids[i], top_values[i])))
+                                        for i, token in enumerate(emitted)])
 
     def prompt_logprobs(self, head: nn.Module, hidden: Tensor, rows: Tensor, targets: Tensor,
                         num_top: int) -> list[TokenLogprob]:

@@ -26,14 +26,15 @@ step on, when they are written.
 Parallel sampling (`n > 1`): the step that completes the prompt forks `n - 1` more sequences from
 it, sampled from the same logits row; they share its full pages and copy its state and partial page.
 
-Speculative decoding: a decoding sequence with drafts (`set_drafts`) gets a verify chunk instead,
-its last sampled token (the root) and its drafts, in pages reserved for all of them. The drafts never
-enter `token_ids` until the target accepts them, so preemption and recompute are unchanged; `update`
-appends the accepted ones and the token after them, counts the accepted as computed (their keys and
-values are in the pages at their positions; the runner folds them into the states), registers their
-pages, snapshots the state at a snapshot position they reach, and gives back the pages past them.
-A verify chunk ends at the next snapshot position at the latest, so that one is reached only as the
-state after every accepted token, which is the only state the step leaves.
+Speculative decoding: a decoding sequence with drafts (`set_drafts`: a draft tree, a chain being a
+tree of one branch) gets a verify chunk instead, its last sampled token (the root) and its draft
+nodes, in pages reserved for all of them (node i's keys and values at position prefix + i). The
+drafts never enter `token_ids` until the target accepts them, so preemption and recompute are
+unchanged; `update` appends the accepted path and the token after it, counts the accepted as computed
+(the runner has folded them into the states and moved their keys and values to consecutive positions),
+registers their pages, snapshots the state at a snapshot position they reach, and gives back the
+pages past them. A verify chunk ends at the next snapshot position at the latest, so that one is
+reached only as the state after every accepted token, which is the only state the step leaves.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from .cache import CacheChanges, CacheManager, page_hashes
 from .detokenizer import Detokenizer
 from .outputs import RequestOutput, TokenLogprob
 from .params import SamplingParams
+from .spec.tree import DraftTree
 
 
 class Status(Enum):
@@ -80,7 +82,7 @@ class Sequence:
     num_registered_pages: int = 0  # pages of this sequence's slot offered to the prefix cache
     prompt_logprobs: list[TokenLogprob | None] | None = None  # [None] + one per prompt token after the first
     prompt_logprobs_sent: bool = False
-    drafts: list[int] = field(default_factory=list)  # proposed tokens after the last one, to verify next
+    drafts: DraftTree = DraftTree()  # proposed tokens after the last one, to verify next
 
     @property
     def output_ids(self) -> list[int]:
@@ -102,7 +104,13 @@ class ScheduledChunk:
     sample: bool
     snapshots: tuple[tuple[int, int], ...] = ()
     forks: tuple[Sequence, ...] = ()
-    drafts: tuple[int, ...] = ()  # a verify chunk: its token at `start` (the root), then these drafts
+    drafts: tuple[int, ...] = ()  # a verify chunk: its token at `start` (the root), then these draft nodes
+    draft_parents: tuple[int, ...] = ()  # each node's parent: 0 the root, j the j-th draft
+
+    @property
+    def tree_parents(self) -> list[int]:
+        """The parent of every row of a verify chunk (-1 for the root), as `ops.tree` takes them."""
+        return [-1, *self.draft_parents]
 
     @property
     def end(self) -> int:
@@ -187,7 +195,7 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    def set_drafts(self, drafts: dict[Sequence, list[int]]) -> None:
+    def set_drafts(self, drafts: dict[Sequence, DraftTree]) -> None:
         """Tokens proposed to follow each running sequence's last one, verified by its next step."""
         for seq, proposed in drafts.items():
             seq.drafts = proposed
@@ -210,7 +218,8 @@ class Scheduler:
             sample = end == len(seq.token_ids)
             snapshots = self._offer_to_cache(seq, start, end) if self.cache.prefix_caching else ()
             forks = self._fork(seq, end) if sample and seq.num_forks else ()
-            chunks.append(ScheduledChunk(seq, start, num_tokens, sample, snapshots, forks, drafts))
+            chunks.append(ScheduledChunk(seq, start, num_tokens, sample, snapshots, forks, drafts.tokens,
+                                         drafts.parents))
             self.num_prompt_tokens += min(num_tokens, max(0, seq.num_prompt_tokens - start))
             self.num_draft_tokens += len(drafts)
             seq.num_computed = end
@@ -241,7 +250,7 @@ class Scheduler:
         params = seq.params
         new_ids: list[int] = []
         reason = stop_logprob = None
-        seq.drafts = []
+        seq.drafts = DraftTree()
         for token, logprob in zip(tokens, token_logprobs):
             if params.max_tokens == 0:
                 reason = "length"  # a prompt scored for its log-probs only
@@ -280,8 +289,8 @@ class Scheduler:
         self.cache.trim(seq.slot, seq.num_computed + 1)
 
     def _draft_limit(self, seq: Sequence, budget: int) -> int:
-        """How many of its drafts a decoding sequence may verify: what its length, the step's token
-        budget and the next snapshot position leave room for."""
+        """How many of its draft nodes a decoding sequence may verify (the first ones: a tree still):
+        what its length, the step's token budget and the next snapshot position leave room for."""
         limit = min(len(seq.drafts), seq.params.max_tokens - len(seq.output_ids) - 1, budget - 1)
         interval = self.cache.snapshot_interval if self.cache.prefix_caching else 0
         if interval:
@@ -311,7 +320,7 @@ class Scheduler:
         self.running.remove(seq)
         self.cache.free(seq.slot)
         seq.slot, seq.num_computed, seq.status = None, 0, Status.WAITING
-        seq.num_registered_pages, seq.drafts = 0, []
+        seq.num_registered_pages, seq.drafts = 0, DraftTree()
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self._enqueue(seq)
@@ -391,14 +400,14 @@ class Scheduler:
         seq.num_forks = 0
         return tuple(forks)
 
-    def _pick(self) -> list[tuple[Sequence, int, tuple[int, ...]]]:
+    def _pick(self) -> list[tuple[Sequence, int, DraftTree]]:
         """(sequence, number of new tokens, drafts verified) for the next step: single-token ones
         first, then verify chunks, then prompt chunks."""
         cache = self.cache
         preempted = False
         while True:
             budget = self.max_num_batched_tokens
-            scheduled: list[tuple[Sequence, int, tuple[int, ...]]] = []
+            scheduled: list[tuple[Sequence, int, DraftTree]] = []
             for seq in list(self.running):  # 1. decodes, with their drafts as far as pages allow
                 if seq.status != Status.RUNNING or seq.num_uncomputed != 1 or budget == 0:
                     continue
@@ -413,7 +422,7 @@ class Scheduler:
                         room = max(cache.num_free_pages - self.watermark_pages, 0) * cache.page_size
                         held = cache.reserve(seq.slot, min(seq.num_computed + num_tokens, held + room))
                         num_tokens = min(num_tokens, held - seq.num_computed)
-                    scheduled.append((seq, num_tokens, tuple(seq.drafts[:num_tokens - 1])))
+                    scheduled.append((seq, num_tokens, seq.drafts.first(num_tokens - 1)))
                     budget -= num_tokens
             for seq in self.running:  # 2. prompt chunks
                 if seq.num_uncomputed <= 1 or budget == 0:
@@ -421,7 +430,7 @@ class Scheduler:
                 wanted = seq.num_computed + min(seq.num_uncomputed, budget)
                 num_tokens = min(cache.reserve(seq.slot, wanted), wanted) - seq.num_computed
                 if num_tokens > 0:
-                    scheduled.append((seq, num_tokens, ()))
+                    scheduled.append((seq, num_tokens, DraftTree()))
                     budget -= num_tokens
             if scheduled or not self.running:
                 break
@@ -432,7 +441,7 @@ class Scheduler:
             num_tokens = self._admit_first_chunk(seq, budget)
             if num_tokens == 0:
                 break
-            scheduled.append((seq, num_tokens, ()))
+            scheduled.append((seq, num_tokens, DraftTree()))
             budget -= num_tokens
         # stable: decodes, verify chunks, prompt chunks, each group by arrival
         scheduled.sort(key=lambda item: 0 if item[1] == 1 else 1 if item[2] else 2)

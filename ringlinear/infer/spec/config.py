@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from ...config import RingLinearConfig
 from ...ops.tree import MAX_TREE_TOKENS
+from .tree import Path, chain_paths, parse_paths
 
 METHODS = ("mtp", "ngram")
 # a verify step is one tree per sequence: the last token and its drafts
@@ -20,6 +21,9 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     prompt_lookup_min: int | None = None  # ngram: the shortest suffix looked up (default: prompt_lookup_max)
     prompt_lookup_max: int | None = None  # ngram: the longest (default: prompt_lookup_min, else 5 as vLLM)
+    # a draft tree instead of a chain, as vLLM's field: paths of child ranks, "[(0,), (1,), (0, 0)]"
+    # (`spec.tree`); num_speculative_tokens is then its number of nodes
+    speculative_token_tree: tuple[Path, ...] | list | str | None = None
 
     def __post_init__(self) -> None:
         def fail(name: str, rule: str) -> None:
@@ -32,6 +36,11 @@ class SpeculativeConfig:
             fail("method", f"must be one of {', '.join(map(repr, METHODS))}")
         if not integer("num_speculative_tokens") or not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
             fail("num_speculative_tokens", f"must be an integer in [1, {MAX_SPECULATIVE_TOKENS}]")
+        if self.speculative_token_tree is not None:
+            paths = parse_paths(self.speculative_token_tree, MAX_SPECULATIVE_TOKENS)
+            object.__setattr__(self, "speculative_token_tree", paths)
+            if len(paths) != self.num_speculative_tokens:
+                fail("num_speculative_tokens", f"must be the number of nodes of speculative_token_tree ({len(paths)})")
         lookups = ("prompt_lookup_min", "prompt_lookup_max")
         if self.method != "ngram":
             for name in lookups:
@@ -47,6 +56,16 @@ class SpeculativeConfig:
                 fail(name, "must be an integer >= 1")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             fail("prompt_lookup_min", f"must be <= prompt_lookup_max={self.prompt_lookup_max}")
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """The shape every draft tree fills: the given tree, else a chain of num_speculative_tokens."""
+        return self.speculative_token_tree or chain_paths(self.num_speculative_tokens)
+
+    @property
+    def is_tree(self) -> bool:
+        """Some node has a sibling: the verify steps need tree masks."""
+        return any(path[-1] > 0 for path in self.paths)
 
     @classmethod
     def parse(cls, value: dict[str, Any] | str) -> SpeculativeConfig:
@@ -69,7 +88,11 @@ class SpeculativeConfig:
         return cls(**value)
 
     def check_model(self, config: RingLinearConfig) -> None:
-        """The model can draft this way: MTP needs the checkpoint's MTP layers."""
+        """The model can draft this way: MTP needs the checkpoint's MTP layers; trees need the tree
+        mask of paged attention, which MLA's latent attention does not have."""
+        if self.is_tree and config.attention_type == "mla":
+            raise ValueError("speculative_config.speculative_token_tree: an MLA model verifies chains only "
+                             "(its latent attention has no tree mask); give a chain (no branches)")
         if self.method == "mtp" and config.num_nextn_predict_layers < 1:
             raise ValueError("speculative_config.method 'mtp' needs MTP layers, but the checkpoint has "
                              "num_nextn_predict_layers=0 (train with --override num_nextn_predict_layers=1, "

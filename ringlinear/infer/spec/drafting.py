@@ -1,8 +1,9 @@
-"""Drafting inside the engine: after every step, the tokens each running sequence proposes to verify
-in its next one. The n-gram drafter reads the sequence's tokens; the MTP drafter reads the target's
-hidden states at the positions the step computed for good (a prompt chunk's, a verify chunk's root
-and accepted drafts), holding a sequence's prompt chunks until the last one has sampled a token.
-Penalised requests draft nothing: their penalties change with every token a verify step accepts."""
+"""Drafting inside the engine: after every step, the draft tree (a chain, or the configured shape)
+each running sequence proposes to verify in its next one. The n-gram drafter reads the sequence's
+tokens; the MTP drafter reads the target's hidden states at the positions the step computed for good
+(a prompt chunk's, a verify chunk's root and accepted path), holding a sequence's prompt chunks until
+the last one has sampled a token. Penalised requests draft nothing: their penalties change with
+every token a verify step accepts."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..scheduler import SchedulerOutput, Sequence, Status
 from .config import SpeculativeConfig
 from .mtp import MTPCache, MTPDrafter
 from .ngram import NgramProposer
+from .tree import DraftTree
 
 
 @dataclass
@@ -37,20 +39,25 @@ class _MTPState:
 class Speculator:
     def __init__(self, config: SpeculativeConfig, model: RingLinearForCausalLM, policy: KernelPolicy):
         config.check_model(model.config)
-        k = config.num_speculative_tokens
-        self.mtp = MTPDrafter(model, k, policy) if config.method == "mtp" else None
-        self.ngram = None if self.mtp else NgramProposer(k, config.prompt_lookup_min, config.prompt_lookup_max)
+        self.mtp = MTPDrafter(model, config.paths, policy) if config.method == "mtp" else None
+        self.ngram = None if self.mtp else NgramProposer(config.paths, config.prompt_lookup_min,
+                                                         config.prompt_lookup_max)
         self._states: dict[Sequence, _MTPState] = {}
 
     @property
     def needs_hidden_states(self) -> bool:
         return self.mtp is not None
 
-    def propose(self, output: SchedulerOutput, hidden: Tensor | None) -> dict[Sequence, list[int]]:
-        """The drafts of every sequence that gained a token in this step (after `Scheduler.update`);
-        `hidden` [T, hidden]: the step's final hidden states (MTP)."""
-        drafts: dict[Sequence, list[int]] = {}
+    def propose(self, output: SchedulerOutput, hidden: Tensor | None,
+                accepted: list[list[int]] = ()) -> dict[Sequence, DraftTree]:
+        """The draft tree of every sequence that gained a token in this step (after `Scheduler.update`);
+        `hidden` [T, hidden]: the step's final hidden states (MTP); `accepted`: for each of
+        `output.verifies`, its accepted draft nodes (their rows hold the hidden states of tokens now
+        verified)."""
+        drafts: dict[Sequence, DraftTree] = {}
         starts = np.cumsum([0] + [chunk.num_tokens for chunk in output.chunks]).tolist()
+        paths = {id(chunk): path for (chunk, _), path in zip(output.verifies, accepted)}
+        ready: list[tuple[Sequence, _MTPState]] = []  # MTP: the sequences to draft for, with their states
         for chunk, row in zip(output.chunks, starts):
             seqs = [s for s in (chunk.seq, *chunk.forks) if s.status == Status.RUNNING and not s.params.penalised]
             if self.ngram is not None:
@@ -60,13 +67,19 @@ class Speculator:
             states = {s: parent if s is chunk.seq else parent.copy() for s in seqs}  # forks copy the prompt's
             for seq, state in states.items():
                 self._states[seq] = state
-                computed = seq.num_computed - chunk.start  # rows computed for good: all but rejected drafts
-                state.hidden.append(hidden[row:row + computed])
+                if chunk.drafts:  # the root and the accepted nodes (a verified sequence has no forks)
+                    state.hidden.append(hidden[[row + node for node in (0, *paths[id(chunk)])]])
+                else:
+                    state.hidden.append(hidden[row:row + seq.num_computed - chunk.start])
                 state.tokens += seq.token_ids[chunk.start + 1:seq.num_computed + 1]
                 if chunk.sample:
-                    next_tokens = torch.tensor(state.tokens, device=hidden.device)
-                    drafts[seq] = self.mtp.propose(state.cache, torch.cat(state.hidden), next_tokens).tolist()
-                    state.hidden, state.tokens = [], []
+                    ready.append((seq, state))
+        if ready:  # one MTP call for every sequence of the step
+            requests = [(state.cache, torch.cat(state.hidden), torch.tensor(state.tokens, device=hidden.device))
+                        for _, state in ready]
+            drafts.update(zip((seq for seq, _ in ready), self.mtp.propose_many(requests)))
+            for _, state in ready:
+                state.hidden, state.tokens = [], []
         self._states = {s: state for s, state in self._states.items() if s.status != Status.FINISHED}
         return drafts
 
@@ -75,6 +88,6 @@ class Speculator:
         from a cached prefix whose MTP keys no one kept) a fresh one from `start` on."""
         state = self._states.get(seq)
         if state is None or state.next_position != start:
-            state = _MTPState(self.mtp.new_cache())
+            state = _MTPState(MTPCache())
             state.cache.num_verified = start
         return state

@@ -23,24 +23,38 @@ def accept_tree(parents: list[int], draft_tokens: Tensor, target_probs: Tensor, 
     filters applied (greedy: any scores, only their argmax counts); draft_probs [m, V]: the
     distribution each node's token was drawn from, or None for drafts chosen deterministically.
     Returns the accepted draft nodes, root to leaf, and the token that follows them."""
+    tokens = draft_tokens.tolist()
+    if greedy:
+        return greedy_path(parents, tokens, target_probs.argmax(-1).tolist())
+    children = _children(parents)
+    path, node = [], 0
+    while True:
+        child, residual = _try_children(children[node], tokens, target_probs[node], draft_probs, generator)
+        if child is None:
+            return path, int(torch.multinomial(residual, 1, generator=generator))
+        node = child
+        path.append(node)
+
+
+def greedy_path(parents: list[int], tokens: list[int], best: list[int]) -> tuple[list[int], int]:
+    """`accept_tree` for a greedy request, from the target's argmax after each node (`best`, on the
+    host: a batch of trees reads them back at once): the child whose token is its parent's argmax,
+    down to a node that has none, then that node's argmax."""
+    children = _children(parents)
+    path, node = [], 0
+    while True:
+        match = [c for c in children[node] if tokens[c] == best[node]]
+        if not match:
+            return path, best[node]
+        node = match[0]
+        path.append(node)
+
+
+def _children(parents: list[int]) -> list[list[int]]:
     children: list[list[int]] = [[] for _ in parents]
     for node, parent in enumerate(parents[1:], start=1):
         children[parent].append(node)
-    tokens = draft_tokens.tolist()
-    path, node = [], 0
-    while True:
-        if greedy:
-            best = int(target_probs[node].argmax())
-            match = [c for c in children[node] if tokens[c] == best]
-            if not match:
-                return path, best
-            node = match[0]
-        else:
-            child, residual = _try_children(children[node], tokens, target_probs[node], draft_probs, generator)
-            if child is None:
-                return path, int(torch.multinomial(residual, 1, generator=generator))
-            node = child
-        path.append(node)
+    return children
 
 
 def _try_children(children: list[int], tokens: list[int], residual: Tensor, draft_probs: Tensor | None,
