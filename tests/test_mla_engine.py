@@ -8,12 +8,10 @@ import torch
 from infer_helpers import tiny_model
 from test_engine import graph_and_eager_tokens, prompts_of, run
 from test_prefix_cache import CONVERSATION, engine_of, serve, tokens
-from test_spec_drafters import from_scratch
+from test_spec_drafters import check_two_rounds_of_chain_drafts
 
 from ringlinear.generate import generate
 from ringlinear.infer import Engine, EngineConfig, SamplingParams
-from ringlinear.infer.spec.mtp import MTPDrafter
-from ringlinear.infer.spec.tree import chain_paths
 from ringlinear.info import model_info
 from ringlinear.ops.paged_latent_attention import DECOMPRESS_MIN_QUERIES
 
@@ -56,14 +54,8 @@ def test_mtp_drafter_keeps_latents_and_drafts_as_the_layer_run_from_scratch():
     position, and its drafts over two rounds are those of the layer rerun over everything it has seen."""
     model = tiny_model(preset="tiny-mla", **MTP_MODEL).double()
     config = model.config
-    ids = torch.randint(1, 257, (30,), generator=torch.Generator().manual_seed(0))
-    hidden = model(ids[None]).hidden_states[0]
-    drafter, k = MTPDrafter(model, chain_paths(3)), 3
-    cache = drafter.new_cache()
-    for verified_before, verified in ((0, 20), (20, 23)):  # the second round after 2 accepted drafts
-        drafts = drafter.propose(cache, hidden[verified_before:verified], ids[verified_before + 1:verified + 1])
-        assert list(drafts.tokens) == from_scratch(model, ids, hidden, verified, k)
-    assert cache.keys.shape == (1, 23, config.kv_lora_rank)  # the chained steps' entries are not kept
+    cache = check_two_rounds_of_chain_drafts(model)
+    assert cache.keys.shape == (1, 23, config.kv_lora_rank)
     assert cache.values.shape == (1, 23, config.qk_rope_head_dim)
 
 

@@ -88,17 +88,24 @@ def mtp_model(num_layers):
                       moe_intermediate_size=32, moe_shared_expert_intermediate_size=32).double()
 
 
-@pytest.mark.parametrize("num_layers", [1, 2])
-def test_mtp_drafts_equal_the_layers_run_from_scratch_over_two_rounds(num_layers):
-    model = mtp_model(num_layers)
+def check_two_rounds_of_chain_drafts(model, k: int = 3):
+    """Chains of k drafts over two rounds (20 verified positions, then 3 more after 2 accepted drafts)
+    equal the MTP layers rerun from scratch; returns the drafter's cache after them."""
     ids = torch.randint(1, 257, (30,), generator=torch.Generator().manual_seed(0))
     hidden = model(ids[None]).hidden_states[0]
-    drafter, k = MTPDrafter(model, chain_paths(3)), 3
+    drafter = MTPDrafter(model, chain_paths(k))
     cache = drafter.new_cache()
-    for verified_before, verified in ((0, 20), (20, 23)):  # the second round after 2 accepted drafts
+    for verified_before, verified in ((0, 20), (20, 23)):
         drafts = drafter.propose(cache, hidden[verified_before:verified], ids[verified_before + 1:verified + 1])
         assert list(drafts.tokens) == from_scratch(model, ids, hidden, verified, k) and drafts.is_chain
-    assert cache.num_verified == 23 and cache.keys.shape[1] == 23  # the chained steps' keys are not kept
+    assert cache.num_verified == 23  # the chained steps' entries are not kept
+    return cache
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_mtp_drafts_equal_the_layers_run_from_scratch_over_two_rounds(num_layers):
+    cache = check_two_rounds_of_chain_drafts(mtp_model(num_layers))
+    assert cache.keys.shape[1] == 23
 
 
 TREE = "[(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 1, 0), (0, 0, 0, 0)]"
