@@ -141,9 +141,48 @@ def test_a_chain_is_causal_attention():
         assert rel(tree, paged_attention(*case, 0.3, max(sizes), policy=policy)) < 1e-6
 
 
-def test_trees_have_no_invariant_form_and_a_size_limit():
+def root_path_decodes(q, k_cache, v_cache, tables, seq_lens, query_start):
+    """Each tree token as a decode step of its root path: one query after the cached prefix and its
+    ancestors, laid out as a sequence of its own on fresh pages of 16 (another paging than the tree's)."""
+    page, new_page = k_cache.shape[1], 16
+    rows_k, rows_v, lengths = [], [], []
+    for n, (length, parents) in enumerate(zip(seq_lens.tolist(), TREES)):
+        prefix = length - len(parents)
+        for i in range(len(parents)):
+            path, j = [], i
+            while j >= 0:
+                path, j = [j] + path, parents[j]
+            positions = torch.tensor(list(range(prefix)) + [prefix + j for j in path], device=q.device)
+            slots = tables[n, positions // page].long()
+            for rows, cache in ((rows_k, k_cache), (rows_v, v_cache)):
+                entries = cache[slots, positions % page]
+                pad = -len(entries) % new_page
+                rows.append(torch.cat([entries, entries.new_zeros(pad, *entries.shape[1:])]).view(-1, new_page,
+                                                                                                  *entries.shape[1:]))
+            lengths.append(len(positions))
+    pages = [r.shape[0] for r in rows_k]
+    first = torch.tensor([0, *pages[:-1]]).cumsum(0)
+    table = torch.zeros(len(pages), max(pages), dtype=torch.int32)
+    for t, (start, count) in enumerate(zip(first.tolist(), pages)):
+        table[t, :count] = torch.arange(start, start + count)
+    return (q, torch.cat(rows_k), torch.cat(rows_v), table.to(q.device),
+            torch.tensor(lengths, dtype=torch.int32, device=q.device),
+            torch.arange(len(lengths) + 1, dtype=torch.int32, device=q.device))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_invariant_trees_give_each_token_its_root_path_decode_bits(backend):
+    """Under an invariant policy a tree token's output is, bit for bit, the decode step of its root path
+    (what a non-speculative engine computes for that token), and close to the dense masked form."""
+    policy = KernelPolicy(backend, invariant=True)
     case, ancestors, max_len = tree_case([20, 3, 40], torch.float32)
-    with pytest.raises(ValueError, match="batch-invariant"):
-        paged_attention(*case, 0.3, max_len, policy=KernelPolicy(invariant=True), tree_ancestors=ancestors)
+    o = paged_attention(*case, 0.3, max_len, policy=policy, tree_ancestors=ancestors)
+    assert rel(o.cpu(), dense_tree_attention(*case, 0.3)) < 1e-5
+    decodes = root_path_decodes(*case)
+    assert torch.equal(o, paged_attention(*decodes, 0.3, 1, policy=policy))
+
+
+def test_trees_have_a_size_limit():
+    case, ancestors, max_len = tree_case([20, 3, 40], torch.float32)
     with pytest.raises(ValueError, match="tree_ancestors"):
         paged_attention(*case, 0.3, max_len, tree_ancestors=ancestors[1:])

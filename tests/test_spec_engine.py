@@ -145,21 +145,28 @@ def test_accepted_paths_off_the_first_branch_leave_the_cache_as_plain_decoding_d
     assert again[0] == again[1] and engine.stats()["prefix_cache_hits"] >= 24  # into the generated tokens
 
 
-def test_batch_invariant_accepted_tokens_logprobs_are_bit_identical(repetitive):
-    """Verify chains run the invariant kernels of a decode: the log-probs of every token, accepted
-    draft or not, are the plain engine's bits."""
+@pytest.mark.parametrize("forced_tree", [False, True], ids=["chain", "tree"])
+def test_batch_invariant_accepted_tokens_logprobs_are_bit_identical(repetitive, forced_tree):
+    """Verify chains and trees run the invariant kernels of a decode (a tree token: of its root path's
+    decode): the log-probs of every token, accepted draft or not, are the plain engine's bits. The
+    trees are ForcedTreeDrafter's, whose accepted paths leave the first branch at every step."""
     params = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True, logprobs=0)
     prompts = prompts_of([9, 21], seed=2)
     arrivals = {0: [("a", prompts[0], params)], 1: [("b", prompts[1], params)]}
     config = {"max_num_seqs": 2, "max_num_batched_tokens": 16, "page_size": 16, "num_pages": 8, "batch_invariant": True}
     plain = serve(Engine(repetitive, None, EngineConfig(**config)), arrivals)
-    engine = Engine(repetitive, None, EngineConfig(**config, speculative_config=NGRAM))
+    engine = Engine(repetitive, None, EngineConfig(**config, speculative_config=MTP_TREE if forced_tree else NGRAM))
+    if forced_tree:
+        engine.speculator = ForcedTreeDrafter({r: tokens for r, (tokens, _) in plain.items()})
+    paths = record_paths(engine)
     speculative = serve(engine, arrivals)
     assert engine.stats()["spec_accepted_tokens"] >= 4
+    assert not forced_tree or [2, 4, 5] in paths
     for request_id, (tokens, logprobs) in plain.items():
         spec_tokens, spec_logprobs = speculative[request_id]
         assert spec_tokens == tokens
-        assert torch.equal(torch.tensor([lp.logprob for lp in spec_logprobs]), torch.tensor([lp.logprob for lp in logprobs]))
+        assert torch.equal(torch.tensor([lp.logprob for lp in spec_logprobs]),
+                           torch.tensor([lp.logprob for lp in logprobs]))
 
 
 def test_prefix_cache_keeps_only_accepted_tokens(repetitive):
@@ -200,8 +207,6 @@ def test_bad_speculative_configs_fail_at_start_up(model):
         Engine(tiny_model(num_hidden_layers=3), None, EngineConfig(num_pages=8, speculative_config=MTP))
     with pytest.raises(ValueError, match="speculative_config.num_speculative_tokens must be"):
         Engine(model, None, EngineConfig(num_pages=8, speculative_config='{"method": "mtp", "num_speculative_tokens": 64}'))
-    with pytest.raises(ValueError, match="speculative_config.speculative_token_tree: batch_invariant verifies chains"):
-        Engine(model, None, EngineConfig(num_pages=8, page_size=16, batch_invariant=True, speculative_config=MTP_TREE))
     with pytest.raises(ValueError, match="speculative_config.speculative_token_tree: an MLA model verifies chains"):
         Engine(tiny_model(preset="tiny-mla", num_hidden_layers=3, num_nextn_predict_layers=1), None,
                EngineConfig(num_pages=8, speculative_config=MTP_TREE))

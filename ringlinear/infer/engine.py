@@ -77,9 +77,6 @@ class EngineConfig:
                              f"got {self.prefix_snapshot_interval}")
         if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
             self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
-        if self.batch_invariant and self.speculative_config is not None and self.speculative_config.is_tree:
-            raise ValueError("speculative_config.speculative_token_tree: batch_invariant verifies chains only "
-                             "(paged attention has no invariant tree mask); give a chain (no branches)")
 
 
     @property

@@ -8,7 +8,9 @@ to itself. The kernel policy picks the Triton kernel or the gather-then-SDPA ref
 invariant mode `attention_by_key_blocks` over the pages' key blocks (`ops.policy`).
 
 With `tree_ancestors` the new tokens of each sequence are a draft tree (`ops.tree`) in its last cache
-slots: a token attends to the cached prefix and to its own ancestors-or-self among them.
+slots: a token attends to the cached prefix and to its own ancestors-or-self among them. In invariant
+mode each tree token reads those keys as the decode step of its root path would (single-key pages
+pointing at their slots), so it gets that decode's bits.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
                                              tree_ancestors)
         case "key_blocks":
             if tree_ancestors is not None:
-                raise ValueError("draft-tree attention has no batch-invariant form: verify trees with invariant=False")
+                return _paged_tree_by_key_blocks(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale,
+                                                 tree_ancestors, policy)
             return _paged_by_key_blocks(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale, policy)
 
 
@@ -77,3 +80,32 @@ def _paged_by_key_blocks(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tabl
     gets the bits) of the training forward over the same sequence, whatever the page size."""
     no_offset = torch.zeros(seq_lens.shape[0], dtype=torch.long, device=q.device)
     return attention_by_key_blocks(q, k_cache, v_cache, block_tables, no_offset, seq_lens, query_start, scale, policy)
+
+
+def _paged_tree_by_key_blocks(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                              query_start: Tensor, scale: float, tree_ancestors: Tensor,
+                              policy: KernelPolicy) -> Tensor:
+    """Draft trees in the invariant form: each tree token attends as the decode step of its root path
+    would, to the cached prefix and then its ancestors and itself at positions prefix + depth. Every
+    token becomes a one-query sequence of single-key pages whose table points at those keys' cache
+    slots, so it visits the key blocks, and gets the bits, of that decode (the paging only says where
+    a key is read from). The table is [T, max_pages · page_size] int32: a long context costs memory."""
+    T, page, device = q.shape[0], k_cache.shape[1], q.device
+    lengths = query_start[1:] - query_start[:-1]
+    seq = torch.repeat_interleave(torch.arange(seq_lens.shape[0], device=device), lengths, output_size=T)
+    prefix = (seq_lens - lengths)[seq].long()
+    bits = (tree_ancestors[:, None] >> torch.arange(MAX_TREE_TOKENS, device=device)) & 1  # [T, tree tokens]
+    # the root path's tree tokens in order (parents come before children): rank r holds the r-th set bit
+    rank = torch.where(bits.bool(), bits.cumsum(1) - 1, MAX_TREE_TOKENS)
+    path = torch.zeros(T, MAX_TREE_TOKENS + 1, dtype=torch.long, device=device)
+    path.scatter_(1, rank, torch.arange(MAX_TREE_TOKENS, device=device).expand(T, -1))
+    key = torch.arange(block_tables.shape[1] * page, device=device)[None]
+    step = (key - prefix[:, None]).clamp(0, MAX_TREE_TOKENS - 1)
+    position = torch.where(key < prefix[:, None], key, prefix[:, None] + path.gather(1, step))
+    pages = block_tables[seq].long().gather(1, (position // page).clamp(max=block_tables.shape[1] - 1))
+    table = (pages * page + position % page).to(torch.int32)
+    single = (-1, 1, *k_cache.shape[2:])
+    no_offset = torch.zeros(T, dtype=torch.long, device=device)
+    one_query = torch.arange(T + 1, dtype=query_start.dtype, device=device)
+    return attention_by_key_blocks(q, k_cache.view(single), v_cache.view(single), table, no_offset,
+                                   (prefix + bits.sum(1)).to(seq_lens.dtype), one_query, scale, policy)
