@@ -9,6 +9,8 @@ from infer_helpers import tiny_model
 from test_engine import graph_and_eager_tokens, prompts_of, run
 from test_prefix_cache import CONVERSATION, engine_of, serve, tokens
 from test_spec_drafters import check_two_rounds_of_chain_drafts
+from test_spec_engine import MTP, MTP_TREE, ForcedTreeDrafter, record_paths
+from test_spec_engine import serve as serve_with_logprobs
 
 from ringlinear.generate import generate
 from ringlinear.infer import Engine, EngineConfig, SamplingParams
@@ -59,20 +61,32 @@ def test_mtp_drafter_keeps_latents_and_drafts_as_the_layer_run_from_scratch():
     assert cache.values.shape == (1, 23, config.qk_rope_head_dim)
 
 
-def test_mtp_drafts_on_mla_keep_the_greedy_output():
-    """MTP drafts, verified several tokens a step on the latent pages and mostly rejected (random
-    weights), leave the model's own greedy decode unchanged under batching, chunking and preemption."""
+@pytest.mark.parametrize("spec", [MTP, MTP_TREE, "forced tree"])
+def test_mtp_drafts_on_mla_keep_the_greedy_output(spec):
+    """MTP chains and trees, verified several tokens a step on the latent pages and mostly rejected
+    (random weights), and trees whose accepted paths leave the first branch (their latents move to
+    consecutive positions), leave the model's own greedy decode unchanged under batching, chunking and
+    preemption."""
     model = tiny_model(preset="tiny-mla", **MTP_MODEL)
     prompts = prompts_of([7, 20, 12])
     new = 12
     expected = [generate(model, [p], max_new_tokens=new, temperature=0)[0] for p in prompts]
-    greedy = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
-    engine = Engine(model, None, EngineConfig(max_num_seqs=3, max_num_batched_tokens=12, page_size=4, num_pages=11,
-                                              speculative_config={"method": "mtp", "num_speculative_tokens": 3}))
-    outputs = run(engine, {0: [("0", prompts[0], greedy), ("1", prompts[1], greedy)], 3: [("2", prompts[2], greedy)]})
-    assert [outputs[str(i)] for i in range(len(prompts))] == expected
+    greedy = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True, logprobs=0)
+    arrivals = {0: [("0", prompts[0], greedy), ("1", prompts[1], greedy)], 3: [("2", prompts[2], greedy)]}
+    config = dict(max_num_seqs=3, max_num_batched_tokens=12, page_size=4, num_pages=11)
+    plain = serve_with_logprobs(Engine(model, None, EngineConfig(**config)), arrivals)
+    engine = Engine(model, None, EngineConfig(**config, speculative_config=MTP if spec == MTP else MTP_TREE))
+    if spec == "forced tree":
+        engine.speculator = ForcedTreeDrafter({str(i): tokens for i, tokens in enumerate(expected)})
+    paths = record_paths(engine)
+    outputs = serve_with_logprobs(engine, arrivals)
+    assert [outputs[str(i)][0] for i in range(len(prompts))] == expected
+    for request_id, (_, logprobs) in plain.items():  # a verify row's numbers are its decode step's
+        spec_logprobs = torch.tensor([lp.logprob for lp in outputs[request_id][1]])
+        assert torch.allclose(spec_logprobs, torch.tensor([lp.logprob for lp in logprobs]), atol=1e-4)
     stats = engine.stats()
     assert stats["preemptions"] > 0 and stats["spec_draft_tokens"] > 15
+    assert spec != "forced tree" or [2, 4, 5] in paths
     assert engine.scheduler.cache.num_free_pages == 11
 
 

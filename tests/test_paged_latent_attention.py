@@ -4,6 +4,7 @@ against the reference. Without a GPU the kernel runs in Triton's interpreter (co
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import INTERPRET
 
 triton = pytest.importorskip("triton")
@@ -13,6 +14,7 @@ from ringlinear.ops.attention import causal_attention
 from ringlinear.ops.paged_latent_attention import latent_attention_reference, paged_latent_attention
 from ringlinear.ops.paged_latent_attention.kernel import latent_attention_triton
 from ringlinear.ops.policy import KernelPolicy
+from ringlinear.ops.tree import tree_ancestors
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 TORCH = KernelPolicy("torch")
@@ -67,6 +69,53 @@ def test_triton_kernel_matches_the_reference(q_lens, seq_lens, H, r, rope, page,
     assert out.shape == ref.shape and out.dtype == dtype and torch.isfinite(out).all()
     fp32_tol = 2e-3 if q.is_cuda else 1e-5  # TF32 dots on the GPU; the interpreter is exact
     assert rel(out, ref) < (fp32_tol if dtype == torch.float32 else 1e-2)
+
+
+TREES = ([-1, 0, 0, 1, 2], [-1], [-1, 0, 1, 1, 0, 4])  # parents (ops.tree), after prefixes of PREFIXES
+PREFIXES = (9, 30, 2)
+
+
+def tree_masks(parents: list[int], length: int) -> torch.Tensor:
+    """[m, length]: the cached prefix, then each tree token's ancestors-or-self."""
+    m = len(parents)
+    mask = torch.zeros(m, length, dtype=torch.bool)
+    mask[:, :length - m] = True
+    for i in range(m):
+        j = i
+        while j >= 0:
+            mask[i, length - m + j], j = True, parents[j]
+    return mask
+
+
+def tree_latent_case(H, r, rope, width, page, dtype):
+    sizes = [len(t) for t in TREES]
+    case = latent_case(sizes, [p + m for p, m in zip(PREFIXES, sizes)], H, r, rope, width, page=page, dtype=dtype)
+    parents = torch.tensor([p for t in TREES for p in t], device=DEVICE)
+    return case, tree_ancestors(parents, case[-1], max(sizes))[0]
+
+
+def test_draft_trees_attend_to_the_prefix_and_their_ancestors_in_the_decompressed_form():
+    H, r, rope, nope, v = 4, 24, 8, 12, 10
+    (q, cache, tables, lens, starts), ancestors = tree_latent_case(H, r, rope, nope + rope, 4, torch.float64)
+    kv_b = torch.randn(H * (nope + v), r, dtype=torch.float64)
+    out = paged_latent_attention(q, cache, kv_b, tables, lens, starts, 0.3, 6, policy=TORCH,
+                                 tree_ancestors=ancestors)
+    expected = []
+    for n, (length, parents) in enumerate(zip(lens.tolist(), TREES)):
+        entries = cache[tables[n, : -(-length // 4)].long()].flatten(0, 1)[:length]
+        k, values = decompress(entries[None, :, :r], entries[None, :, r:], kv_b, H, nope)
+        queries = q[None, starts[n]:starts[n + 1]].transpose(1, 2)
+        o = F.scaled_dot_product_attention(queries, k.transpose(1, 2), values.transpose(1, 2),
+                                           attn_mask=tree_masks(parents, length), scale=0.3)
+        expected.append(o.transpose(1, 2)[0])
+    assert rel(out, torch.cat(expected)) < 1e-12
+
+
+def test_triton_kernel_masks_draft_trees_as_the_reference():
+    (q, cache, tables, lens, starts), ancestors = tree_latent_case(4, 64, 32, 96, 16, torch.float32)
+    out = latent_attention_triton(q, cache, tables, lens, starts, 0.1, 64, 6, ancestors)
+    ref = latent_attention_reference(q.double(), cache.double(), tables, lens, starts, 0.1, 64, ancestors)
+    assert rel(out, ref) < (2e-3 if q.is_cuda else 1e-5)
 
 
 def test_dispatch_checks_shapes_and_refuses_invariance():

@@ -162,8 +162,8 @@ def test_bad_trees_are_one_line_errors_naming_the_field(tree, message):
 def test_trees_parse_from_json_or_python_text_and_count_their_nodes():
     for text in ("[[1], [0], [0, 0]]", "[(1,), (0,), (0, 0)]", [[0], [1], [0, 0]]):
         config = SpeculativeConfig("ngram", 3, speculative_token_tree=text)
-        assert config.paths == ((0,), (1,), (0, 0)) and config.is_tree
-    assert not SpeculativeConfig("mtp", 3).is_tree and SpeculativeConfig("mtp", 3).paths == ((0,), (0, 0), (0, 0, 0))
+        assert config.paths == ((0,), (1,), (0, 0))
+    assert SpeculativeConfig("mtp", 3).paths == ((0,), (0, 0), (0, 0, 0))
     with pytest.raises(ValueError, match="num_speculative_tokens must be the number of nodes of speculative_token_tr"):
         SpeculativeConfig.parse({"method": "mtp", "num_speculative_tokens": 4, "speculative_token_tree": "[[0], [1]]"})
 

@@ -207,6 +207,3 @@ def test_bad_speculative_configs_fail_at_start_up(model):
         Engine(tiny_model(num_hidden_layers=3), None, EngineConfig(num_pages=8, speculative_config=MTP))
     with pytest.raises(ValueError, match="speculative_config.num_speculative_tokens must be"):
         Engine(model, None, EngineConfig(num_pages=8, speculative_config='{"method": "mtp", "num_speculative_tokens": 64}'))
-    with pytest.raises(ValueError, match="speculative_config.speculative_token_tree: an MLA model verifies chains"):
-        Engine(tiny_model(preset="tiny-mla", num_hidden_layers=3, num_nextn_predict_layers=1), None,
-               EngineConfig(num_pages=8, speculative_config=MTP_TREE))

@@ -100,11 +100,15 @@ class DecompressedChunks:
     max_query_len: int  # their longest run of new tokens
 
     @classmethod
-    def build(cls, counts: np.ndarray, query_start: np.ndarray, ends: np.ndarray) -> DecompressedChunks | None:
+    def build(cls, counts: np.ndarray, query_start: np.ndarray, ends: np.ndarray,
+              first: int = 0) -> DecompressedChunks | None:
+        """Over the step's sequences from `first` on (the ones before it attend in a call of their own)."""
         long = counts >= DECOMPRESS_MIN_QUERIES
+        long[:first] = False
         if not long.any():
             return None
         short = np.flatnonzero(~long)
+        short = short[short >= first]
         rows = np.concatenate([np.zeros(0, dtype=np.int64)] + [np.arange(query_start[n], query_start[n + 1])
                                                                for n in short])
         offsets = np.zeros(len(short) + 1, dtype=np.int64)
@@ -183,7 +187,8 @@ class StepBatch:
         arrays = (input_ids, positions, slot_mapping, slot_array, ends, query_start, logits_indices)
         prefills = chunks[verify.stop:]
         rounds = lightning_rounds(prefills)
-        decompressed = DecompressedChunks.build(counts, query_start, ends) if cache.latent else None
+        first = verify.stop if trees.get("has_branches") else 0  # tree-masked rows take a call of their own
+        decompressed = DecompressedChunks.build(counts, query_start, ends, first) if cache.latent else None
         return cls(*(torch.from_numpy(a) for a in arrays), num_decodes=num_decodes,
                    max_query_len=int(counts.max(initial=0)), rounds=rounds,
                    final_snapshots=final_snapshots(prefills) if rounds is None else None,
@@ -324,17 +329,31 @@ class PagedContext(AttentionContext):
                          scale: float) -> Tensor:
         """MLA layers: the new tokens' latents and rope keys go to their pages; then decodes, verify
         chunks and short prompt chunks attend in the absorbed form, reading the cached prefix and the
-        new tokens, and long prompt chunks (`batch.decompressed`) in the decompressed form."""
+        new tokens (draft trees, when a verify chunk branches, in a call with the tree mask of their
+        own), and long prompt chunks (`batch.decompressed`) in the decompressed form."""
         cache = self.cache.kv[self.cache.softmax_index[layer_idx]]
         entries = torch.cat([latent[0], k_rope[0]], dim=-1)
         cache.view(-1, entries.shape[-1]).index_copy_(0, self.batch.slot_mapping, entries)
         batch, split = self.batch, self.batch.decompressed
-        if split is None:
+        if split is None and not batch.has_branches:
             return paged_latent_attention(q[0], cache, kv_b, self.block_tables, batch.seq_lens, batch.query_start,
                                           scale, batch.max_query_len, policy=self.policy)[None]
         r, H = latent.shape[-1], q.shape[2]
         nope = q.shape[-1] - k_rope.shape[-1]
         o = q.new_empty(q.shape[1], H, kv_b.shape[0] // H - nope)
+        seqs = rows = 0
+        if batch.has_branches:
+            seqs, rows = batch.num_decodes + batch.num_verifies, batch.num_decodes + batch.num_verify_tokens
+            o[:rows] = paged_latent_attention(q[0, :rows], cache, kv_b, self.block_tables[:seqs], batch.seq_lens[:seqs],
+                                              batch.query_start[:seqs + 1], scale, batch.max_tree_len,
+                                              policy=self.policy, tree_ancestors=batch.tree_ancestors)
+        if split is None:  # the prompt chunks after the trees, all short
+            if rows < q.shape[1]:
+                o[rows:] = paged_latent_attention(
+                    q[0, rows:], cache, kv_b, self.block_tables[seqs:], batch.seq_lens[seqs:],
+                    batch.query_start[seqs:] - rows, scale, min(batch.max_query_len, q.shape[1] - rows),
+                    policy=self.policy)
+            return o[None]
         if split.rows.numel():
             o[split.rows] = paged_latent_attention(
                 q[0, split.rows], cache, kv_b, self.block_tables[split.seqs], batch.seq_lens[split.seqs],

@@ -62,11 +62,6 @@ class SpeculativeConfig:
         """The shape every draft tree fills: the given tree, else a chain of num_speculative_tokens."""
         return self.speculative_token_tree or chain_paths(self.num_speculative_tokens)
 
-    @property
-    def is_tree(self) -> bool:
-        """Some node has a sibling: the verify steps need tree masks."""
-        return any(path[-1] > 0 for path in self.paths)
-
     @classmethod
     def parse(cls, value: dict[str, Any] | str) -> SpeculativeConfig:
         """From vLLM's dict, or its JSON text (`--speculative-config '{"method": "mtp", ...}'`)."""
@@ -88,11 +83,7 @@ class SpeculativeConfig:
         return cls(**value)
 
     def check_model(self, config: RingLinearConfig) -> None:
-        """The model can draft this way: MTP needs the checkpoint's MTP layers; trees need the tree
-        mask of paged attention, which MLA's latent attention does not have."""
-        if self.is_tree and config.attention_type == "mla":
-            raise ValueError("speculative_config.speculative_token_tree: an MLA model verifies chains only "
-                             "(its latent attention has no tree mask); give a chain (no branches)")
+        """The model can draft this way: MTP needs the checkpoint's MTP layers."""
         if self.method == "mtp" and config.num_nextn_predict_layers < 1:
             raise ValueError("speculative_config.method 'mtp' needs MTP layers, but the checkpoint has "
                              "num_nextn_predict_layers=0 (train with --override num_nextn_predict_layers=1, "

@@ -32,11 +32,12 @@ DECOMPRESS_MIN_QUERIES = 128
 
 def paged_latent_attention(q: Tensor, cache: Tensor, kv_b: Tensor, block_tables: Tensor, seq_lens: Tensor,
                            query_start: Tensor, scale: float, max_query_len: int,
-                           policy: KernelPolicy = KernelPolicy()) -> Tensor:
+                           policy: KernelPolicy = KernelPolicy(), tree_ancestors: Tensor | None = None) -> Tensor:
     """q [T, H, nope + rope] (all sequences' new tokens packed, rope part rotated); cache [P, page_size,
     r + rope]; kv_b [H·(nope + v), r] (`kv_b_proj.weight`); block_tables [N, max_pages] int32;
     seq_lens [N] int32 (tokens in the cache after this step); query_start [N+1] int32 offsets into T;
-    `max_query_len` the longest run of new tokens (a host int: it sizes the launch). Returns
+    `max_query_len` the longest run of new tokens (a host int: it sizes the launch); `tree_ancestors`
+    [T] int64 (`ops.tree`): the new tokens are draft trees, as in `paged_attention`. Returns
     o [T, H, v]. Shape checks only: nothing reads the device."""
     if q.dim() != 3 or cache.dim() != 3 or kv_b.dim() != 2:
         raise ValueError(f"q must be [T, H, nope + rope], the cache [P, page_size, r + rope] and kv_b "
@@ -48,6 +49,8 @@ def paged_latent_attention(q: Tensor, cache: Tensor, kv_b: Tensor, block_tables:
         raise ValueError(f"the cache entry ({cache.shape[2]}) must be kv_b's rank ({r}) plus the query's rope "
                          f"part, and kv_b {list(kv_b.shape)} must hold {H} heads of nope + v rows")
     check_paged_batch(q, cache, block_tables, seq_lens, query_start)
+    if tree_ancestors is not None and tree_ancestors.shape != (q.shape[0],):
+        raise ValueError(f"tree_ancestors must be [T]=[{q.shape[0]}], got {list(tree_ancestors.shape)}")
     nope = qk - rope
     w_uk, w_uv = kv_b.view(H, -1, r).split([nope, kv_b.shape[0] // H - nope], dim=1)
     q_latent = torch.einsum("thn,hnr->thr", q[..., :nope], w_uk)
@@ -56,7 +59,8 @@ def paged_latent_attention(q: Tensor, cache: Tensor, kv_b: Tensor, block_tables:
         case "paged":
             from .kernel import latent_attention_triton
             o = latent_attention_triton(absorbed, cache, block_tables, seq_lens, query_start, scale, r,
-                                        max_query_len)
+                                        max_query_len, tree_ancestors)
         case "gather_reference":
-            o = latent_attention_reference(absorbed, cache, block_tables, seq_lens, query_start, scale, r)
+            o = latent_attention_reference(absorbed, cache, block_tables, seq_lens, query_start, scale, r,
+                                           tree_ancestors)
     return torch.einsum("thr,hvr->thv", o, w_uv)

@@ -24,11 +24,11 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _latent_attention_kernel(
-    q, cache, o, lse, block_tables, seq_lens, query_start, qk_scale,
+    q, cache, o, lse, block_tables, seq_lens, query_start, ancestors, qk_scale,
     stride_qt, stride_qh, stride_page, stride_slot, stride_table, stride_os, stride_ot, stride_oh,
     stride_ls, stride_lt,
     H: tl.constexpr, R: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_ROPE: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS: tl.constexpr, TREE: tl.constexpr,
 ):
     n = tl.program_id(0)
     tile = tl.program_id(1)
@@ -51,6 +51,8 @@ def _latent_attention_kernel(
 
     q_rows = (q_start + token).to(tl.int64)
     q_base = q + q_rows[:, None] * stride_qt + head[:, None] * stride_qh
+    if TREE:  # the new tokens are draft trees: a row sees a new token only if it is an ancestor-or-self
+        bits = tl.load(ancestors + q_rows, mask=valid, other=0)
     q_latent = tl.load(q_base + r[None, :], mask=valid[:, None] & r_ok[None, :], other=0.0)
     q_rope = tl.load(q_base + R + e[None, :], mask=valid[:, None] & e_ok[None, :], other=0.0)
     m = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: rows that see no key stay free of inf - inf
@@ -69,7 +71,12 @@ def _latent_attention_kernel(
         latent = tl.load(entry + r[None, :], mask=in_seq[:, None] & r_ok[None, :], other=0.0)
         rope = tl.load(entry + R + e[None, :], mask=in_seq[:, None] & e_ok[None, :], other=0.0)
         s = (tl.dot(q_latent, tl.trans(latent)) + tl.dot(q_rope, tl.trans(rope))) * qk_scale
-        s = tl.where((k_pos[None, :] <= q_pos[:, None]) & in_seq[None, :], s, float("-inf"))
+        visible = (k_pos[None, :] <= q_pos[:, None]) & in_seq[None, :]
+        if TREE:
+            tree_index = k_pos - (seq_len - q_len)  # negative in the cached prefix
+            ancestor = ((bits[:, None] >> tl.maximum(tree_index, 0).to(tl.int64)[None, :]) & 1) != 0
+            visible = visible & ((tree_index < 0)[None, :] | ancestor)
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         probs = tl.exp2(s - m_new[:, None])
@@ -106,9 +113,11 @@ def _combine(partial: Tensor, lse: Tensor) -> Tensor:
 
 
 def latent_attention_triton(q: Tensor, cache: Tensor, block_tables: Tensor, seq_lens: Tensor, query_start: Tensor,
-                            scale: float, latent_dim: int, max_query_len: int) -> Tensor:
+                            scale: float, latent_dim: int, max_query_len: int,
+                            tree_ancestors: Tensor | None = None) -> Tensor:
     """Triton backend of `paged_latent_attention`'s core (inputs validated by the dispatcher):
-    q [T, H, R + ROPE], cache [P, page_size, R + ROPE] -> [T, H, R]."""
+    q [T, H, R + ROPE], cache [P, page_size, R + ROPE] -> [T, H, R]; `tree_ancestors` as paged
+    attention's."""
     T, H, width = q.shape
     page = cache.shape[1]
     block_r = max(16, triton.next_power_of_2(latent_dim))
@@ -122,10 +131,12 @@ def latent_attention_triton(q: Tensor, cache: Tensor, block_tables: Tensor, seq_
         o = torch.empty(splits, T, H, latent_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(splits, T, H, dtype=torch.float32, device=q.device)
     _latent_attention_kernel[(seq_lens.shape[0], tiles, splits)](
-        q, cache, o, lse, block_tables, seq_lens, query_start, scale * LOG2E,
+        q, cache, o, lse, block_tables, seq_lens, query_start,
+        query_start if tree_ancestors is None else tree_ancestors, scale * LOG2E,  # unread without TREE
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), block_tables.stride(0),
         o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
         H=H, R=latent_dim, ROPE=rope, BLOCK_R=block_r, BLOCK_ROPE=max(16, triton.next_power_of_2(rope)), PAGE=page,
-        BLOCK_N=min(page, 32), BLOCK_M=block_m, SPLITS=splits, num_warps=8 if block_m * block_r >= ACCUMULATOR else 4,
+        BLOCK_N=min(page, 32), BLOCK_M=block_m, SPLITS=splits, TREE=tree_ancestors is not None,
+        num_warps=8 if block_m * block_r >= ACCUMULATOR else 4,
     )
     return o[0] if splits == 1 else _combine(o, lse).to(q.dtype)

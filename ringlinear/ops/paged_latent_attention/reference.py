@@ -11,7 +11,10 @@ from ..paged_attention import paged_attention_reference
 
 
 def latent_attention_reference(q: Tensor, cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
-                               query_start: Tensor, scale: float, latent_dim: int) -> Tensor:
-    """q [T, H, r + rope] (absorbed), cache [P, page_size, r + rope] -> o [T, H, r] (latent space)."""
+                               query_start: Tensor, scale: float, latent_dim: int,
+                               tree_ancestors: Tensor | None = None) -> Tensor:
+    """q [T, H, r + rope] (absorbed), cache [P, page_size, r + rope] -> o [T, H, r] (latent space);
+    `tree_ancestors` as paged attention's."""
     keys = cache[:, :, None]
-    return paged_attention_reference(q, keys, keys[..., :latent_dim], block_tables, seq_lens, query_start, scale)
+    return paged_attention_reference(q, keys, keys[..., :latent_dim], block_tables, seq_lens, query_start, scale,
+                                     tree_ancestors)
