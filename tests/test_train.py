@@ -1,6 +1,7 @@
 """The trainer in one process: loss falls, exact resume after a kill (also one inside a save), the
 schedules, the NaN guard and the expert-bias update."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ringlinear import RingLinearConfig, RingLinearForCausalLM, SequenceContext
 from ringlinear.data import PackedDocuments, load_dataset
@@ -21,7 +23,7 @@ from ringlinear.ops.policy import KernelPolicy
 from ringlinear.train import evaluate
 from ringlinear.train.checkpoint import checkpoint_dirs
 from ringlinear.train.metrics import FlopCounter, SpikeDetector
-from ringlinear.train.parallel import process_group
+from ringlinear.train.parallel import World, parallelize, process_group
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # Lightning, Lightning, softmax; a dense first layer then MoE; one MTP layer.
@@ -311,3 +313,38 @@ def test_expert_bias_follows_the_load_of_each_step(tmp_path):
         error = torch.sign(load.mean() - load)
         assert torch.allclose(updated.expert_bias, rate * (error - error.mean()))
         assert updated.expert_bias.abs().max() > 0
+
+
+class _CountProducts(TorchDispatchMode):
+    """Counts the matrix products dispatched while it is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+        return func(*args, **(kwargs or {}))
+
+
+def gradients_and_backward_products(model, ids):
+    logits = model(ids).logits
+    loss = logits.logsumexp(-1).mean()
+    with _CountProducts() as counter:
+        loss.backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}, counter.count
+
+
+@pytest.mark.parametrize("recompute", ["all", "elementwise"])
+def test_recomputed_layers_give_the_plain_gradients_and_elementwise_recompute_keeps_the_products(recompute):
+    """Activation checkpointing changes no gradient bit; recomputing only the elementwise ops reruns
+    no matrix product in the backward (it keeps their outputs), recomputing all of a layer does."""
+    torch.manual_seed(0)
+    model = RingLinearForCausalLM(RingLinearConfig.preset("tiny", **SMALL_MODEL)).train()
+    ids = torch.randint(1, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    plain, plain_products = gradients_and_backward_products(copy.deepcopy(model), ids)
+    world = World(rank=0, size=1, device=torch.device("cpu"))
+    checkpointed = parallelize(copy.deepcopy(model), world, torch.float32, 1, recompute)
+    grads, products = gradients_and_backward_products(checkpointed, ids)
+    assert grads.keys() == plain.keys() and all(torch.equal(grads[name], g) for name, g in plain.items())
+    assert products == plain_products if recompute == "elementwise" else products > plain_products

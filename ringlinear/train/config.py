@@ -11,6 +11,7 @@ from ..config import RingLinearConfig
 LR_SCHEDULES = ("wsd", "cosine", "wsm")
 PARAM_DTYPES = ("auto", "bfloat16", "float32")
 PRECISIONS = ("bf16", "fp8")
+RECOMPUTE = ("all", "elementwise")  # what activation checkpointing recomputes (train.parallel)
 
 
 def setting(default: Any, help: str) -> Any:
@@ -81,6 +82,8 @@ class TrainConfig:
                                     "as many as it averages)")
     activation_checkpointing: int = setting(0, "recompute the activations of every N-th layer in the "
                                             "backward instead of keeping them (1 = all layers, 0 = none)")
+    recompute: str = setting("all", "what a checkpointed layer recomputes: all of its forward, or elementwise "
+                             "(keep the GEMM and attention outputs, recompute norms, activations and casts)")
     param_dtype: str = setting("auto", "dtype the layers compute in (fp32 master weights and optimizer "
                                "state either way): bfloat16, float32, or auto = bfloat16 on GPUs, float32 on CPUs")
     precision: str = setting("bf16", "GEMMs of the linear layers and routed experts: bf16 (in --param-dtype) or "
@@ -112,6 +115,7 @@ class TrainConfig:
             ("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"must be one of {LR_SCHEDULES}"),
             ("param_dtype", self.param_dtype in PARAM_DTYPES, f"must be one of {PARAM_DTYPES}"),
             ("precision", self.precision in PRECISIONS, f"must be one of {PRECISIONS}"),
+            ("recompute", self.recompute in RECOMPUTE, f"must be one of {RECOMPUTE}"),
             ("tokenized", not (self.tokenized and self.data), "give --data or --tokenized, not both"),
         ]
         for name, ok, requirement in rules:

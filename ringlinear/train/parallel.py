@@ -9,11 +9,13 @@ computing in fp32 has nothing to shard or cast, and keeps the plain module.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -21,6 +23,7 @@ from torch import Tensor
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from ..model import RingLinearForCausalLM
 
@@ -77,13 +80,31 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+Recompute = Literal["all", "elementwise"]  # train.config.RECOMPUTE
+# What "elementwise" recompute keeps from the forward: the products and the attention, where the
+# FLOPs are; the backward recomputes norms, activations, RoPE, routing and casts, which are cheap but
+# hold most of a layer's activation memory (the report's state-aware recompute). Lightning's Triton
+# kernel is no aten op: it is recomputed.
+KEPT_OPS = frozenset(getattr(torch.ops.aten, name).default for name in (
+    "mm", "addmm", "bmm", "_grouped_mm", "_scaled_mm", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_flash_attention_forward", "_efficient_attention_forward") if hasattr(torch.ops.aten, name))
+
+
+def _keep_products(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def parallelize(model: RingLinearForCausalLM, world: World, param_dtype: torch.dtype,
-                checkpoint_every: int) -> RingLinearForCausalLM:
-    """Activation checkpointing on every `checkpoint_every`-th layer (0: none), then FSDP2."""
+                checkpoint_every: int, recompute: Recompute = "all") -> RingLinearForCausalLM:
+    """Activation checkpointing on every `checkpoint_every`-th layer (0: none), recomputing all of
+    its forward or its elementwise ops only (`KEPT_OPS`), then FSDP2."""
     layers = list(model.model.layers)
     if checkpoint_every:
+        options = {} if recompute == "all" else {
+            "context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_products)}
         for layer in layers[checkpoint_every - 1::checkpoint_every]:
-            checkpoint(layer)
+            checkpoint(layer, **options)
     if world.size == 1 and param_dtype == torch.float32:
         return model
     mesh = init_device_mesh(world.device.type, (world.size,))

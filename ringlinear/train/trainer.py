@@ -138,7 +138,7 @@ class Trainer:
                  if config.init_from else RingLinearForCausalLM(model_config))
         model = model.to(world.device).train()
         self.model = parallelize(model, world, compute_dtype(config.param_dtype, world.device),
-                                 config.activation_checkpointing)
+                                 config.activation_checkpointing, config.recompute)
         self.policy = KernelPolicy(fp8=config.precision == "fp8").resolve(world.device)
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, (config.beta1, config.beta2))
         self.lr = LearningRate.of(config)
