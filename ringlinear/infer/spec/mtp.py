@@ -10,7 +10,7 @@ candidates of that step's logits. A chain is the tree of one branch. One call dr
 sequence of an engine step: the first pass packs all their new positions in one forward, and each
 chained depth runs the nodes of every tree as one batch; only attention is per sequence. The MTP
 layers are softmax layers with their own keys and values (an MLA layer's: its latent and rope key per
-position, as the engine's pages keep them, expanded into heads for each attention call): an
+position, as the engine's pages keep them, attended in the absorbed form): an
 `MTPCache` per sequence keeps the first layer's at the verified positions; a chained step attends to
 those and to the entries its own ancestors computed at its layer (`_Branches`), which are dropped
 after the call, since they came from drafts.
@@ -25,20 +25,29 @@ from torch import Tensor
 
 from ...model import RingLinearForCausalLM
 from ...model.context import AttentionContext
-from ...model.mla import decompress
 from ...ops.attention import causal_attention
 from ...ops.batch_invariant import numerics
+from ...ops.paged_latent_attention import paged_latent_attention
 from ...ops.policy import KernelPolicy
 from .tree import DraftTree, Path, path_parents
 
 KV = tuple[Tensor, Tensor]  # keys, values [B, positions, KV, D]; MLA: latents [B, positions, r], rope keys
 
 
-def _heads(entries: KV, kv_b: Tensor | None, q: Tensor) -> KV:
-    """The keys and values attention reads: the entries themselves, or an MLA layer's expanded."""
+def _attention(q: Tensor, entries: KV, kv_b: Tensor | None, scale: float, policy: KernelPolicy) -> Tensor:
+    """q [B, Tq, H, ·] attending causally to B sequences of entries [B, L, ...], its tokens the last:
+    keys and values, or an MLA layer's latents and rope keys in the absorbed form (each sequence read
+    as one page of latents, never expanded into heads)."""
     if kv_b is None:
-        return entries
-    return decompress(*entries, kv_b, q.shape[2], q.shape[-1] - entries[1].shape[-1])
+        return causal_attention(q, *entries, scale, policy=policy)
+    B, Tq, L = q.shape[0], q.shape[1], entries[0].shape[1]
+    device = q.device
+    pages = torch.cat(entries, dim=-1)  # [B, L, r + rope]: sequence b is page b
+    o = paged_latent_attention(q.flatten(0, 1), pages, kv_b, torch.arange(B, dtype=torch.int32, device=device)[:, None],
+                               torch.full((B,), L, dtype=torch.int32, device=device),
+                               torch.arange(0, B * Tq + 1, Tq, dtype=torch.int32, device=device), scale, Tq,
+                               policy=policy)
+    return o.unflatten(0, (B, Tq))
 
 
 class MTPCache:
@@ -93,7 +102,7 @@ class _Verified(_SoftmaxOnly):
         outputs = []
         for cache, q_i, *new_i in zip(self.caches, *(x.split(self.lengths, dim=1) for x in (q, *new))):
             entries = cache.extend(*new_i)
-            outputs.append(causal_attention(q_i, *_heads(entries, kv_b, q_i), scale, policy=self.policy))
+            outputs.append(_attention(q_i, entries, kv_b, scale, self.policy))
         return torch.cat(outputs, dim=1)
 
 
@@ -121,14 +130,14 @@ class _Branches(_SoftmaxOnly):
         if self.ancestors is not None:
             a, b = torch.cat([self.ancestors[0], a], 1), torch.cat([self.ancestors[1], b], 1)
         if layer_idx != self.first_layer:
-            return causal_attention(q, *_heads((a, b), kv_b, q), scale, policy=self.policy)
+            return _attention(q, (a, b), kv_b, scale, self.policy)
         outputs = []
         sizes = [rows for _, rows in self.groups]
         for (cache, rows), q_i, a_i, b_i in zip(self.groups, *(x.split(sizes) for x in (q, a, b))):
             if cache.keys is not None:
                 a_i = torch.cat([cache.keys.expand(rows, *cache.keys.shape[1:]), a_i], 1)
                 b_i = torch.cat([cache.values.expand(rows, *cache.values.shape[1:]), b_i], 1)
-            outputs.append(causal_attention(q_i, *_heads((a_i, b_i), kv_b, q_i), scale, policy=self.policy))
+            outputs.append(_attention(q_i, (a_i, b_i), kv_b, scale, self.policy))
         return torch.cat(outputs)
 
 
