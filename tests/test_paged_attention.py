@@ -101,6 +101,19 @@ def tree_case(prefixes, dtype):
     return case, tree_ancestors(parents, case[-1], max(sizes))[0], max(sizes)
 
 
+def tree_mask(parents: list[int], length: int) -> torch.Tensor:
+    """[m, length] for a tree of m tokens after a cached prefix: the prefix, then each token's
+    ancestors-or-self, written out from the parents."""
+    m = len(parents)
+    mask = torch.zeros(m, length, dtype=torch.bool)
+    mask[:, : length - m] = True
+    for i in range(m):
+        j = i
+        while j >= 0:
+            mask[i, length - m + j], j = True, parents[j]
+    return mask
+
+
 def dense_tree_attention(q, k_cache, v_cache, tables, seq_lens, query_start, scale):
     """float64 SDPA over each sequence's gathered keys with the mask written out from the parents."""
     page, H, KV = k_cache.shape[1], q.shape[1], k_cache.shape[2]
@@ -110,12 +123,7 @@ def dense_tree_attention(q, k_cache, v_cache, tables, seq_lens, query_start, sca
         positions = torch.arange(length)
         slots = tables[n, positions // page].long().cpu()
         k, v = (c.cpu().double()[slots, positions % page].repeat_interleave(H // KV, 1) for c in (k_cache, v_cache))
-        mask = torch.zeros(m, length, dtype=torch.bool)
-        mask[:, : length - m] = True
-        for i in range(m):
-            j = i
-            while j >= 0:
-                mask[i, length - m + j], j = True, parents[j]
+        mask = tree_mask(parents, length)
         queries = q[start:start + m].cpu().double().transpose(0, 1)
         o = F.scaled_dot_product_attention(queries, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale)
         out[start:start + m] = o.transpose(0, 1)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import INTERPRET
+from test_paged_attention import tree_mask
 
 triton = pytest.importorskip("triton")
 
@@ -75,18 +76,6 @@ TREES = ([-1, 0, 0, 1, 2], [-1], [-1, 0, 1, 1, 0, 4])  # parents (ops.tree), aft
 PREFIXES = (9, 30, 2)
 
 
-def tree_masks(parents: list[int], length: int) -> torch.Tensor:
-    """[m, length]: the cached prefix, then each tree token's ancestors-or-self."""
-    m = len(parents)
-    mask = torch.zeros(m, length, dtype=torch.bool)
-    mask[:, :length - m] = True
-    for i in range(m):
-        j = i
-        while j >= 0:
-            mask[i, length - m + j], j = True, parents[j]
-    return mask
-
-
 def tree_latent_case(H, r, rope, width, page, dtype):
     sizes = [len(t) for t in TREES]
     case = latent_case(sizes, [p + m for p, m in zip(PREFIXES, sizes)], H, r, rope, width, page=page, dtype=dtype)
@@ -106,7 +95,7 @@ def test_draft_trees_attend_to_the_prefix_and_their_ancestors_in_the_decompresse
         k, values = decompress(entries[None, :, :r], entries[None, :, r:], kv_b, H, nope)
         queries = q[None, starts[n]:starts[n + 1]].transpose(1, 2)
         o = F.scaled_dot_product_attention(queries, k.transpose(1, 2), values.transpose(1, 2),
-                                           attn_mask=tree_masks(parents, length), scale=0.3)
+                                           attn_mask=tree_mask(parents, length), scale=0.3)
         expected.append(o.transpose(1, 2)[0])
     assert rel(out, torch.cat(expected)) < 1e-12
 
