@@ -4,8 +4,22 @@ the 16 outcomes of two tokens of a 4-token vocabulary in 2,500 trials (the noise
 drafts 0.55 away from the target so that acceptances and rejections both happen often."""
 
 import torch
+from torch import Tensor
 
-from ringlinear.infer.spec.rejection import accept_chain, accept_tree
+from ringlinear.infer.spec.rejection import accept_tree
+
+
+def accept_chain(draft_tokens: Tensor, target_probs: Tensor, draft_probs: Tensor | None = None,
+                 greedy: bool = False, generator: torch.Generator | None = None) -> list[int]:
+    """A chain as `accept_tree`'s one-branch tree: k drafted tokens [k] after the last accepted one;
+    target_probs [k+1, V] (row j: after j drafts); draft_probs [k, V] or None. Returns the emitted
+    tokens: the accepted drafts, then one more."""
+    k = draft_tokens.shape[0]
+    tokens = torch.cat([draft_tokens.new_zeros(1), draft_tokens])
+    probs = None if draft_probs is None else torch.cat([draft_probs[:1], draft_probs])
+    path, token = accept_tree(list(range(-1, k)), tokens, target_probs, probs, greedy, generator)
+    return [int(tokens[node]) for node in path] + [token]
+
 
 V = 4
 GEN = torch.Generator().manual_seed(0)

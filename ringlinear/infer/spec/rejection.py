@@ -70,14 +70,3 @@ def _try_children(children: list[int], tokens: list[int], residual: Tensor, draf
         residual = (residual - q).clamp(min=0)
         residual = residual / residual.sum()  # > 0: a rejection means r(x) < q(x), so r > q elsewhere
     return None, residual
-
-
-def accept_chain(draft_tokens: Tensor, target_probs: Tensor, draft_probs: Tensor | None = None,
-                 greedy: bool = False, generator: torch.Generator | None = None) -> list[int]:
-    """k drafted tokens [k] after the last accepted one; target_probs [k+1, V] (row j: after j drafts);
-    draft_probs [k, V] or None. Returns the emitted tokens: the accepted drafts, then one more."""
-    k = draft_tokens.shape[0]
-    tokens = torch.cat([draft_tokens.new_zeros(1), draft_tokens])
-    probs = None if draft_probs is None else torch.cat([draft_probs[:1], draft_probs])
-    path, token = accept_tree(list(range(-1, k)), tokens, target_probs, probs, greedy, generator)
-    return [int(tokens[node]) for node in path] + [token]
