@@ -21,6 +21,42 @@ LOG2E = 1.4426950408889634  # softmax runs in the exp2 domain
 
 
 @triton.jit
+def tile_tokens(query_start, seq_lens, n, tile, BLOCK_M: tl.constexpr, GROUP: tl.constexpr):
+    """The rows of program (sequence n, tile): BLOCK_M rows = (token, head-of-the-group) pairs of the
+    sequence's new tokens. Returns its q_start, q_len and seq_len, each row's token and head within
+    the group, and which rows hold a token."""
+    TOKENS: tl.constexpr = BLOCK_M // GROUP
+    q_start = tl.load(query_start + n)
+    q_len = tl.load(query_start + n + 1) - q_start
+    seq_len = tl.load(seq_lens + n)
+    rows = tl.arange(0, BLOCK_M)
+    token = tile * TOKENS + rows // GROUP
+    valid = (rows < TOKENS * GROUP) & (token < q_len)
+    return q_start, q_len, seq_len, token, rows % GROUP, valid
+
+
+@triton.jit
+def online_softmax_step(s, m, mass, acc, values):
+    """Fold a block of scores s [rows, keys] (log2 domain, -inf where hidden) and its values
+    [keys, ·] into the running max m, softmax mass and output acc."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    probs = tl.exp2(s - m_new[:, None])
+    mass = mass * alpha + tl.sum(probs, 1)
+    acc = acc * alpha[:, None] + tl.dot(probs.to(values.dtype), values)
+    return m_new, mass, acc
+
+
+@triton.jit
+def tree_visible(bits, k_pos, prefix):
+    """[rows, keys]: the cached prefix, and among the draft-tree tokens after it each row's
+    ancestors-or-self (bit j of its mask `bits` for tree token j)."""
+    tree_index = k_pos - prefix  # negative in the cached prefix
+    ancestor = ((bits[:, None] >> tl.maximum(tree_index, 0).to(tl.int64)[None, :]) & 1) != 0
+    return (tree_index < 0)[None, :] | ancestor
+
+
+@triton.jit
 def _paged_attention_kernel(
     q, k_cache, v_cache, o, block_tables, seq_lens, query_start, ancestors, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_slot, stride_kvh, stride_table,
@@ -31,16 +67,10 @@ def _paged_attention_kernel(
     kv_head = tl.program_id(1)
     tile = tl.program_id(2)
     TOKENS: tl.constexpr = BLOCK_M // GROUP
-    q_start = tl.load(query_start + n)
-    q_len = tl.load(query_start + n + 1) - q_start
+    q_start, q_len, seq_len, token, group_head, valid = tile_tokens(query_start, seq_lens, n, tile, BLOCK_M, GROUP)
     if tile * TOKENS >= q_len:
         return
-    seq_len = tl.load(seq_lens + n)
-
-    rows = tl.arange(0, BLOCK_M)
-    token = tile * TOKENS + rows // GROUP
-    head = kv_head * GROUP + rows % GROUP
-    valid = (rows < TOKENS * GROUP) & (token < q_len)
+    head = kv_head * GROUP + group_head
     q_pos = seq_len - q_len + token  # position of each row's token in its sequence
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
@@ -67,16 +97,8 @@ def _paged_attention_kernel(
         s = tl.dot(tile_q, tl.trans(keys)) * qk_scale
         visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos < kv_end)[None, :]
         if TREE:
-            tree_index = k_pos - (seq_len - q_len)  # negative in the cached prefix
-            ancestor = ((bits[:, None] >> tl.maximum(tree_index, 0).to(tl.int64)[None, :]) & 1) != 0
-            visible = visible & ((tree_index < 0)[None, :] | ancestor)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        probs = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(probs, 1)
-        acc = acc * alpha[:, None] + tl.dot(probs.to(values.dtype), values)
-        m = m_new
+            visible = visible & tree_visible(bits, k_pos, seq_len - q_len)
+        m, l, acc = online_softmax_step(tl.where(visible, s, float("-inf")), m, l, acc, values)
     acc = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(o + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              acc.to(o.dtype.element_ty), mask=valid[:, None] & d_ok[None, :])

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..paged_attention.kernel import online_softmax_step, tile_tokens, tree_visible
+
 LOG2E = 1.4426950408889634
 
 
@@ -34,16 +36,9 @@ def _latent_attention_kernel(
     tile = tl.program_id(1)
     split = tl.program_id(2)
     TOKENS: tl.constexpr = BLOCK_M // H
-    q_start = tl.load(query_start + n)
-    q_len = tl.load(query_start + n + 1) - q_start
+    q_start, q_len, seq_len, token, head, valid = tile_tokens(query_start, seq_lens, n, tile, BLOCK_M, H)
     if tile * TOKENS >= q_len:
         return
-    seq_len = tl.load(seq_lens + n)
-
-    rows = tl.arange(0, BLOCK_M)
-    token = tile * TOKENS + rows // H
-    head = rows % H
-    valid = (rows < TOKENS * H) & (token < q_len)
     q_pos = seq_len - q_len + token
     r = tl.arange(0, BLOCK_R)
     e = tl.arange(0, BLOCK_ROPE)
@@ -73,16 +68,8 @@ def _latent_attention_kernel(
         s = (tl.dot(q_latent, tl.trans(latent)) + tl.dot(q_rope, tl.trans(rope))) * qk_scale
         visible = (k_pos[None, :] <= q_pos[:, None]) & in_seq[None, :]
         if TREE:
-            tree_index = k_pos - (seq_len - q_len)  # negative in the cached prefix
-            ancestor = ((bits[:, None] >> tl.maximum(tree_index, 0).to(tl.int64)[None, :]) & 1) != 0
-            visible = visible & ((tree_index < 0)[None, :] | ancestor)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        probs = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(probs, 1)
-        acc = acc * alpha[:, None] + tl.dot(probs.to(latent.dtype), latent)
-        m = m_new
+            visible = visible & tree_visible(bits, k_pos, seq_len - q_len)
+        m, l, acc = online_softmax_step(tl.where(visible, s, float("-inf")), m, l, acc, latent)
     acc = acc / tl.where(l > 0, l, 1.0)[:, None]
     out = o + split * stride_os + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + r[None, :]
     tl.store(out, acc.to(o.dtype.element_ty), mask=valid[:, None] & r_ok[None, :])
