@@ -218,7 +218,7 @@ def lightning_tree_verify(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, st
     """Draft trees of N sequences packed along T (q, k, v [T, H, D]; `ops.tree` for query_start [N+1],
     the ancestor bitmasks and depths [T], and `max_tree_len`, a host int) over their prefix states
     `state[slots]`: token i sees the prefix and its ancestors-or-self. Writes no state; shape checks
-    only (nothing reads the device but the invariant form). Returns o [T, H, D] in the dtype of q."""
+    only: nothing reads the device. Returns o [T, H, D] in the dtype of q."""
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must all be [T, H, D], got {list(q.shape)}, {list(k.shape)}, "
                          f"{list(v.shape)}")
@@ -239,11 +239,13 @@ def lightning_tree_verify(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, st
             return lightning_tree_verify_quadratic(q, k, v, log_decay, state, slots, ancestors, depth,
                                                    query_start, scale)
         case "root_paths":
-            rows, cu_seqlens = tree_paths(ancestors, query_start)
+            L = max_tree_len
+            rows = tree_paths(ancestors, depth, query_start, L).flatten()
             prefix = state[slots.long()].repeat_interleave(query_start[1:] - query_start[:-1], dim=0, output_size=T)
+            cu_seqlens = torch.arange(0, T * L + 1, L, device=q.device)
             o, _ = lightning_attn(q[rows][None], k[rows][None], v[rows][None], log_decay, scale, prefix,
-                                  cu_seqlens=cu_seqlens, policy=policy)
-            return o[0, cu_seqlens[1:] - 1]
+                                  cu_seqlens=cu_seqlens, max_seqlen=L, policy=policy)
+            return o[0].view(T, L, H, D)[torch.arange(T, device=q.device), depth.long()]
 
 
 def lightning_tree_fold(k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor, slots: Tensor, accepted: Tensor,

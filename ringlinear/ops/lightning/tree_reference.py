@@ -50,14 +50,21 @@ def lightning_tree_verify_quadratic(q: Tensor, k: Tensor, v: Tensor, log_decay: 
     return (scale * o).transpose(0, 1).to(out_dtype)
 
 
-def tree_paths(ancestors: Tensor, query_start: Tensor) -> tuple[Tensor, Tensor]:
-    """Every token's root path as rows along T, root first: (rows [Σ(d_i+1)] long, cu_seqlens [T+1]).
-    Parents precede children, so the ancestors in index order are the path. Reads the device."""
-    mask = _tree_mask(ancestors, query_start)
-    rows = mask.nonzero()[:, 1]  # row-major: path of token 0, then of token 1, ...
-    cu_seqlens = torch.zeros(ancestors.shape[0] + 1, dtype=torch.long, device=ancestors.device)
-    torch.cumsum(mask.sum(1), 0, out=cu_seqlens[1:])
-    return rows, cu_seqlens
+def tree_paths(ancestors: Tensor, depth: Tensor, query_start: Tensor, max_tree_len: int) -> Tensor:
+    """Every token's root path as rows along T, root first: [T, max_tree_len] long, each path padded
+    after the token itself with its own row (what comes after a token changes nothing up to it).
+    Parents precede children, so the ancestors in index order are the path. Nothing reads the device."""
+    T, L, device = ancestors.shape[0], max_tree_len, ancestors.device
+    lengths = query_start[1:] - query_start[:-1]
+    sequence = torch.repeat_interleave(torch.arange(lengths.shape[0], device=device), lengths, output_size=T)
+    start = query_start[:-1].long()[sequence]
+    bits = (ancestors[:, None] >> torch.arange(L, device=device)) & 1  # [T, L]
+    rank = torch.where(bits.bool(), bits.cumsum(1) - 1, L)  # the r-th set bit goes to column r; others to L
+    path = torch.zeros(T, L + 1, dtype=torch.long, device=device)
+    path.scatter_(1, rank, torch.arange(L, device=device).expand(T, -1))
+    own = torch.arange(T, device=device) - start
+    path = torch.where(torch.arange(L, device=device) <= depth[:, None], path[:, :L], own[:, None])
+    return start[:, None] + path
 
 
 def lightning_tree_fold_reference(k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor, slots: Tensor,
