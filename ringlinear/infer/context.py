@@ -66,18 +66,35 @@ def lightning_rounds(chunks: Seq[ScheduledChunk]) -> list[LightningRound] | None
     return rounds
 
 
-def tree_masks(chunks: Seq[ScheduledChunk]) -> tuple[np.ndarray, np.ndarray]:
-    """Of the rows of single-token and verify `chunks` (in step order): the `ops.tree` ancestor
-    bitmasks (int64, bit 63 its sign) and depths; a single token is a root."""
+def tree_masks(trees: Seq[Seq[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Of the rows of trees given by their `tree_parents` (a single token is a root), packed in
+    order: the `ops.tree` ancestor bitmasks (int64, bit 63 its sign) and depths."""
     ancestors, depths = [], []
-    for chunk in chunks:
+    for parents in trees:
         own: list[int] = []
-        for i, parent in enumerate(chunk.tree_parents):
+        for i, parent in enumerate(parents):
             own.append((1 << i) | (own[parent] if parent >= 0 else 0))
             depths.append(depths[len(depths) - i + parent] + 1 if parent >= 0 else 0)
         ancestors += own
     bits = np.asarray(ancestors, dtype=np.uint64).view(np.int64)
     return bits, np.asarray(depths, dtype=np.int64)
+
+
+def fold_paths(sizes: Seq[int], accepted: Seq[list[int]]) -> tuple[np.ndarray, list[list[int]]]:
+    """Of verify chunks of `sizes` rows whose accepted draft nodes are `accepted`: each chunk's first row
+    among the verify rows, and its path (the root, node 0, then the accepted nodes)."""
+    return np.cumsum([0, *sizes[:-1]], dtype=np.int64), [[0, *path] for path in accepted]
+
+
+def fold_rows(starts: np.ndarray, paths: Seq[list[int]], width: int, num_seqs: int) -> tuple[np.ndarray, np.ndarray]:
+    """`lightning_tree_fold`'s (rows [num_seqs, width], counts [num_seqs]): each path's rows, padded with
+    its last; sequences past the paths (a graph's padding) fold nothing."""
+    rows = np.zeros((num_seqs, width), dtype=np.int64)
+    counts = np.zeros(num_seqs, dtype=np.int64)
+    for n, (start, path) in enumerate(zip(starts, paths)):
+        rows[n] = start + np.asarray(path)[np.minimum(np.arange(width), len(path) - 1)]
+        counts[n] = len(path)
+    return rows, counts
 
 
 def final_snapshots(chunks: Seq[ScheduledChunk]) -> tuple[Tensor, Tensor] | None:
@@ -178,7 +195,7 @@ class StepBatch:
             "single-token sequences must come first, then verify chunks"
         positions, trees = slot_positions, {}
         if num_verifies:
-            ancestors, depth = tree_masks(chunks[:verify.stop])
+            ancestors, depth = tree_masks([c.tree_parents for c in chunks[:verify.stop]])
             positions = slot_positions.copy()
             positions[:len(depth)] = computed[:verify.stop].repeat(counts[:verify.stop]) + depth
             trees = {"tree_ancestors": torch.from_numpy(ancestors), "tree_depth": torch.from_numpy(depth),
@@ -272,21 +289,26 @@ class PagedContext(AttentionContext):
         chunk n (`sizes[n]` rows): its root and those nodes enter the slot's state in every Lightning
         layer, and their keys and values move to consecutive positions prefix + depth (a chain's are
         there already); the rejected ones leave no trace but in pages past the path, given back."""
-        paths = [[0, *path] for path in accepted]
-        starts = np.cumsum([0, *sizes[:-1]], dtype=np.int64)
-        width = max(len(path) for path in paths)
-        rows = np.asarray([[start + path[min(j, len(path) - 1)] for j in range(width)]
-                           for start, path in zip(starts, paths)], dtype=np.int64)
+        starts, paths = fold_paths(sizes, accepted)
+        rows, counts = fold_rows(starts, paths, max(len(path) for path in paths), len(paths))
         device = self.cache.device
-        counts = torch.tensor([len(path) for path in paths], device=device)
-        rows_on_device = torch.from_numpy(rows).to(device)
+        self.fold_states(torch.from_numpy(rows).to(device), torch.from_numpy(counts).to(device))
+        self.move_paths(starts, paths)
+
+    def fold_states(self, rows: Tensor, counts: Tensor) -> None:
+        """Sequence n's rows `rows[n, :counts[n]]` of the verify chunks into its state in every Lightning
+        layer (a replayed graph's step has padding sequences after the real ones: counts 0)."""
+        slots = self.verify_slots[:rows.shape[0]]
         for layer_idx, (k, v, log_decay) in self.verified.items():
             states = self.cache.states[self.cache.linear_index[layer_idx]]
-            lightning_tree_fold(k, v, log_decay, states, self.verify_slots, rows_on_device, counts, policy=self.policy)
+            lightning_tree_fold(k, v, log_decay, states, slots, rows, counts, policy=self.policy)
+
+    def move_paths(self, starts: np.ndarray, paths: Seq[list[int]]) -> None:
+        """The accepted nodes' keys and values to positions prefix + depth, where a path left the first branch."""
         moves = [(start + node, start + depth) for start, path in zip(starts, paths)
                  for depth, node in enumerate(path) if node != depth]
         if moves and self.cache.softmax_index:
-            offsets = torch.tensor(moves, device=device) + self.batch.num_decodes  # rows of the step
+            offsets = torch.tensor(moves, device=self.cache.device) + self.batch.num_decodes  # rows of the step
             self.cache.move_tokens(self.batch.slot_mapping[offsets[:, 0]], self.batch.slot_mapping[offsets[:, 1]])
 
     def _lightning_rounds(self, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, states: Tensor,

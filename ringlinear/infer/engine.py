@@ -30,6 +30,7 @@ from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerOutput, Sequence
 from .spec.config import SpeculativeConfig
 from .spec.drafting import Speculator
+from .spec.tree import path_parents
 
 CPU_CACHE_MEMORY = 2 * 2**30  # at most, on the CPU: a quarter of the available memory below that
 
@@ -122,9 +123,11 @@ class Engine:
         cache = CacheManager(size, config.enable_prefix_caching, has_state)
         self.scheduler = Scheduler(cache, config.max_num_seqs, config.max_num_batched_tokens,
                                    model.config.eos_token_ids)
-        self.runner = ModelRunner(model, size, self.policy, use_graphs, self.scheduler.max_num_seqs)
-        self.sampler = Sampler(self.policy, self.device, config.seed)
         spec = config.speculative_config
+        verify_shapes = () if spec is None else (path_parents(spec.paths),)  # the full tree every drafter fills
+        self.runner = ModelRunner(model, size, self.policy, use_graphs, self.scheduler.max_num_seqs,
+                                  config.max_num_batched_tokens, verify_shapes)
+        self.sampler = Sampler(self.policy, self.device, config.seed)
         self.speculator = None if spec is None else Speculator(spec, model, self.policy)
         self._arrivals = itertools.count()
 
@@ -161,7 +164,10 @@ class Engine:
             per_token = c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)
             activations += 2 * max_model_len * per_token * self.dtype.itemsize
         free, total = torch.cuda.mem_get_info(self.device)
-        logits = 4 * config.max_num_seqs * self.model.config.vocab_size * 4  # logits, sorted copies, noise
+        # logits, sorted copies, noise; a verify step's logits are every row of every sequence's tree
+        spec = config.speculative_config
+        rows = config.max_num_seqs * (1 if spec is None else 1 + len(spec.paths))
+        logits = 4 * rows * self.model.config.vocab_size * 4
         return int(total * config.gpu_memory_utilization - (total - free) - activations - logits)
 
     # -- requests -------------------------------------------------------------------------------

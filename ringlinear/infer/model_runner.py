@@ -1,5 +1,5 @@
 """The model runner: a scheduled step's inputs on the device, the forward against the paged cache,
-and decode steps replayed from CUDA graphs. It owns the cache tensors and takes the scheduler's
+and decode and verify steps replayed from CUDA graphs. It owns the cache tensors and takes the scheduler's
 cache decisions (new slots and pages, restored, forked and saved states) from each step's output;
 it changes no sequence."""
 
@@ -17,7 +17,7 @@ from ..model import RingLinearForCausalLM
 from ..ops.policy import KernelPolicy
 from .cache import CacheSize, PagedCache
 from .context import PagedContext, StepBatch
-from .graphs import DecodeGraphs
+from .graphs import Shape, StepGraphs
 from .scheduler import SchedulerOutput
 
 StepHook = Callable[[SchedulerOutput, StepBatch], None]
@@ -31,15 +31,18 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: RingLinearForCausalLM, size: CacheSize, policy: KernelPolicy, cuda_graphs: bool,
-                 max_num_seqs: int):
-        """`cuda_graphs`: capture decode steps of up to `max_num_seqs` sequences (the caller checks that
-        the forward never waits for the host under `policy`)."""
+                 max_num_seqs: int, max_num_batched_tokens: int, verify_shapes: tuple[Shape, ...] = ()):
+        """`cuda_graphs`: capture decode steps of up to `max_num_seqs` sequences, and verify steps of
+        each draft-tree shape in `verify_shapes` that fit `max_num_batched_tokens` (the caller checks
+        that the forward never waits for the host under `policy`)."""
         param = next(model.parameters())
         self.model, self.policy = model, policy
         self.cache = PagedCache(model.config, size, param.device, param.dtype)
-        self.graphs = DecodeGraphs(model, self.cache, max_num_seqs, policy) if cuda_graphs else None
+        self.graphs = StepGraphs(model, self.cache, max_num_seqs, policy, ((), *verify_shapes),
+                                 max_num_batched_tokens) if cuda_graphs else None
         self._step_hooks: OrderedDict[int, StepHook] = OrderedDict()  # weakly referenced by the handles
         self._verifying: PagedContext | None = None  # the last step's, while its verify chunks wait for `fold`
+        self._fold_replays = False  # the last step replayed a graph, and so does its fold
 
     def register_step_hook(self, hook: StepHook) -> RemovableHandle:
         """Call `hook(scheduler_output, batch)` before every forward, with the step's host inputs:
@@ -59,15 +62,18 @@ class ModelRunner:
         batch = StepBatch.build(output.chunks, self.cache)
         for hook in self._step_hooks.values():
             hook(output, batch)
-        wants_hidden = hidden_states or any(chunk.prompt_logprob_positions() for chunk in output.chunks)
-        if self.graphs is not None and self.graphs.fits(batch) and not wants_hidden:
-            result = StepResult(self.graphs.run(batch), None)
+        needs_prompt_logprobs = any(chunk.prompt_logprob_positions() for chunk in output.chunks)
+        wants_hidden = hidden_states or needs_prompt_logprobs
+        self._fold_replays = self.graphs is not None and self.graphs.fits(output.chunks) and not needs_prompt_logprobs
+        if self._fold_replays:
+            logits, hidden, context = self.graphs.run(output.chunks, batch)
+            result = StepResult(logits, hidden if hidden_states else None)
         else:
             batch = batch.to(self.cache.device)
             context = PagedContext(self.cache, batch, self.policy)
             out = self.model(batch.input_ids[None], context=context, logits_indices=batch.logits_indices)
             result = StepResult(out.logits[0], out.hidden_states[0] if wants_hidden else None)
-            self._verifying = context if batch.num_verifies else None
+        self._verifying = context if batch.num_verifies else None
         # single-token chunks run the decode kernel, which updates the slots in place: their
         # snapshots are the slots' states after the step (a longer chunk's come from its rounds)
         saved = [(chunk.seq.slot, snapshot) for chunk in output.chunks if chunk.num_tokens == 1
@@ -82,5 +88,6 @@ class ModelRunner:
         in the order of `output.verifies`) into the Lightning states and to consecutive positions of
         the pages."""
         if self._verifying is not None:
-            self._verifying.fold([chunk.num_tokens for chunk, _ in output.verifies], accepted)
+            sizes = [chunk.num_tokens for chunk, _ in output.verifies]
+            (self.graphs if self._fold_replays else self._verifying).fold(sizes, accepted)
             self._verifying = None
