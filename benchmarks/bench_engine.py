@@ -161,18 +161,26 @@ def largest_batch(engine: Engine, context: int) -> int:
     return min(engine.scheduler.max_num_seqs, cache.num_free_pages // pages)
 
 
+def place(engine: Engine, batch: int, context: int, max_tokens: int) -> None:
+    """`batch` running sequences at `context` tokens, as if prefilled: only each one's last prompt
+    token is left, so every step is a decode. Each ends in a token of its own: identical sequences
+    would all route to the same few experts, a decode step no server sees."""
+    vocab = engine.model.config.vocab_size
+    prompt = tokens(context, vocab)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    for i, last in enumerate(tokens(batch, vocab, seed=1)):
+        engine.add_request(f"decode-{i}", prompt + [last], params)
+    for seq in list(engine.scheduler.waiting):
+        engine.scheduler.admit(seq, len(seq.token_ids))
+        seq.num_computed = context
+
+
 def decode(engine: Engine, batch: int, context: int) -> dict:
     """Decode steps of `batch` sequences at `context` tokens, their contexts placed as if prefilled."""
     if batch > largest_batch(engine, context):
         return {"batch": batch, "context": context, "fits": False,
                 "largest_batch": largest_batch(engine, context)}
-    prompt = tokens(context + 1, engine.model.config.vocab_size)
-    params = SamplingParams(max_tokens=DECODE_WARMUP + DECODE_STEPS + 1, temperature=0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"decode-{i}", prompt, params)
-    for seq in list(engine.scheduler.waiting):
-        engine.scheduler.admit(seq, len(seq.token_ids))
-        seq.num_computed = context  # only the last prompt token is left: every step is a decode
+    place(engine, batch, context, DECODE_WARMUP + DECODE_STEPS + 1)
     for _ in range(DECODE_WARMUP):
         engine.step()
     sync()

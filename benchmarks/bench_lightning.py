@@ -1,7 +1,7 @@
 """Lightning attention kernels on one GPU: full-size correctness, then speed side by side with
 flash-linear-attention (fla 0.6.0), flood's seg_la and PyTorch SDPA, against the measured hardware floor.
 
-    python benchmarks/bench_lightning.py [--commit SHA] [--out DIR] [--seg-la FILE] [--only prefill]
+    python benchmarks/bench_lightning.py [--commit SHA] [--out DIR] [--seg-la FILE] [--only prefill|tree]
 
 Correctness: our kernels and fla's `chunk_simple_gla` against the float64 chunked reference, at the
 benchmark shapes (bf16, H = 16, D = 128, Ring-mini layer-0 decays, λ from 0.49 to 0.996), with initial
@@ -14,6 +14,10 @@ from --seg-la, a copy of alipay/PainlessInferenceAcceleration's flood/flood/ops/
 of the repository; default .baseline/seg_la.py) and fla with cu_seqlens. Each is timed twice:
 do_bench (device time between events, the L2 flushed before each call) and back to back (wall time
 per call of 200 calls in a row, then one sync: what a host-bound caller sees).
+Tree verify: N sequences each verifying a 16-token draft tree (TREE_PARENTS) over its prefix state,
+no state written: `lightning_tree_verify` beside seg_la's tree-mask kernel (`meta.mask`), both
+against the float64 quadratic reference; then the fold of a 4-token accepted path into the states.
+Timed as a verify step runs them, replayed from a CUDA graph (and eagerly back to back).
 Results go to stdout (tables last) and to DIR/bench_lightning.json (DIR: --out, else $OUT, else .).
 """
 
@@ -35,7 +39,10 @@ from triton.testing import do_bench
 
 from ringlinear.config import alibi_slopes
 from ringlinear.ops import lightning_attn, lightning_decode
-from ringlinear.ops.lightning import lightning_attn_chunked, lightning_decode_reference
+from ringlinear.ops.lightning import (lightning_attn_chunked, lightning_decode_reference, lightning_tree_fold,
+                                      lightning_tree_verify)
+from ringlinear.ops.lightning.tree_reference import lightning_tree_verify_quadratic
+from ringlinear.ops.tree import tree_ancestors
 from ringlinear.ops.lightning.chunk import KernelConfig, _chunk_kernel, _local_state_kernel, lightning_attn_triton
 from ringlinear.ops.lightning.decode import _decode_kernel, lightning_decode_triton
 
@@ -45,6 +52,9 @@ SHAPES = [(16, 4096), (4, 16384), (1, 65536)]
 PREFILL = {"B1x1K": [1024], "B1x4K": [4096], "B1x16K": [16384], "B1x64K": [65536], "B8x4K": [4096] * 8,
            "16 mixed 256-4K": torch.randint(256, 4097, (16,), generator=torch.Generator().manual_seed(0)).tolist()}
 DECODE_BATCHES = [1, 64, 256]
+# a 16-token draft tree: the root, 3 children, 2 under each, then one under each of those (depth 3)
+TREE_PARENTS = [-1, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 5, 6, 7, 8, 9]
+TREE_SEQS = [16, 64]
 # (block_v, num_warps, fwd_stages, bwd_stages, local_stages); the first is the default for bf16 at D = 128
 CONFIGS = [KernelConfig(64, 4, 3, 2, 3), KernelConfig(64, 4, 2, 2, 3), KernelConfig(64, 4, 3, 2, 2),
            KernelConfig(64, 4, 3, 2, 4), KernelConfig(64, 8, 2, 2, 3), KernelConfig(128, 8, 2, 2, 3),
@@ -357,6 +367,67 @@ def time_prefill(rep: Report, fla, seg_la, name: str, lengths: list[int], bw: fl
     return out
 
 
+def tree_inputs(N: int):
+    """N trees of TREE_PARENTS packed along T, random prefix states in a pool of N + 1 slots (slot n + 1)."""
+    m = len(TREE_PARENTS)
+    q, k, v = (x[0] for x in qkv(1, N * m, seed=3))
+    device = q.device
+    query_start = torch.arange(0, N * m + 1, m, device=device)
+    ancestors, depth = tree_ancestors(torch.tensor(TREE_PARENTS * N, device=device), query_start, m)
+    pool = torch.randn(N + 1, H, D, D, device=device, generator=torch.Generator(device).manual_seed(4)) * 0.1
+    slots = torch.arange(1, N + 1, device=device, dtype=torch.int32)
+    return q, k, v, pool, slots, ancestors, depth, query_start
+
+
+def seg_la_tree_call(seg_la, q, k, v, g, pool, ancestors, N: int):
+    """seg_la_fwd with a tree mask: [N, m, m] ancestors-or-self, from the prefix states (s_scales 1)."""
+    m = len(TREE_PARENTS)
+    bits = (ancestors.view(N, m)[..., None] >> torch.arange(m, device=q.device)) & 1
+    s = pool[1:].clone()
+    meta = SimpleNamespace(batch_size=N, max_q_length=m, mask=bits.to(torch.int32).contiguous(),
+                           q_offsets=torch.arange(0, N * m, m, device=q.device, dtype=torch.int32),
+                           q_lengths=torch.full((N,), m, device=q.device, dtype=torch.int32),
+                           s_offsets=torch.arange(N, device=q.device, dtype=torch.int32),
+                           s_scales=torch.ones(N, device=q.device, dtype=torch.int32))
+    decay_scales = (-g).contiguous()
+    return lambda: seg_la.seg_la_fwd(q, k, v, s, decay_scales, meta, softmax_scale=D**-0.5)
+
+
+def time_tree(rep: Report, seg_la, N: int, bw: float) -> dict:
+    """Tree verify of N 16-token trees (ours, seg_la) checked against float64, timed; the fold of a 4-token path."""
+    m = len(TREE_PARENTS)
+    q, k, v, pool, slots, ancestors, depth, query_start = tree_inputs(N)
+    g = log_decay()
+    ref = lightning_tree_verify_quadratic(*(x.double() for x in (q, k, v)), g.double(), pool.double(), slots,
+                                          ancestors, depth, query_start)
+    calls = {"ours": lambda: lightning_tree_verify(q, k, v, g, pool, slots, ancestors, depth, query_start, m)}
+    if seg_la is not None:
+        calls["seg_la"] = seg_la_tree_call(seg_la, q, k, v, g, pool, ancestors, N)
+    bytes_ = 4 * N * m * H * D * 2 + N * H * D * D * 4  # q, k, v, o once and the prefix states read
+    flops = N * H * (2 * m * m * D * 2 + 2 * m * D * D)
+    floor = bytes_ / bw / 1e9
+    out = {"floor": floor}
+    with torch.no_grad():
+        for variant, fn in calls.items():
+            rep.check(f"tree verify N{N} {variant} vs float64", rel(fn(), ref), 5e-3)
+            # as a verify step runs them: 16 layers' calls replayed from one CUDA graph (no launch overhead)
+            ms = rep.time("tree verify", f"N{N}x{m}", variant, graph_time(lambda i, fn=fn: fn(), 16), flops,
+                          bytes_, floor)
+            out[variant] = (ms, back_to_back(fn))
+        path = torch.tensor([[0, 1, 4, 10]], device=q.device) + torch.arange(0, N * m, m, device=q.device)[:, None]
+        counts = torch.full((N,), 4, device=q.device)
+        fold_pool = pool.clone()
+
+        def fold():
+            lightning_tree_fold(k, v, g, fold_pool, slots, path, counts)
+        fold_bytes = 2 * N * H * D * D * 4
+        ms = rep.time("tree fold", f"N{N}x4", "ours", graph_time(lambda i: fold(), 16), 0, fold_bytes,
+                      fold_bytes / bw / 1e9)
+        out["fold"] = (ms, back_to_back(fold))
+        out["fold floor"] = fold_bytes / bw / 1e9
+    return out
+
+
 def graph_time(step, layers: int) -> float:
     """Per-step time of `layers` decode steps (one per layer's state pool) replayed from one CUDA graph."""
     for i in range(layers):
@@ -435,8 +506,8 @@ def main():
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--seg-la", default=".baseline/seg_la.py", help="flood's seg_la.py (baseline)")
-    parser.add_argument("--only", choices=("all", "prefill"), default="all",
-                        help="prefill: the prefill checks and timings alone")
+    parser.add_argument("--only", choices=("all", "prefill", "tree"), default="all",
+                        help="prefill / tree: those checks and timings alone")
     args = parser.parse_args()
     try:
         import fla
@@ -455,10 +526,12 @@ def main():
 
     lengths = [1, 0, 20000, 3, 40000, 5532, 0]
     offsets = [0] + [sum(lengths[:i + 1]) for i in range(len(lengths))]
-    summary, prefill = {}, {}
-    sections = [("check prefill", lambda: check_prefill(rep, fla_ops, seg_la))]
-    sections += [(f"prefill {name}", lambda name=name, lengths=lengths: prefill.__setitem__(
-        name, time_prefill(rep, fla_ops, seg_la, name, lengths, bw, peak))) for name, lengths in PREFILL.items()]
+    summary, prefill, trees = {}, {}, {}
+    sections = [(f"tree N{N}", lambda N=N: trees.__setitem__(N, time_tree(rep, seg_la, N, bw))) for N in TREE_SEQS]
+    if args.only != "tree":
+        sections += [("check prefill", lambda: check_prefill(rep, fla_ops, seg_la))]
+        sections += [(f"prefill {name}", lambda name=name, lengths=lengths: prefill.__setitem__(
+            name, time_prefill(rep, fla_ops, seg_la, name, lengths, bw, peak))) for name, lengths in PREFILL.items()]
     if args.only == "all":
         sections += [(f"check B{B}xT{T}", lambda B=B, T=T: check_chunk(rep, fla_ops, B, T)) for B, T in SHAPES]
         sections += [("check varlen", lambda: check_chunk(rep, fla_ops, 1, offsets[-1], offsets)),
@@ -481,6 +554,18 @@ def main():
 
     print_summary(rep, summary, bw, peak)
     print_prefill(prefill)
+    print_trees(trees)
+
+
+def print_trees(trees: dict):
+    print("\n| tree verify, 16-token trees | seg_la | ours | floor | fold of a 4-token path | fold floor |")
+    print("|---|---|---|---|---|---|")
+    for N, r in trees.items():
+        cells = [r.get(v, (float("nan"), float("nan"))) for v in ("seg_la", "ours", "fold")]
+        print(f"| N = {N} | {cells[0][0] * 1e3:.1f} ({cells[0][1] * 1e3:.1f}) | {cells[1][0] * 1e3:.1f} "
+              f"({cells[1][1] * 1e3:.1f}) | {r['floor'] * 1e3:.1f} | {cells[2][0] * 1e3:.1f} ({cells[2][1] * 1e3:.1f}) "
+              f"| {r['fold floor'] * 1e3:.1f} |")
+    print("us: per call replayed from a CUDA graph of 16 calls (back to back, eager, per call)")
 
 
 def print_prefill(prefill: dict):

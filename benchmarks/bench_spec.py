@@ -1,6 +1,6 @@
 """Speculative decoding: what a trained MTP head accepts, and what a verify step costs.
 
-    python benchmarks/bench_spec.py --checkpoint runs/tiny-mtp/checkpoint [--out DIR]   # CPU, trained
+    python benchmarks/bench_spec.py --checkpoint runs/tiny-mtp/checkpoint [--out DIR]   # trained (GPU if any)
     python benchmarks/bench_spec.py [--out DIR]                                          # GPU, Ring-mini shapes
     python benchmarks/bench_spec.py --quick [--out DIR]                                  # CPU smoke run
 
@@ -34,12 +34,13 @@ import os
 import time
 
 import torch
-from bench_engine import case, log, tokens
+from bench_engine import case, log, place
 
 from ringlinear import RingLinearConfig, RingLinearForCausalLM
 from ringlinear.checkpoint import load_tokenizer
 from ringlinear.data.corpus import split_documents, stdlib_documents
 from ringlinear.infer import Engine, EngineConfig, SamplingParams
+from ringlinear.infer.graphs import StepGraphs
 from ringlinear.infer.spec.tree import DraftTree, chain_paths, parse_paths, path_parents
 
 TREE = "[(0,), (1,), (0, 0), (1, 0), (0, 0, 0)]"  # the trained run's tree: top 2 at two depths, then 1
@@ -125,7 +126,9 @@ def held_out_prompts(tokenizer, val_fraction: float, count: int) -> list[list[in
 
 
 def trained(checkpoint: str, repeats: int, results: dict) -> None:
-    model = RingLinearForCausalLM.from_pretrained(checkpoint)
+    cuda = torch.cuda.is_available()
+    model = RingLinearForCausalLM.from_pretrained(checkpoint, device="cuda" if cuda else "cpu",
+                                                  dtype=torch.bfloat16 if cuda else None)
     tokenizer = load_tokenizer(checkpoint)
     run = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "train_config.json")
     val_fraction = json.load(open(run))["val_fraction"] if os.path.exists(run) else 0.02
@@ -167,20 +170,9 @@ def trained(checkpoint: str, repeats: int, results: dict) -> None:
 
 # -- verify-step cost at serving shapes -------------------------------------------------------------
 
-def place(engine: Engine, batch: int, context: int) -> None:
-    """`batch` running sequences at `context` tokens, as if prefilled (bench_engine's `decode`)."""
-    prompt = tokens(context + 1, engine.model.config.vocab_size)
-    params = SamplingParams(max_tokens=4 * (STEPS + WARMUP_STEPS) + 1, temperature=0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"seq-{i}", prompt, params)
-    for seq in list(engine.scheduler.waiting):
-        engine.scheduler.admit(seq, len(seq.token_ids))
-        seq.num_computed = context
-
-
 def step_cost(engine: Engine, batch: int, context: int, paths: tuple | None) -> dict:
     """ms per step of `batch` sequences verifying a tree of shape `paths` each (None: plain decode)."""
-    place(engine, batch, context)
+    place(engine, batch, context, 4 * (STEPS + WARMUP_STEPS) + 1)
     generator = torch.Generator().manual_seed(0)
     vocab = engine.model.config.vocab_size
 
@@ -222,10 +214,16 @@ def serving(quick: bool, acceptance: float, results: dict) -> None:
     options = {"max_num_seqs": max(batches), "page_size": 64, "max_num_batched_tokens": 4096}
     options.update({"num_pages": max(batches) * (context // 64 + 8)} if device.type == "cpu" else {})
     engine = Engine(model, None, EngineConfig(**options))
-    results["setup"] = {"preset": preset, "context": context, "device": str(device), "acceptance": acceptance,
-                        "graphs": engine.runner.graphs is not None}
     shapes = {"plain": None, **{f"chain{n}": chain_paths(n) for n in range(1, 5)},
               **{name: parse_paths(tree, 63) for name, tree in GPU_TREES.items()}}
+    if engine.runner.graphs is not None:  # capture every verify shape (an engine captures its drafter's one)
+        runner = engine.runner
+        runner.graphs = None
+        runner.graphs = StepGraphs(model, runner.cache, options["max_num_seqs"], engine.policy,
+                                   [()] + [path_parents(p) for p in shapes.values() if p is not None],
+                                   options["max_num_batched_tokens"])
+    results["setup"] = {"preset": preset, "context": context, "device": str(device), "acceptance": acceptance,
+                        "graphs": engine.runner.graphs is not None}
     for batch in batches:
         for name, paths in shapes.items():
             case(results, f"batch{batch}_{name}", step_cost, engine, batch, context, paths)
@@ -267,8 +265,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     report: dict = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
-                             "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not (
-                                 args.quick or args.checkpoint) else "cpu"}}
+                             "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.quick
+                             else "cpu"}}
     acceptance = args.acceptance
     if args.acceptance_from:
         measured = json.load(open(args.acceptance_from))["trained"]
