@@ -69,8 +69,21 @@ def check_quantize(M: int, K: int, device: torch.device) -> dict:
     for name, ours, ref in (("rows", quantize_rows(x, FP8), quantize_rows_reference(x)),
                             ("transposed", quantize_rows(x.t(), FP8), quantize_rows_reference(x.t())),
                             ("blocks", quantize_blocks(x, FP8), quantize_blocks_reference(x))):
-        same[name] = bool(torch.equal(ours[0].view(torch.uint8), ref[0].view(torch.uint8))
-                          and torch.equal(ours[1], ref[1]))
+        codes_equal = torch.equal(ours[0].view(torch.uint8), ref[0].view(torch.uint8))
+        same[name] = bool(codes_equal and torch.equal(ours[1], ref[1]))
+        if not same[name]:  # what differs, to find the cause: the scales, or the codes (and how)
+            differ = ours[0].view(torch.uint8) != ref[0].view(torch.uint8)
+            same[f"{name}_differing_scales"] = int((ours[1] != ref[1]).sum())
+            same[f"{name}_differing_codes"] = int(differ.sum())
+            if not codes_equal:
+                i, j = (int(v) for v in differ.nonzero()[0])
+                source = x.t() if name == "transposed" else x
+                block = (i // 128 if name == "blocks" else i, j // 128)
+                same[f"{name}_first"] = {
+                    "x": float(source[i, j]), "ours": float(ours[0][i, j].float()),
+                    "reference": float(ref[0][i, j].float()), "ours_scale": float(ours[1][block]),
+                    "reference_scale": float(ref[1][block]),
+                    "code_distance": int(ours[0][i, j].view(torch.uint8)) - int(ref[0][i, j].view(torch.uint8))}
     return same
 
 

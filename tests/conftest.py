@@ -13,11 +13,11 @@ if INTERPRET:
 
 
 def fix_interpreter() -> None:
-    """Patch four limits of Triton 3.6's interpreter so that it computes what the GPU does:
+    """Patch three limits of Triton 3.6's interpreter so that it computes what the GPU does:
     `range()` over a program-id value fails with numpy >= 2.4 (triton-lang/triton#9171, fixed
-    upstream); bfloat16 dots multiply the uint16 bit patterns (triton-lang/triton#11584);
-    fp32 -> bf16 casts truncate where the GPU rounds to nearest even; and fp32 -> e4m3 casts round
-    ties away from zero and wrap out-of-range values where the GPU rounds to nearest even and saturates."""
+    upstream); bfloat16 dots multiply the uint16 bit patterns (triton-lang/triton#11584); and
+    fp32 -> bf16 casts truncate where the GPU rounds to nearest even. (Its fp32 -> e4m3 casts round
+    wrongly too, but the FP8 kernels cast only values already on e4m3's grid.)"""
     import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter
@@ -25,7 +25,6 @@ def fix_interpreter() -> None:
     patch_tensor = interpreter._patch_lang_tensor
     create_dot = interpreter.InterpreterBuilder.create_dot
     cast_impl = interpreter.InterpreterBuilder.cast_impl
-    fp_to_fp = interpreter.InterpreterBuilder.create_fp_to_fp
 
     def patched_tensor(tensor, scope):
         patch_tensor(tensor, scope)
@@ -45,16 +44,9 @@ def fix_interpreter() -> None:
             return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
         return cast_impl(self, src, dst_type)
 
-    def patched_fp_to_fp(self, src, dst_type, rounding_mode):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:
-            codes = torch.from_numpy(np.ascontiguousarray(src.data)).clamp(-448, 448).to(torch.float8_e4m3fn)
-            return interpreter.TensorHandle(codes.view(torch.uint8).numpy(), tl.float8e4nv)
-        return fp_to_fp(self, src, dst_type, rounding_mode)
-
     interpreter._patch_lang_tensor = patched_tensor
     interpreter.InterpreterBuilder.create_dot = patched_dot
     interpreter.InterpreterBuilder.cast_impl = patched_cast
-    interpreter.InterpreterBuilder.create_fp_to_fp = patched_fp_to_fp
 
 
 

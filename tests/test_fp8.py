@@ -99,6 +99,20 @@ def test_quantize_kernels_match_the_reference(dtype):
         assert torch.equal(ours[1], ref[1]) and torch.equal(ours[0].view(torch.uint8), ref[0].view(torch.uint8))
 
 
+def test_quantize_kernels_round_where_a_cast_could_round_otherwise():
+    """Values whose e4m3 rounding carries into the next binade (124.5 -> 128, 7.9 -> 8), one just above a
+    midpoint that a cast through fp16 would round to the tie's even side (1.0625 + 2^-12 -> 1.125), a
+    subnormal, the largest code and signed zeros; 448 in the block makes its scale 1."""
+    edge = torch.tensor([448.0, 124.5, -124.5, 7.9, 1.0625 + 2.0**-12, -(1.0625 + 2.0**-12), 3 * 2.0**-10, -0.0,
+                         -2.0**-12, 0.0])
+    x = torch.zeros(2, 128)
+    x[:, :edge.numel()] = edge
+    q, s = quantize_rows(x.to(DEVICE), TRITON)
+    assert s.tolist() == [[1.0], [1.0]]
+    assert q[0, :edge.numel()].float().tolist() == [448, 128, -128, 8, 1.125, -1.125, 2.0**-8, 0, 0, 0]
+    assert torch.equal(q.view(torch.uint8).cpu(), quantize_rows_reference(x)[0].view(torch.uint8))
+
+
 @pytest.mark.parametrize("b_blocks", [128, 1])
 def test_gemm_kernel_matches_the_reference(b_blocks):
     a, b = sample(70, 300, seed=1).to(DEVICE), sample(200, 300, seed=2).to(DEVICE)

@@ -4,7 +4,8 @@ per-128 promotion. `reference.py` holds what each computes.
 One quantize kernel serves the three layouts: it reads a logical matrix X [R, C] through strides
 (xᵀ is x with its strides swapped, so the transposed operand of the backward is read, not copied)
 and writes contiguous codes with one scale per row and 128 columns, or per 128×128 tile (`SQUARE`).
-Divisions are IEEE (`div_rn`) so the codes equal the reference's bit for bit.
+Divisions are IEEE (`div_rn`) and each value is rounded onto e4m3's grid in fp32 before the cast (an
+exact cast then), so the codes equal the reference's bit for bit.
 """
 
 from __future__ import annotations
@@ -15,6 +16,21 @@ import triton.language as tl
 from torch import Tensor
 
 from .reference import BLOCK, E4M3, E4M3_MAX, blocks
+
+
+@triton.jit
+def _round_to_e4m3(q):
+    """q (fp32, |q| ≤ 448) rounded to nearest even on e4m3's grid, in fp32 arithmetic: the step of
+    binade 2^e is 2^(e-3) (subnormals take the step of the smallest binade, 2^-9), and adding then
+    subtracting 2^(e+20), whose fp32 ulp is that step, rounds there. The cast after it is exact, so the
+    codes do not depend on how the compiler lowers an fp32 -> e4m3 cast."""
+    bits = q.to(tl.int32, bitcast=True)
+    a = tl.abs(q)
+    exponent = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    magic = ((exponent + 20 + 127) << 23).to(tl.float32, bitcast=True)
+    r = (a + magic) - magic
+    sign = (bits >> 31) << 31  # the sign bit alone (Triton's -x is 0 - x, which loses the sign of a zero)
+    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -38,7 +54,7 @@ def _quantize_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_r, stride_c, s_stride,
     else:
         q = tl.math.div_rn(x, tl.zeros_like(x) + scale[:, None])
         tl.store(s_ptr + rows * s_stride + pid_c, scale, mask=rows < R)
-    q = tl.minimum(tl.maximum(q, -MAX), MAX)
+    q = _round_to_e4m3(tl.minimum(tl.maximum(q, -MAX), MAX))
     tl.store(q_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
