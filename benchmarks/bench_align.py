@@ -113,7 +113,7 @@ def count_replays(engine) -> list[int]:
     graphs = engine.runner.graphs
     if graphs is not None:
         run = graphs.run
-        graphs.run = lambda chunks, batch: replayed.append(batch.num_seqs) or run(chunks, batch)
+        graphs.run = lambda plan, chunks, batch: replayed.append(batch.num_seqs) or run(plan, chunks, batch)
     return replayed
 
 

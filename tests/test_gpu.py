@@ -10,7 +10,7 @@ from test_batch_invariant import check_engine_equals_training
 from ringlinear import HybridCache, RingLinearConfig, RingLinearForCausalLM, SequenceContext
 from ringlinear.ops import lightning_attn, lightning_decode
 from ringlinear.infer import LLM, Engine, EngineConfig, SamplingParams
-from ringlinear.infer.graphs import StepGraphs, step_shape
+from ringlinear.infer.graphs import StepGraphs
 from ringlinear.ops.attention import causal_attention
 from ringlinear.ops.policy import COMPILE_MIN_ELEMENTS, KernelPolicy
 
@@ -139,8 +139,8 @@ def test_aligned_engine_log_probs_equal_the_training_forward(batch_size, dtype, 
     captured sizes with rows that must leave the real rows' bits alone."""
     replayed = []
     run = StepGraphs.run
-    monkeypatch.setattr(StepGraphs, "run", lambda self, chunks, batch: replayed.append(
-        (batch.num_seqs, sorted(self.shapes[()].graphs))) or run(self, chunks, batch))
+    monkeypatch.setattr(StepGraphs, "run", lambda self, plan, chunks, batch: replayed.append(
+        (batch.num_seqs, sorted(self.shapes[()].graphs))) or run(self, plan, chunks, batch))
     lengths = [14, 13, 15, 12, 30, 29, 11, 10] if batch_size <= 8 else [10 + 7 * i % 25 for i in range(batch_size)]
     check_engine_equals_training(tiny_model(num_hidden_layers=3).to("cuda", dtype), batch_size, lengths)
     assert bool(replayed) == (dtype == torch.bfloat16)
@@ -286,25 +286,32 @@ def test_draft_trees_on_the_triton_kernels_emit_the_plain_greedy_output():
     assert mtp.stats()["spec_draft_tokens"] > 0
 
 
-@pytest.mark.parametrize("case", ["mtp chain", "forced tree", "forced tree, invariant"])
+@pytest.mark.parametrize("case", ["mtp chain", "forced tree", "forced tree, invariant", "ngram ragged"])
 def test_verify_steps_replayed_from_cuda_graphs_give_the_eager_engines_output(case, monkeypatch):
     """bf16 with graphs: verify steps (every sequence verifying a tree of the configured shape) replay
     CUDA graphs, padded to the captured sizes, as decode steps do; the MTP drafter reads the replayed
     hidden states; the forced trees' accepted paths leave the first branch (the fold reads the graph's
-    keys and values). Greedy tokens equal those of the same engine without graphs; in invariant mode
-    the log-probs of every token are the plain engine's bits."""
-    from test_spec_engine import MTP, ForcedTreeDrafter, prompts_of, serve
+    keys and values); n-gram chains of every length and a penalised request's plain decodes share
+    steps padded to the configured chain. Greedy tokens equal those of the same engine without
+    graphs; in invariant mode the log-probs of every token are the plain engine's bits."""
+    from test_spec_engine import MTP, NGRAM, ForcedTreeDrafter, prompts_of, serve
 
     replayed = []
     run = StepGraphs.run
-    monkeypatch.setattr(StepGraphs, "run", lambda self, chunks, batch: replayed.append(
-        (len(chunks), step_shape(chunks))) or run(self, chunks, batch))
+    monkeypatch.setattr(StepGraphs, "run", lambda self, plan, chunks, batch: replayed.append(
+        (len(chunks), plan[0], {len(c.drafts) for c in chunks})) or run(self, plan, chunks, batch))
     target = model(torch.bfloat16, num_nextn_predict_layers=1, vocab_size=257)
-    invariant, forced = case.endswith("invariant"), case.startswith("forced")
+    invariant, forced, ngram = case.endswith("invariant"), case.startswith("forced"), case.startswith("ngram")
     spec = {**MTP, "num_speculative_tokens": 5, "speculative_token_tree": str(ForcedTreeDrafter.shape)} if forced else MTP
     greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=0)
     prompts = prompts_of([6, 40, 300], seed=4)
     arrivals = {0: [(str(i), p, greedy) for i, p in enumerate(prompts)]}
+    if ngram:  # five tokens scored: the output repeats, and n-gram chains of every length meet a penalised decode
+        with torch.no_grad():
+            target.lm_head.weight[5:] = 0
+        spec = NGRAM
+        arrivals[0][2] = ("2", prompts[2], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=0,
+                                                          repetition_penalty=1.3))
     config = {"max_num_seqs": 4, "max_num_batched_tokens": 512, "page_size": 16, "num_pages": 64,
               "batch_invariant": invariant}
     plain = serve(Engine(target, None, EngineConfig(**config)), arrivals)
@@ -315,9 +322,10 @@ def test_verify_steps_replayed_from_cuda_graphs_give_the_eager_engines_output(ca
             engine.speculator = ForcedTreeDrafter({r: t for r, (t, _) in plain.items()})
         replayed.clear()
         outputs[graphs] = serve(engine, arrivals)
-        verify_replays = [n for n, shape in replayed if shape]
-        assert bool(verify_replays) == graphs and (not graphs or 3 in verify_replays)  # 3 sequences: padded to 4
-        assert engine.stats()["spec_accepted_tokens"] > 0 or not forced
+        verify_replays = [(n, lengths) for n, shape, lengths in replayed if shape]
+        assert bool(verify_replays) == graphs and (not graphs or 3 in [n for n, _ in verify_replays])  # padded to 4
+        assert not (graphs and ngram) or any(0 in lengths and len(lengths) > 1 for _, lengths in verify_replays)
+        assert engine.stats()["spec_accepted_tokens"] > 0 or not (forced or ngram)
     assert {r: t for r, (t, _) in outputs[True].items()} == {r: t for r, (t, _) in outputs[False].items()}
     if invariant:
         for request_id, (tokens, logprobs) in plain.items():

@@ -169,6 +169,55 @@ def test_batch_invariant_accepted_tokens_logprobs_are_bit_identical(repetitive, 
                            torch.tensor([lp.logprob for lp in logprobs]))
 
 
+def test_padded_verify_steps_give_the_rows_of_the_step_as_scheduled(repetitive):
+    """What the verify graphs replay on a GPU, run eagerly: steps mixing plain decodes (a penalised
+    request drafts nothing) and n-gram chains of any length, laid out by `pad_step` as sequences of the
+    configured chain (placeholders after each one's own rows, and a padding sequence), give every row of
+    the step the logits of the step as scheduled; the placeholders' keys and values go to the scratch page."""
+    from ringlinear.infer.context import PagedContext
+    from ringlinear.infer.graphs import fits_shape, pad_step, shape_batch
+    from ringlinear.infer.spec.tree import path_parents
+
+    engine = Engine(repetitive, None, EngineConfig(max_num_seqs=3, max_num_batched_tokens=64, page_size=4,
+                                                   num_pages=40, speculative_config=NGRAM))
+    cache, shape = engine.runner.cache, path_parents(engine.config.speculative_config.paths)
+    capacity = cache.size.max_pages_per_seq * cache.page_size
+    padded_logits, kinds = [], []
+
+    def padded_forward(output, batch):
+        chunks = output.chunks
+        if not any(c.drafts for c in chunks) or not fits_shape(chunks, shape, capacity):
+            return
+        size = len(chunks) + 1
+        padded = pad_step(chunks, batch, shape, size, cache.page_size)
+        step = shape_batch({name: torch.from_numpy(v) for name, v in padded.inputs.items()}, shape, size)
+        with torch.no_grad():
+            logits = repetitive(step.input_ids[None], context=PagedContext(cache, step, engine.policy)).logits[0]
+        padded_logits.append(logits[torch.from_numpy(padded.real_rows)])
+        kinds.append({len(c.drafts) for c in chunks})
+
+    engine.runner.register_step_hook(padded_forward)
+    execute, real_logits = engine.runner.execute, []
+
+    def recording(output, hidden_states=False):
+        result = execute(output, hidden_states)
+        if len(real_logits) < len(padded_logits):
+            real_logits.append(result.logits)
+        return result
+    engine.runner.execute = recording
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    penalised = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, repetition_penalty=1.3)
+    prompts = prompts_of([7, 20, 12])
+    arrivals = {0: [("a", prompts[0], greedy), ("b", prompts[1], greedy), ("c", prompts[2], penalised)]}
+    plain = serve(Engine(repetitive, None, EngineConfig(max_num_seqs=3, max_num_batched_tokens=64, page_size=4,
+                                                        num_pages=40)), arrivals)
+    assert serve(engine, arrivals) == plain  # the placeholders' keys and values touched no sequence's pages
+    assert len(padded_logits) == len(real_logits) > 3
+    assert any(0 in k and len(k) > 2 for k in kinds)  # plain decodes beside chains of two lengths
+    for padded, real in zip(padded_logits, real_logits):
+        torch.testing.assert_close(padded, real, rtol=1e-4, atol=1e-4)
+
+
 def test_prefix_cache_keeps_only_accepted_tokens(repetitive):
     """A follow-up request (prompt + completion + more) hits the pages and snapshots that accepted
     drafts reached, and continues as the plain engine does."""

@@ -86,15 +86,11 @@ def fold_paths(sizes: Seq[int], accepted: Seq[list[int]]) -> tuple[np.ndarray, l
     return np.cumsum([0, *sizes[:-1]], dtype=np.int64), [[0, *path] for path in accepted]
 
 
-def fold_rows(starts: np.ndarray, paths: Seq[list[int]], width: int, num_seqs: int) -> tuple[np.ndarray, np.ndarray]:
-    """`lightning_tree_fold`'s (rows [num_seqs, width], counts [num_seqs]): each path's rows, padded with
-    its last; sequences past the paths (a graph's padding) fold nothing."""
-    rows = np.zeros((num_seqs, width), dtype=np.int64)
-    counts = np.zeros(num_seqs, dtype=np.int64)
-    for n, (start, path) in enumerate(zip(starts, paths)):
-        rows[n] = start + np.asarray(path)[np.minimum(np.arange(width), len(path) - 1)]
-        counts[n] = len(path)
-    return rows, counts
+def fold_rows(starts: np.ndarray, paths: Seq[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """`lightning_tree_fold`'s (rows [len(paths), width], counts): each path's rows, padded with its last."""
+    rows = np.stack([start + np.asarray(path)[np.minimum(np.arange(width), len(path) - 1)]
+                     for start, path in zip(starts, paths)])
+    return rows, np.asarray([len(path) for path in paths], dtype=np.int64)
 
 
 def final_snapshots(chunks: Seq[ScheduledChunk]) -> tuple[Tensor, Tensor] | None:
@@ -290,7 +286,7 @@ class PagedContext(AttentionContext):
         layer, and their keys and values move to consecutive positions prefix + depth (a chain's are
         there already); the rejected ones leave no trace but in pages past the path, given back."""
         starts, paths = fold_paths(sizes, accepted)
-        rows, counts = fold_rows(starts, paths, max(len(path) for path in paths), len(paths))
+        rows, counts = fold_rows(starts, paths, max(len(path) for path in paths))
         device = self.cache.device
         self.fold_states(torch.from_numpy(rows).to(device), torch.from_numpy(counts).to(device))
         self.move_paths(starts, paths)

@@ -3,21 +3,23 @@
 A decode step (one new token for each of n sequences) launches hundreds of small kernels, and on
 a GPU their launch overhead rather than their work sets its time; so does a speculative verify step
 (each sequence's last token and its draft tree). Their forward is captured once per step shape and
-batch size in `capture_sizes`: a shape is a tree's `draft_parents` (`()` for a plain decode), every
-sequence of the step verifying a tree of that shape. A step of n sequences copies its inputs into the
-static buffers the graphs read and replays the smallest captured size ≥ n. The extra sequences are
-padding: they read and write only the scratch state slot 0 and KV page 0, and their logits are
-dropped. Everything in the captured forward stays on the device (no host synchronisation). In
-batch-invariant mode the kernels compute each row alone, so the padding changes no real row's bits
-either. A verify step's keys and values stay in the graph's memory for the fold that follows it,
-which replays a graph of its own once the accepted paths are known.
+batch size in `capture_sizes`: a shape is a tree's `draft_parents` (`()` for a plain decode). A step
+of n sequences copies its inputs into the static buffers the graphs read and replays the smallest
+captured size ≥ n. The extra sequences are padding: they read and write only the scratch state slot 0
+and KV page 0, and their logits are dropped. A verify step runs in the graphs of a shape whose first
+nodes each of its trees is, its plain decodes and shorter trees filled with placeholder rows
+(`PaddedStep`), so that drafters that propose ragged trees (n-gram matches of any length, sequences
+with no drafts) keep the graphs. Everything in the captured forward stays on the device (no host
+synchronisation). In batch-invariant mode the kernels compute each row alone, so padding changes no
+real row's bits either. A verify step's keys and values stay in the graph's memory for the fold that
+follows it, which replays a graph of its own (as does the fold of a padded plain decode's root).
 """
-
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -48,14 +50,62 @@ def capture_sizes(max_size: int) -> list[int]:
     return sizes
 
 
-def step_shape(chunks: Seq[ScheduledChunk]) -> Shape | None:
-    """The shape of a step whose chunks are all decodes, or all verify chunks of one tree shape; else None."""
-    first = chunks[0]
-    if first.drafts:
-        same = all(c.drafts and c.draft_parents == first.draft_parents for c in chunks)
-    else:
-        same = all(c.num_tokens == 1 and not c.drafts and c.sample for c in chunks)
-    return first.draft_parents if same else None
+def fits_shape(chunks: Seq[ScheduledChunk], shape: Shape, capacity: int) -> bool:
+    """Whether a step can run as verify steps of `shape`: every chunk is a plain decode or verifies a tree
+    whose nodes are the shape's first ones, and every sequence has room in its block table for the
+    whole shape (`capacity` tokens)."""
+    rows = 1 + len(shape)
+    return all((c.draft_parents == shape[:len(c.drafts)] if c.drafts else c.num_tokens == 1 and c.sample)
+               and c.start + rows <= capacity for c in chunks)
+
+
+@dataclass
+class PaddedStep:
+    """A step laid out for the graphs of one shape: sequence n in rows [n·rows, (n + 1)·rows), its chunk's
+    rows first, then placeholders (input 0, keys and values to the scratch page, outputs dropped) up to
+    the shape's; sequences past the step's are padding. Real rows' ancestors are real (a chunk's nodes
+    are the shape's first ones), so the placeholders change no real row."""
+    inputs: dict[str, np.ndarray]  # the graphs' per-token [size·rows] and per-sequence [size] inputs
+    real_rows: np.ndarray  # the rows holding the step's own, in its order
+    starts: np.ndarray  # each chunk's first row
+    decodes: np.ndarray  # the chunks that are plain decodes: their root enters the state after the forward
+
+
+def pad_step(chunks: Seq[ScheduledChunk], batch: StepBatch, shape: Shape, size: int, page_size: int) -> PaddedStep:
+    """`batch` (on the host) laid out for `size` sequences of `shape` (`fits_shape` holds)."""
+    rows, n = 1 + len(shape), len(chunks)
+    counts = np.asarray([c.num_tokens for c in chunks], dtype=np.int64)
+    starts = np.arange(n, dtype=np.int64) * rows
+    real = np.concatenate([start + np.arange(count) for start, count in zip(starts, counts)])
+    _, depth = tree_masks([[-1, *shape]])
+    roots = batch.positions.numpy()[batch.query_start.numpy()[:-1]]
+    inputs = {name: np.zeros(size * rows, dtype=np.int64) for name in _PER_TOKEN}
+    # padding sequences: their tokens at positions 0.. of the scratch slot, all in page 0
+    inputs["slot_mapping"][n * rows:] = np.tile(np.arange(rows) % page_size, size - n)
+    inputs["positions"][:n * rows] = (roots[:, None] + depth[None, :]).ravel()
+    for name in _PER_TOKEN:
+        inputs[name][real] = getattr(batch, name).numpy()
+    inputs["slots"] = np.zeros(size, dtype=np.int64)
+    inputs["slots"][:n] = batch.slots.numpy()
+    inputs["seq_lens"] = np.full(size, rows, dtype=np.int64)
+    inputs["seq_lens"][:n] = batch.seq_lens.numpy() - counts + rows
+    decodes = np.asarray([i for i, c in enumerate(chunks) if not c.drafts], dtype=np.int64)
+    return PaddedStep(inputs, real, starts, decodes)
+
+
+def shape_batch(inputs: dict[str, Tensor], shape: Shape, size: int) -> StepBatch:
+    """The step of `size` sequences of one shape over its inputs (`_PER_TOKEN`, `_PER_SEQUENCE`, on one
+    device): the fixed layout and tree masks around them."""
+    rows, device = 1 + len(shape), inputs["slots"].device
+    layout = {"query_start": torch.arange(0, size * rows + 1, rows, device=device),
+              "logits_indices": torch.arange(size * rows, device=device)}
+    if rows == 1:
+        return StepBatch(**inputs, **layout, num_decodes=size, max_query_len=1)
+    ancestors, depth = tree_masks([[-1, *shape]] * size)
+    return StepBatch(**inputs, **layout, num_decodes=0, max_query_len=rows, num_verifies=size,
+                     num_verify_tokens=size * rows, tree_ancestors=torch.from_numpy(ancestors).to(device),
+                     tree_depth=torch.from_numpy(depth).to(device), max_tree_len=rows,
+                     has_branches=list(shape) != list(range(rows - 1)))
 
 
 @dataclass
@@ -63,7 +113,6 @@ class _Captured:
     """The graphs of one shape: host and device input buffers, and per size its graph and the context it ran."""
     rows: int  # per sequence: the root and the drafts
     host: dict[str, Tensor]  # pinned, filled for each replay
-    padding: dict[str, Tensor]  # what the host buffers hold past the real rows
     static: dict[str, Tensor]
     graphs: dict[int, torch.cuda.CUDAGraph]
     contexts: dict[int, PagedContext]
@@ -99,19 +148,19 @@ class StepGraphs:
 
     def _capture(self, shape: Shape, sizes: list[int], memory) -> _Captured:
         rows, n = 1 + len(shape), sizes[-1]
-        parents = [-1, *shape]
         host = {name: torch.zeros(n * rows, dtype=torch.long).pin_memory() for name in _PER_TOKEN}
         host |= {name: torch.zeros(n, dtype=torch.long).pin_memory() for name in _PER_SEQUENCE}
         # a padding sequence writes its tokens to positions 0.. of the scratch slot (all in page 0) and sees them
         host["seq_lens"].fill_(rows)
         host["slot_mapping"].copy_(torch.arange(rows).repeat(n) % self.cache.page_size)
         static = {name: tensor.to(self.cache.device) for name, tensor in host.items()}
-        captured = _Captured(rows, host, {name: t.clone() for name, t in host.items()}, static, {}, {})
+        captured = _Captured(rows, host, static, {}, {})
         if rows > 1:
             captured.fold_host = torch.zeros(n * (rows + 1), dtype=torch.long).pin_memory()
             captured.fold_static = captured.fold_host.to(self.cache.device)
         for size in reversed(sizes):
-            batch = self._batch(captured, parents, size)
+            views = {name: captured.static[name][:size * rows] for name in _PER_TOKEN}
+            batch = shape_batch(views | {name: captured.static[name][:size] for name in _PER_SEQUENCE}, shape, size)
             self._forward(batch)  # warm-up: compiles the kernels, creates the library handles
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=memory):
@@ -125,21 +174,6 @@ class StepGraphs:
                     context.fold_states(*fold)
         return captured
 
-    def _batch(self, captured: _Captured, parents: list[int], size: int) -> StepBatch:
-        """The static step of `size` sequences of one shape: views of the buffers, the fixed layout."""
-        rows, device = captured.rows, self.cache.device
-        views = {name: captured.static[name][:size * rows] for name in _PER_TOKEN}
-        views |= {name: captured.static[name][:size] for name in _PER_SEQUENCE}
-        layout = {"query_start": torch.arange(0, size * rows + 1, rows, device=device),
-                  "logits_indices": torch.arange(size * rows, device=device)}
-        if rows == 1:
-            return StepBatch(**views, **layout, num_decodes=size, max_query_len=1)
-        ancestors, depth = tree_masks([parents] * size)
-        return StepBatch(**views, **layout, num_decodes=0, max_query_len=rows, num_verifies=size,
-                         num_verify_tokens=size * rows, tree_ancestors=torch.from_numpy(ancestors).to(device),
-                         tree_depth=torch.from_numpy(depth).to(device), max_tree_len=rows,
-                         has_branches=parents[1:] != list(range(rows - 1)))
-
     @torch.no_grad()
     def _forward(self, batch: StepBatch) -> PagedContext:
         context = PagedContext(self.cache, batch, self.policy)
@@ -149,35 +183,57 @@ class StepGraphs:
         self.hidden[:rows].copy_(out.hidden_states[0])
         return context
 
-    def fits(self, chunks: Seq[ScheduledChunk]) -> bool:
-        shape = step_shape(chunks)
-        captured = self.shapes.get(shape)
-        return captured is not None and len(chunks) <= max(captured.graphs)
+    def plan(self, chunks: Seq[ScheduledChunk]) -> tuple[Shape, int] | None:
+        """The captured (shape, size) that runs this step, or None: decode steps take the decode graphs;
+        steps with verify chunks the first verify shape that `fits_shape`, their plain decodes and
+        shorter trees padded with placeholders."""
+        capacity = self.cache.size.max_pages_per_seq * self.cache.page_size
+        decodes_only = all(not c.drafts for c in chunks)
+        for shape, captured in self.shapes.items():
+            if (shape == ()) == decodes_only and len(chunks) <= max(captured.graphs) and fits_shape(
+                    chunks, shape, capacity):
+                return shape, min(s for s in captured.graphs if s >= len(chunks))
+        return None
 
-    def run(self, chunks: Seq[ScheduledChunk], batch: StepBatch) -> tuple[Tensor, Tensor, PagedContext]:
-        """A step that `fits`, its batch on the host: (logits [rows, V], hidden states [rows, hidden],
-        the context whose verify keys and values `fold` reads), valid until the next replay."""
-        captured = self.shapes[step_shape(chunks)]
-        n, rows = batch.num_seqs, captured.rows
-        size = min(s for s in captured.graphs if s >= n)
-        for names, real, padded in ((_PER_TOKEN, n * rows, size * rows), (_PER_SEQUENCE, n, size)):
-            for name in names:
-                host = captured.host[name]
-                host[:real] = getattr(batch, name)
-                host[real:padded] = captured.padding[name][real:padded]
-                captured.static[name][:padded].copy_(host[:padded], non_blocking=True)
+    def run(self, plan: tuple[Shape, int], chunks: Seq[ScheduledChunk],
+            batch: StepBatch) -> tuple[Tensor, Tensor, PagedContext]:
+        """A step by its `plan`, its batch on the host: (logits [rows, V] and hidden states [rows, hidden]
+        of the step's rows, in its order; the context whose verify keys and values `fold` reads), valid
+        until the next replay. A plain decode in a verify step gets its root folded into its state here."""
+        shape, size = plan
+        captured, device = self.shapes[shape], self.cache.device
+        padded = pad_step(chunks, batch, shape, size, self.cache.page_size)
+        for name, values in padded.inputs.items():
+            captured.host[name][:values.shape[0]] = torch.from_numpy(values)
+            captured.static[name][:values.shape[0]].copy_(captured.host[name][:values.shape[0]], non_blocking=True)
         captured.graphs[size].replay()
-        self._replayed = (captured, size)
-        return self.logits[:n * rows], self.hidden[:n * rows], captured.contexts[size]
+        self._replayed = (captured, size, padded)
+        if shape and padded.decodes.size:
+            self._replay_fold(captured, size, padded.decodes, padded.starts[padded.decodes, None],
+                              np.ones_like(padded.decodes))
+        real = padded.real_rows
+        if real.shape[0] == size * captured.rows or np.array_equal(real, np.arange(real.shape[0])):
+            rows = slice(0, real.shape[0])
+        else:
+            rows = torch.from_numpy(real).to(device, non_blocking=True)
+        return self.logits[rows], self.hidden[rows], captured.contexts[size]
 
     def fold(self, sizes: Seq[int], accepted: Seq[list[int]]) -> None:
         """`PagedContext.fold` for the verify step just replayed: the states' fold replayed from its graph."""
-        captured, size = self._replayed
-        starts, paths = fold_paths(sizes, accepted)
+        captured, size, padded = self._replayed
+        verifies = np.setdiff1d(np.arange(len(padded.starts)), padded.decodes)
+        _, paths = fold_paths(sizes, accepted)
+        starts = padded.starts[verifies]
+        self._replay_fold(captured, size, verifies, *fold_rows(starts, paths, captured.rows))
+        captured.contexts[size].move_paths(starts, paths)
+
+    def _replay_fold(self, captured: _Captured, size: int, seqs: np.ndarray, rows: np.ndarray,
+                     counts: np.ndarray) -> None:
+        """Fold rows `rows[i, :counts[i]]` into the state of the step's sequence `seqs[i]`; the others fold nothing."""
+        # the pinned buffer is rewritten after the sampler has read the step's tokens back: its last copy is done
         host_rows, host_counts = captured.fold_inputs(captured.fold_host, size)
-        rows, counts = fold_rows(starts, paths, captured.rows, size)
-        host_rows.copy_(torch.from_numpy(rows))
-        host_counts.copy_(torch.from_numpy(counts))
+        host_counts.zero_()
+        host_rows[torch.from_numpy(seqs), :rows.shape[1]] = torch.from_numpy(rows)
+        host_counts[torch.from_numpy(seqs)] = torch.from_numpy(counts)
         captured.fold_static.copy_(captured.fold_host, non_blocking=True)
         captured.fold_graphs[size].replay()
-        captured.contexts[size].move_paths(starts, paths)

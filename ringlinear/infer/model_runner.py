@@ -64,9 +64,10 @@ class ModelRunner:
             hook(output, batch)
         needs_prompt_logprobs = any(chunk.prompt_logprob_positions() for chunk in output.chunks)
         wants_hidden = hidden_states or needs_prompt_logprobs
-        self._fold_replays = self.graphs is not None and self.graphs.fits(output.chunks) and not needs_prompt_logprobs
-        if self._fold_replays:
-            logits, hidden, context = self.graphs.run(output.chunks, batch)
+        plan = None if self.graphs is None or needs_prompt_logprobs else self.graphs.plan(output.chunks)
+        self._fold_replays = plan is not None
+        if plan is not None:
+            logits, hidden, context = self.graphs.run(plan, output.chunks, batch)
             result = StepResult(logits, hidden if hidden_states else None)
         else:
             batch = batch.to(self.cache.device)
