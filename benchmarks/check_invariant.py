@@ -22,7 +22,8 @@ check failed.
 
 `--tiles` runs instead a choice of the bf16 GEMM tile (`mm_config`): each candidate timed at M = 1,
 64, 256 and 4,096 tokens on Ring-mini's product shapes (the experts' with 8 of 256 experts a token),
-and checked batch-invariant (a row's bits the same whatever M). `--attention-tiles` likewise times
+summed and then per shape (a tile may be a function of the weight's shape, never of M), and checked
+batch-invariant (a row's bits the same whatever M). `--attention-tiles` likewise times
 the candidate tiles of the key-block attention (`attention_config`) on decode, prefill-chunk and
 training shapes and checks that single decode steps and a chunk get the training forward's bits.
 """
@@ -414,6 +415,8 @@ TILE_CANDIDATES = (
     MMConfig(block_m=64, block_n=256, block_k=64, num_warps=8, num_stages=3),
     MMConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
     MMConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
+    MMConfig(block_m=64, block_n=32, block_k=64, num_warps=4, num_stages=4),  # decode: N / 32 programs
+    MMConfig(block_m=64, block_n=16, block_k=128, num_warps=4, num_stages=4),
 )
 # (name, N, K, experts): Ring-mini's bf16 products; the experts' rows are 8 a token over 256 experts
 TILE_SHAPES = (("lightning qkv", 3 * HEADS * HEAD_DIM, HIDDEN, 1), ("dense / g_proj", HIDDEN, HIDDEN, 1),
@@ -434,29 +437,39 @@ def tiles(gen: torch.Generator) -> None:
         x = torch.randn(rows, K, generator=gen, device="cuda").bfloat16()
         w = (torch.randn(E, N, K, generator=gen, device="cuda") * K**-0.5).bfloat16()
         shapes.append((name, x, w, counts))
-    print(f"{'tile (m, n, k, warps, stages)':<32}" + "".join(f"{f'M={m} ms':>12}" for m in TILE_TOKENS) + "  invariant")
+    header = "".join(f"{f'M={m} ms':>12}" for m in TILE_TOKENS)
+    print(f"{'tile (m, n, k, warps, stages)':<32}{header}  invariant")
+    per_shape: dict[str, list[tuple[str, list[float]]]] = {name: [] for name, *_ in shapes}
     for c in TILE_CANDIDATES:
+        tile = f"({c.block_m}, {c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages})"
         totals, broken = [0.0] * len(TILE_TOKENS), []
         for name, x, w, counts in shapes:
             try:
                 full = _grouped_mm(x, w, counts, c)
-                for i, m in enumerate(TILE_TOKENS):
+                times = []
+                for m in TILE_TOKENS:
                     if counts is None:
                         sub_x, sub_counts, rows = x[:m], None, slice(0, m)
                     else:  # about m tokens' rows: a random subset, each expert's rows a subset of its group
                         mask, sub_counts = row_subset(counts, m / TILE_TOKENS[-1], gen)
                         sub_x, rows = x[mask], mask
-                    totals[i] += do_bench(lambda: _grouped_mm(sub_x, w, sub_counts, c), warmup=5, rep=25,
-                                          return_mode="median")
+                    times.append(do_bench(lambda: _grouped_mm(sub_x, w, sub_counts, c), warmup=5, rep=25,
+                                          return_mode="median"))
                     if not torch.equal(_grouped_mm(sub_x, w, sub_counts, c), full[rows]):
                         broken.append(f"{name} M={m}")
+                totals = [t + u for t, u in zip(totals, times)]
+                per_shape[name].append((tile, times))
             except Exception as e:  # noqa: BLE001 - a tile the compiler refuses (shared memory): report it
                 broken.append(f"{name}: {type(e).__name__}")
-        tile = f"({c.block_m}, {c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages})"
         verdict = "yes" if not broken else ", ".join(broken)
         print(f"{tile:<32}" + "".join(f"{t:>12.3f}" for t in totals) + f"  {verdict}")
         if broken:
             FAILURES.append(f"tile {tile}")
+    # a tile may depend on the weight's (N, K), never on M: training and the engine share it whatever M is
+    for name, rows in per_shape.items():
+        print(f"\n{name}:\n{'tile':<32}{header}")
+        for tile, times in rows:
+            print(f"{tile:<32}" + "".join(f"{t:>12.3f}" for t in times))
 
 
 # -- --attention-tiles: the bf16 attention tile ---------------------------------------------------
