@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from ringlinear import RingLinearConfig, RingLinearForCausalLM
+from ringlinear import RingLinearConfig, RingLinearForCausalLM, SequenceContext
 from ringlinear.generate import generate
 from ringlinear.infer import Engine, EngineConfig, SamplingParams
 from ringlinear.info import model_info
@@ -144,15 +144,38 @@ def finish(engine: Engine) -> None:
         engine.step()
 
 
+ROUTING_MAX_TOKENS = 32768  # prompts up to this long also count their experts (an untimed forward)
+
+
+@torch.no_grad()
+def experts_per_layer(engine: Engine, prompt: list[int]) -> float | None:
+    """The mean number of distinct experts a prompt's tokens route to in each MoE layer, from an untimed
+    forward: with random weights it depends on the model (a hybrid and its all-softmax twin spread
+    the same tokens differently), and the grouped GEMMs' cost follows it."""
+    gates = [m.gate for m in engine.model.modules() if hasattr(m, "gate") and hasattr(m, "experts")]
+    if not gates or len(prompt) > ROUTING_MAX_TOKENS:
+        return None
+    counts: list[int] = []
+    hooks = [g.register_forward_hook(lambda _, __, out: counts.append(int(out[1].unique().numel()))) for g in gates]
+    try:
+        ids = torch.tensor([prompt], device=engine.device)
+        engine.model(ids, context=SequenceContext(policy=engine.policy), logits_to_keep=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return round(sum(counts) / len(counts), 1)
+
+
 def prefill(engine: Engine, length: int) -> dict:
-    engine.add_request("prefill", tokens(length, engine.model.config.vocab_size, seed=length),  # no cache hit
-                       SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    prompt = tokens(length, engine.model.config.vocab_size, seed=length)  # a seed of its own: no cache hit
+    engine.add_request("prefill", prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
     sync()
     start = time.perf_counter()
     finish(engine)
     sync()
     seconds = time.perf_counter() - start
-    return {"tokens": length, "seconds": round(seconds, 4), "tokens_per_s": round(length / seconds)}
+    return {"tokens": length, "seconds": round(seconds, 4), "tokens_per_s": round(length / seconds),
+            "experts_per_layer": experts_per_layer(engine, prompt)}
 
 
 def largest_batch(engine: Engine, context: int) -> int:
@@ -201,9 +224,10 @@ def streams(engine: Engine, count: int, prompt_len: int, new_tokens: int) -> dic
     vocab = engine.model.config.vocab_size
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     burst = next(BURSTS)
+    prompts = [tokens(prompt_len, vocab, seed=10_000 * burst + i) for i in range(count)]
     start = time.perf_counter()
-    for i in range(count):
-        engine.add_request(f"stream-{i}", tokens(prompt_len, vocab, seed=10_000 * burst + i), params)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"stream-{i}", prompt, params)
     times: dict[str, list[float]] = {}
     while engine.has_unfinished():
         outputs = engine.step()  # returns after sampling, which waits for the GPU
@@ -215,7 +239,8 @@ def streams(engine: Engine, count: int, prompt_len: int, new_tokens: int) -> dic
     return {"streams": count, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
             "ttft_ms_median": round(1e3 * statistics.median(ttft), 2), "ttft_ms_max": round(1e3 * ttft[-1], 2),
             "itl_ms_median": round(1e3 * statistics.median(gaps), 3),
-            "itl_ms_p90": round(1e3 * gaps[int(0.9 * (len(gaps) - 1))], 3)}
+            "itl_ms_p90": round(1e3 * gaps[int(0.9 * (len(gaps) - 1))], 3),
+            "experts_per_layer": experts_per_layer(engine, prompts[0])}
 
 
 def chat(engine: Engine, conversations: int, turns: int, message: int, reply: int) -> dict:
@@ -390,17 +415,22 @@ def table(report: dict, shapes: Shapes) -> str:
         rows.append(("TTFT ms (median)", f"streams_{count}", "ttft_ms_median", f"{count} streams"))
         rows.append(("ITL ms (median)", f"streams_{count}", "itl_ms_median", f"{count} streams"))
     rows.append(("plain loop tok/s", "plain_loop", "tokens_per_s", f"{k(shapes.plain_context)}, batch 1"))
+    # what the MoE computes in each: with random weights the same prompt spreads differently per model
+    rows += [("experts / MoE layer", f"prefill_{n}", "experts_per_layer", f"prefill {k(n)}") for n in shapes.prefill
+             if n <= ROUTING_MAX_TOKENS]
+    rows.append(("experts / MoE layer", f"streams_{shapes.streams[0]}", "experts_per_layer",
+                 f"stream prompt {k(shapes.stream_prompt)}"))
     names = list(models)
-    lines = [f"{'measure':18s} {'case':22s} " + " ".join(f"{n.replace('_', '-'):>14s}" for n in names)
+    lines = [f"{'measure':19s} {'case':22s} " + " ".join(f"{n.replace('_', '-'):>14s}" for n in names)
              + f" {'ratio':>7s}"]
     for label, name, key, what in rows:
         cells = {n: r.get(key) if name is None else value(r, name, key) for n, r in models.items()}
         if name is not None and name.endswith("largest"):
             what += " (" + " / ".join(str(r.get(name, {}).get("batch", "?")) for r in models.values()) + ")"
         a, b = cells.get("hybrid"), cells.get("all_softmax")
-        ratio = "-" if a is None or b is None or not b or name is None else \
+        ratio = "-" if a is None or b is None or not b or name is None or label.startswith("experts") else \
             f"{(a / b if 'tok/s' in label else b / a):.2f}x"
-        lines.append(f"{label:18s} {what:22s} " + " ".join(f"{fmt(cells[n]):>14s}" for n in names) + f" {ratio:>7s}")
+        lines.append(f"{label:19s} {what:22s} " + " ".join(f"{fmt(cells[n]):>14s}" for n in names) + f" {ratio:>7s}")
     engine_b = f"decode_{shapes.decode_contexts[0]}_batch{shapes.decode_batch}"
     for model_name, results in models.items():
         engine_rate, plain_rate = value(results, engine_b, "tokens_per_s"), value(results, "plain_loop", "tokens_per_s")
