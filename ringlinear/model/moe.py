@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..config import RingLinearConfig
 from ..ops.moe import combine_rows, dispatch_rows, grouped_glu
 from ..ops.policy import KernelPolicy
+from ..ops.routing import Routing, route
 from .layers import MLP, at_least_fp32
 
 
@@ -40,25 +41,17 @@ class Router(nn.Module):
                                  persistent=name == "expert_bias")
         return self
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, policy: KernelPolicy = KernelPolicy()) -> tuple[Tensor, Tensor]:
         """x [N, hidden] -> (weights [N, k] fp32, expert indices [N, k])."""
         c = self.config
         logits = F.linear(at_least_fp32(x), at_least_fp32(self.weight))
-        scores = torch.sigmoid(logits) if c.score_function == "sigmoid" else logits.softmax(-1)
-        choice = scores + self.expert_bias if c.moe_router_enable_expert_bias else scores
-        if c.n_group > 1:
-            grouped = choice.unflatten(-1, (c.n_group, -1))
-            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
-            kept = group_scores.topk(c.topk_group, dim=-1).indices
-            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, kept, True)
-            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(-2)
-        experts = choice.topk(c.num_experts_per_tok, dim=-1).indices
-        weights = scores.gather(-1, experts)
-        if c.norm_topk_prob and c.num_experts_per_tok > 1:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        routing = Routing(c.num_experts_per_tok, c.n_group, c.topk_group, c.score_function == "sigmoid",
+                          c.norm_topk_prob, c.routed_scaling_factor)
+        bias = self.expert_bias if c.moe_router_enable_expert_bias else None
+        weights, experts = route(logits, bias, routing, policy)
         if self.training and torch.is_grad_enabled():  # the load of the tokens a step trains on
             self.expert_load += torch.bincount(experts.flatten(), minlength=c.num_experts)
-        return weights * c.routed_scaling_factor, experts
+        return weights, experts
 
     @torch.no_grad()
     def update_bias(self, rate: float) -> None:
@@ -112,7 +105,7 @@ class MoE(nn.Module):
 
     def forward(self, x: Tensor, policy: KernelPolicy) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        weights, experts = self.gate(flat)
+        weights, experts = self.gate(flat, policy)
         y = self.experts(flat, weights, experts, policy)
         if hasattr(self, "shared_experts"):
             y = y + self.shared_experts(flat, policy)
