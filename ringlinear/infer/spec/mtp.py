@@ -183,28 +183,29 @@ class MTPDrafter:
         base = (positions[last] + 1).view(-1, 1)  # [B, 1] the first chained position of each sequence
         for cache, n in zip(caches, lengths):
             cache.num_verified += n
-        tokens: list[dict[Path, int]] = [{} for _ in requests]
         # the nodes whose children are picked next, as (sequence, path), with their output hidden
-        # states [R, 1, hidden], the layer that made them, and the keys their paths computed per layer
+        # states [R, 1, hidden], the layer that made them, and the keys their paths computed per layer;
+        # each depth's ranked candidates stay on the device until the last depth has run (one sync a call)
         parents = [(b, ()) for b in range(len(requests))]
         h, layer, chained = h[0, last][:, None], layers[0], [{} for _ in requests]
+        picked: list[tuple[list[tuple[int, Path]], Tensor]] = []
         while True:
             logits = self.model.lm_head(layer.final_layernorm(h, self.policy))[:, 0]  # [R, V]
-            ranked = logits.topk(max(self.num_children[p] for _, p in parents), dim=-1).indices.tolist()
-            for (b, path), best in zip(parents, ranked):
-                tokens[b].update(((*path, c), best[c]) for c in range(self.num_children[path]))
-            expand = [(i, (b, (*p, c))) for i, (b, p) in enumerate(parents) for c in range(self.num_children[p])
+            ranked = logits.topk(max(self.num_children[p] for _, p in parents), dim=-1).indices
+            picked.append((parents, ranked))
+            expand = [(i, c, (b, (*p, c))) for i, (b, p) in enumerate(parents) for c in range(self.num_children[p])
                       if (*p, c) in self.num_children]
             if not expand:
                 break
-            rows, children = [i for i, _ in expand], [child for _, child in expand]
+            rows, children = [i for i, _, _ in expand], [child for _, _, child in expand]
             depth = len(children[0][1])
             layer = layers[depth % len(layers)]
             own = [chained[i].get(layer.layer_idx) for i in rows]
             ancestors = None if own[0] is None else tuple(torch.cat([kv[j] for kv in own]) for j in (0, 1))
             groups = [(caches[b], sum(1 for c, _ in children if c == b)) for b in dict.fromkeys(c for c, _ in children)]
             branches = _Branches(groups, layers[0].layer_idx, ancestors, self.policy)
-            embedded = model.word_embeddings(torch.tensor([[tokens[b][p]] for b, p in children], device=device))
+            ranks = torch.tensor([c for _, c, _ in expand], device=device)
+            embedded = model.word_embeddings(ranked[torch.tensor(rows, device=device), ranks][:, None])
             position = base[[b for b, _ in children]] + depth - 1  # [R, 1]
             h = layer(embedded, h[rows], model.rotary(position), branches)
             k, v = branches.computed
@@ -212,4 +213,8 @@ class MTPDrafter:
                         (torch.cat([own[r][0], k[r:r + 1]], 1), torch.cat([own[r][1], v[r:r + 1]], 1))}
                        for r, i in enumerate(rows)]
             parents = children
+        tokens: list[dict[Path, int]] = [{} for _ in requests]
+        for nodes, ranked in picked:
+            for (b, path), best in zip(nodes, ranked.tolist()):
+                tokens[b].update(((*path, c), best[c]) for c in range(self.num_children[path]))
         return [DraftTree(tuple(t[p] for p in self.paths), self.parents) for t in tokens]
