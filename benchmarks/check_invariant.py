@@ -22,8 +22,9 @@ check failed.
 
 `--tiles` runs instead a choice of the bf16 GEMM tile (`mm_config`): each candidate timed at M = 1,
 64, 256 and 4,096 tokens on Ring-mini's product shapes (the experts' with 8 of 256 experts a token),
-summed and then per shape (a tile may be a function of the weight's shape, never of M), and checked
-batch-invariant (a row's bits the same whatever M). `--attention-tiles` likewise times
+summed and then per shape (a tile may be a function of the weight's shape, never of M), checked
+batch-invariant (a row's bits the same whatever M), and compared bit for bit with today's tile: a tile
+whose bits are today's could take the small M (decode) while today's takes the rest. `--attention-tiles` likewise times
 the candidate tiles of the key-block attention (`attention_config`) on decode, prefill-chunk and
 training shapes and checks that single decode steps and a chunk get the training forward's bits.
 """
@@ -438,14 +439,17 @@ def tiles(gen: torch.Generator) -> None:
         w = (torch.randn(E, N, K, generator=gen, device="cuda") * K**-0.5).bfloat16()
         shapes.append((name, x, w, counts))
     header = "".join(f"{f'M={m} ms':>12}" for m in TILE_TOKENS)
-    print(f"{'tile (m, n, k, warps, stages)':<32}{header}  invariant")
+    print(f"{'tile (m, n, k, warps, stages)':<32}{header}  invariant; bits of today's tile")
     per_shape: dict[str, list[tuple[str, list[float]]]] = {name: [] for name, *_ in shapes}
+    today = {name: _grouped_mm(x, w, counts, TILE_CANDIDATES[0]) for name, x, w, counts in shapes}
     for c in TILE_CANDIDATES:
         tile = f"({c.block_m}, {c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages})"
-        totals, broken = [0.0] * len(TILE_TOKENS), []
+        totals, broken, other_bits = [0.0] * len(TILE_TOKENS), [], []
         for name, x, w, counts in shapes:
             try:
                 full = _grouped_mm(x, w, counts, c)
+                if not torch.equal(full, today[name]):  # a tile with today's bits may serve any M beside it
+                    other_bits.append(name)
                 times = []
                 for m in TILE_TOKENS:
                     if counts is None:
@@ -462,7 +466,8 @@ def tiles(gen: torch.Generator) -> None:
             except Exception as e:  # noqa: BLE001 - a tile the compiler refuses (shared memory): report it
                 broken.append(f"{name}: {type(e).__name__}")
         verdict = "yes" if not broken else ", ".join(broken)
-        print(f"{tile:<32}" + "".join(f"{t:>12.3f}" for t in totals) + f"  {verdict}")
+        same = "same" if not other_bits else "differ: " + ", ".join(other_bits)
+        print(f"{tile:<32}" + "".join(f"{t:>12.3f}" for t in totals) + f"  {verdict}; {same}")
         if broken:
             FAILURES.append(f"tile {tile}")
     # a tile may depend on the weight's (N, K), never on M: training and the engine share it whatever M is
