@@ -75,8 +75,9 @@ class ModelRunner:
             out = self.model(batch.input_ids[None], context=context, logits_indices=batch.logits_indices)
             result = StepResult(out.logits[0], out.hidden_states[0] if wants_hidden else None)
         self._verifying = context if batch.num_verifies else None
-        # single-token chunks run the decode kernel, which updates the slots in place: their
-        # snapshots are the slots' states after the step (a longer chunk's come from its rounds)
+        # single-token chunks run the decode kernel, which updates the slots in place (in a padded verify
+        # step, a replayed fold does): their snapshots are the slots' states after the step (a longer
+        # chunk's come from its rounds)
         saved = [(chunk.seq.slot, snapshot) for chunk in output.chunks if chunk.num_tokens == 1
                  for _, snapshot in chunk.snapshots]
         if saved:
