@@ -211,11 +211,9 @@ class StepGraphs:
         if shape and padded.decodes.size:
             self._replay_fold(captured, size, padded.decodes, padded.starts[padded.decodes, None],
                               np.ones_like(padded.decodes))
-        real = padded.real_rows
-        if real.shape[0] == size * captured.rows or np.array_equal(real, np.arange(real.shape[0])):
-            rows = slice(0, real.shape[0])
-        else:
-            rows = torch.from_numpy(real).to(device, non_blocking=True)
+        real = padded.real_rows  # the first rows, unless a sequence has placeholders
+        contiguous = np.array_equal(real, np.arange(real.shape[0]))
+        rows = slice(0, real.shape[0]) if contiguous else torch.from_numpy(real).to(device, non_blocking=True)
         return self.logits[rows], self.hidden[rows], captured.contexts[size]
 
     def fold(self, sizes: Seq[int], accepted: Seq[list[int]]) -> None:
