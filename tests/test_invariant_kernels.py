@@ -335,3 +335,29 @@ def test_the_mode_on_the_kernels(row_by_row_dot):
     batch.sum().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups,gated", [(1, False), (4, True)])
+def test_rms_norm_rows_match_the_chain_and_a_row_alone(dtype, groups, gated):
+    """The invariant RMSNorm kernel (a whole norm, or the Lightning output's gated group norm) against
+    float64, its gradients against the chain's, and a token's bits alone = among other tokens."""
+    from ringlinear.model.layers import rms_norm, rms_norm_chain
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 9, 256, generator=g) * 3).to(DEVICE, dtype).requires_grad_()
+    weight = (1 + torch.randn(256, generator=g) * 0.1).to(DEVICE, dtype).requires_grad_()
+    gate = torch.randn(2, 9, 256, generator=g).to(DEVICE, dtype).requires_grad_() if gated else None
+    y = rms_norm(x, weight, 1e-6, groups, gate, policy=ALIGNED)
+    exact = rms_norm_chain(*(t.detach().double() for t in (x, weight)), 1e-6, groups,
+                           None if gate is None else gate.detach().double())
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y.double(), exact, rtol=tol, atol=tol)
+    alone = rms_norm(x[1, 4:5], weight, 1e-6, groups, None if gate is None else gate[1, 4:5], policy=ALIGNED)
+    assert torch.equal(alone, y[1, 4:5])
+    upstream = torch.randn(y.shape, generator=g).to(DEVICE, dtype)
+    wanted = [t for t in (x, weight, gate) if t is not None]
+    grads = torch.autograd.grad((y.float() * upstream.float()).sum(), wanted)
+    chain = rms_norm_chain(x, weight, 1e-6, groups, gate)
+    for a, b in zip(grads, torch.autograd.grad((chain.float() * upstream.float()).sum(), wanted)):
+        torch.testing.assert_close(a, b)

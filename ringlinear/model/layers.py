@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..config import RingLinearConfig
 from ..ops.fp8 import fp8_linear
 from ..ops.fused import fused, glu
-from ..ops.policy import KernelPolicy
+from ..ops.policy import KernelPolicy, rms_norm_kernel
 
 
 def at_least_fp32(x: Tensor) -> Tensor:
@@ -30,13 +30,25 @@ class Linear(nn.Linear):
         return super().forward(x)
 
 
-@fused
-def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor | None = None) -> Tensor:
+def rms_norm_chain(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor | None = None) -> Tensor:
     """`weight * x / rms(x)` over each of `groups` equal slices of the last dimension, the
     statistics in fp32 and the product in the input dtype (as HF); times `sigmoid(gate)` if given."""
     x32 = at_least_fp32(x).unflatten(-1, (groups, -1))
     normed = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2).to(x.dtype)
     return normed if gate is None else normed * torch.sigmoid(gate)
+
+
+_rms_norm_fused = fused(rms_norm_chain)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tensor | None = None, *,
+             policy: KernelPolicy) -> Tensor:
+    """`rms_norm_chain`, by the rule table: a compiled chain, the eager ops, or in invariant mode one
+    Triton program per row."""
+    if rms_norm_kernel(policy, x, weight) == "invariant_rows":
+        from ..ops.invariant_kernels import rms_norm as rms_norm_rows
+        return rms_norm_rows(x, weight, eps, groups, gate, rms_norm_chain)
+    return _rms_norm_fused(x, weight, eps, groups, gate, policy=policy)
 
 
 class RMSNorm(nn.Module):

@@ -242,6 +242,67 @@ def row_sum(x: Tensor, mean: bool = False) -> Tensor:
     return _RowSumFunction.apply(x, 1.0 / C if mean else 1.0)
 
 
+# -- RMSNorm ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _rms_norm_kernel(x, weight, gate, out, C, G, eps, BLOCK: tl.constexpr, HAS_GATE: tl.constexpr):
+    """Row i of x [rows · G, C] (group i % G of a token): its sum of squares in fp32, summed as
+    `_row_sum_kernel` sums, then weight · (x / rms rounded to x's dtype), times sigmoid(gate) rounded
+    likewise: the roundings of `layers.rms_norm`, in one read of the row for the statistics and one
+    for the output."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, C, BLOCK):
+        v = tl.load(x + row * C + start + cols, mask=start + cols < C, other=0.0).to(tl.float32)
+        acc += v * v
+    scale = 1.0 / tl.sqrt(tl.sum(acc, 0) / C + eps)
+    dtype = out.dtype.element_ty
+    w_offset = (row % G) * C
+    for start in range(0, C, BLOCK):
+        mask = start + cols < C
+        v = tl.load(x + row * C + start + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(weight + w_offset + start + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (w * (v * scale).to(dtype).to(tl.float32)).to(dtype)
+        if HAS_GATE:
+            g = tl.load(gate + row * C + start + cols, mask=mask, other=0.0).to(tl.float32)
+            y = (y.to(tl.float32) * (1.0 / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)).to(dtype)
+        tl.store(out + row * C + start + cols, y, mask=mask)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """The kernel forward; the backward is PyTorch's through `reference` (outside numerics)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, gate: Tensor | None, eps: float, groups: int, reference) -> Tensor:
+        x, g = _aligned(x), None if gate is None else _aligned(gate)
+        out = torch.empty_like(x)
+        C = x.shape[-1] // groups
+        if x.numel():
+            _rms_norm_kernel[(x.numel() // C,)](x, weight.contiguous(), x if g is None else g, out, C, groups, eps,
+                                                BLOCK=row_block(C), HAS_GATE=g is not None, num_warps=4)
+        ctx.save_for_backward(x, weight, g)
+        ctx.eps, ctx.groups, ctx.reference = eps, groups, reference
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        inputs = [None if t is None else t.detach().requires_grad_() for t in ctx.saved_tensors]  # x, weight, gate
+        with torch.enable_grad():
+            y = ctx.reference(inputs[0], inputs[1], ctx.eps, ctx.groups, inputs[2])
+            grads = iter(torch.autograd.grad(y, [t for t in inputs if t is not None], grad))
+        return *(None if t is None else next(grads) for t in inputs), None, None, None
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int, gate: Tensor | None, reference) -> Tensor:
+    """`layers.rms_norm` in one kernel, a row per program (so a token's bits never depend on the other
+    rows); `reference` is that function, whose autograd gives the backward."""
+    if x.shape[-1] % groups or weight.shape != (x.shape[-1],) or (gate is not None and gate.shape != x.shape):
+        raise ValueError(f"rms_norm: x {list(x.shape)} in {groups} groups, weight {list(weight.shape)}, "
+                         f"gate {None if gate is None else list(gate.shape)}")
+    return _RMSNormFunction.apply(x, weight, gate, eps, groups, reference)
+
+
 def softmax(x: Tensor, log: bool = False, dtype: torch.dtype | None = None) -> Tensor:
     """softmax (or log_softmax) over the last dim from exact ops and `row_sum`, in fp32 at least,
     returned in `dtype` (x is cast to it first, as torch does) or x's dtype. Differentiable."""

@@ -31,6 +31,7 @@ sampler for its log-probs); the ops below switch by the table. Backward passes r
 | grouped_glu (moe.py)        | torch._grouped_mm (4)    | expert loop    | grouped GEMM (2)    | expert loop      |
 | grouped GEMM's backward     | –                        | –              | _grouped_mm (9)     | –                |
 | grouped_glu, fp8            | expert loop of fp8 GEMMs | same, refs     | –                   | –                |
+| rms_norm (layers.py)        | torch.compile (5)        | eager          | invariant_kernels   | eager            |
 | elementwise chains (fused)  | torch.compile (5)        | eager          | eager               | eager            |
 | fp8 quantize (fp8/)         | kernels.py               | reference.py   | –                   | –                |
 | fp8 GEMM (fp8/)             | torch._scaled_mm (7)     | reference.py   | –                   | –                |
@@ -220,6 +221,12 @@ def compiles_chain(policy: KernelPolicy, x: Tensor) -> bool:
     """fused.py: compile an elementwise chain into one kernel. Invariant mode runs it eagerly, so its
     reductions keep their fixed form."""
     return policy.cuda_fast_paths(x) and x.numel() >= COMPILE_MIN_ELEMENTS
+
+
+def rms_norm_kernel(policy: KernelPolicy, x: Tensor, weight: Tensor) -> Literal["invariant_rows", "chain"]:
+    """layers.rms_norm: in invariant mode on the Triton backend one program per row (its sums fixed by the
+    row length); else the elementwise chain, compiled or eager (`compiles_chain`)."""
+    return "invariant_rows" if policy.invariant and policy.triton(x, weight) else "chain"
 
 
 Fp8GemmKernel = Literal["scaled_mm", "triton", "reference"]
