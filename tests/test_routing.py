@@ -21,6 +21,13 @@ def inputs(N: int, E: int, bias: bool, seed: int = 0):
     return logits, (torch.randn(E, generator=g) * 0.1).to(DEVICE) if bias else None
 
 
+def test_a_tokens_choice_does_not_depend_on_the_other_tokens():
+    logits, bias = inputs(23, 256, True, seed=3)
+    weights, experts = route(logits, bias, RING_MINI, TRITON)
+    alone = route(logits[7:8], bias, RING_MINI, TRITON)
+    assert torch.equal(alone[0], weights[7:8]) and torch.equal(alone[1], experts[7:8])
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_kernel_chooses_and_weighs_as_the_reference(case):
     E, routing, bias = CASES[case]
@@ -58,7 +65,8 @@ def test_ties_go_to_the_lower_index_and_no_rows_is_no_work():
 
 def test_the_rule_takes_the_reference_where_the_kernel_does_not_apply():
     logits = torch.zeros(2, 256)
-    assert routing_kernel(KernelPolicy("triton", invariant=True), logits, 8) == "reference"
+    assert routing_kernel(KernelPolicy("triton", invariant=True), logits, 8) == "triton"  # a row alone
+    assert routing_kernel(KernelPolicy("torch", invariant=True), logits, 8) == "reference"
     assert routing_kernel(TRITON, logits.double(), 8) == "reference"
     assert routing_kernel(TRITON, torch.zeros(2, 96), 8) == "reference"  # not a power of two
     assert routing_kernel(KernelPolicy("torch"), logits, 8) == "reference"

@@ -27,7 +27,7 @@ sampler for its log-probs); the ops below switch by the table. Backward passes r
 | causal_attention            | SDPA; FlashAttention (1) | SDPA, masked   | key blocks (10)     | key-block loop   |
 | paged_attention             | kernel.py (3)            | gather + SDPA  | key blocks (10)     | key-block loop   |
 | paged_latent_attention      | kernel.py (3)            | gather + SDPA  | none (8)            | none (8)         |
-| route (routing.py)          | routing_kernel.py (11)   | PyTorch        | PyTorch             | PyTorch          |
+| route (routing.py)          | routing_kernel.py (11)   | PyTorch        | routing_kernel.py   | PyTorch          |
 | grouped_glu (moe.py)        | torch._grouped_mm (4)    | expert loop    | grouped GEMM (2)    | expert loop      |
 | grouped GEMM's backward     | –                        | –              | _grouped_mm (9)     | –                |
 | grouped_glu, fp8            | expert loop of fp8 GEMMs | same, refs     | –                   | –                |
@@ -121,12 +121,11 @@ RoutingKernel = Literal["triton", "reference"]
 
 def routing_kernel(policy: KernelPolicy, logits: Tensor, n_group: int) -> RoutingKernel:
     """routing.route: one Triton program per token for fp32 logits over a power-of-two number of experts
-    (and groups, up to 1,024 experts); invariant mode takes the reference, whose top-k `numerics` makes
-    invariant."""
+    (and groups, up to 1,024 experts), in either mode (a token's choice never depends on the other
+    rows); else the reference, whose top-k `numerics` makes invariant in invariant mode."""
     E = logits.shape[-1]
     powers_of_two = E & (E - 1) == 0 and n_group & (n_group - 1) == 0
-    if (not policy.invariant and policy.triton(logits) and logits.dtype == torch.float32 and powers_of_two
-            and E <= 1024):
+    if policy.triton(logits) and logits.dtype == torch.float32 and powers_of_two and E <= 1024:
         return "triton"
     return "reference"
 

@@ -7,8 +7,9 @@ scores, normalised to sum 1 (`normalize`, when k > 1) and multiplied by `scale`.
 [N, k] fp32, experts [N, k] int64), best first.
 
 `route_reference` is that in PyTorch (eight launches or so a layer, topk twice); `route` takes the
-Triton kernel, one program per token doing it all, where the rule table says so (`ops.policy`), with
-a PyTorch backward from the saved experts. Both take the top-k by value, ties to the lower index.
+Triton kernel, one program per token doing it all, where the rule table says so (`ops.policy`; in
+invariant mode too, since a token's numbers never depend on the other rows), with a PyTorch backward
+from the saved experts. Both take the top-k by value, ties to the lower index.
 """
 
 from __future__ import annotations
