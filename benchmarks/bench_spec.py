@@ -21,7 +21,8 @@ step verifies a fixed draft tree per sequence (chains of k = 1-4 and the GPU_TRE
 timed against a plain decode step (CUDA graphs on the GPU; verify steps run eagerly). From those,
 decode tokens/s at a given per-token acceptance (`--acceptance`, or those the checkpoint run
 measured, `--acceptance-from` its JSON): a chain of k whose drafts are each accepted with
-probability a emits 1 + a + ... + a^k tokens a step.
+probability a emits 1 + a + ... + a^k tokens a step. Then whole speculative steps with the model's MTP
+layer drafting chains of 1 and 3 (random weights: every draft rejected), and the drafter's share of them.
 
 Results: stdout (a table last) and DIR/bench_spec.json (DIR: --out, else $OUT, else .).
 """
@@ -41,6 +42,8 @@ from ringlinear.checkpoint import load_tokenizer
 from ringlinear.data.corpus import split_documents, stdlib_documents
 from ringlinear.infer import Engine, EngineConfig, SamplingParams
 from ringlinear.infer.graphs import StepGraphs
+from ringlinear.infer.spec.config import SpeculativeConfig
+from ringlinear.infer.spec.drafting import Speculator
 from ringlinear.infer.spec.tree import DraftTree, chain_paths, parse_paths, path_parents
 
 TREE = "[(0,), (1,), (0, 0), (1, 0), (0, 0, 0)]"  # the trained run's tree: top 2 at two depths, then 1
@@ -196,6 +199,39 @@ def step_cost(engine: Engine, batch: int, context: int, paths: tuple | None) -> 
             "ms_per_step": round(1e3 * seconds, 3)}
 
 
+def mtp_step_cost(engine: Engine, batch: int, context: int, k: int) -> dict:
+    """ms per step of `batch` sequences drafting a k-chain with the model's MTP layer (random weights: the
+    drafts are rejected, so a step emits one token) and verifying it, and the share of it the drafter
+    takes (its calls timed between syncs). The drafter's own keys start at the placed context."""
+    engine.speculator = Speculator(SpeculativeConfig.parse({"method": "mtp", "num_speculative_tokens": k}),
+                                   engine.model, engine.policy)
+    propose, drafting = engine.speculator.propose, [0.0]
+
+    def timed(*args):
+        sync(engine.device)
+        start = time.perf_counter()
+        drafts = propose(*args)
+        sync(engine.device)
+        drafting[0] += time.perf_counter() - start
+        return drafts
+    engine.speculator.propose = timed
+    place(engine, batch, context, 4 * (STEPS + WARMUP_STEPS) + 1)
+    try:
+        for _ in range(WARMUP_STEPS):
+            engine.step()
+        sync(engine.device)
+        drafting[0], start = 0.0, time.perf_counter()
+        for _ in range(STEPS):
+            engine.step()
+        sync(engine.device)
+        seconds = (time.perf_counter() - start) / STEPS
+    finally:
+        engine.abort_all()
+        engine.speculator = None
+    return {"batch": batch, "context": context, "nodes": k, "ms_per_step": round(1e3 * seconds, 3),
+            "drafting_ms_per_step": round(1e3 * drafting[0] / STEPS, 3)}
+
+
 def expected_tokens(k_drafts: int, acceptance: float) -> float:
     """Tokens a chain of k emits a step when each draft is accepted with probability `acceptance`."""
     return sum(acceptance ** j for j in range(k_drafts + 1))
@@ -204,7 +240,7 @@ def expected_tokens(k_drafts: int, acceptance: float) -> float:
 def serving(quick: bool, acceptance: float, results: dict) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
     preset, context, batches = ("tiny", 256, (1, 4)) if quick else ("mini", 4096, (1, 16, 64))
-    config = RingLinearConfig.preset(preset)
+    config = RingLinearConfig.preset(preset).replace(num_nextn_predict_layers=1)  # an MTP layer to draft with
     if device.type == "cuda":
         from bench_engine import build
         model = build(config)
@@ -227,10 +263,12 @@ def serving(quick: bool, acceptance: float, results: dict) -> None:
     for batch in batches:
         for name, paths in shapes.items():
             case(results, f"batch{batch}_{name}", step_cost, engine, batch, context, paths)
+        for k in (1, 3):
+            case(results, f"batch{batch}_mtp_drafting_chain{k}", mtp_step_cost, engine, batch, context, k)
         plain = results[f"batch{batch}_plain"].get("ms_per_step")
         for name, paths in shapes.items():
             row = results[f"batch{batch}_{name}"]
-            if plain and "ms_per_step" in row and paths is not None:
+            if plain and "ms_per_step" in row and paths is not None:  # (mtp rows: see drafting_ms_per_step)
                 row["cost_vs_decode"] = round(row["ms_per_step"] / plain, 2)
                 if name.startswith("chain"):
                     emitted = expected_tokens(len(paths), acceptance)
@@ -250,7 +288,7 @@ def table(report: dict) -> str:
             if name == "setup":
                 continue
             keys = ("tokens_per_s", "speedup", "mean_accepted", "acceptance_by_position", "equals_plain",
-                    "ms_per_step", "cost_vs_decode", "speedup_at_acceptance", "error")
+                    "ms_per_step", "drafting_ms_per_step", "cost_vs_decode", "speedup_at_acceptance", "error")
             lines.append(f"  {name:<20} " + "  ".join(f"{key}={row[key]}" for key in keys if key in row))
     return "\n".join(lines)
 
