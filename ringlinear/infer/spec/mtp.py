@@ -54,26 +54,44 @@ class MTPCache:
     """One sequence's keys and values [1, positions, KV, D] of the first MTP layer at its verified
     positions (those it ran with true inputs); for an MLA layer its latents [1, positions, r] and rope
     keys [1, positions, rope] (576 values a position at the published shapes, against 20,480 for the
-    64 heads' keys and values)."""
+    64 heads' keys and values). They live in buffers that double when full, so a step appends its
+    positions in place instead of copying the whole history."""
 
     def __init__(self) -> None:
-        self.keys: Tensor | None = None
-        self.values: Tensor | None = None
+        self._storage: tuple[Tensor, Tensor] | None = None
+        self._length = 0
         self.num_verified = 0  # the sequence's positions that the first MTP layer has seen
 
+    @property
+    def keys(self) -> Tensor | None:
+        return None if self._storage is None else self._storage[0][:, :self._length]
+
+    @property
+    def values(self) -> Tensor | None:
+        return None if self._storage is None else self._storage[1][:, :self._length]
+
     def copy(self) -> MTPCache:
-        """An independent cache with the same entries (a forked sequence's: it shares the prompt).
-        Entries are replaced, never written in place, so sharing the tensors is safe."""
+        """An independent cache with the same entries (a forked sequence's: it shares the prompt)."""
         other = MTPCache()
-        other.keys, other.values, other.num_verified = self.keys, self.values, self.num_verified
+        if self._storage is not None:
+            other._storage = tuple(b.clone() for b in self._storage)
+        other._length, other.num_verified = self._length, self.num_verified
         return other
 
     def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append new verified keys and values [1, n, KV, D] (or latents and rope keys); returns all of them."""
-        if self.keys is not None:
-            k, v = torch.cat([self.keys, k], dim=1), torch.cat([self.values, v], dim=1)
-        self.keys, self.values = k, v
-        return k, v
+        end = self._length + k.shape[1]
+        if self._storage is None or end > self._storage[0].shape[1]:
+            capacity = max(64, 2 * end)
+            grown = tuple(x.new_empty(1, capacity, *x.shape[2:]) for x in (k, v))
+            if self._storage is not None:
+                for new, old in zip(grown, self._storage):
+                    new[:, :self._length] = old[:, :self._length]
+            self._storage = grown
+        self._storage[0][:, self._length:end] = k
+        self._storage[1][:, self._length:end] = v
+        self._length = end
+        return self.keys, self.values
 
 
 class _SoftmaxOnly(AttentionContext):
