@@ -25,7 +25,7 @@ from triton.testing import do_bench
 from ringlinear import RingLinearConfig
 from ringlinear.model.moe import MoE
 from ringlinear.ops.policy import KernelPolicy
-from ringlinear.ops.routing import Routing, route, route_reference
+from ringlinear.ops.routing import route, route_reference
 
 FAST = KernelPolicy("triton")
 
@@ -49,10 +49,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     config = RingLinearConfig.preset("mini")
-    routing = Routing(config.num_experts_per_tok, config.n_group, config.topk_group,
-                      config.score_function == "sigmoid", config.norm_topk_prob, config.routed_scaling_factor)
     moe = layer(config)
-    bias = moe.gate.expert_bias
+    routing, bias = moe.gate.routing, moe.gate.expert_bias
     results: dict = {"meta": {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(),
                               "torch": torch.__version__}, "rows": []}
     for n in args.tokens:

@@ -6,7 +6,7 @@ import torch
 from infer_helpers import tiny_model
 
 from ringlinear.infer.spec.config import MAX_SPECULATIVE_TOKENS, SpeculativeConfig
-from ringlinear.infer.spec.mtp import MTPDrafter
+from ringlinear.infer.spec.mtp import MTPCache, MTPDrafter
 from ringlinear.infer.spec.ngram import NgramProposer
 from ringlinear.infer.spec.tree import DraftTree, chain_paths
 from ringlinear.model import SequenceContext
@@ -94,7 +94,7 @@ def check_two_rounds_of_chain_drafts(model, k: int = 3):
     ids = torch.randint(1, 257, (30,), generator=torch.Generator().manual_seed(0))
     hidden = model(ids[None]).hidden_states[0]
     drafter = MTPDrafter(model, chain_paths(k))
-    cache = drafter.new_cache()
+    cache = MTPCache()
     for verified_before, verified in ((0, 20), (20, 23)):
         drafts = drafter.propose(cache, hidden[verified_before:verified], ids[verified_before + 1:verified + 1])
         assert list(drafts.tokens) == from_scratch(model, ids, hidden, verified, k) and drafts.is_chain
@@ -121,7 +121,7 @@ def test_mtp_tree_nodes_are_the_ranked_candidates_of_the_layers_run_from_scratch
     hidden = model(ids[None]).hidden_states[0]
     paths = SpeculativeConfig("mtp", 9, speculative_token_tree=TREE).paths
     drafter = MTPDrafter(model, paths)
-    cache = drafter.new_cache()
+    cache = MTPCache()
     for verified_before, verified in ((0, 20), (20, 23)):
         tree = drafter.propose(cache, hidden[verified_before:verified], ids[verified_before + 1:verified + 1])
         token_of = dict(zip(paths, tree.tokens))
@@ -176,7 +176,7 @@ def test_mtp_drafts_for_many_sequences_in_one_call_equal_those_drafted_one_by_on
     ids = [torch.randint(1, 257, (n,), generator=torch.Generator().manual_seed(n)) for n in (12, 30, 21)]
     hidden = [model(x[None]).hidden_states[0] for x in ids]
     rounds = [(4, 9), (20, 24), (1, 15)], [(9, 11), (24, 25), (15, 20)]  # (verified before, verified) each
-    together, alone = [drafter.new_cache() for _ in ids], [drafter.new_cache() for _ in ids]
+    together, alone = [MTPCache() for _ in ids], [MTPCache() for _ in ids]
     for cache, (start, _) in zip(together + alone, rounds[0] * 2):
         cache.num_verified = start  # as the engine's, for a sequence started from a cached prefix
     for spans in rounds:

@@ -71,6 +71,14 @@ class PaddedStep:
     decodes: np.ndarray  # the chunks that are plain decodes: their root enters the state after the forward
 
 
+def padding_inputs(rows: int, size: int, page_size: int) -> dict[str, np.ndarray]:
+    """The graphs' inputs for `size` padding sequences of `rows` rows: each in the scratch slot 0, its
+    tokens at positions 0.. of page 0, seeing them."""
+    inputs = {name: np.zeros(size * rows, dtype=np.int64) for name in _PER_TOKEN}
+    inputs["slot_mapping"][:] = np.tile(np.arange(rows) % page_size, size)
+    return inputs | {"slots": np.zeros(size, dtype=np.int64), "seq_lens": np.full(size, rows, dtype=np.int64)}
+
+
 def pad_step(chunks: Seq[ScheduledChunk], batch: StepBatch, shape: Shape, size: int, page_size: int) -> PaddedStep:
     """`batch` (on the host) laid out for `size` sequences of `shape` (`fits_shape` holds)."""
     rows, n = 1 + len(shape), len(chunks)
@@ -79,15 +87,12 @@ def pad_step(chunks: Seq[ScheduledChunk], batch: StepBatch, shape: Shape, size: 
     real = np.concatenate([start + np.arange(count) for start, count in zip(starts, counts)])
     _, depth = tree_masks([[-1, *shape]])
     roots = batch.positions.numpy()[batch.query_start.numpy()[:-1]]
-    inputs = {name: np.zeros(size * rows, dtype=np.int64) for name in _PER_TOKEN}
-    # padding sequences: their tokens at positions 0.. of the scratch slot, all in page 0
-    inputs["slot_mapping"][n * rows:] = np.tile(np.arange(rows) % page_size, size - n)
+    inputs = padding_inputs(rows, size, page_size)
+    inputs["slot_mapping"][:n * rows] = 0  # placeholders' keys and values to the scratch page
     inputs["positions"][:n * rows] = (roots[:, None] + depth[None, :]).ravel()
     for name in _PER_TOKEN:
         inputs[name][real] = getattr(batch, name).numpy()
-    inputs["slots"] = np.zeros(size, dtype=np.int64)
     inputs["slots"][:n] = batch.slots.numpy()
-    inputs["seq_lens"] = np.full(size, rows, dtype=np.int64)
     inputs["seq_lens"][:n] = batch.seq_lens.numpy() - counts + rows
     decodes = np.asarray([i for i, c in enumerate(chunks) if not c.drafts], dtype=np.int64)
     return PaddedStep(inputs, real, starts, decodes)
@@ -148,11 +153,8 @@ class StepGraphs:
 
     def _capture(self, shape: Shape, sizes: list[int], memory) -> _Captured:
         rows, n = 1 + len(shape), sizes[-1]
-        host = {name: torch.zeros(n * rows, dtype=torch.long).pin_memory() for name in _PER_TOKEN}
-        host |= {name: torch.zeros(n, dtype=torch.long).pin_memory() for name in _PER_SEQUENCE}
-        # a padding sequence writes its tokens to positions 0.. of the scratch slot (all in page 0) and sees them
-        host["seq_lens"].fill_(rows)
-        host["slot_mapping"].copy_(torch.arange(rows).repeat(n) % self.cache.page_size)
+        host = {name: torch.from_numpy(values).pin_memory()
+                for name, values in padding_inputs(rows, n, self.cache.page_size).items()}
         static = {name: tensor.to(self.cache.device) for name, tensor in host.items()}
         captured = _Captured(rows, host, static, {}, {})
         if rows > 1:

@@ -27,6 +27,8 @@ class Router(nn.Module):
         self.config = config
         E = config.num_experts
         self.weight = nn.Parameter(torch.empty(E, config.hidden_size))
+        self.routing = Routing(config.num_experts_per_tok, config.n_group, config.topk_group,
+                               config.score_function == "sigmoid", config.norm_topk_prob, config.routed_scaling_factor)
         self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
         # Tokens routed to each expert since the last optimizer step (forwards that build a graph in
         # training mode; `train.optimizer_step` turns it into the bias update and resets it).
@@ -45,10 +47,8 @@ class Router(nn.Module):
         """x [N, hidden] -> (weights [N, k] fp32, expert indices [N, k])."""
         c = self.config
         logits = F.linear(at_least_fp32(x), at_least_fp32(self.weight))
-        routing = Routing(c.num_experts_per_tok, c.n_group, c.topk_group, c.score_function == "sigmoid",
-                          c.norm_topk_prob, c.routed_scaling_factor)
         bias = self.expert_bias if c.moe_router_enable_expert_bias else None
-        weights, experts = route(logits, bias, routing, policy)
+        weights, experts = route(logits, bias, self.routing, policy)
         if self.training and torch.is_grad_enabled():  # the load of the tokens a step trains on
             self.expert_load += torch.bincount(experts.flatten(), minlength=c.num_experts)
         return weights, experts

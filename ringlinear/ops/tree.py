@@ -29,10 +29,7 @@ def tree_ancestors(parents: Tensor, query_start: Tensor, max_tree_len: int) -> t
     if parents.dim() != 1 or query_start.dim() != 1:
         raise ValueError(f"parents must be [T] and query_start [N+1], got {list(parents.shape)}, "
                          f"{list(query_start.shape)}")
-    lengths = query_start[1:] - query_start[:-1]
-    sequence = torch.repeat_interleave(torch.arange(lengths.shape[0], device=parents.device), lengths,
-                                       output_size=T)
-    start = query_start[:-1].long()[sequence]
+    start = query_start[:-1].long()[token_trees(query_start, T)]
     local = torch.arange(T, device=parents.device) - start
     parents = parents.long()
     parent_row = (start + parents).clamp(min=0)
@@ -44,3 +41,20 @@ def tree_ancestors(parents: Tensor, query_start: Tensor, max_tree_len: int) -> t
         ancestors = own | torch.where(has_parent, ancestors[parent_row], 0)
         depth = torch.where(has_parent, depth[parent_row] + 1, 0)
     return ancestors, depth.int()
+
+
+def token_trees(query_start: Tensor, T: int) -> Tensor:
+    """[T] long: the tree (sequence) of each of the T packed tokens."""
+    lengths = query_start[1:] - query_start[:-1]
+    return torch.repeat_interleave(torch.arange(lengths.shape[0], device=query_start.device), lengths, output_size=T)
+
+
+def root_path_nodes(ancestors: Tensor, width: int) -> Tensor:
+    """[T, width] long: column r holds the tree-local index of the r-th node of each token's root path
+    (its ancestors-or-self in index order, root first: parents come before children); 0 past the path."""
+    T, device = ancestors.shape[0], ancestors.device
+    bits = (ancestors[:, None] >> torch.arange(width, device=device)) & 1  # [T, width]
+    rank = torch.where(bits.bool(), bits.cumsum(1) - 1, width)  # the r-th set bit goes to column r; others to width
+    path = torch.zeros(T, width + 1, dtype=torch.long, device=device)
+    path.scatter_(1, rank, torch.arange(width, device=device).expand(T, -1))
+    return path[:, :width]

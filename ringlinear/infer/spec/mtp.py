@@ -171,9 +171,6 @@ class MTPDrafter:
         for path in self.paths:
             self.num_children[path[:-1]] = max(self.num_children.get(path[:-1], 0), path[-1] + 1)
 
-    def new_cache(self) -> MTPCache:
-        return MTPCache()
-
     def propose(self, cache: MTPCache, hidden: Tensor, next_tokens: Tensor) -> DraftTree:
         """One sequence's `propose_many`."""
         return self.propose_many([(cache, hidden, next_tokens)])[0]

@@ -15,13 +15,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..tree import root_path_nodes, token_trees
+
 
 def _tree_mask(ancestors: Tensor, query_start: Tensor) -> Tensor:
     """[T, T] bool: token j is token i or one of its ancestors (same tree)."""
     T = ancestors.shape[0]
-    lengths = query_start[1:] - query_start[:-1]
-    sequence = torch.repeat_interleave(torch.arange(lengths.shape[0], device=ancestors.device), lengths,
-                                       output_size=T)
+    sequence = token_trees(query_start, T)
     local = torch.arange(T, device=ancestors.device) - query_start[:-1].long()[sequence]
     bit = (ancestors[:, None] >> local[None, :]) & 1
     return (bit == 1) & (sequence[:, None] == sequence[None, :])
@@ -55,15 +55,9 @@ def tree_paths(ancestors: Tensor, depth: Tensor, query_start: Tensor, max_tree_l
     after the token itself with its own row (what comes after a token changes nothing up to it).
     Parents precede children, so the ancestors in index order are the path. Nothing reads the device."""
     T, L, device = ancestors.shape[0], max_tree_len, ancestors.device
-    lengths = query_start[1:] - query_start[:-1]
-    sequence = torch.repeat_interleave(torch.arange(lengths.shape[0], device=device), lengths, output_size=T)
-    start = query_start[:-1].long()[sequence]
-    bits = (ancestors[:, None] >> torch.arange(L, device=device)) & 1  # [T, L]
-    rank = torch.where(bits.bool(), bits.cumsum(1) - 1, L)  # the r-th set bit goes to column r; others to L
-    path = torch.zeros(T, L + 1, dtype=torch.long, device=device)
-    path.scatter_(1, rank, torch.arange(L, device=device).expand(T, -1))
+    start = query_start[:-1].long()[token_trees(query_start, T)]
     own = torch.arange(T, device=device) - start
-    path = torch.where(torch.arange(L, device=device) <= depth[:, None], path[:, :L], own[:, None])
+    path = torch.where(torch.arange(L, device=device) <= depth[:, None], root_path_nodes(ancestors, L), own[:, None])
     return start[:, None] + path
 
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..attention import attention_by_key_blocks
 from ..policy import KernelPolicy, paged_attention_kernel
-from ..tree import MAX_TREE_TOKENS
+from ..tree import MAX_TREE_TOKENS, root_path_nodes, token_trees
 from .reference import paged_attention_reference
 
 __all__ = ["paged_attention", "paged_attention_reference"]
@@ -92,13 +92,10 @@ def _paged_tree_by_key_blocks(q: Tensor, k_cache: Tensor, v_cache: Tensor, block
     a key is read from). The table is [T, max_pages · page_size] int32: a long context costs memory."""
     T, page, device = q.shape[0], k_cache.shape[1], q.device
     lengths = query_start[1:] - query_start[:-1]
-    seq = torch.repeat_interleave(torch.arange(seq_lens.shape[0], device=device), lengths, output_size=T)
+    seq = token_trees(query_start, T)
     prefix = (seq_lens - lengths)[seq].long()
-    bits = (tree_ancestors[:, None] >> torch.arange(MAX_TREE_TOKENS, device=device)) & 1  # [T, tree tokens]
-    # the root path's tree tokens in order (parents come before children): rank r holds the r-th set bit
-    rank = torch.where(bits.bool(), bits.cumsum(1) - 1, MAX_TREE_TOKENS)
-    path = torch.zeros(T, MAX_TREE_TOKENS + 1, dtype=torch.long, device=device)
-    path.scatter_(1, rank, torch.arange(MAX_TREE_TOKENS, device=device).expand(T, -1))
+    path = root_path_nodes(tree_ancestors, MAX_TREE_TOKENS)
+    path_len = ((tree_ancestors[:, None] >> torch.arange(MAX_TREE_TOKENS, device=device)) & 1).sum(1)
     key = torch.arange(block_tables.shape[1] * page, device=device)[None]
     step = (key - prefix[:, None]).clamp(0, MAX_TREE_TOKENS - 1)
     position = torch.where(key < prefix[:, None], key, prefix[:, None] + path.gather(1, step))
@@ -108,4 +105,4 @@ def _paged_tree_by_key_blocks(q: Tensor, k_cache: Tensor, v_cache: Tensor, block
     no_offset = torch.zeros(T, dtype=torch.long, device=device)
     one_query = torch.arange(T + 1, dtype=query_start.dtype, device=device)
     return attention_by_key_blocks(q, k_cache.view(single), v_cache.view(single), table, no_offset,
-                                   (prefix + bits.sum(1)).to(seq_lens.dtype), one_query, scale, policy)
+                                   (prefix + path_len).to(seq_lens.dtype), one_query, scale, policy)
