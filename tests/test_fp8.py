@@ -31,6 +31,10 @@ from ringlinear.train import train
 from ringlinear.train.config import PRECISIONS
 
 DEVICE = "cpu" if INTERPRET else "cuda"
+# fp32 products of the codes: exact but for fp32 rounding through the interpreter; Hopper's FP8 tensor-core
+# products keep about 14 bits while they accumulate a 128-wide block (DeepSeek-V3 §3.3.2), and the kernels
+# promote each block to fp32, so the error is one block's (measured 5e-5 to 1.3e-4 on the H200)
+GEMM_TOLERANCE = 1e-6 if INTERPRET else 5e-4
 TORCH, TRITON = KernelPolicy("torch", fp8=True), KernelPolicy("triton", fp8=True)
 
 
@@ -121,7 +125,7 @@ def test_gemm_kernel_matches_the_reference(b_blocks):
     exact = dequantize(qa, sa).double() @ dequantize(qb, sb).double().t()
     assert rel(gemm_reference(qa, sa, qb, sb, torch.float32), exact) < 1e-6
     assert fp8_gemm_kernel(TRITON, qa, qb) == ("triton" if INTERPRET else fp8_gemm_kernel(TRITON, qa, qb))
-    assert rel(fp8_gemm(qa, sa, qb, sb, torch.float32, TRITON), exact) < 1e-6
+    assert rel(fp8_gemm(qa, sa, qb, sb, torch.float32, TRITON), exact) < GEMM_TOLERANCE
     assert rel(fp8_gemm(qa, sa, qb, sb, torch.bfloat16, TRITON), exact) < 4e-3
 
 
@@ -141,9 +145,10 @@ def test_fp8_linear_forward_and_backward(policy):
         qb, sb = quantize_rows(b, TORCH) if b_rows == 1 else quantize_blocks(b, TORCH)
         return dequantize(qa, sa).double() @ dequantize(qb, sb).double().t()
 
-    assert rel(y - bias, product(rows, 1, w.detach(), 128).view_as(y)) < 1e-6
-    assert rel(x.grad.reshape(-1, 256), product(dy2, 1, w.detach().t(), 128)) < 1e-6  # dgrad: dy per 1×128, wᵀ
-    assert rel(w.grad, product(dy2.t(), 1, rows.t(), 1)) < 1e-6  # wgrad: both along the tokens
+    tolerance = 1e-6 if policy is TORCH else GEMM_TOLERANCE
+    assert rel(y - bias, product(rows, 1, w.detach(), 128).view_as(y)) < tolerance
+    assert rel(x.grad.reshape(-1, 256), product(dy2, 1, w.detach().t(), 128)) < tolerance  # dgrad: dy per 1×128, wᵀ
+    assert rel(w.grad, product(dy2.t(), 1, rows.t(), 1)) < tolerance  # wgrad: both along the tokens
     assert torch.allclose(bias.grad, dy2.sum(0), rtol=1e-5, atol=1e-5)
     # and all of it close to the exact layer: FP8's relative error is a few percent
     exact = torch.nn.functional.linear(rows.double(), w.detach().double())
@@ -169,7 +174,8 @@ def test_fp8_training_tracks_bf16(tmp_path):
     full-precision run's, and the checkpoint keeps its fp32 master weights."""
     runs = {p: train(small_run(tmp_path / p, precision=p, steps=6, eval_interval=6)) for p in PRECISIONS}
     losses = {p: [m["loss"] for m in read_metrics(tmp_path / p) if "loss" in m] for p in PRECISIONS}
-    assert len(losses["fp8"]) == 6 and losses["fp8"][-1] < losses["fp8"][0] - 0.05
+    learned = {p: losses[p][0] - losses[p][-1] for p in PRECISIONS}
+    assert len(losses["fp8"]) == 6 and learned["bf16"] > 0.02 and learned["fp8"] > 0.5 * learned["bf16"]
     for bf16, fp8 in zip(losses["bf16"], losses["fp8"]):
         assert abs(fp8 - bf16) < 0.01 * bf16
     assert losses["fp8"] != losses["bf16"]  # the products did change
@@ -187,10 +193,10 @@ def test_fp8_serving_tracks_bf16_and_fp8_checkpoints_round_trip(tmp_path):
     engines = {q: LLM(checkpoint, max_num_seqs=2, page_size=8, num_pages=32, quantization=q) for q in ("none", "fp8")}
     full, fp8 = (engines[q].generate(prompts, params) for q in ("none", "fp8"))
     for a, b in zip(full, fp8):  # the log-probs of the full-precision engine's tokens under both models
-        ids = torch.tensor([a.prompt_token_ids + a.token_ids])
+        ids, tokens = torch.tensor([a.prompt_token_ids + a.token_ids]), torch.tensor(a.token_ids)[:, None]
         with torch.no_grad():
-            logprobs = [e.engine.model(ids).logits[0, len(a.prompt_token_ids) - 1:-1].log_softmax(-1)
-                        .gather(-1, torch.tensor(a.token_ids)[:, None]) for e in engines.values()]
+            logprobs = [e.engine.model(ids.to(e.engine.device)).logits[0, len(a.prompt_token_ids) - 1:-1]
+                        .log_softmax(-1).cpu().gather(-1, tokens) for e in engines.values()]
         assert torch.allclose(logprobs[0][:, 0], torch.tensor([lp.logprob for lp in a.logprobs]), atol=1e-4)
         # a random tiny model, six layers of FP8 rounding: within 3% of the log-probs (about -4.6 each)
         assert (logprobs[1] - logprobs[0]).abs().max() < 0.15 and not torch.equal(logprobs[1], logprobs[0])

@@ -31,14 +31,16 @@ def blocks(n: int) -> int:
 
 
 def scale_of(amax: Tensor) -> Tensor:
-    """Dequantization scale of blocks with this fp32 amax: amax/448, or 1 where that is 0."""
-    scale = amax.float() / E4M3_MAX
+    """Dequantization scale of blocks with this fp32 amax: amax/448, or 1 where that is 0. Divisions here
+    run in fp64 and round once to fp32, which is IEEE fp32 division on every device (CUDA PyTorch divides
+    by a Python scalar as a product with its reciprocal, one ulp off at times)."""
+    scale = (amax.double() / E4M3_MAX).float()
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def to_e4m3(x: Tensor, scale: Tensor) -> Tensor:
     """x / scale (fp32, scale broadcast to x's shape) saturated and rounded to e4m3."""
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return (x.double() / scale.double()).float().clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
 def _pad_to_blocks(x: Tensor, dims: tuple[int, ...]) -> Tensor:
