@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import RingLinearConfig
-from ..ops.moe import combine_rows, dispatch_rows, grouped_glu
+from ..ops.moe import routed_experts
 from ..ops.policy import KernelPolicy
 from ..ops.routing import Routing, route
 from .layers import MLP, at_least_fp32
@@ -82,17 +82,8 @@ class Experts(nn.Module):
     def forward(self, x: Tensor, weights: Tensor, experts: Tensor, policy: KernelPolicy) -> Tensor:
         """x [N, hidden], weights/experts [N, k] -> Σ_k weight · expert(x), summed in a fixed order
         (in fp32, or fp64 for an fp64 model: the router's dtype)."""
-        N, k = experts.shape
-        flat = experts.flatten()
-        order = flat.argsort(stable=True)  # assignments grouped by expert, token order kept inside
-        # bincount on CUDA reads the largest id on the host; scatter_add stays on the device
-        counts = torch.zeros(self.gate_proj.shape[0], dtype=torch.long, device=flat.device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat))
-        # back to token order by a gather (an index_put of whole rows is several times slower)
-        back = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-        y_sorted = grouped_glu(dispatch_rows(x, order, back, k), self.gate_proj, self.up_proj, self.down_proj,
-                               counts, weights.flatten()[order], policy, self.activation, self.weight_scales())
-        return combine_rows(y_sorted, order, back).view(N, k, -1).sum(1, dtype=weights.dtype).to(x.dtype)
+        return routed_experts(x, weights, experts, self.gate_proj, self.up_proj, self.down_proj, policy,
+                              self.activation, self.weight_scales())
 
 
 class MoE(nn.Module):

@@ -1,12 +1,19 @@
-"""Expert computation over token rows grouped by expert.
+"""The routed experts: Σ_k weight · expert(x) over each token's k chosen experts.
 
-Three forms with one signature: the reference loops over experts (it reads the row counts on the
-host); the grouped form runs each projection as one `torch._grouped_mm` over all experts with the
-group offsets on the device, so it never synchronises and can be captured in a CUDA graph; the
-invariant form runs the grouped products of `invariant_kernels` (likewise without a sync); the FP8
-form loops over experts with blockwise-FP8 products (`ops.fp8`). The kernel policy picks one
-(`ops.policy`); in invariant mode on the torch backend the loop's products become products of one
-fixed shape.
+`routed_experts` starts from the tokens in token order. For bf16 on the Triton backend (CUDA, or the
+interpreter on a CPU), neither invariant nor FP8, it runs the fused kernels of `moe_kernels`, which
+read the tokens' rows in place and sum each token's k outputs in fp32 as they gather them. Every other
+policy takes `dispatched_experts`: the rows are copied into expert order (`dispatch_rows`),
+`grouped_glu` runs the gated MLPs over them, and the outputs are gathered back (`combine_rows`) and
+summed in fp32.
+
+`grouped_glu` over rows grouped by expert has four forms with one signature: the reference loops over
+experts (it reads the row counts on the host); the grouped form runs each projection as one
+`torch._grouped_mm` over all experts with the group offsets on the device, so it never synchronises
+and can be captured in a CUDA graph; the invariant form runs the grouped products of
+`invariant_kernels` (likewise without a sync); the FP8 form loops over experts with blockwise-FP8
+products (`ops.fp8`). The kernel policy picks one (`ops.policy`); in invariant mode on the torch
+backend the loop's products become products of one fixed shape.
 """
 
 from __future__ import annotations
@@ -49,6 +56,43 @@ class _Combine(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         (order,) = ctx.saved_tensors
         return dy[order], None, None
+
+
+def sort_by_expert(experts: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """experts [N, k] -> order [N·k] (the (token, choice) assignments, flattened, grouped by expert with
+    token order kept inside), counts [E] (int64, on the device) and back (order's inverse permutation)."""
+    flat = experts.flatten()
+    order = flat.argsort(stable=True)
+    # bincount on CUDA reads the largest id on the host; scatter_add stays on the device
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    # back to token order by a gather (an index_put of whole rows is several times slower)
+    back = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+    return order, counts, back
+
+
+def routed_experts(x: Tensor, weights: Tensor, experts: Tensor, gate: Tensor, up: Tensor, down: Tensor,
+                   policy: KernelPolicy = KernelPolicy(), activation: str = "silu",
+                   weight_scales: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """x [N, hidden], weights/experts [N, k] (the router's), gate/up [E, inter, hidden], down [E, hidden,
+    inter] -> [N, hidden] in x's dtype: Σ_k weight · expert(x), summed over k in a fixed order in the
+    weights' dtype (fp32, or fp64 for an fp64 model). The fused kernels where the policy picks them,
+    else `dispatched_experts`."""
+    if experts_kernel(policy, x, gate, up, down, token_order=True) == "fused":
+        from .moe_kernels import fused_experts
+        return fused_experts(x, gate, up, down, weights, experts, activation)
+    return dispatched_experts(x, weights, experts, gate, up, down, policy, activation, weight_scales)
+
+
+def dispatched_experts(x: Tensor, weights: Tensor, experts: Tensor, gate: Tensor, up: Tensor, down: Tensor,
+                       policy: KernelPolicy = KernelPolicy(), activation: str = "silu",
+                       weight_scales: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """`routed_experts` through a copy of x in expert order and `grouped_glu` (the policy's form); the
+    outputs gathered back to token order and summed."""
+    N, k = experts.shape
+    order, counts, back = sort_by_expert(experts, gate.shape[0])
+    y_sorted = grouped_glu(dispatch_rows(x, order, back, k), gate, up, down, counts, weights.flatten()[order],
+                           policy, activation, weight_scales)
+    return combine_rows(y_sorted, order, back).view(N, k, -1).sum(1, dtype=weights.dtype).to(x.dtype)
 
 
 def dispatch_rows(x: Tensor, order: Tensor, back: Tensor, k: int) -> Tensor:

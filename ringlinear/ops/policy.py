@@ -28,6 +28,7 @@ sampler for its log-probs); the ops below switch by the table. Backward passes r
 | paged_attention             | kernel.py (3)            | gather + SDPA  | key blocks (10)     | key-block loop   |
 | paged_latent_attention      | kernel.py (3)            | gather + SDPA  | none (8)            | none (8)         |
 | route (routing.py)          | routing_kernel.py (11)   | PyTorch        | routing_kernel.py   | PyTorch          |
+| routed_experts (moe.py)     | moe_kernels.py (12)      | as grouped_glu | as grouped_glu      | as grouped_glu   |
 | grouped_glu (moe.py)        | torch._grouped_mm (4)    | expert loop    | grouped GEMM (2)    | expert loop      |
 | grouped GEMM's backward     | –                        | –              | _grouped_mm (9)     | –                |
 | grouped_glu, fp8            | expert loop of fp8 GEMMs | same, refs     | –                   | –                |
@@ -55,6 +56,11 @@ positions read through the page table (any page size; a training sequence is one
 power of two ≥ 16. Its backward: SDPA's, recomputed.
 (11) fp32 logits over a power-of-two number of experts and groups (at most 1,024 experts); else PyTorch.
 Its backward is PyTorch's, from the experts it chose.
+(12) bf16 (on CUDA; on the CPU through the interpreter): the fused kernels, which read the tokens' rows
+in place and sum their k outputs in fp32 without a copy of x in expert order; their backward recomputes
+the gated activation from the saved gate and up products and runs its products as torch._grouped_mm
+(`grouped_mm_gradients_kernel`; else one product per expert). Other dtypes, FP8 and invariant mode
+copy the rows into expert order and run grouped_glu (`moe.dispatched_experts`).
 """
 
 from __future__ import annotations
@@ -196,16 +202,21 @@ def latent_attention_kernel(policy: KernelPolicy, q: Tensor, cache: Tensor) -> L
     return "paged" if policy.triton(q, cache) and page >= 16 and page & (page - 1) == 0 else "gather_reference"
 
 
-ExpertsKernel = Literal["grouped_mm", "invariant_grouped_mm", "loop", "fp8_loop"]
+ExpertsKernel = Literal["fused", "grouped_mm", "invariant_grouped_mm", "loop", "fp8_loop"]
 
 
-def experts_kernel(policy: KernelPolicy, x: Tensor, *weights: Tensor) -> ExpertsKernel:
-    """grouped_glu. torch._grouped_mm (no host sync, so CUDA-graph safe) takes bf16 on CUDA. FP8 (the
-    policy's, or e4m3 weights) loops over the experts (a host sync) with one fp8_linear per projection."""
+def experts_kernel(policy: KernelPolicy, x: Tensor, *weights: Tensor, token_order: bool = False) -> ExpertsKernel:
+    """routed_experts (`token_order`: x is the tokens, in token order) and grouped_glu (x is rows already
+    copied into expert order). The fused Triton kernels gather the tokens' rows themselves, so they take
+    the first, in bf16 (12); torch._grouped_mm (no host sync, so CUDA-graph safe) takes bf16 rows in
+    expert order on CUDA. FP8 (the policy's, or e4m3 weights) loops over the experts (a host sync) with
+    one fp8_linear per projection."""
     if policy.fp8 or weights[0].dtype == torch.float8_e4m3fn:
         return "fp8_loop"
     if policy.invariant:
         return "invariant_grouped_mm" if policy.triton(x, *weights) else "loop"
+    if token_order and x.dtype == torch.bfloat16 and policy.triton(x, *weights):
+        return "fused"
     return "grouped_mm" if policy.cuda_fast_paths(x) and x.dtype == torch.bfloat16 else "loop"
 
 
