@@ -43,9 +43,9 @@ from triton.testing import do_bench
 
 from ringlinear.ops import attention
 from ringlinear.ops.batch_invariant import KEY_BLOCK, numerics
-from ringlinear.ops.invariant_kernels import (AttentionConfig, MMConfig, _grouped_mm, attention_config,
-                                              invariant_grouped_mm, invariant_linear, key_block_attention, mm_config,
-                                              row_sum, softmax)
+from ringlinear.ops.invariant_kernels import (LARGE_TILE_ROWS, AttentionConfig, MMConfig, _grouped_mm,
+                                              attention_config, invariant_grouped_mm, invariant_linear,
+                                              key_block_attention, mm_config, row_sum, softmax)
 from ringlinear.ops.moe import grouped_glu
 from ringlinear.ops.paged_attention import paged_attention
 from ringlinear.ops.policy import KernelPolicy
@@ -418,6 +418,14 @@ TILE_CANDIDATES = (
     MMConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
     MMConfig(block_m=64, block_n=32, block_k=64, num_warps=4, num_stages=4),  # decode: N / 32 programs
     MMConfig(block_m=64, block_n=16, block_k=128, num_warps=4, num_stages=4),
+    # today's block_k with fewer rows or columns: if a row's bits do not depend on the tile's width,
+    # such a tile may serve decode's few rows while today's serves the rest
+    MMConfig(block_m=64, block_n=32, block_k=64, num_warps=4, num_stages=6),
+    MMConfig(block_m=64, block_n=16, block_k=64, num_warps=4, num_stages=8),
+    MMConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=4),
+    MMConfig(block_m=16, block_n=32, block_k=64, num_warps=2, num_stages=6),
+    MMConfig(block_m=16, block_n=16, block_k=64, num_warps=1, num_stages=8),
+    MMConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3),
 )
 # (name, N, K, experts): Ring-mini's bf16 products; the experts' rows are 8 a token over 256 experts
 TILE_SHAPES = (("lightning qkv", 3 * HEADS * HEAD_DIM, HIDDEN, 1), ("dense / g_proj", HIDDEN, HIDDEN, 1),
@@ -549,7 +557,8 @@ def main() -> int:
         tiles(gen) if args.tiles else attention_tiles(seq_len, gen)
         print(f"\n{'FAIL: ' + ', '.join(FAILURES) if FAILURES else 'every tile batch-invariant'}")
         return 1 if FAILURES else 0
-    log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; GEMM tiles bf16 {mm_config(torch.bfloat16)}, "
+    log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; GEMM tiles bf16 {mm_config(torch.bfloat16)} "
+        f"(from {LARGE_TILE_ROWS} rows {mm_config(torch.bfloat16, LARGE_TILE_ROWS, torch.device('cuda'))}), "
         f"fp32 {mm_config(torch.float32)}; attention tile bf16 {attention_config(torch.bfloat16)}")
     case("grouped mm gate/up", lambda: check_grouped_mm(rows, INTER, HIDDEN, gen))
     case("grouped mm down", lambda: check_grouped_mm(rows, HIDDEN, INTER, gen))

@@ -2,10 +2,11 @@
 sequence whatever the other rows are, in one launch (the PyTorch form, `batch_invariant._in_blocks`,
 gets there with a Python loop over fixed-shape blocks).
 
-- `invariant_grouped_mm`: rows sorted by group, row r of group e times w[e]ᵀ (E = 1: F.linear). One
-  tile config per dtype, no autotuning and no split of K: an output element is one program's loop
-  over K in order, each step a `tl.dot` whose per-element arithmetic does not depend on the other
-  rows of the tile (zeros, or rows of other tokens).
+- `invariant_grouped_mm`: rows sorted by group, row r of group e times w[e]ᵀ (E = 1: F.linear). No
+  autotuning and no split of K: an output element is one program's loop over K in order, each step a
+  `tl.dot` whose per-element arithmetic does not depend on the other rows of the tile (zeros, or rows
+  of other tokens); the tile changes with the rows only where that is measured to keep the bits
+  (`mm_config`).
 - `row_sum` (and `softmax` from it): one program per row, a fixed block over the columns; torch's
   own reductions split a row over more threads when there are few rows.
 - `key_block_attention`: `attention.attention_by_key_blocks` on the tensor cores, FlashAttention's
@@ -54,11 +55,21 @@ class MMConfig:
     num_stages: int
 
 
-def mm_config(dtype: torch.dtype) -> MMConfig:
-    """The one tile of a dtype (never a function of M: another tile could give other bits). fp32 runs
-    IEEE products on CUDA cores, not tensor cores, with twice the bytes per element: a smaller tile."""
+# Rows from which Hopper takes the large tile: below, its 128 × 128 tiles leave SMs idle (check_invariant.py --tiles)
+LARGE_TILE_ROWS = 1024
+
+
+def mm_config(dtype: torch.dtype, rows: int = 0, device: torch.device | None = None) -> MMConfig:
+    """The tile of a product of `rows` rows. fp32 runs IEEE products on CUDA cores, not tensor cores, with
+    twice the bytes per element: one smaller tile. 16-bit inputs on Hopper's tensor cores: a row's bits
+    depend on the order of K alone, not on the tile's rows or columns (every candidate of `check_invariant.py
+    --tiles` gave the same bits, H200, 2026-12-02), so many rows take a larger tile; anywhere else (the
+    interpreter's numpy products, other GPUs) one tile, since another could give other bits."""
     if dtype == torch.float32:
         return MMConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3)
+    if rows >= LARGE_TILE_ROWS and device is not None and device.type == "cuda" \
+            and torch.cuda.get_device_capability(device) == (9, 0):
+        return MMConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
     return MMConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
 
 
@@ -115,7 +126,7 @@ def _grouped_mm(x: Tensor, w: Tensor, counts: Tensor | None, config: MMConfig | 
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if M == 0:
         return out
-    c = config or mm_config(x.dtype)
+    c = config or mm_config(x.dtype, M, x.device)
     # row tiles over all groups: a group of n rows takes ceil(n / block_m) ≤ (n + block_m - 1) / block_m,
     # and at most min(E, M) groups hold rows; a bound from the shapes alone (CUDA-graph safe)
     groups = 1 if counts is None else min(E, M)
