@@ -32,7 +32,11 @@ def filter_logits(logits: Tensor, top_k: int | Tensor = 0, top_p: float | Tensor
                   min_p: float | Tensor = 0.0) -> Tensor:
     """Set to -inf every logit outside the row's top-k (0 = off), every token less likely than
     min-p times the most likely one (0 = off), and then every token outside the smallest set whose
-    probability reaches top-p (1.0 = off). logits: [B, V] fp32."""
+    probability reaches top-p (1.0 = off). logits: [B, V] fp32. With every filter off as a number
+    (not a per-row tensor) the logits are returned as they are, without sorting the vocabulary."""
+    if not isinstance(top_k, Tensor) and not isinstance(top_p, Tensor) and not isinstance(min_p, Tensor) \
+            and top_k == 0 and top_p == 1.0 and min_p == 0.0:
+        return logits
     B, V = logits.shape
     top_k = _per_row(top_k, B, logits.device, torch.long)
     top_p = _per_row(top_p, B, logits.device, logits.dtype)
@@ -44,7 +48,8 @@ def filter_logits(logits: Tensor, top_k: int | Tensor = 0, top_p: float | Tensor
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     probs = sorted_logits.softmax(-1)
     mass_before = probs.cumsum(-1) - probs  # keep a token while the mass before it is below top_p
-    drop = drop | ((mass_before >= top_p[:, None]) & (rank[None, :] > 0))
+    # top_p = 1 is off: the fp32 cumulative sum can reach 1 before the last tokens
+    drop = drop | ((mass_before >= top_p[:, None]) & (rank[None, :] > 0) & (top_p[:, None] < 1))
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
@@ -62,8 +67,11 @@ def sample(logits: Tensor, temperature: float | Tensor = 1.0, top_k: int | Tenso
     probs = filter_logits(scaled, top_k, top_p, min_p).softmax(-1)
     # Exponential race: argmax p / E with E ~ Exp(1) i.i.d. is a draw from p (the Gumbel-max trick),
     # and each row's E can come from its own generator.
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    for row, row_generator in (row_generators or {}).items():
+    row_generators = row_generators or {}
+    noise = torch.empty_like(probs)
+    if len(row_generators) < B:  # some rows draw from the shared generator
+        noise.exponential_(generator=generator)
+    for row, row_generator in row_generators.items():
         noise[row].exponential_(generator=row_generator)
     sampled = (probs / noise).argmax(-1)
     return torch.where(greedy, logits.argmax(-1), sampled)

@@ -50,8 +50,11 @@ class Sampler:
                 counts, seen = self._token_counts(seqs, logits.shape[-1])
                 processed = apply_penalties(logits, counts, seen, per_row("repetition_penalty"),
                                             per_row("presence_penalty"), per_row("frequency_penalty"))
-            tokens = sample(processed, per_row("temperature"), per_row("top_k", torch.long), per_row("top_p"),
-                            self.generator, min_p=per_row("min_p"),
+            # per-row filters only where a request sets one: else sampling skips the vocabulary's sort
+            filtered = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params)
+            top_k, top_p, min_p = (per_row("top_k", torch.long), per_row("top_p"), per_row("min_p")) if filtered \
+                else (0, 1.0, 0.0)
+            tokens = sample(processed, per_row("temperature"), top_k, top_p, self.generator, min_p=min_p,
                             row_generators={i: s.generator for i, s in enumerate(seqs) if s.generator})
         token_list = tokens.tolist()
         num_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
