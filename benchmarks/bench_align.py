@@ -1,7 +1,7 @@
 """Training–inference alignment on one device: batch-invariant mode's bit-identity and its cost,
 and the fast mode's disparity over long sequences.
 
-    python benchmarks/bench_align.py [--quick] [--parts 123] [--prompt-tokens N] [--out DIR]
+    python benchmarks/bench_align.py [--quick] [--parts 123] [--prompt-tokens N] [--profile] [--out DIR]
 
 1. Bit-identity: for batches of 1 to 64 sequences, the engine in batch-invariant mode generates
    after prompts of varied lengths (requests arriving one per step, prefill in chunks, decodes
@@ -11,8 +11,9 @@ and the fast mode's disparity over long sequences.
    decode steps replayed a CUDA graph (on a GPU in bf16 both modes capture them).
 2. Cost: engine generation throughput (128-token prompts, or --prompt-tokens, prefilled in steps of
    up to 32K tokens, then 32 tokens decoded) at batch 1, 8, 64 and 256 (both modes: CUDA graphs and
-   the Triton kernels), and the training forward and forward + backward of 16 sequences of 256
-   tokens, in both modes.
+   the Triton kernels), with the first (prefill) step's and the median decode step's wall time, and
+   the training forward and forward + backward of 16 sequences of 256 tokens, in both modes.
+   `--profile` adds a torch.profiler run of one generation per mode at batch 1 and 8.
 3. Fast-mode disparity: `ringlinear.rl.probe` without module hooks over sequences of 32K prompt
    tokens + 64 sampled ones: max |Δ log p|, the share of tokens whose probability differs by more
    than 0.8 (the report's Figure 12 metric), quantiles.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass, replace
@@ -117,17 +119,25 @@ def count_replays(engine) -> list[int]:
     return replayed
 
 
-def generate(engine, prompts, new_tokens, staggered=True):
+def generate(engine, prompts, new_tokens, staggered=True, step_seconds: list[float] | None = None):
     """Sampled continuations and their engine log-probs; requests arrive one per step (staggered)
-    or all at once."""
+    or all at once. `step_seconds` gets each step's wall time (a step ends with its sampled tokens on
+    the host, so the GPU has finished it)."""
     results = [[] for _ in prompts]
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, SamplingParams(max_tokens=new_tokens, seed=i, logprobs=0, ignore_eos=True))
-        for out in engine.step() if staggered else []:
-            results[int(out.request_id)] += out.logprobs
-    while engine.has_unfinished():
+
+    def step() -> None:
+        start = time.perf_counter()
         for out in engine.step():
             results[int(out.request_id)] += out.logprobs
+        if step_seconds is not None:
+            step_seconds.append(time.perf_counter() - start)
+
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=new_tokens, seed=i, logprobs=0, ignore_eos=True))
+        if staggered:
+            step()
+    while engine.has_unfinished():
+        step()
     return results
 
 
@@ -191,7 +201,27 @@ def timed(fn, repeats: int = 3) -> float:
     return best
 
 
-def cost(model, sizes: Sizes) -> dict:
+PROFILED_BATCHES = (1, 8)
+
+
+def profile_generation(fn, path: str) -> None:
+    """One run of `fn` under torch.profiler (after `timed`'s warm-up): the ops with the most host time and
+    the kernels with the most GPU time, printed, and a Chrome trace at `path`.json."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync()
+    table = prof.key_averages()
+    log(f"profile {os.path.basename(path)}: host time by op\n"
+        + table.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    if torch.cuda.is_available():
+        log(f"profile {os.path.basename(path)}: GPU time by kernel\n"
+            + table.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+    prof.export_chrome_trace(f"{path}.json")
+
+
+def cost(model, sizes: Sizes, profile_dir: str | None = None) -> dict:
     vocab, device = model.config.vocab_size, next(model.parameters()).device
     results = {}
     for batch in sizes.cost_batches:
@@ -199,9 +229,18 @@ def cost(model, sizes: Sizes) -> dict:
         for aligned in (False, True):
             engine = make_engine(model, prompts, sizes.cost_tokens, aligned,
                                  step_tokens=min(batch * sizes.cost_prompt, MAX_STEP_TOKENS))
+            mode = "aligned" if aligned else "fast"
             seconds = timed(lambda: generate(engine, prompts, sizes.cost_tokens, staggered=False))
-            results[f"engine_batch{batch}_{'aligned' if aligned else 'fast'}_tok_s"] = round(
-                batch * sizes.cost_tokens / seconds, 1)
+            results[f"engine_batch{batch}_{mode}_tok_s"] = round(batch * sizes.cost_tokens / seconds, 1)
+            # where a generation's time goes: its first step (every prompt prefilled, when they fit one
+            # step) and the median decode step
+            steps: list[float] = []
+            generate(engine, prompts, sizes.cost_tokens, staggered=False, step_seconds=steps)
+            results[f"engine_batch{batch}_{mode}_first_step_ms"] = round(1e3 * steps[0], 2)
+            results[f"engine_batch{batch}_{mode}_decode_step_ms"] = round(1e3 * statistics.median(steps[1:]), 3)
+            if profile_dir is not None and batch in PROFILED_BATCHES:
+                profile_generation(lambda: generate(engine, prompts, sizes.cost_tokens, staggered=False),
+                                   os.path.join(profile_dir, f"engine_batch{batch}_{mode}"))
     B, T = sizes.train_shape
     ids = torch.randint(1, vocab, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
     for aligned in (False, True):
@@ -242,6 +281,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes of part 1 (default: 1 2 4 ... 64)")
     parser.add_argument("--prompt-tokens", type=int, help="prompt length of part 2's engine cases (default: 128, "
                         "quick: 16)")
+    parser.add_argument("--profile", action="store_true", help="part 2: profile one generation of each mode at "
+                        f"batch {' and '.join(map(str, PROFILED_BATCHES))} (tables on stdout, traces in DIR)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
@@ -274,7 +315,7 @@ def main() -> None:
             report["bit_identity"] = bit_identity(model, sizes)
             save()
         if "2" in args.parts:
-            report["cost"] = cost(model, sizes)
+            report["cost"] = cost(model, sizes, args.out if args.profile else None)
             log(f"  cost: {report['cost']}")
             save()
         del model
