@@ -82,6 +82,23 @@ def test_grouped_mm_rows_do_not_depend_on_the_other_rows(row_by_row_dot):
     assert all(torch.equal(row[0], invariant_linear(x, w[1])[i]) for row, i in zip(lone_rows, (0, 37, 69)))
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_k_slices_give_a_row_its_bits_in_either_form(dtype, tol, row_by_row_dot):
+    """K = 520 in three slices, a choice of the weight's shape alone: a product whose tiles would leave the
+    GPU idle runs a program per slice and then sums the slices; a larger one sums them in its programs.
+    Both match float64 and give the same bits, so a row alone (split) is the row among 150 (summed in place)."""
+    from ringlinear.ops.invariant_kernels import _grouped_mm, k_slices
+    assert k_slices(1, 136, 520) == (3, 192) and k_slices(1, 136, 72) == (1, 128)
+    assert k_slices(1, 2**17, 2048)[0] == 1 and k_slices(8, 136, 520)[0] == 1  # a wide product; experts
+    x, w = randn(150, 520, dtype=dtype), randn(136, 520, seed=1, dtype=dtype)
+    split, summed = (_grouped_mm(x, w[None], None, split=split) for split in (True, False))
+    ref = x.double() @ w.double().T
+    assert torch.allclose(summed.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    assert torch.equal(split, summed)
+    for row in (0, 77, 149):
+        assert torch.equal(invariant_linear(x[row:row + 1], w)[0], summed[row])
+
+
 @pytest.mark.parametrize("kernel", ["kernel_and_loop", "grouped_mm"])
 def test_grouped_mm_gradients_match_torch(kernel, monkeypatch):
     """Both backward forms (torch._grouped_mm, CUDA bf16's, runs here on torch's CPU fallback in fp32)."""
@@ -115,7 +132,7 @@ def test_grouped_mm_rejects_bad_inputs():
 
 # -- row sums and softmax --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("columns", [7, 1500])  # one partial block; a loop of two
+@pytest.mark.parametrize("columns", [7, 1500, 20000])  # one partial block; a loop of two; three chunks
 def test_row_sums_and_softmax_match_torch_and_a_row_alone(columns):
     x = randn(2, 3, columns) * 3
     for ours, ref in ((row_sum(x), x.sum(-1)), (row_sum(x, mean=True), x.mean(-1)),
@@ -133,6 +150,17 @@ def test_softmax_dtypes():
     out = softmax(x, log=True, dtype=torch.float32)
     assert out.dtype == torch.float32 and torch.allclose(out, x.log_softmax(-1, dtype=torch.float32), atol=1e-5)
     assert row_sum(x).dtype == torch.bfloat16
+
+
+def test_softmax_of_masked_rows_matches_torch():
+    """Rows with -inf (filtered logits), a chunk of them only, and a long row's chunks combined."""
+    x = randn(3, 20000) * 4
+    x[0, :9000] = float("-inf")  # the first chunk -inf only
+    x[1, ::3] = float("-inf")
+    for log in (False, True):
+        ref = x.log_softmax(-1) if log else x.softmax(-1)
+        ours = softmax(x, log=log)
+        assert torch.equal(ours.isinf(), ref.isinf()) and torch.allclose(ours, ref, atol=1e-6, rtol=1e-5)
 
 
 def test_row_sum_and_softmax_gradients_match_torch():

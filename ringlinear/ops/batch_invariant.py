@@ -22,8 +22,9 @@ differs from the vector one in the last bit. In this mode:
 
 On the Triton backend (`policy.KernelPolicy`), fp16, bf16 and fp32 tensors take Triton kernels that
 are invariant by construction, one launch where the blocks above take thousands
-(`ops.invariant_kernels`: products of one fixed tile, one program per row for sums and softmax, one
-per tile of a sequence's queries for the attention); everything else (the torch backend, fp64) takes
+(`ops.invariant_kernels`: products whose tile and split of K never depend on the rows, a program per row
+(or per fixed chunk of a long row) for sums and softmax, one per tile of a sequence's queries for the
+attention); everything else (the torch backend, fp64) takes
 the fixed-shape blocks.
 
 The generic ops are switched by `InvariantMode`, a `TorchFunctionMode` that `numerics(policy)` enters

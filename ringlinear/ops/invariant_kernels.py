@@ -3,12 +3,16 @@ sequence whatever the other rows are, in one launch (the PyTorch form, `batch_in
 gets there with a Python loop over fixed-shape blocks).
 
 - `invariant_grouped_mm`: rows sorted by group, row r of group e times w[e]ᵀ (E = 1: F.linear). No
-  autotuning and no split of K: an output element is one program's loop over K in order, each step a
-  `tl.dot` whose per-element arithmetic does not depend on the other rows of the tile (zeros, or rows
-  of other tokens); the tile changes with the rows only where that is measured to keep the bits
-  (`mm_config`).
-- `row_sum` (and `softmax` from it): one program per row, a fixed block over the columns; torch's
-  own reductions split a row over more threads when there are few rows.
+  autotuning: an output element is a sum over K in a fixed order, each step a `tl.dot` whose
+  per-element arithmetic does not depend on the other rows of the tile (zeros, or rows of other
+  tokens); the tile changes with the rows only where that is measured to keep the bits (`mm_config`).
+  K is cut into slices by the weight's shape alone (`k_slices`), each summed from zero and then added
+  in order: a decode step's few rows run a program per slice (its GEMV otherwise waits on one long K
+  loop on a few SMs) and sum the slices after, a training batch sums them in its programs; the same
+  additions either way.
+- `row_sum` (and `softmax` from it): one program per row, a fixed block over the columns, and a row
+  longer than `ROW_CHUNK` in chunks of it, a program each, their sums added in order (a function of
+  the row length only); torch's own reductions split a row over more threads when there are few rows.
 - `key_block_attention`: `attention.attention_by_key_blocks` on the tensor cores, FlashAttention's
   online softmax with one tile shape for every call: a program takes a tile of one sequence's queries
   (the query heads of a KV head folded into its rows, a decode step's tile padded with masked rows)
@@ -26,6 +30,7 @@ the grouped GEMM on CUDA bf16), else this file's GEMM.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -73,15 +78,32 @@ def mm_config(dtype: torch.dtype, rows: int = 0, device: torch.device | None = N
     return MMConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _grouped_mm_kernel(x, w, out, counts, M, N, K, E, stride_we, stride_wn, stride_wk,
-                       GROUPED: tl.constexpr, E_P2: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[r] = x[r] @ w[e]ᵀ for the rows r of group e; x [M, K] and out [M, N] contiguous, w [E, N, K]
-    strided. Program (i, j): the i-th row tile over all groups (each group starts a new tile), the
-    j-th tile of N. Without GROUPED there is one group of all M rows."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+# K is cut into slices at multiples of this (every tile's block_k divides it), each slice summed from
+# zero and the slices added in order, so the split is a property of the weight's shape alone
+SLICE_ALIGN = 64
+# a slice of at least this much of K; splits that would leave more columns of programs than this idle
+# are not made (a decode step's product of N / 128 programs needs about this many to fill an H200)
+SLICE_MIN_K = 128
+SPLIT_TARGET_COLUMNS = 16384
+
+
+def k_slices(E: int, N: int, K: int) -> tuple[int, int]:
+    """(slices, slice length) of the reduction of a product by weights [E, N, K]: a function of the weight's
+    shape only, never of the rows, so a row's bits are the same in a decode step and in training. One
+    weight (E = 1): enough slices for a one-row-tile product to fill the GPU (N · slices ≥
+    SPLIT_TARGET_COLUMNS), each at least SLICE_MIN_K long, since a decode step's GEMV is the latency of its
+    K loop; summing slices costs a training batch's products 20-35% (H200, benchmarks/RESULTS.md). Grouped
+    weights (experts): one slice, as a decode step's experts already give one row tile each."""
+    slices = 1
+    while E == 1 and slices * 2 * SLICE_MIN_K <= K and N * slices < SPLIT_TARGET_COLUMNS:
+        slices *= 2
+    length = triton.cdiv(triton.cdiv(K, slices), SLICE_ALIGN) * SLICE_ALIGN
+    return triton.cdiv(K, length), length
+
+
+@triton.jit
+def _tile_rows(counts, M, E, pid_m, GROUPED: tl.constexpr, E_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program row tile pid_m's group, first row and end row (group E: past the last tile)."""
     if GROUPED:
         # each program finds its group from the counts alone: no host sync, nothing prepared by torch
         groups = tl.arange(0, E_P2)
@@ -89,37 +111,95 @@ def _grouped_mm_kernel(x, w, out, counts, M, N, K, E, stride_we, stride_wn, stri
         tiles = (sizes + BLOCK_M - 1) // BLOCK_M
         tile_end = tl.cumsum(tiles, 0)
         group = tl.sum((tile_end <= pid_m).to(tl.int32), 0)  # groups wholly before this tile
-        if group >= E:  # past the last tile: the grid is an upper bound
-            return
         mine = groups == group
         row_end = tl.sum(tl.where(mine, tl.cumsum(sizes, 0), 0), 0)
         first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), 0)
         row_start = row_end - tl.sum(tl.where(mine, sizes, 0), 0) + (pid_m - first_tile) * BLOCK_M
-        w += group.to(tl.int64) * stride_we
     else:
+        group = pid_m * 0
         row_end = M
         row_start = pid_m.to(tl.int64) * BLOCK_M
+    return group, row_start, row_end
+
+
+@triton.jit(do_not_specialize=["M"])
+def _grouped_mm_kernel(x, w, out, counts, M, N, K, E, stride_we, stride_wn, stride_wk, slice_len,
+                       GROUPED: tl.constexpr, E_P2: tl.constexpr, PRECISION: tl.constexpr, SLICED: tl.constexpr,
+                       SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[r] = x[r] @ w[e]ᵀ for the rows r of group e; x [M, K] contiguous, w [E, N, K] strided.
+    Program (i, j[, s]): the i-th row tile over all groups (each group starts a new tile), the j-th tile
+    of N. SLICED: K in slices of `slice_len`, each a chain of `tl.dot`s from zero; the total starts at
+    zero and adds the slices in order (else one chain over K is the total). SPLIT: program s computes
+    slice s alone into out [slices, M, N] fp32, and `_sum_slices_kernel` adds them; else the program
+    adds each slice to the total as its loop completes it and writes out [M, N]. Without GROUPED there
+    is one group of all M rows."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group, row_start, row_end = _tile_rows(counts, M, E, pid_m, GROUPED, E_P2, BLOCK_M)
+    if group >= E:  # past the last tile: the grid is an upper bound
+        return
+    w += group.to(tl.int64) * stride_we
     rows = row_start + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < row_end
     col_ok = cols < N
-    p_x = x + rows[:, None] * K + ks[None, :]
-    p_w = w + cols[None, :] * stride_wn + ks[:, None] * stride_wk
+    mask = row_ok[:, None] & col_ok[None, :]
+    k_start, k_end = 0, K
+    if SPLIT:
+        k_start = tl.program_id(2) * slice_len
+        k_end = tl.minimum(k_start + slice_len, K)
+    p_x = x + rows[:, None] * K + (k_start + ks)[None, :]
+    p_w = w + cols[None, :] * stride_wn + (k_start + ks)[:, None] * stride_wk
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        a = tl.load(p_x, mask=row_ok[:, None] & (ks[None, :] < K - k0), other=0.0)
-        b = tl.load(p_w, mask=(ks[:, None] < K - k0) & col_ok[None, :], other=0.0)
+    total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        a = tl.load(p_x, mask=row_ok[:, None] & (ks[None, :] < k_end - k0), other=0.0)
+        b = tl.load(p_w, mask=(ks[:, None] < k_end - k0) & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         p_x += BLOCK_K
         p_w += BLOCK_K * stride_wk
-    tl.store(out + rows[:, None] * N + cols[None, :], acc.to(out.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+        if SLICED and not SPLIT:
+            if (k0 + BLOCK_K) % slice_len == 0 or k0 + BLOCK_K >= K:  # a slice complete: into the total
+                total += acc
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SPLIT:
+        tl.store(out + (tl.program_id(2) * M + rows[:, None]) * N + cols[None, :], acc, mask=mask)
+    else:
+        tl.store(out + rows[:, None] * N + cols[None, :], (total if SLICED else acc).to(out.dtype.element_ty),
+                 mask=mask)
 
 
-def _grouped_mm(x: Tensor, w: Tensor, counts: Tensor | None, config: MMConfig | None = None) -> Tensor:
+@triton.jit
+def _sum_slices_kernel(partial, out, MN, SLICES: tl.constexpr, BLOCK: tl.constexpr):
+    """out = ((0 + partial[0]) + partial[1]) + ..., the sum a SPLIT=False program makes, partial
+    [SLICES, MN] fp32, cast to out's dtype."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offsets < MN
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SLICES):
+        acc += tl.load(partial + s * MN + offsets, mask=ok, other=0.0)
+    tl.store(out + offsets, acc.to(out.dtype.element_ty), mask=ok)
+
+
+def split_programs(programs: int, device: torch.device) -> bool:
+    """Whether a product of `programs` row-by-column tiles runs one program per slice (then sums the
+    slices): when the tiles alone leave half the SMs idle (H200: a 64-row product 2048 → 2048 takes 6.5 µs
+    split, 14 µs not). Either way gives the same bits; on the CPU (the interpreter) the small products
+    split, so that tests meet both."""
+    return programs < (_multiprocessors(device.index or 0) // 2 if device.type == "cuda" else 4)
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count  # a host call per product otherwise
+
+
+def _grouped_mm(x: Tensor, w: Tensor, counts: Tensor | None, config: MMConfig | None = None,
+                split: bool | None = None) -> Tensor:
     """The launch: x [M, K], w [E, N, K] any strides; counts on x's device. `config`: the dtype's tile
-    unless given (benchmarks/check_invariant.py --tiles times candidates)."""
+    unless given (benchmarks/check_invariant.py --tiles times candidates); `split`: whether each slice of
+    K takes its own programs (`split_programs` decides unless given)."""
     x = _aligned(x)
     M, K = x.shape
     E, N = w.shape[0], w.shape[1]
@@ -131,12 +211,21 @@ def _grouped_mm(x: Tensor, w: Tensor, counts: Tensor | None, config: MMConfig | 
     # and at most min(E, M) groups hold rows; a bound from the shapes alone (CUDA-graph safe)
     groups = 1 if counts is None else min(E, M)
     grid = ((M + groups * (c.block_m - 1)) // c.block_m, triton.cdiv(N, c.block_n))
-    _grouped_mm_kernel[grid](
-        x, w, out, x if counts is None else counts, M, N, K, E, w.stride(0), w.stride(1), w.stride(2),
+    slices, length = k_slices(E, N, K)
+    split = slices > 1 and (split_programs(grid[0] * grid[1], x.device) if split is None else split)
+    target = torch.empty(slices, M, N, device=x.device, dtype=torch.float32) if split else out
+    _grouped_mm_kernel[(*grid, slices) if split else grid](
+        x, w, target, x if counts is None else counts, M, N, K, E, w.stride(0), w.stride(1), w.stride(2), length,
         GROUPED=counts is not None, E_P2=triton.next_power_of_2(E),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
+        SLICED=slices > 1, SPLIT=split,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
+    if split:
+        _sum_slices_kernel[(triton.cdiv(M * N, SUM_BLOCK),)](target, out, M * N, SLICES=slices, BLOCK=SUM_BLOCK)
     return out
+
+
+SUM_BLOCK = 1024
 
 
 class _GroupedMMFunction(torch.autograd.Function):
@@ -211,23 +300,39 @@ def row_block(columns: int) -> int:
 
 
 @triton.jit
-def _row_sum_kernel(x, out, C, scale, BLOCK: tl.constexpr):
-    """out[i] = scale · Σ_c x[i, c] in fp32, x [rows, C] contiguous: BLOCK partial sums per program,
-    reduced once at the end."""
+def _row_sum_kernel(x, out, C, chunk, scale, BLOCK: tl.constexpr):
+    """out[i, p] = scale · Σ x[i, c] in fp32 over the columns c of chunk p of row i, x [rows, C]
+    contiguous, out [rows, chunks]: BLOCK partial sums over the chunk, reduced once at the end."""
     row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
     cols = tl.arange(0, BLOCK)
+    first = part * chunk
+    end = tl.minimum(first + chunk, C)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, C, BLOCK):
-        acc += tl.load(x + row * C + start + cols, mask=start + cols < C, other=0.0).to(tl.float32)
-    tl.store(out + row, (tl.sum(acc, 0) * scale).to(out.dtype.element_ty))
+    for start in range(first, end, BLOCK):
+        acc += tl.load(x + row * C + start + cols, mask=start + cols < end, other=0.0).to(tl.float32)
+    tl.store(out + row * tl.num_programs(1) + part, (tl.sum(acc, 0) * scale).to(out.dtype.element_ty))
+
+
+# Rows longer than this are summed in chunks of it, a program each, then the chunks' sums in order:
+# one program over a vocabulary's 157K columns would be a serial loop on one SM (~150 µs a row)
+ROW_CHUNK = 8192
 
 
 def _row_sum(x: Tensor, scale: float) -> Tensor:
     x = _aligned(x)
     C = x.shape[-1]
     out = torch.empty(x.shape[:-1], device=x.device, dtype=x.dtype)
-    if out.numel():
-        _row_sum_kernel[(out.numel(),)](x, out, C, scale, BLOCK=row_block(C), num_warps=4)
+    rows = out.numel()
+    if not rows:
+        return out
+    chunks = triton.cdiv(C, ROW_CHUNK)
+    if chunks == 1:
+        _row_sum_kernel[(rows, 1)](x, out, C, C, scale, BLOCK=row_block(C), num_warps=4)
+        return out
+    partial = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
+    _row_sum_kernel[(rows, chunks)](x, partial, C, ROW_CHUNK, 1.0, BLOCK=row_block(ROW_CHUNK), num_warps=4)
+    _row_sum_kernel[(rows, 1)](partial, out, chunks, chunks, scale, BLOCK=row_block(chunks), num_warps=4)
     return out
 
 
@@ -314,17 +419,94 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int, gate: Tensor | 
     return _RMSNormFunction.apply(x, weight, gate, eps, groups, reference)
 
 
+@triton.jit
+def _softmax_stats_kernel(x, stats, C, chunk, BLOCK: tl.constexpr):
+    """Chunk p of row i of x [rows, C]: its max m and Σ exp(x - m) in fp32, into stats [rows, chunks, 2]
+    (a chunk of -inf only: m = -inf, sum 0)."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    first = part * chunk
+    end = tl.minimum(first + chunk, C)
+    peak = tl.full([BLOCK], float("-inf"), tl.float32)
+    for start in range(first, end, BLOCK):
+        v = tl.load(x + row * C + start + cols, mask=start + cols < end, other=float("-inf")).to(tl.float32)
+        peak = tl.maximum(peak, v)
+    top = tl.max(peak, 0)
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(first, end, BLOCK):
+        v = tl.load(x + row * C + start + cols, mask=start + cols < end, other=float("-inf")).to(tl.float32)
+        acc += tl.exp(v - shift)
+    at = stats + (row * tl.num_programs(1) + part) * 2
+    tl.store(at, top)
+    tl.store(at + 1, tl.sum(acc, 0))
+
+
+@triton.jit
+def _softmax_write_kernel(x, stats, out, C, chunk, chunks, LOG: tl.constexpr, BLOCK: tl.constexpr,
+                          CHUNKS: tl.constexpr):
+    """Chunk p of row i of out: softmax (or LOG: log_softmax) of x from the row's chunk statistics,
+    which every program of the row combines alike (max, then Σ sum · exp(m - max) in a fixed order)."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    parts = tl.arange(0, CHUNKS)
+    at = stats + (row * chunks + parts) * 2
+    peaks = tl.load(at, mask=parts < chunks, other=float("-inf"))
+    sums = tl.load(at + 1, mask=parts < chunks, other=0.0)
+    top = tl.max(peaks, 0)
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.sum(tl.where(peaks == float("-inf"), 0.0, sums * tl.exp(peaks - shift)), 0)
+    log_total = tl.log(total)
+    cols = tl.arange(0, BLOCK)
+    first = part * chunk
+    end = tl.minimum(first + chunk, C)
+    for start in range(first, end, BLOCK):
+        mask = start + cols < end
+        v = tl.load(x + row * C + start + cols, mask=mask, other=0.0).to(tl.float32) - shift
+        y = v - log_total if LOG else tl.exp(v) / total
+        tl.store(out + row * C + start + cols, y.to(out.dtype.element_ty), mask=mask)
+
+
+class _SoftmaxFunction(torch.autograd.Function):
+    """The kernels forward; the backward is the ordinary formula (no invariance needed)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, log: bool) -> Tensor:
+        x = _aligned(x)
+        C = x.shape[-1]
+        out = torch.empty_like(x)
+        rows = x.numel() // C if C else 0
+        if rows:
+            chunks = triton.cdiv(C, ROW_CHUNK)
+            chunk = C if chunks == 1 else ROW_CHUNK
+            stats = torch.empty(rows, chunks, 2, device=x.device, dtype=torch.float32)
+            block = row_block(chunk)
+            _softmax_stats_kernel[(rows, chunks)](x, stats, C, chunk, BLOCK=block, num_warps=4)
+            _softmax_write_kernel[(rows, chunks)](x, stats, out, C, chunk, chunks, LOG=log, BLOCK=block,
+                                                  CHUNKS=triton.next_power_of_2(chunks), num_warps=4)
+        ctx.save_for_backward(out)
+        ctx.log = log
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        y, = ctx.saved_tensors
+        p, g = y.float(), grad.float()
+        dx = g - p.exp() * g.sum(-1, keepdim=True) if ctx.log else p * (g - (g * p).sum(-1, keepdim=True))
+        return dx.to(y.dtype), None
+
+
 def softmax(x: Tensor, log: bool = False, dtype: torch.dtype | None = None) -> Tensor:
-    """softmax (or log_softmax) over the last dim from exact ops and `row_sum`, in fp32 at least,
-    returned in `dtype` (x is cast to it first, as torch does) or x's dtype. Differentiable."""
+    """softmax (or log_softmax) over the last dim, computed in fp32 and returned in `dtype` (x is cast to it
+    first, as torch does) or x's dtype: two launches, the statistics of each row's chunks of `ROW_CHUNK`
+    columns, then the output from them (a function of the row length only). Differentiable."""
     if dtype is not None:
         x = x.to(dtype)
-    work = x.to(torch.promote_types(x.dtype, torch.float32))
-    # the result does not depend on the max (it only keeps exp in range): no gradient through it
-    shifted = work - work.amax(-1, keepdim=True).detach()
-    e = torch.exp(shifted)
-    total = row_sum(e)[..., None]
-    return (shifted - torch.log(total) if log else e / total).to(x.dtype)
+    if x.dim() == 0 or x.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"softmax takes an fp16, bf16 or fp32 tensor of at least one dim, got {x.dtype} "
+                         f"{list(x.shape)}")
+    return _SoftmaxFunction.apply(x, log)
 
 
 # -- attention over key blocks ---------------------------------------------------------------------
