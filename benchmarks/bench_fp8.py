@@ -10,7 +10,8 @@ says they work) against the dequantize-then-fp32 reference; fp8_linear's output 
 against bf16's. Speed (`triton.testing.do_bench` medians): every linear shape of the 1b preset
 (`bench_train.py`) and of Ring-mini at 8K tokens, and the routed experts of both (1b: 32 × 1024→512,
 top-4; Ring-mini: 256 × 2048→512, top-8) through `grouped_glu`: bf16 is torch's GEMM /
-torch._grouped_mm, FP8 quantizes activations and weights on every call (as training does).
+torch._grouped_mm, FP8 quantizes activations and weights on every call (as training does); and the
+experts' forward with e4m3 weights (serving), the expert loop of fp8_linear against the grouped FP8 GEMMs.
 Results: stdout (a table last) and DIR/bench_fp8.json (DIR: --out, else $OUT, else .).
 """
 
@@ -31,8 +32,8 @@ from ringlinear.ops.fp8 import fp8_gemm, fp8_linear, quantize_blocks, quantize_r
 from ringlinear.ops.fp8.gemm import scaled_mm_blockwise
 from ringlinear.ops.fp8.kernels import gemm_triton
 from ringlinear.ops.fp8.reference import gemm_reference, quantize_blocks_reference, quantize_rows_reference
-from ringlinear.ops.moe import grouped_glu
-from ringlinear.ops.policy import KernelPolicy, blockwise_scaled_mm_works, fp8_gemm_kernel
+from ringlinear.ops.moe import grouped_glu, grouped_glu_fp8
+from ringlinear.ops.policy import KernelPolicy, blockwise_scaled_mm_works, experts_kernel, fp8_gemm_kernel
 
 BF16, FP8 = KernelPolicy("triton"), KernelPolicy("triton", fp8=True)
 # (name, tokens, in, out): the 1b preset (hidden 1024, 8 heads × 128, dense MLP 2816, shared expert 512)
@@ -147,7 +148,19 @@ def bench_experts(tokens: int, E: int, k: int, hidden: int, inter: int, device: 
 
     outs = [grouped_glu(x, *weights, counts, scales, p) for p in (BF16, FP8)]
     times = {"bf16 fwd+bwd": timed(step(BF16), device), "fp8 fwd+bwd": timed(step(FP8), device)}
-    return {"ms": times, "speedup": times["bf16 fwd+bwd"] / times["fp8 fwd+bwd"], "rel_err": rel(outs[1], outs[0])}
+    # serving: e4m3 weights with their 128×128 scales, forward only: the expert loop against the grouped GEMMs
+    pairs = [[quantize_blocks(w_e, FP8) for w_e in w.detach().unbind()] for w in weights]
+    codes = [torch.stack([q for q, _ in p]) for p in pairs]
+    weight_scales = tuple(torch.stack([s for _, s in p]) for p in pairs)
+    served = (x.detach(), *codes, counts, scales, BF16)
+    assert experts_kernel(BF16, served[0], *codes) == "fp8_grouped"
+    with torch.no_grad():
+        loop, grouped = (fn(*served, weight_scales=weight_scales) for fn in (grouped_glu_fp8, grouped_glu))
+        times["e4m3 loop fwd"] = timed(lambda: grouped_glu_fp8(*served, weight_scales=weight_scales), device)
+        times["e4m3 grouped fwd"] = timed(lambda: grouped_glu(*served, weight_scales=weight_scales), device)
+    return {"ms": times, "speedup": times["bf16 fwd+bwd"] / times["fp8 fwd+bwd"], "rel_err": rel(outs[1], outs[0]),
+            "grouped_speedup": times["e4m3 loop fwd"] / times["e4m3 grouped fwd"],
+            "grouped_vs_loop_rel_err": rel(grouped, loop)}
 
 
 def run(name: str, fn: Callable[[], dict], results: dict) -> None:
@@ -186,7 +199,7 @@ def main() -> None:
         json.dump(results, f, indent=2)
 
     print(f"\n{'case':16} {'bf16 gemm':>10} {'fp8 gemm':>10} {'TFLOP/s bf16/fp8':>17} {'quant x':>8} "
-          f"{'bf16 f+b':>9} {'fp8 f+b':>9} {'speedup':>8}")
+          f"{'bf16 f+b':>9} {'fp8 f+b':>9} {'speedup':>8} {'e4m3 loop':>10} {'e4m3 grp':>9}")
     for name, r in results.items():
         if name == "info" or name.startswith("check"):
             continue
@@ -197,8 +210,10 @@ def main() -> None:
         gemm = (f"{ms['bf16 gemm']:10.3f} {ms['fp8 gemm']:10.3f} "
                 f"{r['gemm_tflops']['bf16 gemm']:8.0f}/{r['gemm_tflops']['fp8 gemm']:<8.0f} {ms['quantize x']:8.3f}"
                 if "gemm_tflops" in r else f"{'':10} {'':10} {'':17} {'':8}")
-        print(f"{name:16} {gemm} {ms['bf16 fwd+bwd']:9.3f} {ms['fp8 fwd+bwd']:9.3f} {r['speedup']:7.2f}x")
-    print("(milliseconds; f+b = forward + backward with FP8 quantization of activations, weights and gradients)")
+        e4m3 = f" {ms['e4m3 loop fwd']:10.3f} {ms['e4m3 grouped fwd']:9.3f}" if "e4m3 loop fwd" in ms else ""
+        print(f"{name:16} {gemm} {ms['bf16 fwd+bwd']:9.3f} {ms['fp8 fwd+bwd']:9.3f} {r['speedup']:7.2f}x{e4m3}")
+    print("(milliseconds; f+b = forward + backward with FP8 quantization of activations, weights and gradients;\n"
+          " e4m3 loop / grp = the experts' forward with e4m3 weights, expert loop / grouped FP8 GEMMs)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 on a CPU) against the references, and the FP8 linear layer's forward and backward."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from ringlinear.ops.fp8 import (
     E4M3,
     dequantize,
     fp8_gemm,
+    fp8_grouped_gemm,
     fp8_linear,
     quantize_blocks,
     quantize_rows,
@@ -26,7 +28,8 @@ from ringlinear.ops.fp8.reference import (
     quantize_rows_reference,
     to_e4m3,
 )
-from ringlinear.ops.policy import KernelPolicy, fp8_gemm_kernel
+from ringlinear.ops.moe import routed_experts
+from ringlinear.ops.policy import KernelPolicy, experts_kernel, fp8_gemm_kernel, fp8_grouped_gemm_kernel
 from ringlinear.train import train
 from ringlinear.train.config import PRECISIONS
 
@@ -212,7 +215,92 @@ def test_fp8_serving_tracks_bf16_and_fp8_checkpoints_round_trip(tmp_path):
     assert stored["model.layers.0.attention.dense.weight_scale_inv"].dtype == torch.float32
     assert stored["lm_head.weight"].dtype == stored["model.word_embeddings.weight"].dtype == torch.float32
     loaded = RingLinearForCausalLM.from_pretrained(tmp_path / "fp8")
-    for (name, ours), (_, theirs) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert ours.dtype == theirs.dtype and torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8)), name
+    for (name, ours), (_, theirs) in zip(model.state_dict().items(), loaded.state_dict().items()):  # ours on the GPU
+        assert ours.dtype == theirs.dtype and torch.equal(ours.cpu().view(torch.uint8), theirs.view(torch.uint8)), name
     with pytest.raises(ValueError, match="quantization"):
         EngineConfig(quantization="int4").validate()
+
+
+def e4m3_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked expert weights [E, N, K] as serving stores them: codes [E, N, K] and 128×128 scales [E, ·, ·]."""
+    pairs = [quantize_blocks(w_e, TORCH) for w_e in w.unbind()]
+    return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
+
+
+@pytest.mark.parametrize("policy", [TORCH, TRITON], ids=["torch", "triton"])
+def test_grouped_gemm_multiplies_each_experts_rows_by_its_weights(policy):
+    """Uneven experts: two empty ones (one last), one of 130 rows (two row tiles), and the others starting
+    off the 128-row grid; K and N not multiples of 128."""
+    counts = torch.tensor([130, 0, 1, 127, 40, 0])
+    K, N = 200, 192
+    a = sample(int(counts.sum()), K, seed=6).to(DEVICE)
+    qa, sa = quantize_rows(a, TORCH)
+    qb, sb = e4m3_experts(torch.randn(len(counts), N, K, generator=torch.Generator().manual_seed(7)).to(DEVICE))
+    sizes = counts.tolist()
+    exact = torch.cat([dequantize(q, s).double() @ dequantize(w, ws).double().t()
+                       for q, s, w, ws in zip(qa.split(sizes), sa.split(sizes), qb, sb)])
+    assert fp8_grouped_gemm_kernel(policy, qa) == ("reference" if policy is TORCH else "triton")
+    out = fp8_grouped_gemm(qa, sa, qb, sb, counts.to(DEVICE), torch.float32, policy)
+    assert out.shape == (a.shape[0], N)
+    tolerance = 1e-6 if policy is TORCH else GEMM_TOLERANCE
+    for rows, want in zip(out.split(sizes), exact.split(sizes)):  # each expert alone: none can hide in the sum
+        if rows.shape[0]:
+            assert rel(rows, want) < tolerance
+    empty = fp8_grouped_gemm(qa[:0], sa[:0], qb, sb, torch.zeros_like(counts).to(DEVICE), torch.float32, policy)
+    assert empty.shape == (0, N)
+
+
+@pytest.mark.parametrize("activation", ["silu", "powlu"])
+def test_grouped_fp8_experts_give_the_expert_loops_numbers(activation):
+    """routed_experts with e4m3 weights: without autograd the grouped FP8 GEMMs, with it the expert loop of
+    fp8_linear. Both quantize each row per 1×128 block alone and add the same 128-wide block products in
+    the same order, so only the summation inside a block's product could differ: the interpreter's
+    (numpy's) gives the same bits for the loop's tiles and the grouped ones (observed: equal), and a GPU's
+    FP8 MMA keeps a block's partial sums at about 14 bits (GEMM_TOLERANCE), which the bf16 rounding of the
+    products and h's requantization could turn into a few bf16 ulps."""
+    g = torch.Generator().manual_seed(8)
+    tokens, E, k, hidden, inter = 140, 6, 2, 256, 128
+    x = torch.randn(tokens, hidden, generator=g).to(DEVICE, torch.bfloat16)
+    # expert 0 takes every token (two row tiles), expert 3 none; the others' rows start off the tile grid
+    experts = torch.stack([torch.zeros(tokens, dtype=torch.long),
+                           torch.tensor([1, 2, 4, 5])[torch.randint(0, 4, (tokens,), generator=g)]], 1).to(DEVICE)
+    weights = (torch.rand(tokens, k, generator=g) + 0.5).to(DEVICE)
+    full = [(torch.randn(E, n, m, generator=g) * m**-0.5).to(DEVICE)
+            for n, m in ((inter, hidden), (inter, hidden), (hidden, inter))]
+    codes, weight_scales = zip(*map(e4m3_experts, full))
+    policy = KernelPolicy("triton")
+    with torch.no_grad():
+        assert experts_kernel(policy, x, *codes, token_order=True) == "fp8_grouped"
+        grouped = routed_experts(x, weights, experts, *codes, policy, activation, weight_scales)
+        with pytest.raises(ValueError, match="weight_scales"):
+            routed_experts(x, weights, experts, *codes, policy, activation)
+    x_grad = x.clone().requires_grad_()
+    assert experts_kernel(policy, x_grad, *codes, token_order=True) == "fp8_loop"
+    loop = routed_experts(x_grad, weights, experts, *codes, policy, activation, weight_scales)
+    assert grouped.dtype == torch.bfloat16 and grouped.shape == x.shape
+    assert torch.equal(grouped, loop) if INTERPRET else rel(grouped, loop) < 1e-2
+    # and both close to the experts of the dequantized weights in fp32, without FP8 activations
+    dequantized = [torch.stack([dequantize(q, s) for q, s in zip(q_e, s_e)]) for q_e, s_e in zip(codes, weight_scales)]
+    exact = routed_experts(x.float(), weights, experts, *dequantized, KernelPolicy("torch"), activation)
+    assert rel(grouped, exact) < 0.06  # x and h rounded to e4m3 (3 mantissa bits): 4.3% observed
+
+
+def test_e4m3_experts_take_the_grouped_gemms_on_triton_without_autograd():
+    x = torch.zeros(4, 128, dtype=torch.bfloat16)
+    codes, master = torch.zeros(2, 128, 128, dtype=E4M3), torch.zeros(2, 128, 128, dtype=torch.bfloat16)
+    triton = KernelPolicy("triton")
+    for policy, weights, kernel in ((triton, codes, "fp8_grouped"), (TRITON, codes, "fp8_grouped"),
+                                    (TRITON, master, "fp8_loop"),  # training FP8: quantized on every call
+                                    (KernelPolicy("torch"), codes, "fp8_loop"),
+                                    (KernelPolicy(), codes, "fp8_loop"),  # "auto" on the CPU: the torch backend
+                                    (KernelPolicy("triton", invariant=True), codes, "fp8_loop")):
+        for token_order in (False, True):
+            assert experts_kernel(policy, x, weights, token_order=token_order) == kernel
+    cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, requires_grad=False)  # all it reads
+    assert experts_kernel(KernelPolicy(), cuda, codes, token_order=True) == "fp8_grouped"
+    trained = x.clone().requires_grad_()
+    assert experts_kernel(triton, trained, codes) == "fp8_loop"
+    with torch.no_grad():  # a leaf that asks for gradients, in a forward that makes none
+        assert experts_kernel(triton, trained, codes) == "fp8_grouped"
+    assert fp8_grouped_gemm_kernel(triton, codes[0]) == "triton"
+    assert fp8_grouped_gemm_kernel(KernelPolicy(), codes[0]) == "reference"

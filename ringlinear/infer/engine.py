@@ -59,7 +59,7 @@ class EngineConfig:
     # attention's key blocks are read through the page table).
     batch_invariant: bool = False
     # "fp8": the linear layers and experts in blockwise FP8 (`model.fp8`), quantized at load unless the
-    # checkpoint holds FP8 weights already (which load as FP8 whatever this says). No CUDA graphs yet.
+    # checkpoint holds FP8 weights already (which load as FP8 whatever this says).
     quantization: str = "none"
     # Speculative decoding, vLLM's dict (or its JSON text): {"method": "mtp" | "ngram",
     # "num_speculative_tokens": k, "prompt_lookup_min"/"prompt_lookup_max": n-gram lengths,
@@ -103,11 +103,13 @@ class Engine:
         if config.quantization == "fp8":
             quantize_weights(model, self.policy)
         # Captured decode steps need a forward that never waits for the host: the Triton kernels and
-        # the experts' grouped GEMMs (bf16; the FP8 experts' loop reads the counts on the host). In
-        # invariant mode every kernel computes a row whatever the rows beside it, so a graph's padding
-        # rows leave the real rows' bits as an uncaptured step gives them.
+        # the experts' grouped GEMMs (bf16, or FP8 for e4m3 weights; the FP8 linear layers' one-time
+        # cuBLAS probe runs in the eager forward before each capture). In invariant mode every kernel
+        # computes a row whatever the rows beside it, so a graph's padding rows leave the real rows' bits
+        # as an uncaptured step gives them; FP8 experts there loop, reading the counts on the host.
         use_graphs = (self.device.type == "cuda" and self.dtype == torch.bfloat16 and config.cuda_graphs
-                      and self.policy.backend == "triton" and not is_fp8_checkpoint(model.config))
+                      and self.policy.backend == "triton"
+                      and not (self.policy.invariant and is_fp8_checkpoint(model.config)))
         max_model_len = config.max_model_len or model.config.max_position_embeddings
         share, interval = config.snapshot_args()
         if config.num_pages is not None:

@@ -7,12 +7,13 @@ policy takes `dispatched_experts`: the rows are copied into expert order (`dispa
 `grouped_glu` runs the gated MLPs over them, and the outputs are gathered back (`combine_rows`) and
 summed in fp32.
 
-`grouped_glu` over rows grouped by expert has four forms with one signature: the reference loops over
+`grouped_glu` over rows grouped by expert has five forms with one signature: the reference loops over
 experts (it reads the row counts on the host); the grouped form runs each projection as one
 `torch._grouped_mm` over all experts with the group offsets on the device, so it never synchronises
 and can be captured in a CUDA graph; the invariant form runs the grouped products of
-`invariant_kernels` (likewise without a sync); the FP8 form loops over experts with blockwise-FP8
-products (`ops.fp8`). The kernel policy picks one (`ops.policy`); in invariant mode on the torch
+`invariant_kernels` (likewise without a sync); the FP8 loop runs each expert's blockwise-FP8 products
+(`ops.fp8`); and e4m3 weights (serving) run one grouped blockwise-FP8 product per projection over all
+experts, with no sync. The kernel policy picks one (`ops.policy`); in invariant mode on the torch
 backend the loop's products become products of one fixed shape.
 """
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fp8 import fp8_linear
+from .fp8 import fp8_grouped_gemm, fp8_linear, quantize_rows
 from .fused import glu
 from .policy import KernelPolicy, experts_kernel
 
@@ -116,6 +117,8 @@ def grouped_glu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tenso
     so no fp32 copy of the output is made. e4m3 weights come with their 128×128 `weight_scales`
     [E, ·, ·] for gate, up and down."""
     match experts_kernel(policy, x, gate, up, down):
+        case "fp8_grouped":
+            return grouped_glu_fp8_grouped(x, gate, up, down, counts, scales, policy, activation, weight_scales)
         case "fp8_loop":
             return grouped_glu_fp8(x, gate, up, down, counts, scales, policy, activation, weight_scales)
         case "invariant_grouped_mm":
@@ -166,3 +169,19 @@ def grouped_glu_fp8(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: T
                     activation, policy=policy)
             outputs.append(fp8_linear(h, d, None, ds, policy=policy))
     return torch.cat(outputs) if outputs else x.new_zeros(0, down.shape[1])
+
+
+def grouped_glu_fp8_grouped(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor, scales: Tensor,
+                            policy: KernelPolicy, activation: str = "silu",
+                            weight_scales: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """`grouped_glu_fp8`'s numbers for e4m3 weights without its loop: x and h quantized once (a 1×128 block
+    lies within one row, so each expert's rows get the codes the loop gives them), then one grouped FP8
+    GEMM per projection."""
+    if weight_scales is None:
+        raise ValueError("e4m3 expert weights need their weight_scales")
+    gate_scale, up_scale, down_scale = weight_scales
+    qx, sx = quantize_rows(x, policy)
+    h = glu(fp8_grouped_gemm(qx, sx, gate, gate_scale, counts, x.dtype, policy),
+            fp8_grouped_gemm(qx, sx, up, up_scale, counts, x.dtype, policy), scales, activation, policy=policy)
+    qh, sh = quantize_rows(h, policy)
+    return fp8_grouped_gemm(qh, sh, down, down_scale, counts, x.dtype, policy)

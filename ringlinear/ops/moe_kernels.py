@@ -138,8 +138,15 @@ def schedule_tiles(counts: Tensor, M: int) -> Tensor:
 
 
 @triton.jit
-def _tile(schedule, T, pid_m):
-    return tl.load(schedule + pid_m), tl.load(schedule + T + pid_m), tl.load(schedule + 2 * T + pid_m)
+def program_tile(schedule, T, N, BLOCK_N: tl.constexpr):
+    """This program's row tile (its expert, first and end row; expert E past the last tile) and column
+    tile: program p takes row tile p // n_tiles and column tile p % n_tiles (a row tile's column
+    programs run together, so its rows are read from L2)."""
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    row_tile = tl.program_id(0) // n_tiles
+    expert = tl.load(schedule + row_tile)
+    start, end = tl.load(schedule + T + row_tile), tl.load(schedule + 2 * T + row_tile)
+    return expert, start, end, tl.program_id(0) % n_tiles
 
 
 @triton.jit
@@ -148,12 +155,8 @@ def _gate_up_kernel(x, order, weights, w_gate, w_up, h, g_out, u_out, schedule, 
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """h[r, n] = act(x[tok] · w_gate[e, n]) · (x[tok] · w_up[e, n]) · weights[order[r]] for the rows r
     of expert e, tok = order[r] // k; x [tokens, K], w_* [E, N, K], h (and g_out, u_out: the two
-    products, with SAVE) [M, N], all contiguous. Program p: row tile p // n_tiles, column tile
-    p % n_tiles (a tile's column programs run together, so its rows of x are read from L2)."""
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_m = tl.program_id(0) // n_tiles
-    pid_n = tl.program_id(0) % n_tiles
-    expert, start, end = _tile(schedule, T, pid_m)
+    products, with SAVE) [M, N], all contiguous. Programs: `program_tile`."""
+    expert, start, end, pid_n = program_tile(schedule, T, N, BLOCK_N)
     if expert >= E:
         return
     rows = start + tl.arange(0, BLOCK_M)
@@ -191,11 +194,8 @@ def _gate_up_kernel(x, order, weights, w_gate, w_up, h, g_out, u_out, schedule, 
 def _down_kernel(h, w, y, schedule, T, E, K, N, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[r] = h[r] @ w[e]ᵀ for the rows r of expert e; h [M, K], w [E, N, K], y [M, N] contiguous.
-    Programs as `_gate_up_kernel`'s."""
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_m = tl.program_id(0) // n_tiles
-    pid_n = tl.program_id(0) % n_tiles
-    expert, start, end = _tile(schedule, T, pid_m)
+    Programs: `program_tile`."""
+    expert, start, end, pid_n = program_tile(schedule, T, N, BLOCK_N)
     if expert >= E:
         return
     rows = (start + tl.arange(0, BLOCK_M)).to(tl.int64)

@@ -31,11 +31,12 @@ sampler for its log-probs); the ops below switch by the table. Backward passes r
 | routed_experts (moe.py)     | moe_kernels.py (12)      | as grouped_glu | as grouped_glu      | as grouped_glu   |
 | grouped_glu (moe.py)        | torch._grouped_mm (4)    | expert loop    | grouped GEMM (2)    | expert loop      |
 | grouped GEMM's backward     | –                        | –              | _grouped_mm (9)     | –                |
-| grouped_glu, fp8            | expert loop of fp8 GEMMs | same, refs     | –                   | –                |
+| grouped_glu, fp8            | fp8 loop; grouped (13)   | fp8 loop, refs | fp8 loop (13)       | fp8 loop, refs   |
 | rms_norm (layers.py)        | torch.compile (5)        | eager          | invariant_kernels   | eager            |
 | elementwise chains (fused)  | torch.compile (5)        | eager          | eager               | eager            |
 | fp8 quantize (fp8/)         | kernels.py               | reference.py   | –                   | –                |
 | fp8 GEMM (fp8/)             | torch._scaled_mm (7)     | reference.py   | –                   | –                |
+| fp8 grouped GEMM (fp8/)     | kernels.py (13)          | reference loop | –                   | –                |
 | F.linear, @, sum, softmax   | PyTorch                  | PyTorch        | invariant_kernels   | fixed row blocks |
 
 (1) FlashAttention's varlen kernel for packed documents in CUDA fp16/bf16. (2) On
@@ -61,6 +62,11 @@ in place and sum their k outputs in fp32 without a copy of x in expert order; th
 the gated activation from the saved gate and up products and runs its products as torch._grouped_mm
 (`grouped_mm_gradients_kernel`; else one product per expert). Other dtypes, FP8 and invariant mode
 copy the rows into expert order and run grouped_glu (`moe.dispatched_experts`).
+(13) e4m3 expert weights with their 128×128 scales (serving), not invariant and without autograd: the rows
+quantized per 1×128 once, then one grouped blockwise-FP8 GEMM per projection (`fp8/kernels.py`), each program
+taking its row tile from `moe_kernels`' schedule on the device (no host sync: CUDA-graph safe). FP8 training
+(`fp8`: bf16 or fp32 master weights quantized on every call, with autograd) and e4m3 weights in invariant mode
+(FP8 is not batch-invariant) loop over the experts (a host sync) with one fp8_linear per projection.
 """
 
 from __future__ import annotations
@@ -202,16 +208,22 @@ def latent_attention_kernel(policy: KernelPolicy, q: Tensor, cache: Tensor) -> L
     return "paged" if policy.triton(q, cache) and page >= 16 and page & (page - 1) == 0 else "gather_reference"
 
 
-ExpertsKernel = Literal["fused", "grouped_mm", "invariant_grouped_mm", "loop", "fp8_loop"]
+ExpertsKernel = Literal["fused", "grouped_mm", "invariant_grouped_mm", "loop", "fp8_grouped", "fp8_loop"]
 
 
 def experts_kernel(policy: KernelPolicy, x: Tensor, *weights: Tensor, token_order: bool = False) -> ExpertsKernel:
     """routed_experts (`token_order`: x is the tokens, in token order) and grouped_glu (x is rows already
     copied into expert order). The fused Triton kernels gather the tokens' rows themselves, so they take
     the first, in bf16 (12); torch._grouped_mm (no host sync, so CUDA-graph safe) takes bf16 rows in
-    expert order on CUDA. FP8 (the policy's, or e4m3 weights) loops over the experts (a host sync) with
+    expert order on CUDA. e4m3 weights (serving) on the Triton backend, not invariant and without
+    autograd, run one grouped FP8 GEMM per projection (13; no host sync either); other FP8 (the policy's,
+    whose master weights need autograd, or the torch backend) loops over the experts (a host sync) with
     one fp8_linear per projection."""
-    if policy.fp8 or weights[0].dtype == torch.float8_e4m3fn:
+    e4m3 = weights[0].dtype == torch.float8_e4m3fn
+    if (e4m3 and not policy.invariant and policy._backend_on(x.device) == "triton"
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        return "fp8_grouped"
+    if policy.fp8 or e4m3:
         return "fp8_loop"
     if policy.invariant:
         return "invariant_grouped_mm" if policy.triton(x, *weights) else "loop"
@@ -253,6 +265,12 @@ def fp8_gemm_kernel(policy: KernelPolicy, a: Tensor, b: Tensor) -> Fp8GemmKernel
         return "reference"
     aligned = all(n % 128 == 0 for n in (*a.shape, b.shape[0]))
     return "scaled_mm" if a.is_cuda and aligned and blockwise_scaled_mm_works(a.device) else "triton"
+
+
+def fp8_grouped_gemm_kernel(policy: KernelPolicy, a: Tensor) -> Literal["triton", "reference"]:
+    """fp8 grouped GEMM of e4m3 rows a [M, K] sorted by expert: the Triton kernel on the Triton backend (13),
+    else the reference per expert (a host sync)."""
+    return "triton" if policy._backend_on(a.device) == "triton" else "reference"
 
 
 @functools.cache

@@ -1,12 +1,12 @@
-"""The dispatchers of blockwise FP8: quantize and GEMM, each on the form the kernel policy picks
-(`ops.policy.fp8_quantize_triton`, `fp8_gemm_kernel`)."""
+"""The dispatchers of blockwise FP8: quantize, the GEMM and the GEMM grouped by expert, each on the form
+the kernel policy picks (`ops.policy.fp8_quantize_triton`, `fp8_gemm_kernel`, `fp8_grouped_gemm_kernel`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..policy import KernelPolicy, fp8_gemm_kernel, fp8_quantize_triton
+from ..policy import KernelPolicy, fp8_gemm_kernel, fp8_grouped_gemm_kernel, fp8_quantize_triton
 from .reference import (
     BLOCK,
     gemm_reference,
@@ -43,6 +43,22 @@ def fp8_gemm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, out_dtype: 
             return gemm_triton(a, a_scale, b, b_scale, out_dtype)
         case "reference":
             return gemm_reference(a, a_scale, b, b_scale, out_dtype)
+
+
+def fp8_grouped_gemm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, counts: Tensor, out_dtype: torch.dtype,
+                     policy: KernelPolicy) -> Tensor:
+    """Each expert's rows times its weights: e4m3 a [M, K] (1×128 scales [M, ·]) sorted by expert, counts[e]
+    rows for expert e (counts [E] on the device), and e4m3 b [E, N, K] (128×128 scales [E, ceil(N/128), ·])
+    -> [M, N] in `out_dtype`, a @ b[e]ᵀ in fp32 over expert e's rows. The Triton kernel never reads the
+    counts on the host; the reference loops over the experts."""
+    match fp8_grouped_gemm_kernel(policy, a):
+        case "triton":
+            from .kernels import grouped_gemm_triton
+            return grouped_gemm_triton(a, a_scale, b, b_scale, counts, out_dtype)
+        case "reference":
+            sizes = counts.tolist()
+            return torch.cat([gemm_reference(a_e, s_e, b_e, bs_e, out_dtype) for a_e, s_e, b_e, bs_e
+                              in zip(a.split(sizes), a_scale.split(sizes), b.unbind(), b_scale.unbind())])
 
 
 def scaled_mm_blockwise(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, out_dtype: torch.dtype) -> Tensor:

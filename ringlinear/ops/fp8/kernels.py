@@ -1,5 +1,5 @@
 """Triton kernels of blockwise FP8: quantization (1×128, transposed 1×128, 128×128) and the GEMM with
-per-128 promotion. `reference.py` holds what each computes.
+per-128 promotion, plain or grouped by expert. `reference.py` holds what each computes.
 
 One quantize kernel serves the three layouts: it reads a logical matrix X [R, C] through strides
 (xᵀ is x with its strides swapped, so the transposed operand of the backward is read, not copied)
@@ -15,7 +15,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..moe_kernels import BLOCK_M as SCHEDULE_ROWS
+from ..moe_kernels import program_tile, schedule_tiles
 from .reference import BLOCK, E4M3, E4M3_MAX, blocks
+
+_WEIGHT_BLOCK = tl.constexpr(BLOCK)  # rows of b per scale in the grouped GEMM: weights' 128×128 blocks
 
 
 @triton.jit
@@ -71,27 +75,51 @@ def quantize_triton(x: Tensor, square: bool) -> tuple[Tensor, Tensor]:
 
 
 @triton.jit
-def _gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, stride_a, stride_b, stride_c, as_stride, bs_stride,
-                 B_ROWS_PER_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    # c = a @ bᵀ, a [M, K] and b [N, K] e4m3; each 128-wide slice of K is multiplied on the tensor cores,
-    # then scaled and added in fp32 (DeepSeek-V3's promotion every 128 elements of K)
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _gemm_tile(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, rm, rn, m_ok, n_ok, K, stride_a, stride_b, stride_c, as_stride,
+               bs_stride, B_ROWS_PER_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    # c[rm, rn] = a[rm] @ b[rn]ᵀ, a [·, K] and b [·, K] e4m3; each 128-wide slice of K is multiplied on the
+    # tensor cores, then scaled and added in fp32 (DeepSeek-V3's promotion every 128 elements of K)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(tl.cdiv(K, BLOCK_K)):
         k = kb * BLOCK_K + rk
         a = tl.load(a_ptr + rm[:, None].to(tl.int64) * stride_a + k[None, :],
-                    mask=(rm[:, None] < M) & (k[None, :] < K), other=0.0)
+                    mask=m_ok[:, None] & (k[None, :] < K), other=0.0)
         b = tl.load(b_ptr + rn[:, None].to(tl.int64) * stride_b + k[None, :],
-                    mask=(rn[:, None] < N) & (k[None, :] < K), other=0.0)
-        sa = tl.load(as_ptr + rm * as_stride + kb, mask=rm < M, other=0.0)
-        sb = tl.load(bs_ptr + (rn // B_ROWS_PER_SCALE) * bs_stride + kb, mask=rn < N, other=0.0)
+                    mask=n_ok[:, None] & (k[None, :] < K), other=0.0)
+        sa = tl.load(as_ptr + rm * as_stride + kb, mask=m_ok, other=0.0)
+        sb = tl.load(bs_ptr + (rn // B_ROWS_PER_SCALE) * bs_stride + kb, mask=n_ok, other=0.0)
         acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
     tl.store(c_ptr + rm[:, None].to(tl.int64) * stride_c + rn[None, :], acc.to(c_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, stride_a, stride_b, stride_c, as_stride, bs_stride,
+                 B_ROWS_PER_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    _gemm_tile(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, rm, rn, rm < M, rn < N, K, stride_a, stride_b, stride_c,
+               as_stride, bs_stride, B_ROWS_PER_SCALE, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, schedule, T, E, N, K, stride_a, stride_c, as_stride,
+                         b_expert_stride, stride_b, bs_expert_stride, bs_stride, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """c[r] = a[r] @ b[e]ᵀ for the rows r of expert e, b [E, N, K] with 128×128 scales [E, ·, ·]. Programs:
+    `moe_kernels.program_tile` over the schedule of `moe_kernels.schedule_tiles`; the tiles past the last
+    return at once."""
+    expert, start, end, pid_n = program_tile(schedule, T, N, BLOCK_N)
+    if expert >= E:
+        return
+    rm = start + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    _gemm_tile(a_ptr, as_ptr, b_ptr + expert.to(tl.int64) * b_expert_stride, bs_ptr + expert * bs_expert_stride,
+               c_ptr, rm, rn, rm < end, rn < N, K, stride_a, stride_b, stride_c, as_stride, bs_stride, _WEIGHT_BLOCK,
+               BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def gemm_triton(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
@@ -103,4 +131,22 @@ def gemm_triton(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, out_dtyp
     _gemm_kernel[grid](a, a_scale, b, b_scale, c, M, N, K, a.stride(0), b.stride(0), c.stride(0),
                        a_scale.stride(0), b_scale.stride(0), B_ROWS_PER_SCALE=1 if b_scale.shape[0] == N else BLOCK,
                        BLOCK_M=block_m, BLOCK_N=BLOCK, BLOCK_K=BLOCK, num_warps=8, num_stages=3)
+    return c
+
+
+def grouped_gemm_triton(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, counts: Tensor,
+                        out_dtype: torch.dtype) -> Tensor:
+    """a @ b[e]ᵀ for the rows of each expert e: a [M, K] sorted by expert (counts [E] on the device) with 1×128
+    scales, b [E, N, K] with 128×128 scales [E, ceil(N/128), ceil(K/128)]. The grid follows the shapes
+    alone (a bound on the row tiles of M rows over E experts), so nothing waits for the host."""
+    (M, K), (E, N) = a.shape, b.shape[:2]
+    c = torch.empty(M, N, dtype=out_dtype, device=a.device)
+    if M == 0:
+        return c
+    schedule = schedule_tiles(counts, M)
+    T = schedule.shape[1]
+    _grouped_gemm_kernel[(T * triton.cdiv(N, BLOCK),)](
+        a, a_scale, b, b_scale, c, schedule, T, E, N, K, a.stride(0), c.stride(0), a_scale.stride(0), b.stride(0),
+        b.stride(1), b_scale.stride(0), b_scale.stride(1), BLOCK_M=SCHEDULE_ROWS, BLOCK_N=BLOCK, BLOCK_K=BLOCK,
+        num_warps=8, num_stages=3)
     return c
