@@ -1,7 +1,7 @@
 """The Triton kernels of batch-invariant mode (`ops.invariant_kernels`) on one GPU: correctness,
 bit-identity, then speed.
 
-    PYTHONPATH=$PWD python3 benchmarks/check_invariant.py [--quick] [--seed N] [--tiles | --attention-tiles]
+    PYTHONPATH=$PWD python3 benchmarks/check_invariant.py [--quick] [--seed N] [--tiles | --attention-tiles | --slices]
 
 At Ring-mini shapes (hidden 2048, 16 query / 4 KV heads of 128, 256 experts of 512, vocab 157,184):
 1. correctness against PyTorch in fp64/fp32: the grouped GEMM (up to 8,192 rows over 256 experts with
@@ -27,6 +27,8 @@ batch-invariant (a row's bits the same whatever M), and compared bit for bit wit
 whose bits are today's could take the small M (decode) while today's takes the rest. `--attention-tiles` likewise times
 the candidate tiles of the key-block attention (`attention_config`) on decode, prefill-chunk and
 training shapes and checks that single decode steps and a chunk get the training forward's bits.
+`--slices` times the GEMM's split of K (`k_slices`) per product shape and token count, a program per
+slice against the slices summed in place and against no split, and checks the two forms' bits.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ from triton.testing import do_bench
 
 from ringlinear.ops import attention
 from ringlinear.ops.batch_invariant import KEY_BLOCK, numerics
-from ringlinear.ops.invariant_kernels import (LARGE_TILE_ROWS, AttentionConfig, MMConfig, _grouped_mm,
-                                              attention_config, invariant_grouped_mm, invariant_linear,
+from ringlinear.ops.invariant_kernels import (LARGE_TILE_ROWS, SLICE_ALIGN, AttentionConfig, MMConfig, _grouped_mm,
+                                              attention_config, invariant_grouped_mm, invariant_linear, k_slices,
                                               key_block_attention, mm_config, row_sum, softmax)
 from ringlinear.ops.moe import grouped_glu
 from ringlinear.ops.paged_attention import paged_attention
@@ -485,6 +487,42 @@ def tiles(gen: torch.Generator) -> None:
             print(f"{tile:<32}" + "".join(f"{t:>12.3f}" for t in times))
 
 
+# -- --slices: the split of K -----------------------------------------------------------------------
+
+@torch.no_grad()
+def slices(gen: torch.Generator) -> None:
+    """Per product shape and token count, µs from CUDA graphs (no launch overhead, as decode steps run):
+    the K slices `k_slices` chooses, computed a program per slice and summed after, or summed in place,
+    against one slice (the kernel unsliced); whether both forms give the same bits, and a row its bits at
+    every token count."""
+    from triton.testing import do_bench_cudagraph
+    print(f"{'product':<18}{'tokens':>8}{'slices':>10}{'unsliced':>10}{'split':>9}{'in place':>10}  same bits")
+    for name, N, K, E in TILE_SHAPES:
+        rows = TILE_TOKENS[-1] * (TOPK if E > 1 else 1)
+        counts = random_counts(rows, gen) if E > 1 else None
+        x = torch.randn(rows, K, generator=gen, device="cuda").bfloat16()
+        w = (torch.randn(E, N, K, generator=gen, device="cuda") * K**-0.5).bfloat16()
+        chosen = k_slices(E, N, K)
+        full = _grouped_mm(x, w, counts)
+        for m in TILE_TOKENS:
+            if counts is None:
+                sub_x, sub_counts, sub = x[:m], None, slice(0, m)
+            else:
+                sub, sub_counts = row_subset(counts, m / TILE_TOKENS[-1], gen)
+                sub_x = x[sub]
+            forms = {"unsliced": {"slices": (1, -(-K // SLICE_ALIGN) * SLICE_ALIGN)}, "split": {"split": True},
+                     "in place": {"split": False}}
+            times = {label: 1e3 * do_bench_cudagraph(lambda kw=kw: _grouped_mm(sub_x, w, sub_counts, **kw), rep=20)
+                     for label, kw in forms.items()}
+            outs = [_grouped_mm(sub_x, w, sub_counts, **forms[label]) for label in ("split", "in place")]
+            same = torch.equal(outs[0], outs[1]) and torch.equal(outs[1], full[sub])
+            if not same:
+                FAILURES.append(f"slices {name} M={m}")
+            print(f"{name:<18}{m:>8}{f'{chosen[0]}x{chosen[1]}':>10}" + "".join(
+                f"{times[label]:>{width}.1f}" for label, width in (("unsliced", 10), ("split", 9), ("in place", 10)))
+                + f"  {'yes' if same else 'NO'}")
+
+
 # -- --attention-tiles: the bf16 attention tile ---------------------------------------------------
 
 ATTENTION_CANDIDATES = (
@@ -546,6 +584,8 @@ def main() -> int:
     parser.add_argument("--tiles", action="store_true", help="time and check the candidate bf16 GEMM tiles instead")
     parser.add_argument("--attention-tiles", action="store_true",
                         help="time and check the candidate bf16 attention tiles instead")
+    parser.add_argument("--slices", action="store_true",
+                        help="time and check the GEMM's split of K (k_slices) in both forms instead")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("check_invariant needs a CUDA GPU")
@@ -553,9 +593,9 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references and the fast fp32 path in IEEE fp32
     gen = torch.Generator("cuda").manual_seed(args.seed)
     rows, seq_len = (1024, 512) if args.quick else (8192, 2048)
-    if args.tiles or args.attention_tiles:
-        tiles(gen) if args.tiles else attention_tiles(seq_len, gen)
-        print(f"\n{'FAIL: ' + ', '.join(FAILURES) if FAILURES else 'every tile batch-invariant'}")
+    if args.tiles or args.attention_tiles or args.slices:
+        tiles(gen) if args.tiles else attention_tiles(seq_len, gen) if args.attention_tiles else slices(gen)
+        print(f"\n{'FAIL: ' + ', '.join(FAILURES) if FAILURES else 'every choice batch-invariant'}")
         return 1 if FAILURES else 0
     log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; GEMM tiles bf16 {mm_config(torch.bfloat16)} "
         f"(from {LARGE_TILE_ROWS} rows {mm_config(torch.bfloat16, LARGE_TILE_ROWS, torch.device('cuda'))}), "

@@ -196,10 +196,11 @@ def _multiprocessors(index: int) -> int:
 
 
 def _grouped_mm(x: Tensor, w: Tensor, counts: Tensor | None, config: MMConfig | None = None,
-                split: bool | None = None) -> Tensor:
+                split: bool | None = None, slices: tuple[int, int] | None = None) -> Tensor:
     """The launch: x [M, K], w [E, N, K] any strides; counts on x's device. `config`: the dtype's tile
     unless given (benchmarks/check_invariant.py --tiles times candidates); `split`: whether each slice of
-    K takes its own programs (`split_programs` decides unless given)."""
+    K takes its own programs (`split_programs` decides unless given); `slices`: (count, length) instead
+    of `k_slices` (check_invariant.py --slices times choices)."""
     x = _aligned(x)
     M, K = x.shape
     E, N = w.shape[0], w.shape[1]
@@ -211,7 +212,7 @@ def _grouped_mm(x: Tensor, w: Tensor, counts: Tensor | None, config: MMConfig | 
     # and at most min(E, M) groups hold rows; a bound from the shapes alone (CUDA-graph safe)
     groups = 1 if counts is None else min(E, M)
     grid = ((M + groups * (c.block_m - 1)) // c.block_m, triton.cdiv(N, c.block_n))
-    slices, length = k_slices(E, N, K)
+    slices, length = slices or k_slices(E, N, K)
     split = slices > 1 and (split_programs(grid[0] * grid[1], x.device) if split is None else split)
     target = torch.empty(slices, M, N, device=x.device, dtype=torch.float32) if split else out
     _grouped_mm_kernel[(*grid, slices) if split else grid](
