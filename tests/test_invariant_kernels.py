@@ -132,11 +132,15 @@ def test_grouped_mm_rejects_bad_inputs():
 
 # -- row sums and softmax --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("columns", [7, 1500, 20000])  # one partial block; a loop of two; three chunks
+@pytest.mark.parametrize("columns", [7, 1500, 9000])  # one partial block; a loop of two; two chunks
 def test_row_sums_and_softmax_match_torch_and_a_row_alone(columns):
     x = randn(2, 3, columns) * 3
-    for ours, ref in ((row_sum(x), x.sum(-1)), (row_sum(x, mean=True), x.mean(-1)),
-                      (softmax(x), x.softmax(-1)), (softmax(x, log=True), x.log_softmax(-1))):
+    # fp32 sums against float64, within fp32's error bound on the sum of |x| (the sums cancel)
+    bound = 2 * columns * 2**-24 * x.abs().double().sum(-1)
+    for ours, ref, scale in ((row_sum(x), x.double().sum(-1), 1),
+                             (row_sum(x, mean=True), x.double().mean(-1), columns)):
+        assert ours.shape == ref.shape and ((ours.double() - ref).abs() <= bound / scale).all()
+    for ours, ref in ((softmax(x), x.softmax(-1)), (softmax(x, log=True), x.log_softmax(-1))):
         assert ours.shape == ref.shape and torch.allclose(ours, ref, atol=1e-5, rtol=1e-5)
     for fn in (row_sum, softmax, lambda rows: softmax(rows, log=True)):
         assert torch.equal(fn(x[1, 2:]), fn(x)[1, 2:])
@@ -154,8 +158,8 @@ def test_softmax_dtypes():
 
 def test_softmax_of_masked_rows_matches_torch():
     """Rows with -inf (filtered logits), a chunk of them only, and a long row's chunks combined."""
-    x = randn(3, 20000) * 4
-    x[0, :9000] = float("-inf")  # the first chunk -inf only
+    x = randn(3, 9000) * 4
+    x[0, :8192] = float("-inf")  # the first chunk -inf only
     x[1, ::3] = float("-inf")
     for log in (False, True):
         ref = x.log_softmax(-1) if log else x.softmax(-1)
