@@ -3,7 +3,8 @@ weights) side by side with the same model made all-softmax (layer_group_size = 1
 its softmax layers made MLA (`mla_hybrid`: the second generation's latent cache, 512 + 64 per token).
 
     python benchmarks/bench_engine.py [--quick] [--models hybrid all_softmax mla_hybrid] [--cases ...]
-                                      [--decode-contexts N ...] [--no-warm-up] [--out DIR] [--profile TOKENS]
+                                      [--decode-contexts N ...] [--no-warm-up] [--routing model|spread]
+                                      [--out DIR] [--profile TOKENS]
 
 For each model, built on the meta device and initialised on the GPU, one at a time:
 - prefill throughput, batch 1, at 4K, 32K and 128K prompt tokens (the last is 131,071 tokens: the
@@ -21,6 +22,7 @@ For each model, built on the meta device and initialised on the GPU, one at a ti
   history and 64 generated tokens: TTFT and prompt tokens computed, prefix cache on and off;
 - GRPO-shaped sampling: 32 prompts of 512 tokens × n = 8 completions of 128 tokens, forked from one
   prefill against 256 separate requests (prefix cache off): prompt tokens computed and wall time.
+`--routing spread` gives every model the same expert load (random routers do not: `spread_routing`).
 The engine warms up (`Engine.warm_up`, timed) before the cases, as the server does, unless
 `--no-warm-up`; `--cases streams` run first in a fresh process gives the TTFT users see at start-up.
 Every case records its error (an out-of-memory included) and the run goes on. `--quick` runs the
@@ -47,6 +49,7 @@ from ringlinear import RingLinearConfig, RingLinearForCausalLM, SequenceContext
 from ringlinear.generate import generate
 from ringlinear.infer import Engine, EngineConfig, SamplingParams
 from ringlinear.info import model_info
+from ringlinear.model.moe import Router
 
 T0 = time.time()
 
@@ -117,6 +120,27 @@ def build(config: RingLinearConfig) -> RingLinearForCausalLM:
     model.tie_weights()
     model.init_weights()
     return model.eval()
+
+
+def spread_routing(model: RingLinearForCausalLM) -> None:
+    """Every router's choice replaced by a spread one: token t of a forward takes experts
+    perm[(t·k + j) mod E] for j < k, each weighted routed_scaling_factor / k, so every expert gets the
+    same load. Random weights route the all-softmax twin's correlated hidden states to a few dozen of
+    256 experts and the hybrid's to nearly all (RESULTS.md), while trained routers spread tokens over
+    most experts in both: this compares the two at equal expert work. Device ops only (graph-safe)."""
+    c = model.config
+    E, k = c.num_experts, c.num_experts_per_tok
+    device = next(model.parameters()).device
+    perm = torch.randperm(E, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def spread(router, inputs, output: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, experts = output
+        slots = torch.arange(experts.numel(), device=device).view(experts.shape) % E
+        return torch.full_like(weights, c.routed_scaling_factor / k), perm[slots].to(experts.dtype)
+
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.register_forward_hook(spread)
 
 
 def case(results: dict, name: str, fn, *args) -> None:
@@ -332,13 +356,16 @@ def make_engine(model: RingLinearForCausalLM, options: dict, results: dict, warm
     return engine
 
 
-def bench_model(name: str, config: RingLinearConfig, shapes: Shapes, cases: tuple[str, ...], warm_up: bool) -> dict:
+def bench_model(name: str, config: RingLinearConfig, shapes: Shapes, cases: tuple[str, ...], warm_up: bool,
+                routing: str = "model") -> dict:
     info = model_info(config)
     results: dict = {"layer_map": "".join("S" if k == "softmax" else "L" for k in config.layer_types),
                      "kv_bytes_per_token": info.kv_bytes_per_token,
                      "state_bytes_per_sequence": info.state_bytes_per_sequence}
     log(f"{name}: building {shapes.preset} (layer_group_size={config.layer_group_size})")
     model = build(config)
+    if routing == "spread":
+        spread_routing(model)
     results["weights_gib"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 2)
     engine = make_engine(model, shapes.engine, results, warm_up)
     size = engine.scheduler.cache.size
@@ -380,12 +407,15 @@ def bench_model(name: str, config: RingLinearConfig, shapes: Shapes, cases: tupl
     return results
 
 
-def profile_prefill(name: str, shapes: Shapes, length: int, rows: int = 30) -> None:
+def profile_prefill(name: str, shapes: Shapes, length: int, routing: str = "model", rows: int = 30) -> None:
     """Model `name`'s prefill of `length` tokens under the PyTorch profiler: the kernels that take the
     GPU's time, on stdout."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine = make_engine(build(model_config(name, shapes)), shapes.engine, {})
+    model = build(model_config(name, shapes))
+    if routing == "spread":
+        spread_routing(model)
+    engine = make_engine(model, shapes.engine, {})
     prefill(engine, length)  # compiles the kernels
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         log(f"profiled prefill: {prefill(engine, length)}")
@@ -464,6 +494,9 @@ def main() -> None:
     parser.add_argument("--no-warm-up", action="store_true", help="skip Engine.warm_up (cases pay for compiling)")
     parser.add_argument("--engine", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="EngineConfig fields to change, e.g. prefix_snapshot_interval=512")
+    parser.add_argument("--routing", choices=("model", "spread"), default="model",
+                        help="spread: every expert the same load in every model (spread_routing), so that models "
+                        "compare at equal expert work; model: the random routers' own choice")
     parser.add_argument("--profile", type=int, metavar="TOKENS",
                         help="only profile the first model's prefill of this many tokens and print its top kernels")
     args = parser.parse_args()
@@ -475,21 +508,23 @@ def main() -> None:
     if args.decode_contexts:
         shapes = replace(shapes, decode_contexts=tuple(args.decode_contexts))
     if args.profile:
-        return profile_prefill(args.models[0], shapes, args.profile)
+        return profile_prefill(args.models[0], shapes, args.profile, args.routing)
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
     report = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
                        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "shapes": asdict(shapes),
-                       "decode_steps": DECODE_STEPS, "cases": args.cases, "warm_up": not args.no_warm_up},
+                       "decode_steps": DECODE_STEPS, "cases": args.cases, "warm_up": not args.no_warm_up,
+                       "routing": args.routing},
               "models": {}}
     path = os.path.join(args.out, "bench_engine.json")
     os.makedirs(args.out, exist_ok=True)
     for name in args.models:
         config = model_config(name, shapes)
         try:
-            report["models"][name] = bench_model(name, config, shapes, tuple(args.cases), not args.no_warm_up)
+            report["models"][name] = bench_model(name, config, shapes, tuple(args.cases), not args.no_warm_up,
+                                                 args.routing)
         except Exception as error:  # noqa: BLE001
             report["models"][name] = {"error": repr(error)}
             traceback.print_exc()
