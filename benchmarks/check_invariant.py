@@ -48,9 +48,9 @@ from ringlinear.ops.batch_invariant import KEY_BLOCK, numerics
 from ringlinear.ops.invariant_kernels import (LARGE_TILE_ROWS, SLICE_ALIGN, AttentionConfig, MMConfig, _grouped_mm,
                                               attention_config, invariant_grouped_mm, invariant_linear, k_slices,
                                               key_block_attention, mm_config, row_sum, softmax)
-from ringlinear.ops.moe import grouped_glu
+from ringlinear.ops.moe import grouped_glu, routed_experts
 from ringlinear.ops.paged_attention import paged_attention
-from ringlinear.ops.policy import KernelPolicy
+from ringlinear.ops.policy import KernelPolicy, experts_kernel
 
 ALIGNED = KernelPolicy(invariant=True)  # on the Triton kernels
 ALIGNED_BLOCKS = KernelPolicy("torch", invariant=True)  # as aligned mode ran before them: fixed-block PyTorch forms
@@ -138,6 +138,43 @@ def check_grouped_mm(rows: int, N: int, K: int, gen: torch.Generator) -> None:
             if not torch.equal(invariant_grouped_mm(source, w, sub_counts), out[mask]):
                 bad.append(f"{int(mask.sum())} rows")
     check(f"grouped mm {N}x{K}: rows within other batches (5 subsets, aligned and not)", not bad, ", ".join(bad))
+
+
+@torch.no_grad()
+def check_routed_experts(tokens: int, gen: torch.Generator) -> None:
+    """The MoE's routed experts in two forms, each against float64 and each token's output the same bits
+    among other tokens as alone: as the invariant policy runs them (`policy.experts_kernel`), and the
+    fast mode's fused kernels (`moe_kernels.fused_experts`), whose tiles and sums are fixed by the shapes:
+    where they pass, invariant mode could take them too."""
+    from ringlinear.ops.moe_kernels import fused_experts
+    policy = KernelPolicy("triton", invariant=True)
+    x = torch.randn(tokens, HIDDEN, generator=gen, device="cuda").bfloat16()
+    gate, up = ((torch.randn(EXPERTS, INTER, HIDDEN, generator=gen, device="cuda") * HIDDEN**-0.5).bfloat16()
+                for _ in range(2))
+    down = (torch.randn(EXPERTS, HIDDEN, INTER, generator=gen, device="cuda") * INTER**-0.5).bfloat16()
+    experts = torch.rand(tokens, EXPERTS, generator=gen, device="cuda").topk(TOPK, dim=-1).indices
+    weights = torch.rand(tokens, TOPK, generator=gen, device="cuda")
+    h = [torch.nn.functional.silu(x.double() @ gate[e].double().T) * (x.double() @ up[e].double().T)
+         for e in range(EXPERTS)]
+    ref = sum(weights[:, j, None].double() * torch.stack([h[e][t] @ down[e].double().T for t, e in
+                                                            enumerate(experts[:, j].tolist())]) for j in range(TOPK))
+    kernel = experts_kernel(policy, x, gate, up, down, token_order=True)
+    forms = {f"invariant policy ({kernel})": lambda x, w, e, g, u, d: routed_experts(x, w, e, g, u, d, policy),
+             "fused kernels": lambda x, w, e, g, u, d: fused_experts(x, g, u, d, w, e)}
+    for name, run in forms.items():
+        with numerics(policy):
+            out = run(x, weights, experts, gate, up, down)
+        err = rel(out, ref)
+        check(f"routed experts, {name}: bf16 {tokens} tokens vs fp64", err < 2e-2, f"rel err {err:.2e}")
+        bad = []
+        for keep in (0.002, 0.1, 0.5):
+            mask = torch.rand(tokens, generator=gen, device="cuda") < keep
+            mask[0] = True
+            with numerics(policy):
+                sub = run(x[mask], weights[mask], experts[mask], gate, up, down)
+            if not torch.equal(sub, out[mask]):
+                bad.append(f"{int(mask.sum())} tokens")
+        check(f"routed experts, {name}: tokens within other batches", not bad, ", ".join(bad))
 
 
 @torch.no_grad()
@@ -602,6 +639,7 @@ def main() -> int:
         f"fp32 {mm_config(torch.float32)}; attention tile bf16 {attention_config(torch.bfloat16)}")
     case("grouped mm gate/up", lambda: check_grouped_mm(rows, INTER, HIDDEN, gen))
     case("grouped mm down", lambda: check_grouped_mm(rows, HIDDEN, INTER, gen))
+    case("routed experts", lambda: check_routed_experts(rows // (4 * TOPK), gen))
     case("linear bf16", lambda: check_linear(rows // 2, HIDDEN, HIDDEN, torch.bfloat16, gen))
     case("linear fp32", lambda: check_linear(rows // 2, EXPERTS, HIDDEN, torch.float32, gen))
     case("lm_head bf16", lambda: check_linear(rows // 8, VOCAB, HIDDEN, torch.bfloat16, gen))

@@ -5,6 +5,7 @@ module is collected."""
 import importlib.util
 import os
 
+import pytest
 import torch
 
 INTERPRET = not torch.cuda.is_available()
@@ -52,3 +53,23 @@ def fix_interpreter() -> None:
 
 if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
     fix_interpreter()
+
+
+@pytest.fixture
+def row_by_row_dot(monkeypatch):
+    """The interpreter's `tl.dot` is numpy's matmul, whose BLAS rounds a row differently by its place
+    in the tile; an MMA on the GPU computes each element alike wherever its row sits. A product one row
+    at a time models that, so that the bit-identity checks test the kernels' logic."""
+    if not INTERPRET:
+        return
+    import numpy as np
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    create_dot = InterpreterBuilder.create_dot
+
+    def by_rows(self, a, b, d, input_precision, max_num_imprecise_acc):
+        rows = [create_dot(self, TensorHandle(a.data[i:i + 1], a.dtype), b, TensorHandle(d.data[i:i + 1], d.dtype),
+                           input_precision, max_num_imprecise_acc) for i in range(a.data.shape[0])]
+        return TensorHandle(np.concatenate([r.data for r in rows]), rows[0].dtype)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", by_rows)

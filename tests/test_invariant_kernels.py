@@ -22,26 +22,6 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 ALIGNED = KernelPolicy("triton", invariant=True)  # the invariant kernels, through the interpreter on a CPU
 
 
-@pytest.fixture
-def row_by_row_dot(monkeypatch):
-    """The interpreter's `tl.dot` is numpy's matmul, whose BLAS rounds a row differently by its place
-    in the tile; an MMA on the GPU computes each element alike wherever its row sits. A product one row
-    at a time models that, so that the bit-identity checks test the kernels' logic."""
-    if not INTERPRET:
-        return
-    import numpy as np
-    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
-
-    create_dot = InterpreterBuilder.create_dot
-
-    def by_rows(self, a, b, d, input_precision, max_num_imprecise_acc):
-        rows = [create_dot(self, TensorHandle(a.data[i:i + 1], a.dtype), b, TensorHandle(d.data[i:i + 1], d.dtype),
-                           input_precision, max_num_imprecise_acc) for i in range(a.data.shape[0])]
-        return TensorHandle(np.concatenate([r.data for r in rows]), rows[0].dtype)
-
-    monkeypatch.setattr(InterpreterBuilder, "create_dot", by_rows)
-
-
 def randn(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
 

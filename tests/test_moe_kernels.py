@@ -134,3 +134,17 @@ def test_the_rule_takes_the_fused_path_for_bf16_tokens():
                               (KernelPolicy(fp8=True), cuda, "fp8_loop")):
         assert experts_kernel(policy, x, x, token_order=True) == kernel
     assert experts_kernel(KernelPolicy(), cuda, cuda) == "grouped_mm"  # rows already in expert order
+
+
+def test_a_tokens_fused_output_does_not_depend_on_the_other_tokens(row_by_row_dot):
+    """The fused kernels' tiles and sums are fixed by the shapes: with products whose rows keep their bits
+    whatever shares their tile (Hopper; here the interpreter's dot one row at a time models it), a token's
+    output alone is its output among others, bit for bit (the schedule, the row gathers, the epilogue and
+    the fp32 sum in choice order depend on no other token): what invariant mode would need to take them."""
+    from ringlinear.ops.moe_kernels import fused_experts
+    (x, gate, up, down, weights), experts = problem(torch.bfloat16)
+    with torch.no_grad():
+        together = fused_experts(x, gate, up, down, weights, experts)
+        for rows in ([0], [69], [3, 40, 41, 68]):
+            alone = fused_experts(x[rows], gate, up, down, weights[rows], experts[rows])
+            assert torch.equal(alone, together[rows])

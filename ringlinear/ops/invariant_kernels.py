@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .batch_invariant import KEY_BLOCK
-from .policy import KERNEL_DTYPES, grouped_mm_gradients_kernel
+from .policy import KERNEL_DTYPES, grouped_mm_gradients_kernel, rows_keep_their_bits
 
 
 def _aligned(x: Tensor) -> Tensor:
@@ -66,14 +66,12 @@ LARGE_TILE_ROWS = 1024
 
 def mm_config(dtype: torch.dtype, rows: int = 0, device: torch.device | None = None) -> MMConfig:
     """The tile of a product of `rows` rows. fp32 runs IEEE products on CUDA cores, not tensor cores, with
-    twice the bytes per element: one smaller tile. 16-bit inputs on Hopper's tensor cores: a row's bits
-    depend on the order of K alone, not on the tile's rows or columns (every candidate of `check_invariant.py
-    --tiles` gave the same bits, H200, 2026-12-02), so many rows take a larger tile; anywhere else (the
-    interpreter's numpy products, other GPUs) one tile, since another could give other bits."""
+    twice the bytes per element: one smaller tile. 16-bit inputs where a row's bits do not depend on the
+    tile (`policy.rows_keep_their_bits`: Hopper) take a larger tile for many rows; anywhere else one tile,
+    since another could give other bits."""
     if dtype == torch.float32:
         return MMConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3)
-    if rows >= LARGE_TILE_ROWS and device is not None and device.type == "cuda" \
-            and torch.cuda.get_device_capability(device) == (9, 0):
+    if rows >= LARGE_TILE_ROWS and device is not None and rows_keep_their_bits(device):
         return MMConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
     return MMConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
 

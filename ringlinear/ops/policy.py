@@ -126,6 +126,14 @@ class KernelPolicy:
         return not self.invariant and x.is_cuda and self._backend_on(x.device) == "triton"
 
 
+def rows_keep_their_bits(device: torch.device) -> bool:
+    """Whether a 16-bit tensor-core product's row has the same bits whatever tile and rows it is computed
+    with: on Hopper (sm_90) they depend on the order of the reduction alone (every tile of
+    `benchmarks/check_invariant.py --tiles` gave the same bits, H200, 2026-12-02); elsewhere (the
+    interpreter's numpy products, other GPUs) not known, so not assumed."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
 # -- the rule table, one function per row ----------------------------------------------------------
 
 RoutingKernel = Literal["triton", "reference"]
