@@ -79,9 +79,9 @@ def mm_config(dtype: torch.dtype, rows: int = 0, device: torch.device | None = N
 # K is cut into slices at multiples of this (every tile's block_k divides it), each slice summed from
 # zero and the slices added in order, so the split is a property of the weight's shape alone
 SLICE_ALIGN = 64
-# a slice of at least this much of K; splits that would leave more columns of programs than this idle
-# are not made (a decode step's product of N / 128 programs needs about this many to fill an H200)
-SLICE_MIN_K = 128
+SLICE_MIN_K = 128  # a slice is at least this much of K
+# slices double until N · slices reaches this: a one-row-tile product's N / 128 programs times its slices
+# then fill an H200's 132 SMs
 SPLIT_TARGET_COLUMNS = 16384
 
 
