@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fp8 import fp8_grouped_gemm, fp8_linear, quantize_rows
+from .fp8 import expert_schedule, fp8_grouped_gemm, fp8_linear, quantize_rows
 from .fused import glu
 from .policy import KernelPolicy, experts_kernel
 
@@ -181,7 +181,9 @@ def grouped_glu_fp8_grouped(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, c
         raise ValueError("e4m3 expert weights need their weight_scales")
     gate_scale, up_scale, down_scale = weight_scales
     qx, sx = quantize_rows(x, policy)
-    h = glu(fp8_grouped_gemm(qx, sx, gate, gate_scale, counts, x.dtype, policy),
-            fp8_grouped_gemm(qx, sx, up, up_scale, counts, x.dtype, policy), scales, activation, policy=policy)
+    schedule = expert_schedule(qx, counts, policy)  # the three products' rows are the same
+    h = glu(fp8_grouped_gemm(qx, sx, gate, gate_scale, counts, x.dtype, policy, schedule),
+            fp8_grouped_gemm(qx, sx, up, up_scale, counts, x.dtype, policy, schedule), scales, activation,
+            policy=policy)
     qh, sh = quantize_rows(h, policy)
-    return fp8_grouped_gemm(qh, sh, down, down_scale, counts, x.dtype, policy)
+    return fp8_grouped_gemm(qh, sh, down, down_scale, counts, x.dtype, policy, schedule)

@@ -45,16 +45,26 @@ def fp8_gemm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, out_dtype: 
             return gemm_reference(a, a_scale, b, b_scale, out_dtype)
 
 
+def expert_schedule(a: Tensor, counts: Tensor, policy: KernelPolicy) -> Tensor | None:
+    """The row-tile schedule `fp8_grouped_gemm`'s kernel takes for rows a [M, ·] in groups of `counts`, made
+    once for all the products over the same rows (None where the reference runs)."""
+    if fp8_grouped_gemm_kernel(policy, a) != "triton":
+        return None
+    from ..moe_kernels import schedule_tiles
+    return schedule_tiles(counts, a.shape[0])
+
+
 def fp8_grouped_gemm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, counts: Tensor, out_dtype: torch.dtype,
-                     policy: KernelPolicy) -> Tensor:
+                     policy: KernelPolicy, schedule: Tensor | None = None) -> Tensor:
     """Each expert's rows times its weights: e4m3 a [M, K] (1×128 scales [M, ·]) sorted by expert, counts[e]
     rows for expert e (counts [E] on the device), and e4m3 b [E, N, K] (128×128 scales [E, ceil(N/128), ·])
     -> [M, N] in `out_dtype`, a @ b[e]ᵀ in fp32 over expert e's rows. The Triton kernel never reads the
-    counts on the host; the reference loops over the experts."""
+    counts on the host (`schedule`: `expert_schedule`'s for these rows, else made here); the reference
+    loops over the experts."""
     match fp8_grouped_gemm_kernel(policy, a):
         case "triton":
             from .kernels import grouped_gemm_triton
-            return grouped_gemm_triton(a, a_scale, b, b_scale, counts, out_dtype)
+            return grouped_gemm_triton(a, a_scale, b, b_scale, counts, out_dtype, schedule)
         case "reference":
             sizes = counts.tolist()
             return torch.cat([gemm_reference(a_e, s_e, b_e, bs_e, out_dtype) for a_e, s_e, b_e, bs_e

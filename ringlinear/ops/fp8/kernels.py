@@ -135,15 +135,16 @@ def gemm_triton(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, out_dtyp
 
 
 def grouped_gemm_triton(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, counts: Tensor,
-                        out_dtype: torch.dtype) -> Tensor:
+                        out_dtype: torch.dtype, schedule: Tensor | None = None) -> Tensor:
     """a @ b[e]ᵀ for the rows of each expert e: a [M, K] sorted by expert (counts [E] on the device) with 1×128
-    scales, b [E, N, K] with 128×128 scales [E, ceil(N/128), ceil(K/128)]. The grid follows the shapes
-    alone (a bound on the row tiles of M rows over E experts), so nothing waits for the host."""
+    scales, b [E, N, K] with 128×128 scales [E, ceil(N/128), ceil(K/128)]; `schedule`: `schedule_tiles(counts,
+    M)` when the caller has it (the experts' three products share one). The grid follows the shapes alone
+    (a bound on the row tiles of M rows over E experts), so nothing waits for the host."""
     (M, K), (E, N) = a.shape, b.shape[:2]
     c = torch.empty(M, N, dtype=out_dtype, device=a.device)
     if M == 0:
         return c
-    schedule = schedule_tiles(counts, M)
+    schedule = schedule_tiles(counts, M) if schedule is None else schedule
     T = schedule.shape[1]
     _grouped_gemm_kernel[(T * triton.cdiv(N, BLOCK),)](
         a, a_scale, b, b_scale, c, schedule, T, E, N, K, a.stride(0), c.stride(0), a_scale.stride(0), b.stride(0),
