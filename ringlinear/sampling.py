@@ -58,12 +58,17 @@ def sample(logits: Tensor, temperature: float | Tensor = 1.0, top_k: int | Tenso
            min_p: float | Tensor = 0.0, row_generators: Mapping[int, torch.Generator] | None = None) -> Tensor:
     """Next token per row of logits [B, V]; rows with temperature 0 are greedy. Rows named in
     `row_generators` draw from their own generator, so a seeded request gets the same tokens
-    whatever else shares its batch; the others draw from `generator`. Returns [B] long."""
+    whatever else shares its batch; the others draw from `generator`. A positive number for the
+    temperature (every row's) skips the greedy rows' argmax, and 1 the division. Returns [B] long."""
     logits = logits.float()
     B = logits.shape[0]
-    temperature = _per_row(temperature, B, logits.device, logits.dtype)
-    greedy = temperature <= 0
-    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+    if isinstance(temperature, Tensor) or temperature <= 0:
+        temperature = _per_row(temperature, B, logits.device, logits.dtype)
+        greedy = temperature <= 0
+        scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+    else:
+        greedy = None
+        scaled = logits if temperature == 1 else logits / temperature
     probs = filter_logits(scaled, top_k, top_p, min_p).softmax(-1)
     # Exponential race: argmax p / E with E ~ Exp(1) i.i.d. is a draw from p (the Gumbel-max trick),
     # and each row's E can come from its own generator.
@@ -74,7 +79,7 @@ def sample(logits: Tensor, temperature: float | Tensor = 1.0, top_k: int | Tenso
     for row, row_generator in row_generators.items():
         noise[row].exponential_(generator=row_generator)
     sampled = (probs / noise).argmax(-1)
-    return torch.where(greedy, logits.argmax(-1), sampled)
+    return sampled if greedy is None else torch.where(greedy, logits.argmax(-1), sampled)
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor, num_top: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -32,16 +32,18 @@ def test_row_generators_make_a_row_independent_of_its_batch():
 
 
 def test_filters_off_as_numbers_skip_the_sort_and_draw_the_same_tokens():
-    """The sampler passes the filters as numbers when no request sets one: the same draws as per-row
-    tensors of the defaults (which sort the vocabulary and filter nothing)."""
+    """The sampler passes the filters (and a temperature all rows share) as numbers when no request sets
+    one: the same draws as per-row tensors of the defaults (which sort the vocabulary and filter nothing)."""
     logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(1)) * 3
     assert filter_logits(logits) is logits
     off = torch.zeros(6, dtype=torch.long), torch.ones(6), torch.zeros(6)
     assert torch.equal(filter_logits(logits, *off), logits)
     for seed in range(5):
-        numbers = sample(logits, 0.8, 0, 1.0, torch.Generator().manual_seed(seed), min_p=0.0)
-        tensors = sample(logits, 0.8, off[0], off[1], torch.Generator().manual_seed(seed), min_p=off[2])
-        assert torch.equal(numbers, tensors)
+        for temperature in (0.8, 1.0):  # as a number too: no greedy rows' argmax, and at 1 no division
+            numbers = sample(logits, temperature, 0, 1.0, torch.Generator().manual_seed(seed), min_p=0.0)
+            tensors = sample(logits, torch.full((6,), temperature), off[0], off[1],
+                             torch.Generator().manual_seed(seed), min_p=off[2])
+            assert torch.equal(numbers, tensors)
 
 
 def test_exponential_race_draws_from_the_filtered_distribution():

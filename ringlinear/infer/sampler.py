@@ -54,7 +54,11 @@ class Sampler:
             filtered = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params)
             top_k, top_p, min_p = (per_row("top_k", torch.long), per_row("top_p"), per_row("min_p")) if filtered \
                 else (0, 1.0, 0.0)
-            tokens = sample(processed, per_row("temperature"), top_k, top_p, self.generator, min_p=min_p,
+            # one positive temperature for all (RL's, the API's default): a number, no per-row division
+            temperatures = {p.temperature for p in params}
+            temperature = temperatures.pop() if len(temperatures) == 1 and min(temperatures) > 0 \
+                else per_row("temperature")
+            tokens = sample(processed, temperature, top_k, top_p, self.generator, min_p=min_p,
                             row_generators={i: s.generator for i, s in enumerate(seqs) if s.generator})
         token_list = tokens.tolist()
         num_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
