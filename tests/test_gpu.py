@@ -333,3 +333,32 @@ def test_verify_steps_replayed_from_cuda_graphs_give_the_eager_engines_output(ca
             assert spec_tokens == tokens
             assert torch.equal(torch.tensor([lp.logprob for lp in spec_logprobs]),
                                torch.tensor([lp.logprob for lp in logprobs]))
+
+
+def test_fp8_engines_replay_decode_steps_from_cuda_graphs(monkeypatch):
+    """A bf16 MoE model served with FP8 weights (quantized at load): the routed experts run as grouped FP8
+    GEMMs, never the per-expert loop (a host sync), so decode steps replay CUDA graphs; greedy tokens equal
+    the same engine's without graphs."""
+    import ringlinear.ops.moe as moe
+
+    def no_loop(*args, **kwargs):
+        raise AssertionError("the FP8 experts' loop ran: e4m3 weights should take the grouped GEMMs")
+
+    monkeypatch.setattr(moe, "grouped_glu_fp8", no_loop)
+    replayed = []
+    run = StepGraphs.run
+    monkeypatch.setattr(StepGraphs, "run", lambda self, plan, chunks, batch: replayed.append(len(chunks))
+                        or run(self, plan, chunks, batch))
+    target = model(torch.bfloat16, first_k_dense_replace=1, vocab_size=257).eval()
+    prompts = [[1 + (7 * i + n) % 250 for i in range(n)] for n in (5, 40, 200)]
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    tokens = {}
+    for graphs in (True, False):  # the first engine quantizes the model in place; the second serves it as it is
+        replayed.clear()
+        engine = Engine(target, None, EngineConfig(max_num_seqs=4, max_num_batched_tokens=512, page_size=16,
+                                                   num_pages=64, quantization="fp8", cuda_graphs=graphs))
+        assert (engine.runner.graphs is not None) == graphs
+        tokens[graphs] = [out.token_ids for out in LLM(engine).generate(prompts, greedy)]
+        assert bool(replayed) == graphs
+    assert target.model.layers[1].mlp.experts.gate_proj.dtype == torch.float8_e4m3fn
+    assert tokens[True] == tokens[False]
