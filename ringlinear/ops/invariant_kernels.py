@@ -242,26 +242,29 @@ class _GroupedMMFunction(torch.autograd.Function):
 def _grouped_mm_gradients(dy: Tensor, x: Tensor, w: Tensor, counts: Tensor | None, need_dx: bool,
                           need_dw: bool) -> tuple[Tensor | None, Tensor | None]:
     """dx [M, K] and dw [E, N, K] of out = x @ w[e]ᵀ per group. Gradients need no invariance, so they take
-    the fast products (`policy.grouped_mm_gradients_kernel`): one matmul each for one group, two
-    torch._grouped_mm (no host sync) for CUDA bf16; else this file's kernel for dx and one product per
-    group for dw (reading the counts on the host)."""
+    the fast products: one matmul each for one group, else `grouped_rows_times` and `grouped_outer`."""
     if counts is None:
         return dy @ w[0] if need_dx else None, (dy.t() @ x)[None] if need_dw else None
-    if grouped_mm_gradients_kernel(dy) == "grouped_mm":
-        offsets = counts.cumsum(0).to(torch.int32)  # end row of each group
-        w = w.contiguous()
-        dx = torch._grouped_mm(dy, w, offs=offsets) if need_dx else None
-        dw = torch._grouped_mm(dy.t(), x.contiguous(), offs=offsets) if need_dw else None
-        return dx, dw
-    dx = _grouped_mm(dy, w.transpose(1, 2), counts) if need_dx else None
-    dw = None
-    if need_dw:
-        dw = torch.zeros(w.shape, device=w.device, dtype=w.dtype)
-        sizes = counts.tolist()
-        for e, (dy_e, x_e) in enumerate(zip(dy.split(sizes), x.split(sizes))):
-            if x_e.shape[0]:
-                dw[e] = dy_e.t() @ x_e
-    return dx, dw
+    return (grouped_rows_times(dy, w, counts) if need_dx else None,
+            grouped_outer(dy, x, counts) if need_dw else None)
+
+
+def grouped_rows_times(a: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    """a [M, P] with rows sorted by group (counts[e] rows in group e), w [E, P, Q] -> [M, Q]: group e's
+    rows times w[e]. For gradients, which need no invariance (`policy.grouped_mm_gradients_kernel`): one
+    torch._grouped_mm on CUDA bf16 (no host sync), else one product per group (reading the counts)."""
+    if grouped_mm_gradients_kernel(a) == "grouped_mm":
+        return torch._grouped_mm(a, w.contiguous(), offs=counts.cumsum(0).to(torch.int32))
+    return torch.cat([a_e @ w_e for a_e, w_e in zip(a.split(counts.tolist()), w.unbind())])
+
+
+def grouped_outer(a: Tensor, b: Tensor, counts: Tensor) -> Tensor:
+    """a [M, P], b [M, Q] with rows sorted by group -> [E, P, Q]: a_eᵀ b_e over group e's rows (zeros for
+    an empty group). Products as `grouped_rows_times`'."""
+    if grouped_mm_gradients_kernel(a) == "grouped_mm":
+        return torch._grouped_mm(a.t(), b.contiguous(), offs=counts.cumsum(0).to(torch.int32))
+    sizes = counts.tolist()
+    return torch.stack([a_e.t() @ b_e for a_e, b_e in zip(a.split(sizes), b.split(sizes))])
 
 
 def invariant_grouped_mm(x: Tensor, w: Tensor, counts: Tensor | None = None) -> Tensor:

@@ -18,8 +18,9 @@ Here, for the N·k (token, choice) assignments sorted by expert (`moe.sort_by_ex
 
 The backward (`_FusedExperts`) recomputes h and the activation's derivative from the saved gate and
 up products in one elementwise kernel (`_glu_backward_kernel`, which also gives the routing weights'
-gradient), and runs the five products of dgrad and wgrad as torch._grouped_mm on CUDA bf16 (the
-policy's `grouped_mm_gradients_kernel`), else one product per expert; the input's gradient is the
+gradient), and runs the five products of dgrad and wgrad as the invariant GEMM's backward does
+(`invariant_kernels.grouped_rows_times` and `grouped_outer`: torch._grouped_mm on CUDA bf16, else one
+product per expert); the input's gradient is the
 combine kernel's sum over a token's k rows of both its dgrad products.
 """
 
@@ -34,7 +35,8 @@ from torch import Tensor
 
 from .fused import POWLU_EXPONENT
 from .moe import sort_by_expert
-from .policy import KERNEL_DTYPES, grouped_mm_gradients_kernel
+from .invariant_kernels import grouped_outer, grouped_rows_times
+from .policy import KERNEL_DTYPES
 
 ACTIVATIONS = ("silu", "powlu")
 BLOCK_M = 128  # rows per tile: the schedule's, shared by both GEMMs
@@ -302,20 +304,6 @@ def _glu_backward_kernel(g, u, dh, order, weights, h, dg, du, dweights, M, N, AC
     tl.store(dweights + slot, dscale.to(dweights.dtype.element_ty), mask=row_ok)
 
 
-def _rows_times(a: Tensor, w: Tensor, counts: Tensor) -> Tensor:
-    """a [M, P] in expert order, w [E, P, Q] -> [M, Q]: expert e's rows times w[e]."""
-    if grouped_mm_gradients_kernel(a) == "grouped_mm":
-        return torch._grouped_mm(a, w, offs=counts.cumsum(0).to(torch.int32))
-    return torch.cat([a_e @ w_e for a_e, w_e in zip(a.split(counts.tolist()), w.unbind())])
-
-
-def _per_expert_outer(a: Tensor, b: Tensor, counts: Tensor) -> Tensor:
-    """a [M, P], b [M, Q] in expert order -> [E, P, Q]: a_eᵀ b_e over expert e's rows."""
-    if grouped_mm_gradients_kernel(a) == "grouped_mm":
-        return torch._grouped_mm(a.t(), b, offs=counts.cumsum(0).to(torch.int32))
-    return torch.stack([a_e.t() @ b_e for a_e, b_e in zip(a.split(counts.tolist()), b.split(counts.tolist()))])
-
-
 class _FusedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, weights: Tensor, experts: Tensor,
@@ -338,17 +326,19 @@ class _FusedExperts(torch.autograd.Function):
                     torch.zeros(ctx.weights_shape, device=x.device, dtype=weights.dtype), None, None)
         tokens = order // k
         dy = dout.contiguous()[tokens]  # [M, hidden], expert order
-        dh = _rows_times(dy, down, counts)
+        dh = grouped_rows_times(dy, down, counts)
         h, dg, du = torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
         dweights = torch.empty_like(weights)
         rows, columns = 16, min(128, triton.next_power_of_2(g.shape[1]))
         _glu_backward_kernel[(triton.cdiv(M, rows),)](g, u, dh, order, weights, h, dg, du, dweights, M, g.shape[1],
                                                       ACTIVATION=ctx.activation, BLOCK_R=rows, BLOCK_C=columns)
         x_sorted = x[tokens] if need_gate or need_up else None
-        return (combine(_rows_times(dg, gate, counts), back, k, _rows_times(du, up, counts)) if need_x else None,
-                _per_expert_outer(dg, x_sorted, counts) if need_gate else None,
-                _per_expert_outer(du, x_sorted, counts) if need_up else None,
-                _per_expert_outer(dy, h, counts) if need_down else None,
+        dx = combine(grouped_rows_times(dg, gate, counts), back, k, grouped_rows_times(du, up, counts)) \
+            if need_x else None
+        return (dx,
+                grouped_outer(dg, x_sorted, counts) if need_gate else None,
+                grouped_outer(du, x_sorted, counts) if need_up else None,
+                grouped_outer(dy, h, counts) if need_down else None,
                 dweights.view(ctx.weights_shape) if need_weights else None, None, None)
 
 

@@ -49,8 +49,8 @@ if a probe product on the device matches the reference (`blockwise_scaled_mm_wor
 GEMM. FP8 is not batch-invariant.
 (8) The absorbed form sums over the latent, not the heads' channels as the training forward does: it
 cannot give the training forward's bits, and an invariant policy is refused.
-(9) torch._grouped_mm for CUDA bf16 (`grouped_mm_gradients_kernel`); else the forward's kernel for the
-input's gradient and a loop over the groups for the weights'. One group (F.linear, @): two plain products.
+(9) torch._grouped_mm for CUDA bf16 (`grouped_mm_gradients_kernel`); else a loop over the groups. One
+group (F.linear, @): two plain products.
 (10) `attention.attention_by_key_blocks` on `invariant_kernels.key_block_attention`: tensor cores, one tile
 (a sequence's queries × the query heads of a KV head) for every call, key blocks of KEY_BLOCK at fixed
 positions read through the page table (any page size; a training sequence is one page); head dims a
@@ -240,11 +240,10 @@ def experts_kernel(policy: KernelPolicy, x: Tensor, *weights: Tensor, token_orde
     return "grouped_mm" if policy.cuda_fast_paths(x) and x.dtype == torch.bfloat16 else "loop"
 
 
-def grouped_mm_gradients_kernel(dy: Tensor) -> Literal["grouped_mm", "kernel_and_loop"]:
-    """The backward of the invariant grouped GEMM (no invariance needed): torch._grouped_mm takes CUDA bf16
-    (no host sync); else the forward's kernel for the input's gradient and a loop over the groups (a host
-    sync) for the weights'."""
-    return "grouped_mm" if dy.is_cuda and dy.dtype == torch.bfloat16 else "kernel_and_loop"
+def grouped_mm_gradients_kernel(dy: Tensor) -> Literal["grouped_mm", "loop"]:
+    """The backward's products of the invariant grouped GEMM and the fused experts (no invariance needed):
+    torch._grouped_mm takes CUDA bf16 (no host sync); else a loop over the groups (a host sync)."""
+    return "grouped_mm" if dy.is_cuda and dy.dtype == torch.bfloat16 else "loop"
 
 
 def compiles_chain(policy: KernelPolicy, x: Tensor) -> bool:
