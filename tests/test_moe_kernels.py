@@ -125,15 +125,22 @@ class Stand:
         self.device, self.dtype, self.is_cuda = torch.device(device), dtype, device == "cuda"
 
 
-def test_the_rule_takes_the_fused_path_for_bf16_tokens():
+@pytest.mark.parametrize("rows_keep_their_bits", [True, False])
+def test_the_rule_takes_the_fused_path_for_bf16_tokens(rows_keep_their_bits, monkeypatch):
+    """In invariant mode too where a row's products keep their bits whatever shares their tile (Hopper)."""
+    import ringlinear.ops.policy as policy_module
+    monkeypatch.setattr(policy_module, "rows_keep_their_bits", lambda device: rows_keep_their_bits)
     cuda, cpu = Stand(), Stand("cpu")
     for policy, x, kernel in ((KernelPolicy(), cuda, "fused"), (TRITON, cpu, "fused"),
                               (KernelPolicy(), Stand(dtype=torch.float32), "loop"),
                               (KernelPolicy(), cpu, "loop"), (KernelPolicy("torch"), cuda, "loop"),
-                              (KernelPolicy(invariant=True), cuda, "invariant_grouped_mm"),
+                              (KernelPolicy(invariant=True), cuda,
+                               "fused" if rows_keep_their_bits else "invariant_grouped_mm"),
+                              (KernelPolicy(invariant=True), Stand(dtype=torch.float32), "invariant_grouped_mm"),
                               (KernelPolicy(fp8=True), cuda, "fp8_loop")):
         assert experts_kernel(policy, x, x, token_order=True) == kernel
     assert experts_kernel(KernelPolicy(), cuda, cuda) == "grouped_mm"  # rows already in expert order
+    assert experts_kernel(KernelPolicy(invariant=True), cuda, cuda) == "invariant_grouped_mm"
 
 
 def test_a_tokens_fused_output_does_not_depend_on_the_other_tokens(row_by_row_dot):

@@ -28,7 +28,7 @@ sampler for its log-probs); the ops below switch by the table. Backward passes r
 | paged_attention             | kernel.py (3)            | gather + SDPA  | key blocks (10)     | key-block loop   |
 | paged_latent_attention      | kernel.py (3)            | gather + SDPA  | none (8)            | none (8)         |
 | route (routing.py)          | routing_kernel.py (11)   | PyTorch        | routing_kernel.py   | PyTorch          |
-| routed_experts (moe.py)     | moe_kernels.py (12)      | as grouped_glu | as grouped_glu      | as grouped_glu   |
+| routed_experts (moe.py)     | moe_kernels.py (12)      | as grouped_glu | (12) on Hopper, (2) | as grouped_glu   |
 | grouped_glu (moe.py)        | torch._grouped_mm (4)    | expert loop    | grouped GEMM (2)    | expert loop      |
 | grouped GEMM's backward     | –                        | –              | _grouped_mm (9)     | –                |
 | grouped_glu, fp8            | fp8 loop; grouped (13)   | fp8 loop, refs | fp8 loop (13)       | fp8 loop, refs   |
@@ -60,8 +60,10 @@ Its backward is PyTorch's, from the experts it chose.
 (12) bf16 (on CUDA; on the CPU through the interpreter): the fused kernels, which read the tokens' rows
 in place and sum their k outputs in fp32 without a copy of x in expert order; their backward recomputes
 the gated activation from the saved gate and up products and runs its products as torch._grouped_mm
-(`grouped_mm_gradients_kernel`; else one product per expert). Other dtypes, FP8 and invariant mode
-copy the rows into expert order and run grouped_glu (`moe.dispatched_experts`).
+(`grouped_mm_gradients_kernel`; else one product per expert). Their tiles and sums are fixed by the
+shapes, so in invariant mode they serve where a row's products keep their bits whatever shares their tile
+(`rows_keep_their_bits`: Hopper). Other dtypes, FP8 and invariant mode elsewhere copy the rows into expert
+order and run grouped_glu (`moe.dispatched_experts`).
 (13) e4m3 expert weights with their 128×128 scales (serving), not invariant and without autograd: the rows
 quantized per 1×128 once, then one grouped blockwise-FP8 GEMM per projection (`fp8/kernels.py`), each program
 taking its row tile from `moe_kernels`' schedule on the device (no host sync: CUDA-graph safe). FP8 training
@@ -222,7 +224,7 @@ ExpertsKernel = Literal["fused", "grouped_mm", "invariant_grouped_mm", "loop", "
 def experts_kernel(policy: KernelPolicy, x: Tensor, *weights: Tensor, token_order: bool = False) -> ExpertsKernel:
     """routed_experts (`token_order`: x is the tokens, in token order) and grouped_glu (x is rows already
     copied into expert order). The fused Triton kernels gather the tokens' rows themselves, so they take
-    the first, in bf16 (12); torch._grouped_mm (no host sync, so CUDA-graph safe) takes bf16 rows in
+    the first, in bf16 (12; in invariant mode on Hopper); torch._grouped_mm (no host sync, so CUDA-graph safe) takes bf16 rows in
     expert order on CUDA. e4m3 weights (serving) on the Triton backend, not invariant and without
     autograd, run one grouped FP8 GEMM per projection (13; no host sync either); other FP8 (the policy's,
     whose master weights need autograd, or the torch backend) loops over the experts (a host sync) with
@@ -233,10 +235,11 @@ def experts_kernel(policy: KernelPolicy, x: Tensor, *weights: Tensor, token_orde
         return "fp8_grouped"
     if policy.fp8 or e4m3:
         return "fp8_loop"
+    if (token_order and x.dtype == torch.bfloat16 and policy.triton(x, *weights)
+            and (not policy.invariant or rows_keep_their_bits(x.device))):
+        return "fused"
     if policy.invariant:
         return "invariant_grouped_mm" if policy.triton(x, *weights) else "loop"
-    if token_order and x.dtype == torch.bfloat16 and policy.triton(x, *weights):
-        return "fused"
     return "grouped_mm" if policy.cuda_fast_paths(x) and x.dtype == torch.bfloat16 else "loop"
 
 
