@@ -26,7 +26,7 @@ def model(dtype, **overrides):
     differences these tests look for."""
     torch.manual_seed(0)
     config = RingLinearConfig.preset("tiny", head_dim=128, num_attention_heads=4, hidden_size=512,
-                                     first_k_dense_replace=6, **overrides)
+                                     **{"first_k_dense_replace": 6, **overrides})
     return RingLinearForCausalLM(config).to("cuda", dtype)
 
 
