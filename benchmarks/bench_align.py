@@ -13,7 +13,8 @@ and the fast mode's disparity over long sequences.
    up to 32K tokens, then 32 tokens decoded) at batch 1, 8, 64 and 256 (both modes: CUDA graphs and
    the Triton kernels), with the first (prefill) step's and the median decode step's wall time, and
    the training forward and forward + backward of 16 sequences of 256 tokens, in both modes.
-   `--profile` adds a torch.profiler run of one generation per mode at batch 1 and 8.
+   `--profile` adds a torch.profiler run of the first step (prompts prefilled, one token sampled) per
+   mode at batch 1 and 256.
 3. Fast-mode disparity: `ringlinear.rl.probe` without module hooks over sequences of 32K prompt
    tokens + 64 sampled ones: max |Δ log p|, the share of tokens whose probability differs by more
    than 0.8 (the report's Figure 12 metric), quantiles.
@@ -201,24 +202,25 @@ def timed(fn, repeats: int = 3) -> float:
     return best
 
 
-PROFILED_BATCHES = (1, 8)
+PROFILED_BATCHES = (1, 256)
 
 
-def profile_generation(fn, path: str) -> None:
-    """One run of `fn` under torch.profiler (after `timed`'s warm-up): the ops with the most host time and
-    the kernels with the most GPU time, printed, and a Chrome trace at `path`.json."""
+def profile_step(fn, path: str) -> None:
+    """One run of `fn` under torch.profiler (after `timed`'s warm-up): on stdout its GPU kernels' count and
+    busy time; in `path`.txt the ops with the most host time and the kernels with the most GPU time."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
         fn()
         sync()
     table = prof.key_averages()
-    log(f"profile {os.path.basename(path)}: host time by op\n"
-        + table.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
-    if torch.cuda.is_available():
-        log(f"profile {os.path.basename(path)}: GPU time by kernel\n"
-            + table.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
-    prof.export_chrome_trace(f"{path}.json")
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    with open(f"{path}.txt", "w") as f:
+        f.write(table.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70) + "\n")
+        if kernels:
+            f.write(table.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70) + "\n")
+    log(f"profile {os.path.basename(path)}: {len(kernels)} GPU kernels, busy "
+        f"{sum(e.device_time for e in kernels) / 1e3:.2f} ms; tables in {path}.txt")
 
 
 def cost(model, sizes: Sizes, profile_dir: str | None = None) -> dict:
@@ -238,9 +240,9 @@ def cost(model, sizes: Sizes, profile_dir: str | None = None) -> dict:
             generate(engine, prompts, sizes.cost_tokens, staggered=False, step_seconds=steps)
             results[f"engine_batch{batch}_{mode}_first_step_ms"] = round(1e3 * steps[0], 2)
             results[f"engine_batch{batch}_{mode}_decode_step_ms"] = round(1e3 * statistics.median(steps[1:]), 3)
-            if profile_dir is not None and batch in PROFILED_BATCHES:
-                profile_generation(lambda: generate(engine, prompts, sizes.cost_tokens, staggered=False),
-                                   os.path.join(profile_dir, f"engine_batch{batch}_{mode}"))
+            if profile_dir is not None and batch in PROFILED_BATCHES:  # the first step: prefill, one token
+                profile_step(lambda: generate(engine, prompts, 1, staggered=False),
+                             os.path.join(profile_dir, f"first_step_batch{batch}_{mode}"))
     B, T = sizes.train_shape
     ids = torch.randint(1, vocab, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
     for aligned in (False, True):
@@ -281,8 +283,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes of part 1 (default: 1 2 4 ... 64)")
     parser.add_argument("--prompt-tokens", type=int, help="prompt length of part 2's engine cases (default: 128, "
                         "quick: 16)")
-    parser.add_argument("--profile", action="store_true", help="part 2: profile one generation of each mode at "
-                        f"batch {' and '.join(map(str, PROFILED_BATCHES))} (tables on stdout, traces in DIR)")
+    parser.add_argument("--profile", action="store_true", help="part 2: profile the first step of each mode at "
+                        f"batch {' and '.join(map(str, PROFILED_BATCHES))} (a summary on stdout, tables in DIR)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL

@@ -408,8 +408,8 @@ def bench_model(name: str, config: RingLinearConfig, shapes: Shapes, cases: tupl
 
 
 def profile_prefill(name: str, shapes: Shapes, length: int, routing: str = "model", rows: int = 30) -> None:
-    """Model `name`'s prefill of `length` tokens under the PyTorch profiler: the kernels that take the
-    GPU's time, on stdout."""
+    """Model `name`'s prefill of `length` tokens under the PyTorch profiler, on stdout: the kernels that
+    take the GPU's time, the ops that take the host's, and the GPU's busy time against the wall time."""
     from torch.profiler import ProfilerActivity, profile
 
     model = build(model_config(name, shapes))
@@ -417,9 +417,14 @@ def profile_prefill(name: str, shapes: Shapes, length: int, routing: str = "mode
         spread_routing(model)
     engine = make_engine(model, shapes.engine, {})
     prefill(engine, length)  # compiles the kernels
+    log(f"unprofiled prefill: {prefill(engine, length)}")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         log(f"profiled prefill: {prefill(engine, length)}")
-    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=80))
+    averages = prof.key_averages()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    log(f"{len(kernels)} GPU kernels, busy {sum(e.device_time for e in kernels) / 1e3:.2f} ms in all")
+    print(averages.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=80))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=rows // 2, max_name_column_width=80))
 
 
 # -- report ------------------------------------------------------------------------------------
