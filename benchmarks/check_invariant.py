@@ -1,7 +1,8 @@
 """The Triton kernels of batch-invariant mode (`ops.invariant_kernels`) on one GPU: correctness,
 bit-identity, then speed.
 
-    PYTHONPATH=$PWD python3 benchmarks/check_invariant.py [--quick] [--seed N] [--tiles | --attention-tiles | --slices]
+    PYTHONPATH=$PWD python3 benchmarks/check_invariant.py [--quick] [--seed N]
+                                                          [--tiles | --fp32-tiles | --attention-tiles | --slices]
 
 At Ring-mini shapes (hidden 2048, 16 query / 4 KV heads of 128, 256 experts of 512, vocab 157,184):
 1. correctness against PyTorch in fp64/fp32: the grouped GEMM (up to 8,192 rows over 256 experts with
@@ -24,7 +25,8 @@ check failed.
 64, 256 and 4,096 tokens on Ring-mini's product shapes (the experts' with 8 of 256 experts a token),
 summed and then per shape (a tile may be a function of the weight's shape, never of M), checked
 batch-invariant (a row's bits the same whatever M), and compared bit for bit with today's tile: a tile
-whose bits are today's could take the small M (decode) while today's takes the rest. `--attention-tiles` likewise times
+whose bits are today's could take the small M (decode) while today's takes the rest; `--fp32-tiles` the same
+for the fp32 tile on the router's product (IEEE products on CUDA cores). `--attention-tiles` likewise times
 the candidate tiles of the key-block attention (`attention_config`) on decode, prefill-chunk and
 training shapes and checks that single decode steps and a chunk get the training forward's bits.
 `--slices` times the GEMM's split of K (`k_slices`) per product shape and token count, a program per
@@ -472,24 +474,39 @@ TILE_SHAPES = (("lightning qkv", 3 * HEADS * HEAD_DIM, HIDDEN, 1), ("dense / g_p
                ("experts gate/up", INTER, HIDDEN, EXPERTS), ("experts down", HIDDEN, INTER, EXPERTS),
                ("lm_head", VOCAB, HIDDEN, 1))
 TILE_TOKENS = (1, 64, 256, 4096)
+# fp32 (the router's product: IEEE on CUDA cores, no tensor cores)
+FP32_TILE_CANDIDATES = (
+    MMConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3),  # the tile today
+    MMConfig(block_m=128, block_n=64, block_k=32, num_warps=4, num_stages=3),
+    MMConfig(block_m=128, block_n=64, block_k=32, num_warps=8, num_stages=3),
+    MMConfig(block_m=64, block_n=128, block_k=32, num_warps=4, num_stages=3),
+    MMConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=2),
+    MMConfig(block_m=128, block_n=128, block_k=16, num_warps=8, num_stages=3),
+    MMConfig(block_m=64, block_n=64, block_k=16, num_warps=4, num_stages=4),
+    MMConfig(block_m=32, block_n=64, block_k=32, num_warps=4, num_stages=3),
+)
+FP32_TILE_SHAPES = (("router", EXPERTS, HIDDEN, 1),)
 
 
 @torch.no_grad()
-def tiles(gen: torch.Generator) -> None:
+def tiles(gen: torch.Generator, dtype: torch.dtype = torch.bfloat16) -> None:
     """Median ms of each candidate at each shape and token count (summed over the shapes: one layer's
-    products, roughly), and whether a row's bits are the same at every token count."""
+    products, roughly), and whether a row's bits are the same at every token count; bf16's candidates on
+    its products, or fp32's on the router's."""
+    candidates, products = ((TILE_CANDIDATES, TILE_SHAPES) if dtype == torch.bfloat16
+                            else (FP32_TILE_CANDIDATES, FP32_TILE_SHAPES))
     shapes = []
-    for name, N, K, E in TILE_SHAPES:
+    for name, N, K, E in products:
         rows = TILE_TOKENS[-1] * (TOPK if E > 1 else 1)
         counts = random_counts(rows, gen) if E > 1 else None
-        x = torch.randn(rows, K, generator=gen, device="cuda").bfloat16()
-        w = (torch.randn(E, N, K, generator=gen, device="cuda") * K**-0.5).bfloat16()
+        x = torch.randn(rows, K, generator=gen, device="cuda").to(dtype)
+        w = (torch.randn(E, N, K, generator=gen, device="cuda") * K**-0.5).to(dtype)
         shapes.append((name, x, w, counts))
     header = "".join(f"{f'M={m} ms':>12}" for m in TILE_TOKENS)
     print(f"{'tile (m, n, k, warps, stages)':<32}{header}  invariant; bits of today's tile")
     per_shape: dict[str, list[tuple[str, list[float]]]] = {name: [] for name, *_ in shapes}
-    today = {name: _grouped_mm(x, w, counts, TILE_CANDIDATES[0]) for name, x, w, counts in shapes}
-    for c in TILE_CANDIDATES:
+    today = {name: _grouped_mm(x, w, counts, candidates[0]) for name, x, w, counts in shapes}
+    for c in candidates:
         tile = f"({c.block_m}, {c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages})"
         totals, broken, other_bits = [0.0] * len(TILE_TOKENS), [], []
         for name, x, w, counts in shapes:
@@ -619,6 +636,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller shapes: a smoke test of every case")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiles", action="store_true", help="time and check the candidate bf16 GEMM tiles instead")
+    parser.add_argument("--fp32-tiles", action="store_true", help="time and check the candidate fp32 GEMM tiles "
+                        "(the router's product) instead")
     parser.add_argument("--attention-tiles", action="store_true",
                         help="time and check the candidate bf16 attention tiles instead")
     parser.add_argument("--slices", action="store_true",
@@ -630,8 +649,11 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references and the fast fp32 path in IEEE fp32
     gen = torch.Generator("cuda").manual_seed(args.seed)
     rows, seq_len = (1024, 512) if args.quick else (8192, 2048)
-    if args.tiles or args.attention_tiles or args.slices:
-        tiles(gen) if args.tiles else attention_tiles(seq_len, gen) if args.attention_tiles else slices(gen)
+    if args.tiles or args.fp32_tiles or args.attention_tiles or args.slices:
+        if args.tiles or args.fp32_tiles:
+            tiles(gen, torch.bfloat16 if args.tiles else torch.float32)
+        else:
+            attention_tiles(seq_len, gen) if args.attention_tiles else slices(gen)
         print(f"\n{'FAIL: ' + ', '.join(FAILURES) if FAILURES else 'every choice batch-invariant'}")
         return 1 if FAILURES else 0
     log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; GEMM tiles bf16 {mm_config(torch.bfloat16)} "
