@@ -66,12 +66,15 @@ LARGE_TILE_ROWS = 1024
 
 def mm_config(dtype: torch.dtype, rows: int = 0, device: torch.device | None = None) -> MMConfig:
     """The tile of a product of `rows` rows. fp32 runs IEEE products on CUDA cores, not tensor cores, with
-    twice the bytes per element: one smaller tile. 16-bit inputs where a row's bits do not depend on the
-    tile (`policy.rows_keep_their_bits`: Hopper) take a larger tile for many rows; anywhere else one tile,
-    since another could give other bits."""
+    twice the bytes per element: smaller tiles. Where a row's bits do not depend on the tile
+    (`policy.rows_keep_their_bits`: Hopper) many rows take a larger tile (fp32 on the router's product:
+    0.270 ms vs 0.346 at 4,096 rows, the same bits; `benchmarks/check_invariant.py --tiles`,
+    `--fp32-tiles`); anywhere else one tile, since another could give other bits."""
+    large = rows >= LARGE_TILE_ROWS and device is not None and rows_keep_their_bits(device)
     if dtype == torch.float32:
-        return MMConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3)
-    if rows >= LARGE_TILE_ROWS and device is not None and rows_keep_their_bits(device):
+        return (MMConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=2) if large
+                else MMConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3))
+    if large:
         return MMConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
     return MMConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
 
