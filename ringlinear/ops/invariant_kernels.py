@@ -39,6 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .batch_invariant import KEY_BLOCK
+from .launch import cdiv, needs_grad, next_power_of_2
 from .policy import KERNEL_DTYPES, grouped_mm_gradients_kernel, rows_keep_their_bits
 
 
@@ -72,11 +73,14 @@ def mm_config(dtype: torch.dtype, rows: int = 0, device: torch.device | None = N
     `--fp32-tiles`); anywhere else one tile, since another could give other bits."""
     large = rows >= LARGE_TILE_ROWS and device is not None and rows_keep_their_bits(device)
     if dtype == torch.float32:
-        return (MMConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=2) if large
-                else MMConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3))
-    if large:
-        return MMConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
-    return MMConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
+        return _FP32_LARGE_TILE if large else _FP32_TILE
+    return _LARGE_TILE if large else _TILE
+
+
+_TILE = MMConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
+_LARGE_TILE = MMConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+_FP32_TILE = MMConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3)
+_FP32_LARGE_TILE = MMConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=2)
 
 
 # K is cut into slices at multiples of this (every tile's block_k divides it), each slice summed from
@@ -98,8 +102,8 @@ def k_slices(E: int, N: int, K: int) -> tuple[int, int]:
     slices = 1
     while E == 1 and slices * 2 * SLICE_MIN_K <= K and N * slices < SPLIT_TARGET_COLUMNS:
         slices *= 2
-    length = triton.cdiv(triton.cdiv(K, slices), SLICE_ALIGN) * SLICE_ALIGN
-    return triton.cdiv(K, length), length
+    length = cdiv(cdiv(K, slices), SLICE_ALIGN) * SLICE_ALIGN
+    return cdiv(K, length), length
 
 
 @triton.jit
@@ -212,18 +216,18 @@ def _grouped_mm(x: Tensor, w: Tensor, counts: Tensor | None, config: MMConfig | 
     # row tiles over all groups: a group of n rows takes ceil(n / block_m) ≤ (n + block_m - 1) / block_m,
     # and at most min(E, M) groups hold rows; a bound from the shapes alone (CUDA-graph safe)
     groups = 1 if counts is None else min(E, M)
-    grid = ((M + groups * (c.block_m - 1)) // c.block_m, triton.cdiv(N, c.block_n))
+    grid = ((M + groups * (c.block_m - 1)) // c.block_m, cdiv(N, c.block_n))
     slices, length = slices or k_slices(E, N, K)
     split = slices > 1 and (split_programs(grid[0] * grid[1], x.device) if split is None else split)
     target = torch.empty(slices, M, N, device=x.device, dtype=torch.float32) if split else out
     _grouped_mm_kernel[(*grid, slices) if split else grid](
         x, w, target, x if counts is None else counts, M, N, K, E, w.stride(0), w.stride(1), w.stride(2), length,
-        GROUPED=counts is not None, E_P2=triton.next_power_of_2(E),
+        GROUPED=counts is not None, E_P2=next_power_of_2(E),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
         SLICED=slices > 1, SPLIT=split,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
     if split:
-        _sum_slices_kernel[(triton.cdiv(M * N, SUM_BLOCK),)](target, out, M * N, SLICES=slices, BLOCK=SUM_BLOCK)
+        _sum_slices_kernel[(cdiv(M * N, SUM_BLOCK),)](target, out, M * N, SLICES=slices, BLOCK=SUM_BLOCK)
     return out
 
 
@@ -285,7 +289,7 @@ def invariant_grouped_mm(x: Tensor, w: Tensor, counts: Tensor | None = None) -> 
                                or counts.device != x.device):
         raise ValueError(f"counts must be an int tensor [E]=[{w.shape[0]}] on {x.device}, got "
                          f"{list(counts.shape)} {counts.dtype} on {counts.device}")
-    return _GroupedMMFunction.apply(x, w, counts)
+    return _GroupedMMFunction.apply(x, w, counts) if needs_grad(x, w) else _grouped_mm(x, w, counts)
 
 
 def invariant_linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -301,7 +305,7 @@ def invariant_linear(x: Tensor, weight: Tensor) -> Tensor:
 def row_block(columns: int) -> int:
     """Columns per step of a row's loop: fixed by the row length (so by the call site), never by the
     number of rows."""
-    return min(1024, triton.next_power_of_2(columns))
+    return min(1024, next_power_of_2(columns))
 
 
 @triton.jit
@@ -331,7 +335,7 @@ def _row_sum(x: Tensor, scale: float) -> Tensor:
     rows = out.numel()
     if not rows:
         return out
-    chunks = triton.cdiv(C, ROW_CHUNK)
+    chunks = cdiv(C, ROW_CHUNK)
     if chunks == 1:
         _row_sum_kernel[(rows, 1)](x, out, C, C, scale, BLOCK=row_block(C), num_warps=4)
         return out
@@ -360,7 +364,8 @@ def row_sum(x: Tensor, mean: bool = False) -> Tensor:
     C = x.shape[-1]
     if C == 0:
         return x.new_full(x.shape[:-1], float("nan") if mean else 0.0)
-    return _RowSumFunction.apply(x, 1.0 / C if mean else 1.0)
+    scale = 1.0 / C if mean else 1.0
+    return _RowSumFunction.apply(x, scale) if needs_grad(x) else _row_sum(x, scale)
 
 
 # -- RMSNorm ----------------------------------------------------------------------------------------
@@ -391,20 +396,24 @@ def _rms_norm_kernel(x, weight, gate, out, C, G, eps, BLOCK: tl.constexpr, HAS_G
         tl.store(out + row * C + start + cols, y, mask=mask)
 
 
+def _rms_norm(x: Tensor, weight: Tensor, gate: Tensor | None, eps: float, groups: int) -> Tensor:
+    """The launch; x and gate 16-byte aligned and contiguous (`_aligned`)."""
+    out = torch.empty_like(x)
+    C = x.shape[-1] // groups
+    if x.numel():
+        _rms_norm_kernel[(x.numel() // C,)](x, weight.contiguous(), x if gate is None else gate, out, C, groups, eps,
+                                            BLOCK=row_block(C), HAS_GATE=gate is not None, num_warps=4)
+    return out
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """The kernel forward; the backward is PyTorch's through `reference` (outside numerics)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, gate: Tensor | None, eps: float, groups: int, reference) -> Tensor:
-        x, g = _aligned(x), None if gate is None else _aligned(gate)
-        out = torch.empty_like(x)
-        C = x.shape[-1] // groups
-        if x.numel():
-            _rms_norm_kernel[(x.numel() // C,)](x, weight.contiguous(), x if g is None else g, out, C, groups, eps,
-                                                BLOCK=row_block(C), HAS_GATE=g is not None, num_warps=4)
-        ctx.save_for_backward(x, weight, g)
+        ctx.save_for_backward(x, weight, gate)
         ctx.eps, ctx.groups, ctx.reference = eps, groups, reference
-        return out
+        return _rms_norm(x, weight, gate, eps, groups)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -421,7 +430,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int, gate: Tensor | 
     if x.shape[-1] % groups or weight.shape != (x.shape[-1],) or (gate is not None and gate.shape != x.shape):
         raise ValueError(f"rms_norm: x {list(x.shape)} in {groups} groups, weight {list(weight.shape)}, "
                          f"gate {None if gate is None else list(gate.shape)}")
-    return _RMSNormFunction.apply(x, weight, gate, eps, groups, reference)
+    x, gate = _aligned(x), None if gate is None else _aligned(gate)
+    if needs_grad(x, weight, gate):
+        return _RMSNormFunction.apply(x, weight, gate, eps, groups, reference)
+    return _rms_norm(x, weight, gate, eps, groups)
 
 
 @triton.jit
@@ -473,23 +485,29 @@ def _softmax_write_kernel(x, stats, out, C, chunk, chunks, LOG: tl.constexpr, BL
         tl.store(out + row * C + start + cols, y.to(out.dtype.element_ty), mask=mask)
 
 
+def _softmax(x: Tensor, log: bool) -> Tensor:
+    """The two launches."""
+    x = _aligned(x)
+    C = x.shape[-1]
+    out = torch.empty_like(x)
+    rows = x.numel() // C if C else 0
+    if rows:
+        chunks = cdiv(C, ROW_CHUNK)
+        chunk = C if chunks == 1 else ROW_CHUNK
+        stats = torch.empty(rows, chunks, 2, device=x.device, dtype=torch.float32)
+        block = row_block(chunk)
+        _softmax_stats_kernel[(rows, chunks)](x, stats, C, chunk, BLOCK=block, num_warps=4)
+        _softmax_write_kernel[(rows, chunks)](x, stats, out, C, chunk, chunks, LOG=log, BLOCK=block,
+                                              CHUNKS=next_power_of_2(chunks), num_warps=4)
+    return out
+
+
 class _SoftmaxFunction(torch.autograd.Function):
     """The kernels forward; the backward is the ordinary formula (no invariance needed)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, log: bool) -> Tensor:
-        x = _aligned(x)
-        C = x.shape[-1]
-        out = torch.empty_like(x)
-        rows = x.numel() // C if C else 0
-        if rows:
-            chunks = triton.cdiv(C, ROW_CHUNK)
-            chunk = C if chunks == 1 else ROW_CHUNK
-            stats = torch.empty(rows, chunks, 2, device=x.device, dtype=torch.float32)
-            block = row_block(chunk)
-            _softmax_stats_kernel[(rows, chunks)](x, stats, C, chunk, BLOCK=block, num_warps=4)
-            _softmax_write_kernel[(rows, chunks)](x, stats, out, C, chunk, chunks, LOG=log, BLOCK=block,
-                                                  CHUNKS=triton.next_power_of_2(chunks), num_warps=4)
+        out = _softmax(x, log)
         ctx.save_for_backward(out)
         ctx.log = log
         return out
@@ -511,7 +529,7 @@ def softmax(x: Tensor, log: bool = False, dtype: torch.dtype | None = None) -> T
     if x.dim() == 0 or x.dtype not in KERNEL_DTYPES:
         raise ValueError(f"softmax takes an fp16, bf16 or fp32 tensor of at least one dim, got {x.dtype} "
                          f"{list(x.shape)}")
-    return _SoftmaxFunction.apply(x, log)
+    return _SoftmaxFunction.apply(x, log) if needs_grad(x) else _softmax(x, log)
 
 
 # -- attention over key blocks ---------------------------------------------------------------------

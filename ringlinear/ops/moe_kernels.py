@@ -34,8 +34,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .fused import POWLU_EXPONENT
-from .moe import sort_by_expert
 from .invariant_kernels import grouped_outer, grouped_rows_times
+from .launch import cdiv, next_power_of_2
+from .moe import sort_by_expert
 from .policy import KERNEL_DTYPES
 
 ACTIVATIONS = ("silu", "powlu")
@@ -134,7 +135,7 @@ def schedule_tiles(counts: Tensor, M: int) -> Tensor:
     E = counts.shape[0]
     T = row_tiles(M, E)
     schedule = torch.empty(3, T, device=counts.device, dtype=torch.int32)
-    _schedule_kernel[(triton.cdiv(T, SCHEDULE_BLOCK),)](counts, schedule, T, E, E_P2=triton.next_power_of_2(E),
+    _schedule_kernel[(cdiv(T, SCHEDULE_BLOCK),)](counts, schedule, T, E, E_P2=next_power_of_2(E),
                                                         BLOCK_M=BLOCK_M, BLOCK_T=SCHEDULE_BLOCK)
     return schedule
 
@@ -242,7 +243,7 @@ def combine(a: Tensor, back: Tensor, k: int, b: Tensor | None = None) -> Tensor:
     M, H = a.shape
     out = torch.empty(M // k, H, device=a.device, dtype=a.dtype)
     if M:
-        grid = (triton.cdiv(M // k, COMBINE_TOKENS), triton.cdiv(H, COMBINE_COLUMNS))
+        grid = (cdiv(M // k, COMBINE_TOKENS), cdiv(H, COMBINE_COLUMNS))
         _combine_kernel[grid](a, a if b is None else b, back, out, M // k, H, k=k, TWO=b is not None,
                               BLOCK_T=COMBINE_TOKENS, BLOCK_H=COMBINE_COLUMNS)
     return out
@@ -263,13 +264,13 @@ def _forward(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, weights: Tensor,
     h = torch.empty(M, inter, device=x.device, dtype=x.dtype)
     g, u = (torch.empty_like(h), torch.empty_like(h)) if save else (None, None)
     c = _staged(GATE_UP, x.dtype)
-    _gate_up_kernel[(T * triton.cdiv(inter, c.block_n),)](
+    _gate_up_kernel[(T * cdiv(inter, c.block_n),)](
         x, order, weights, gate, up, h, h if g is None else g, h if u is None else u, schedule, T, E, hidden, inter, k,
         ACTIVATION=activation, SAVE=save, PRECISION=_precision(x.dtype),
         BLOCK_M=BLOCK_M, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
     y = torch.empty(M, hidden, device=x.device, dtype=x.dtype)
     c = _staged(DOWN, x.dtype)
-    _down_kernel[(T * triton.cdiv(hidden, c.block_n),)](
+    _down_kernel[(T * cdiv(hidden, c.block_n),)](
         h, down, y, schedule, T, E, inter, hidden, PRECISION=_precision(x.dtype),
         BLOCK_M=BLOCK_M, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
     return combine(y, back, k), g, u
@@ -329,8 +330,8 @@ class _FusedExperts(torch.autograd.Function):
         dh = grouped_rows_times(dy, down, counts)
         h, dg, du = torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
         dweights = torch.empty_like(weights)
-        rows, columns = 16, min(128, triton.next_power_of_2(g.shape[1]))
-        _glu_backward_kernel[(triton.cdiv(M, rows),)](g, u, dh, order, weights, h, dg, du, dweights, M, g.shape[1],
+        rows, columns = 16, min(128, next_power_of_2(g.shape[1]))
+        _glu_backward_kernel[(cdiv(M, rows),)](g, u, dh, order, weights, h, dg, du, dweights, M, g.shape[1],
                                                       ACTIVATION=ctx.activation, BLOCK_R=rows, BLOCK_C=columns)
         x_sorted = x[tokens] if need_gate or need_up else None
         dx = combine(grouped_rows_times(dg, gate, counts), back, k, grouped_rows_times(du, up, counts)) \

@@ -128,6 +128,7 @@ class KernelPolicy:
         return not self.invariant and x.is_cuda and self._backend_on(x.device) == "triton"
 
 
+@functools.cache  # a property of the device; a host call per launch otherwise
 def rows_keep_their_bits(device: torch.device) -> bool:
     """Whether a 16-bit tensor-core product's row has the same bits whatever tile and rows it is computed
     with: on Hopper (sm_90) they depend on the order of the reduction alone (every tile of

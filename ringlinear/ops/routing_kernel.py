@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import next_power_of_2
 from .routing import Routing
 
 
@@ -67,7 +68,7 @@ def route_triton(logits: Tensor, bias: Tensor | None, routing: Routing) -> tuple
     if N:
         _route_kernel[(N,)](logits, logits if bias is None else bias, weights, experts, logits.stride(0),
                             float(routing.scale), E=E, G=routing.n_group, TOPK_GROUP=routing.topk_group,
-                            K=routing.top_k, K_P2=triton.next_power_of_2(routing.top_k), SIGMOID=routing.sigmoid,
+                            K=routing.top_k, K_P2=next_power_of_2(routing.top_k), SIGMOID=routing.sigmoid,
                             HAS_BIAS=bias is not None, NORMALIZE=routing.normalize and routing.top_k > 1,
                             num_warps=4 if E >= 256 else 1)
     return weights, experts

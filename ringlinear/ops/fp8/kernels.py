@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..launch import cdiv
 from ..moe_kernels import BLOCK_M as SCHEDULE_ROWS
 from ..moe_kernels import program_tile, schedule_tiles
 from .reference import BLOCK, E4M3, E4M3_MAX, blocks
@@ -68,7 +69,7 @@ def quantize_triton(x: Tensor, square: bool) -> tuple[Tensor, Tensor]:
     q = torch.empty(R, C, dtype=E4M3, device=x.device)
     scale = torch.empty(blocks(R) if square else R, blocks(C), dtype=torch.float32, device=x.device)
     block_r = BLOCK if square else 32
-    grid = (triton.cdiv(R, block_r), blocks(C))
+    grid = (cdiv(R, block_r), blocks(C))
     _quantize_kernel[grid](x, q, scale, R, C, x.stride(0), x.stride(1), scale.stride(0),
                            BLOCK_R=block_r, BLOCK_C=BLOCK, SQUARE=square, MAX=E4M3_MAX, num_warps=4)
     return q, scale
@@ -127,7 +128,7 @@ def gemm_triton(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, out_dtyp
     (M, K), N = a.shape, b.shape[0]
     c = torch.empty(M, N, dtype=out_dtype, device=a.device)
     block_m = 64 if M <= 64 else 128
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, BLOCK))
+    grid = (cdiv(M, block_m), cdiv(N, BLOCK))
     _gemm_kernel[grid](a, a_scale, b, b_scale, c, M, N, K, a.stride(0), b.stride(0), c.stride(0),
                        a_scale.stride(0), b_scale.stride(0), B_ROWS_PER_SCALE=1 if b_scale.shape[0] == N else BLOCK,
                        BLOCK_M=block_m, BLOCK_N=BLOCK, BLOCK_K=BLOCK, num_warps=8, num_stages=3)
@@ -146,7 +147,7 @@ def grouped_gemm_triton(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, 
         return c
     schedule = schedule_tiles(counts, M) if schedule is None else schedule
     T = schedule.shape[1]
-    _grouped_gemm_kernel[(T * triton.cdiv(N, BLOCK),)](
+    _grouped_gemm_kernel[(T * cdiv(N, BLOCK),)](
         a, a_scale, b, b_scale, c, schedule, T, E, N, K, a.stride(0), c.stride(0), a_scale.stride(0), b.stride(0),
         b.stride(1), b_scale.stride(0), b_scale.stride(1), BLOCK_M=SCHEDULE_ROWS, BLOCK_N=BLOCK, BLOCK_K=BLOCK,
         num_warps=8, num_stages=3)

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..launch import cdiv, needs_grad
 from ..policy import LIGHTNING_HEAD_DIMS
 
 BT = 64  # chunk length; segments are multiples of it
@@ -221,10 +222,6 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # not triton.cdiv: a constexpr_function, microseconds of host time a call
-
-
 def _plan(device: torch.device, tokens: int, longest: int, programs_per_segment: int, full_per_sm: float,
           programs_per_sm: float, min_seg_len: int, seg_len: int | None) -> _Plan:
     """Cut the longest sequences into equal segments of at least `min_seg_len` tokens, as many as
@@ -235,11 +232,11 @@ def _plan(device: torch.device, tokens: int, longest: int, programs_per_segment:
         programs = programs_per_segment * max(tokens / longest, 1)  # in units of the longest sequence
         sms = _num_sms(device)
         segments = 1 if programs >= 0.9 * full_per_sm * sms else max(1, round(programs_per_sm * sms / programs))
-        seg_len = max(min_seg_len, _cdiv(_cdiv(longest, segments), BT) * BT)
+        seg_len = max(min_seg_len, cdiv(cdiv(longest, segments), BT) * BT)
     if seg_len % BT:
         raise ValueError(f"seg_len must be a multiple of {BT}, got {seg_len}")
-    seg_len = min(seg_len, _cdiv(longest, BT) * BT)
-    return _Plan(seg_len, _cdiv(longest, seg_len), tokens // seg_len)
+    seg_len = min(seg_len, cdiv(longest, BT) * BT)
+    return _Plan(seg_len, cdiv(longest, seg_len), tokens // seg_len)
 
 
 def _dot_precision(dtype: torch.dtype) -> str | None:
@@ -305,12 +302,6 @@ class LightningAttnFunction(torch.autograd.Function):
                                 None if dht is None else dht.float().contiguous(), initial_state is not None,
                                 cu_seqlens, ctx.max_seqlen, ctx.config, ctx.seg_len)
         return dq, dk, dv, None, None, dh0, None, None, None, None, None
-
-
-def needs_grad(*xs: Tensor | None) -> bool:
-    """Whether autograd must record the op: outside it (inference) the launch skips
-    autograd.Function's host time, tens of microseconds that a short prefill would feel."""
-    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
 
 
 def kernel_inputs(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None,

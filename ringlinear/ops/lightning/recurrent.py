@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .chunk import LightningAttnFunction, default_config, kernel_inputs, needs_grad
+from ..launch import needs_grad
+from .chunk import LightningAttnFunction, default_config, kernel_inputs
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..launch import next_power_of_2
 from .chunk import _dot_precision
 from .decode import decode_block_v
 
@@ -111,7 +112,7 @@ def lightning_tree_verify_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Ten
     _verify_kernel[(H * (D // block_v), N)](
         q, k, v, o, state, slots, ancestors, depth, query_start, log_decay, D**-0.5 if scale is None else scale,
         q.stride(0), k.stride(0), v.stride(0), state.stride(0),
-        H=H, D=D, BV=block_v, BT=max(16, triton.next_power_of_2(max_tree_len)), DOT_PREC=_dot_precision(q.dtype),
+        H=H, D=D, BV=block_v, BT=max(16, next_power_of_2(max_tree_len)), DOT_PREC=_dot_precision(q.dtype),
         num_warps=4)
     return o
 

@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..launch import cdiv, next_power_of_2
+
 LOG2E = 1.4426950408889634  # softmax runs in the exp2 domain
 
 
@@ -108,7 +110,7 @@ def _tile_rows(group: int, max_query_len: int) -> int:
     """Rows per program: one token's heads for decode (at least 16 for the tensor cores), 64 rows
     (64 / group tokens) for prefill."""
     rows = 16 if max_query_len == 1 else 64
-    return max(rows, triton.next_power_of_2(group))
+    return max(rows, next_power_of_2(group))
 
 
 def paged_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
@@ -122,13 +124,13 @@ def paged_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     block_m = _tile_rows(group, max_query_len)
     tokens_per_tile = block_m // group
     o = torch.empty_like(q)
-    grid = (num_seqs, kv_heads, triton.cdiv(max_query_len, tokens_per_tile))
+    grid = (num_seqs, kv_heads, cdiv(max_query_len, tokens_per_tile))
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, o, block_tables, seq_lens, query_start,
         query_start if tree_ancestors is None else tree_ancestors, scale * LOG2E,  # unread without TREE
         q.stride(0), q.stride(1), o.stride(0), o.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        GROUP=group, D=D, BLOCK_D=triton.next_power_of_2(D), PAGE=page, BLOCK_M=block_m,
+        GROUP=group, D=D, BLOCK_D=next_power_of_2(D), PAGE=page, BLOCK_M=block_m,
         TREE=tree_ancestors is not None,
     )
     return o

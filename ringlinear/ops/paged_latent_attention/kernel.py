@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..launch import cdiv, next_power_of_2
 from ..paged_attention.kernel import online_softmax_step, tile_tokens, tree_visible
 
 LOG2E = 1.4426950408889634
@@ -84,7 +85,7 @@ def _tile_rows(num_heads: int, max_query_len: int, block_r: int) -> int:
     """Rows per program: one token's heads for decode (at least 16 for the tensor cores); for prefill
     up to 64 rows, fewer for a wide latent so that the accumulator stays within ACCUMULATOR values."""
     rows = 16 if max_query_len == 1 else max(16, min(64, ACCUMULATOR // block_r))
-    return max(rows, triton.next_power_of_2(num_heads))
+    return max(rows, next_power_of_2(num_heads))
 
 
 def _num_splits(programs: int, device: torch.device) -> int:
@@ -107,9 +108,9 @@ def latent_attention_triton(q: Tensor, cache: Tensor, block_tables: Tensor, seq_
     attention's."""
     T, H, width = q.shape
     page = cache.shape[1]
-    block_r = max(16, triton.next_power_of_2(latent_dim))
+    block_r = max(16, next_power_of_2(latent_dim))
     block_m = _tile_rows(H, max_query_len, block_r)
-    tiles = triton.cdiv(max_query_len, block_m // H)
+    tiles = cdiv(max_query_len, block_m // H)
     splits = _num_splits(seq_lens.shape[0] * tiles, q.device) if max_query_len == 1 else 1
     rope = width - latent_dim
     if splits == 1:
@@ -122,7 +123,7 @@ def latent_attention_triton(q: Tensor, cache: Tensor, block_tables: Tensor, seq_
         query_start if tree_ancestors is None else tree_ancestors, scale * LOG2E,  # unread without TREE
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), block_tables.stride(0),
         o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-        H=H, R=latent_dim, ROPE=rope, BLOCK_R=block_r, BLOCK_ROPE=max(16, triton.next_power_of_2(rope)), PAGE=page,
+        H=H, R=latent_dim, ROPE=rope, BLOCK_R=block_r, BLOCK_ROPE=max(16, next_power_of_2(rope)), PAGE=page,
         BLOCK_N=min(page, 32), BLOCK_M=block_m, SPLITS=splits, TREE=tree_ancestors is not None,
         num_warps=8 if block_m * block_r >= ACCUMULATOR else 4,
     )
