@@ -27,10 +27,10 @@ def prompts_of(lengths, seed):
     return [torch.randint(1, 257, (n,), generator=g).tolist() for n in lengths]
 
 
-def engine_rollouts(model, prompts, batch_size):
-    """Tokens and log-probs of sampled continuations; requests arrive one per step, 16-token steps
+def engine_rollouts(model, prompts, batch_size, step_tokens=16):
+    """Tokens and log-probs of sampled continuations; requests arrive one per step, steps of `step_tokens`
     chunk the prompts, and 5 pages of 16 tokens for 8 sequences force preemption."""
-    engine = Engine(model, None, EngineConfig(max_num_seqs=batch_size, max_num_batched_tokens=16, page_size=16,
+    engine = Engine(model, None, EngineConfig(max_num_seqs=batch_size, max_num_batched_tokens=step_tokens, page_size=16,
                                               num_pages=5 if batch_size == 8 else max(64, 4 * batch_size),
                                               batch_invariant=True))
     results = {i: [] for i in range(len(prompts))}
@@ -62,12 +62,12 @@ def test_engine_log_probs_equal_the_training_forward_bit_for_bit(model, batch_si
     check_engine_equals_training(model, batch_size, [14, 13, 15, 12, 30, 29, 11, 10][:max(batch_size, 2)])
 
 
-def check_engine_equals_training(model, batch_size, prompt_lengths):
-    """Engine rollouts of prompts of these lengths with `batch_size` sequences at most per step; then
-    their log-probs from training forwards of each sequence alone and of all of them in one padded
-    batch with other sequences around (tests/test_gpu.py runs it on CUDA)."""
+def check_engine_equals_training(model, batch_size, prompt_lengths, step_tokens=16):
+    """Engine rollouts of prompts of these lengths with `batch_size` sequences at most per step (and
+    `step_tokens` tokens); then their log-probs from training forwards of each sequence alone and of all
+    of them in one padded batch with other sequences around (tests/test_gpu.py runs it on CUDA)."""
     prompts = prompts_of(prompt_lengths, seed=8)
-    rollouts = engine_rollouts(model, prompts, batch_size)
+    rollouts = engine_rollouts(model, prompts, batch_size, step_tokens)
     sequences = [p + tokens for p, (tokens, _) in zip(prompts, rollouts)]
     others = [p + [1, 2, 3] for p in prompts_of([9, 50, 14], seed=99)]
     alone = [training_logprobs(model, [s])[0] for s in sequences]

@@ -131,10 +131,12 @@ def test_recurrent_lightning_gives_a_sequence_the_same_bits_however_it_is_run():
             assert s is None or torch.equal(s, s_alone[0]), (name, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch_size", [1, 8, 64])
-def test_aligned_engine_log_probs_equal_the_training_forward(batch_size, dtype, monkeypatch):
-    """tests/test_batch_invariant.py's check on the GPU: Triton kernels, up to 64 sequences per step. In
+@pytest.mark.parametrize("dtype,batch_size,step_tokens", [
+    (dtype, batch, 16) for dtype in (torch.float32, torch.bfloat16) for batch in (1, 8, 64)] + [
+    (torch.bfloat16, 256, 512)])
+def test_aligned_engine_log_probs_equal_the_training_forward(batch_size, dtype, step_tokens, monkeypatch):
+    """tests/test_batch_invariant.py's check on the GPU: Triton kernels, up to 64 sequences per step (256
+    in steps of 512 tokens: every sequence's decode in one step, prompt chunks of many rows beside them). In
     bf16 the decode steps replay CUDA graphs (captured in invariant mode: no host sync), padded to the
     captured sizes with rows that must leave the real rows' bits alone."""
     replayed = []
@@ -142,10 +144,12 @@ def test_aligned_engine_log_probs_equal_the_training_forward(batch_size, dtype, 
     monkeypatch.setattr(StepGraphs, "run", lambda self, plan, chunks, batch: replayed.append(
         (batch.num_seqs, sorted(self.shapes[()].graphs))) or run(self, plan, chunks, batch))
     lengths = [14, 13, 15, 12, 30, 29, 11, 10] if batch_size <= 8 else [10 + 7 * i % 25 for i in range(batch_size)]
-    check_engine_equals_training(tiny_model(num_hidden_layers=3).to("cuda", dtype), batch_size, lengths)
+    check_engine_equals_training(tiny_model(num_hidden_layers=3).to("cuda", dtype), batch_size, lengths, step_tokens)
     assert bool(replayed) == (dtype == torch.bfloat16)
-    if dtype == torch.bfloat16 and batch_size == 64:
+    if dtype == torch.bfloat16 and batch_size >= 64:
         assert any(n not in sizes for n, sizes in replayed)  # some replays ran padding rows
+    if batch_size == 256:
+        assert max(n for n, _ in replayed) > 64
 
 
 def test_aligned_steps_never_wait_for_the_host():
