@@ -3,10 +3,10 @@ and the fast mode's disparity over long sequences.
 
     python benchmarks/bench_align.py [--quick] [--parts 123] [--prompt-tokens N] [--profile] [--out DIR]
 
-1. Bit-identity: for batches of 1 to 64 sequences, the engine in batch-invariant mode generates
+1. Bit-identity: for batches of 1 to 256 sequences, the engine in batch-invariant mode generates
    after prompts of varied lengths (requests arriving one per step, prefill in chunks, decodes
    mixed in); the training forward in the same mode then runs every sequence alone and all of
-   them in one reversed batch. Each generated token's log-prob must be equal bit for bit. The fast
+   them in reversed batches (of up to 64). Each generated token's log-prob must be equal bit for bit. The fast
    mode's largest difference over the same tokens is given beside it, and for each mode how many
    decode steps replayed a CUDA graph (on a GPU in bf16 both modes capture them).
 2. Cost: engine generation throughput (128-token prompts, or --prompt-tokens, prefilled in steps of
@@ -65,7 +65,7 @@ class Sizes:
     step_tokens: int
 
 
-FULL = Sizes("mini", layers=5, batches=(1, 2, 4, 8, 16, 32, 64), prompt_lengths=(16, 300), new_tokens=32,
+FULL = Sizes("mini", layers=5, batches=(1, 2, 4, 8, 16, 32, 64, 256), prompt_lengths=(16, 300), new_tokens=32,
              cost_batches=(1, 8, 64, 256), cost_prompt=128, cost_tokens=32, train_shape=(16, 256),
              disparity_sequences=4, disparity_context=32768, disparity_tokens=64, step_tokens=4096)
 QUICK = Sizes("tiny", layers=3, batches=(1, 3, 8), prompt_lengths=(4, 40), new_tokens=8,
@@ -158,6 +158,9 @@ def training_logprobs(model, sequences, first, aligned):
                     for b, s in enumerate(sequences)]
 
 
+TOGETHER = 64
+
+
 def bit_identity(model, sizes: Sizes) -> dict:
     vocab = model.config.vocab_size
     results = {}
@@ -172,8 +175,10 @@ def bit_identity(model, sizes: Sizes) -> dict:
             engine = [torch.tensor([lp.logprob for lp in r]) for r in rollouts]
             first = min(map(len, prompts)) - 1  # the first position whose next token was generated
             alone = [training_logprobs(model, [s], len(p) - 1, aligned)[0] for p, s in zip(prompts, sequences)]
-            together = [t[len(p) - 1 - first:] for p, t in
-                        zip(prompts, training_logprobs(model, sequences[::-1], first, aligned)[::-1])]
+            # reversed, in batches of at most TOGETHER sequences (256 at once would hold 50 GB of fp32 logits)
+            reversed_logprobs = [lp for i in range(0, batch, TOGETHER)
+                                 for lp in training_logprobs(model, sequences[::-1][i:i + TOGETHER], first, aligned)]
+            together = [t[len(p) - 1 - first:] for p, t in zip(prompts, reversed_logprobs[::-1])]
             gaps = [max((t - e).abs().max().item() for t in (a, m)) for e, a, m in zip(engine, alone, together)]
             # where the engine parts from the training forward: (sequence, first generated token that differs)
             parted = [(i, int((t != e).nonzero()[0])) for i, (e, a, m) in enumerate(zip(engine, alone, together))
@@ -280,7 +285,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes and sizes (runs on the CPU too)")
     parser.add_argument("--layers", type=int, help="layers of the model of parts 1 and 2 (default: 5, quick: 3)")
     parser.add_argument("--parts", default="123", help="which parts to run (default: 123)")
-    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes of part 1 (default: 1 2 4 ... 64)")
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes of part 1 (default: 1 2 4 ... 64 256)")
     parser.add_argument("--prompt-tokens", type=int, help="prompt length of part 2's engine cases (default: 128, "
                         "quick: 16)")
     parser.add_argument("--profile", action="store_true", help="part 2: profile the first step of each mode at "
