@@ -8,9 +8,9 @@ from infer_helpers import tiny_model
 from test_batch_invariant import check_engine_equals_training
 
 from ringlinear import HybridCache, RingLinearConfig, RingLinearForCausalLM, SequenceContext
-from ringlinear.ops import lightning_attn, lightning_decode
 from ringlinear.infer import LLM, Engine, EngineConfig, SamplingParams
 from ringlinear.infer.graphs import StepGraphs
+from ringlinear.ops import lightning_attn, lightning_decode
 from ringlinear.ops.attention import causal_attention
 from ringlinear.ops.policy import COMPILE_MIN_ELEMENTS, KernelPolicy
 
@@ -306,7 +306,8 @@ def test_verify_steps_replayed_from_cuda_graphs_give_the_eager_engines_output(ca
         (len(chunks), plan[0], {len(c.drafts) for c in chunks})) or run(self, plan, chunks, batch))
     target = model(torch.bfloat16, num_nextn_predict_layers=1, vocab_size=257)
     invariant, forced, ngram = case.endswith("invariant"), case.startswith("forced"), case.startswith("ngram")
-    spec = {**MTP, "num_speculative_tokens": 5, "speculative_token_tree": str(ForcedTreeDrafter.shape)} if forced else MTP
+    forced_spec = {**MTP, "num_speculative_tokens": 5, "speculative_token_tree": str(ForcedTreeDrafter.shape)}
+    spec = forced_spec if forced else MTP
     greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=0)
     prompts = prompts_of([6, 40, 300], seed=4)
     arrivals = {0: [(str(i), p, greedy) for i, p in enumerate(prompts)]}
