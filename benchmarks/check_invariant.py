@@ -476,11 +476,11 @@ TILE_SHAPES = (("lightning qkv", 3 * HEADS * HEAD_DIM, HIDDEN, 1), ("dense / g_p
 TILE_TOKENS = (1, 64, 256, 4096)
 # fp32 (the router's product: IEEE on CUDA cores, no tensor cores)
 FP32_TILE_CANDIDATES = (
-    MMConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3),  # the tile today
+    MMConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3),  # below LARGE_TILE_ROWS
     MMConfig(block_m=128, block_n=64, block_k=32, num_warps=4, num_stages=3),
     MMConfig(block_m=128, block_n=64, block_k=32, num_warps=8, num_stages=3),
     MMConfig(block_m=64, block_n=128, block_k=32, num_warps=4, num_stages=3),
-    MMConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=2),
+    MMConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=2),  # from LARGE_TILE_ROWS on Hopper
     MMConfig(block_m=128, block_n=128, block_k=16, num_warps=8, num_stages=3),
     MMConfig(block_m=64, block_n=64, block_k=16, num_warps=4, num_stages=4),
     MMConfig(block_m=32, block_n=64, block_k=32, num_warps=4, num_stages=3),
