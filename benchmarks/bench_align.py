@@ -266,7 +266,8 @@ def cost(model, sizes: Sizes, profile_dir: str | None = None) -> dict:
         results[f"train_forward_{mode}_s"] = round(timed(forward), 4)
         results[f"train_forward_backward_{mode}_s"] = round(timed(forward_backward), 4)
     for key in [k for k in results if k.endswith("_fast_tok_s")]:
-        results[key.replace("_fast_tok_s", "_slowdown")] = round(results[key] / results[key.replace("fast", "aligned")], 2)
+        aligned_tok_s = results[key.replace("fast", "aligned")]
+        results[key.replace("_fast_tok_s", "_slowdown")] = round(results[key] / aligned_tok_s, 2)
     for name in ("train_forward", "train_forward_backward"):
         results[f"{name}_slowdown"] = round(results[f"{name}_aligned_s"] / results[f"{name}_fast_s"], 2)
     return results
@@ -280,14 +281,32 @@ def disparity(model, sizes: Sizes) -> dict:
     return report.summary()
 
 
+def positive(text: str) -> int:
+    """argparse type: a whole number ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
+def parts(text: str) -> str:
+    if not text or set(text) - set("123"):
+        raise argparse.ArgumentTypeError(f"must be digits of 1, 2 and 3 (e.g. 12), got {text!r}")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes and sizes (runs on the CPU too)")
-    parser.add_argument("--layers", type=int, help="layers of the model of parts 1 and 2 (default: 5, quick: 3)")
-    parser.add_argument("--parts", default="123", help="which parts to run (default: 123)")
-    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes of part 1 (default: 1 2 4 ... 64 256)")
-    parser.add_argument("--prompt-tokens", type=int, help="prompt length of part 2's engine cases (default: 128, "
-                        "quick: 16)")
+    parser.add_argument("--layers", type=positive, help="layers of the model of parts 1 and 2 (default: 5, quick: 3)")
+    parser.add_argument("--parts", type=parts, default="123", help="which parts to run (default: 123)")
+    parser.add_argument("--batches", type=positive, nargs="+",
+                        help="batch sizes of part 1 (default: 1 2 4 ... 64 256)")
+    parser.add_argument("--prompt-tokens", type=positive, help="prompt length of part 2's engine cases (default: "
+                        "128, quick: 16)")
     parser.add_argument("--profile", action="store_true", help="part 2: profile the first step of each mode at "
                         f"batch {' and '.join(map(str, PROFILED_BATCHES))} (a summary on stdout, tables in DIR)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -296,14 +315,13 @@ def main() -> None:
     if args.batches:
         sizes = replace(sizes, batches=tuple(args.batches))
     if args.prompt_tokens is not None:
-        if args.prompt_tokens < 1:
-            parser.error(f"--prompt-tokens must be a positive number of tokens, got {args.prompt_tokens}")
         sizes = replace(sizes, cost_prompt=args.prompt_tokens)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.quick:
         raise SystemExit("the full sizes need a GPU; --quick runs on the CPU")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {"meta": {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    report = {"meta": {"device": name,
                        "torch": torch.__version__, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                        "sizes": asdict(sizes)}}
     path = os.path.join(args.out, "bench_align.json")
