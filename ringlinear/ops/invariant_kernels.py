@@ -63,6 +63,10 @@ class MMConfig:
 
 # Rows from which Hopper takes the large tile: below, its 128 × 128 tiles leave SMs idle (check_invariant.py --tiles)
 LARGE_TILE_ROWS = 1024
+_TILE = MMConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
+_LARGE_TILE = MMConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+_FP32_TILE = MMConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3)
+_FP32_LARGE_TILE = MMConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=2)
 
 
 def mm_config(dtype: torch.dtype, rows: int = 0, device: torch.device | None = None) -> MMConfig:
@@ -75,12 +79,6 @@ def mm_config(dtype: torch.dtype, rows: int = 0, device: torch.device | None = N
     if dtype == torch.float32:
         return _FP32_LARGE_TILE if large else _FP32_TILE
     return _LARGE_TILE if large else _TILE
-
-
-_TILE = MMConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
-_LARGE_TILE = MMConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
-_FP32_TILE = MMConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3)
-_FP32_LARGE_TILE = MMConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=2)
 
 
 # K is cut into slices at multiples of this (every tile's block_k divides it), each slice summed from
