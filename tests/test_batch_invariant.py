@@ -62,6 +62,12 @@ def test_engine_log_probs_equal_the_training_forward_bit_for_bit(model, batch_si
     check_engine_equals_training(model, batch_size, [14, 13, 15, 12, 30, 29, 11, 10][:max(batch_size, 2)])
 
 
+def test_steps_of_many_rows_keep_the_training_forwards_bits(model):
+    """24 sequences in steps of 96 tokens: every product runs over several of the torch backend's 16-row
+    blocks, and a step holds all the sequences' decodes or prompt chunks beside them."""
+    check_engine_equals_training(model, 24, [10 + 7 * i % 25 for i in range(24)], step_tokens=96)
+
+
 def check_engine_equals_training(model, batch_size, prompt_lengths, step_tokens=16):
     """Engine rollouts of prompts of these lengths with `batch_size` sequences at most per step (and
     `step_tokens` tokens); then their log-probs from training forwards of each sequence alone and of all
