@@ -1,7 +1,8 @@
 """The routed experts: Σ_k weight · expert(x) over each token's k chosen experts.
 
 `routed_experts` starts from the tokens in token order. For bf16 on the Triton backend (CUDA, or the
-interpreter on a CPU), neither invariant nor FP8, it runs the fused kernels of `moe_kernels`, which
+interpreter on a CPU), not FP8 and not invariant (except on Hopper, where the fused kernels keep a row's
+bits: `policy.experts_kernel`), it runs the fused kernels of `moe_kernels`, which
 read the tokens' rows in place and sum each token's k outputs in fp32 as they gather them. Every other
 policy takes `dispatched_experts`: the rows are copied into expert order (`dispatch_rows`),
 `grouped_glu` runs the gated MLPs over them, and the outputs are gathered back (`combine_rows`) and

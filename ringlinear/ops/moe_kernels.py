@@ -136,7 +136,7 @@ def schedule_tiles(counts: Tensor, M: int) -> Tensor:
     T = row_tiles(M, E)
     schedule = torch.empty(3, T, device=counts.device, dtype=torch.int32)
     _schedule_kernel[(cdiv(T, SCHEDULE_BLOCK),)](counts, schedule, T, E, E_P2=next_power_of_2(E),
-                                                        BLOCK_M=BLOCK_M, BLOCK_T=SCHEDULE_BLOCK)
+                                                 BLOCK_M=BLOCK_M, BLOCK_T=SCHEDULE_BLOCK)
     return schedule
 
 
@@ -332,7 +332,7 @@ class _FusedExperts(torch.autograd.Function):
         dweights = torch.empty_like(weights)
         rows, columns = 16, min(128, next_power_of_2(g.shape[1]))
         _glu_backward_kernel[(cdiv(M, rows),)](g, u, dh, order, weights, h, dg, du, dweights, M, g.shape[1],
-                                                      ACTIVATION=ctx.activation, BLOCK_R=rows, BLOCK_C=columns)
+                                               ACTIVATION=ctx.activation, BLOCK_R=rows, BLOCK_C=columns)
         x_sorted = x[tokens] if need_gate or need_up else None
         dx = combine(grouped_rows_times(dg, gate, counts), back, k, grouped_rows_times(du, up, counts)) \
             if need_x else None

@@ -130,10 +130,10 @@ class KernelPolicy:
 
 @functools.cache  # a property of the device; a host call per launch otherwise
 def rows_keep_their_bits(device: torch.device) -> bool:
-    """Whether a 16-bit tensor-core product's row has the same bits whatever tile and rows it is computed
-    with: on Hopper (sm_90) they depend on the order of the reduction alone (every tile of
-    `benchmarks/check_invariant.py --tiles` gave the same bits, H200, 2026-12-02); elsewhere (the
-    interpreter's numpy products, other GPUs) not known, so not assumed."""
+    """Whether a product's row (16-bit on the tensor cores, fp32 as IEEE FMAs) has the same bits whatever
+    tile and rows it is computed with: on Hopper (sm_90) they depend on the order of the reduction alone
+    (every tile of `benchmarks/check_invariant.py --tiles` and `--fp32-tiles` gave the same bits, H200,
+    2026-12-02); elsewhere (the interpreter's numpy products, other GPUs) not known, so not assumed."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
 
 
@@ -225,8 +225,8 @@ ExpertsKernel = Literal["fused", "grouped_mm", "invariant_grouped_mm", "loop", "
 def experts_kernel(policy: KernelPolicy, x: Tensor, *weights: Tensor, token_order: bool = False) -> ExpertsKernel:
     """routed_experts (`token_order`: x is the tokens, in token order) and grouped_glu (x is rows already
     copied into expert order). The fused Triton kernels gather the tokens' rows themselves, so they take
-    the first, in bf16 (12; in invariant mode on Hopper); torch._grouped_mm (no host sync, so CUDA-graph safe) takes bf16 rows in
-    expert order on CUDA. e4m3 weights (serving) on the Triton backend, not invariant and without
+    the first, in bf16 (12; in invariant mode on Hopper); torch._grouped_mm (no host sync, so CUDA-graph
+    safe) takes bf16 rows in expert order on CUDA. e4m3 weights (serving) on the Triton backend, not invariant and without
     autograd, run one grouped FP8 GEMM per projection (13; no host sync either); other FP8 (the policy's,
     whose master weights need autograd, or the torch backend) loops over the experts (a host sync) with
     one fp8_linear per projection."""
