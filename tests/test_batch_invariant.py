@@ -27,15 +27,17 @@ def prompts_of(lengths, seed):
     return [torch.randint(1, 257, (n,), generator=g).tolist() for n in lengths]
 
 
-def engine_rollouts(model, prompts, batch_size, step_tokens=16):
-    """Tokens and log-probs of sampled continuations; requests arrive one per step, steps of `step_tokens`
-    chunk the prompts, and 5 pages of 16 tokens for 8 sequences force preemption."""
+def engine_rollouts(model, prompts, batch_size, step_tokens=16, arrivals_per_step=1):
+    """Tokens and log-probs of sampled continuations; requests arrive `arrivals_per_step` a step, steps of
+    `step_tokens` chunk the prompts, and 5 pages of 16 tokens for 8 sequences force preemption."""
     engine = Engine(model, None, EngineConfig(max_num_seqs=batch_size, max_num_batched_tokens=step_tokens, page_size=16,
                                               num_pages=5 if batch_size == 8 else max(64, 4 * batch_size),
                                               batch_invariant=True))
     results = {i: [] for i in range(len(prompts))}
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, SamplingParams(max_tokens=NEW_TOKENS, seed=i, logprobs=0, ignore_eos=True))
+        if (i + 1) % arrivals_per_step:
+            continue
         for output in engine.step():
             results[int(output.request_id)] += output.logprobs
     while engine.has_unfinished():
@@ -68,12 +70,12 @@ def test_steps_of_many_rows_keep_the_training_forwards_bits(model):
     check_engine_equals_training(model, 24, [10 + 7 * i % 25 for i in range(24)], step_tokens=96)
 
 
-def check_engine_equals_training(model, batch_size, prompt_lengths, step_tokens=16):
+def check_engine_equals_training(model, batch_size, prompt_lengths, step_tokens=16, arrivals_per_step=1):
     """Engine rollouts of prompts of these lengths with `batch_size` sequences at most per step (and
-    `step_tokens` tokens); then their log-probs from training forwards of each sequence alone and of all
+    `step_tokens` tokens, `arrivals_per_step` new requests); then their log-probs from training forwards of each sequence alone and of all
     of them in one padded batch with other sequences around (tests/test_gpu.py runs it on CUDA)."""
     prompts = prompts_of(prompt_lengths, seed=8)
-    rollouts = engine_rollouts(model, prompts, batch_size, step_tokens)
+    rollouts = engine_rollouts(model, prompts, batch_size, step_tokens, arrivals_per_step)
     sequences = [p + tokens for p, (tokens, _) in zip(prompts, rollouts)]
     others = [p + [1, 2, 3] for p in prompts_of([9, 50, 14], seed=99)]
     alone = [training_logprobs(model, [s])[0] for s in sequences]
