@@ -72,8 +72,9 @@ def test_steps_of_many_rows_keep_the_training_forwards_bits(model):
 
 def check_engine_equals_training(model, batch_size, prompt_lengths, step_tokens=16, arrivals_per_step=1):
     """Engine rollouts of prompts of these lengths with `batch_size` sequences at most per step (and
-    `step_tokens` tokens, `arrivals_per_step` new requests); then their log-probs from training forwards of each sequence alone and of all
-    of them in one padded batch with other sequences around (tests/test_gpu.py runs it on CUDA)."""
+    `step_tokens` tokens, `arrivals_per_step` new requests); then their log-probs from training forwards
+    of each sequence alone and of all of them in one padded batch with other sequences around
+    (tests/test_gpu.py runs it on CUDA)."""
     prompts = prompts_of(prompt_lengths, seed=8)
     rollouts = engine_rollouts(model, prompts, batch_size, step_tokens, arrivals_per_step)
     sequences = [p + tokens for p, (tokens, _) in zip(prompts, rollouts)]

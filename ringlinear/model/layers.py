@@ -48,7 +48,11 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, groups: int = 1, gate: Tenso
     if rms_norm_kernel(policy, x, weight) == "invariant_rows":
         from ..ops.invariant_kernels import rms_norm as rms_norm_rows
         return rms_norm_rows(x, weight, eps, groups, gate, rms_norm_chain)
-    return _rms_norm_fused(x, weight, eps, groups, gate, policy=policy)
+    # the compiled chain sees rows [N, dim] whatever x's rank: one graph fewer per rank met (each variant
+    # is a recompile, and past torch's recompile limit the chain runs eagerly)
+    dim = x.shape[-1]
+    gate_rows = None if gate is None else gate.reshape(-1, dim)
+    return _rms_norm_fused(x.reshape(-1, dim), weight, eps, groups, gate_rows, policy=policy).view(x.shape)
 
 
 class RMSNorm(nn.Module):
