@@ -371,20 +371,23 @@ def test_fp8_engines_replay_decode_steps_from_cuda_graphs(monkeypatch):
     assert tokens[True] == tokens[False]
 
 
-@pytest.mark.parametrize("M,N,K", [(128, 512, 2048), (256, 2048, 512), (384, 640, 384), (4096, 2048, 2048)])
+@pytest.mark.parametrize("M,N,K", [(128, 512, 2048), (256, 2048, 512), (384, 640, 1536), (4096, 2048, 2048)])
 def test_cublas_blockwise_fp8_matches_the_exact_product(M, N, K):
     """cuBLAS's blockwise recipes (`scaled_mm_blockwise`: the routed experts' shapes where their rows are a
-    multiple of 128, a K of 3 blocks whose scales need padding, a dense product) against the float64 product
-    of the dequantized operands, beside the Triton GEMM, both rounded to bf16 (the grouped FP8 experts
-    differed from the per-expert loop, which takes cuBLAS at such shapes, by 1.5% at 4,096 tokens)."""
+    multiple of 128, an N of 5 blocks and a K of 12, a dense product) against the float64 product
+    of the dequantized operands, beside the Triton GEMM, both rounded to bf16; the probe that lets the policy
+    take cuBLAS passes, and a K that is not a multiple of 512 goes to Triton."""
     from ringlinear.ops.fp8 import dequantize
     from ringlinear.ops.fp8.gemm import scaled_mm_blockwise
     from ringlinear.ops.fp8.kernels import gemm_triton
     from ringlinear.ops.fp8.reference import quantize_blocks_reference, quantize_rows_reference
-    from ringlinear.ops.policy import blockwise_scaled_mm_works
+    from ringlinear.ops.policy import blockwise_scaled_mm_works, fp8_gemm_kernel
 
-    if not blockwise_scaled_mm_works(torch.device("cuda")):
-        pytest.skip("cuBLAS's blockwise FP8 failed its probe on this build")
+    if torch.cuda.get_device_capability() != (9, 0) or tuple(map(int, torch.version.cuda.split(".")[:2])) < (12, 9):
+        pytest.skip("cuBLAS's blockwise FP8 needs Hopper and CUDA ≥ 12.9")
+    assert blockwise_scaled_mm_works(torch.device("cuda"))
+    a = torch.empty(128, 384, dtype=torch.float8_e4m3fn, device="cuda")
+    assert fp8_gemm_kernel(KernelPolicy("triton"), a, a) == "triton"  # 3 K blocks: cuBLAS refuses them
     g = torch.Generator(device="cuda").manual_seed(0)
     a, b = torch.randn(M, K, device="cuda", generator=g), torch.randn(N, K, device="cuda", generator=g)
     qa, sa = quantize_rows_reference(a)

@@ -73,23 +73,21 @@ def fp8_grouped_gemm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, cou
 
 def scaled_mm_blockwise(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
     """torch._scaled_mm with cuBLAS's blockwise recipes (1×128 · 128×128 and 1×128 · 1×128; dimensions
-    multiples of 128). cuBLAS wants b column-major and the scales outer-dimension-major: 1×128 scales
-    with the rows contiguous, 128×128 scales with the K blocks contiguous and padded to a multiple of 4."""
+    M and N multiples of 128, K of 512: on PyTorch 2.11 with CUDA 13 the 128×128 recipe with 2 or 3 K
+    blocks raises for scales padded to 4 and computes wrong numbers for unpadded ones). cuBLAS wants b
+    column-major and the scales outer-dimension-major: 1×128 scales with the rows contiguous, 128×128 scales
+    with the K blocks contiguous."""
+    if a.shape[1] % 512:  # its 128×128 recipe returns wrong numbers there rather than raising
+        raise ValueError(f"scaled_mm_blockwise needs K a multiple of 512, got {a.shape[1]}")
     scale_a = a_scale.t().contiguous().t()
-    if b_scale.shape[0] == b.shape[0]:  # 1×128: [K/128, N] for b = codesᵀ
-        scale_b = b_scale.t().contiguous()
-    else:
-        n_blocks, k_blocks = b_scale.shape
-        padded = b_scale.new_zeros(n_blocks, -(-k_blocks // 4) * 4)
-        padded[:, :k_blocks] = b_scale
-        scale_b = padded[:, :k_blocks].t()
+    scale_b = b_scale.t().contiguous() if b_scale.shape[0] == b.shape[0] else b_scale.t()  # 1×128: [K/128, N]
     return torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
 
 
 def probe_scaled_mm(device: torch.device) -> bool:
     """Both recipes of `scaled_mm_blockwise` on random operands match the reference (bf16 rounding apart)."""
     g = torch.Generator(device).manual_seed(0)
-    x, w = (torch.randn(2 * BLOCK, 2 * BLOCK, device=device, generator=g) for _ in range(2))
+    x, w = (torch.randn(2 * BLOCK, 4 * BLOCK, device=device, generator=g) for _ in range(2))
     qx, sx = quantize_rows_reference(x)
     for qw, sw in (quantize_blocks_reference(w), quantize_rows_reference(w)):
         want = gemm_reference(qx, sx, qw, sw, torch.float32)
