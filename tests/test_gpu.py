@@ -136,10 +136,9 @@ def test_recurrent_lightning_gives_a_sequence_the_same_bits_however_it_is_run():
     (torch.bfloat16, 256, 512)])
 def test_aligned_engine_log_probs_equal_the_training_forward(batch_size, dtype, step_tokens, monkeypatch):
     """tests/test_batch_invariant.py's check on the GPU: Triton kernels, up to 64 sequences per step (256,
-    arriving at once, in steps of 512 tokens: prompt chunks of many rows beside decodes, then decode steps
-    of up to 94 sequences). In
-    bf16 the decode steps replay CUDA graphs (captured in invariant mode: no host sync), padded to the
-    captured sizes with rows that must leave the real rows' bits alone."""
+    arriving at once, in steps of 512 tokens: prompt chunks of many rows beside decodes, then decode steps of
+    more than 64 sequences). In bf16 the decode steps replay CUDA graphs (captured in invariant mode: no host
+    sync), padded to the captured sizes with rows that must leave the real rows' bits alone."""
     replayed = []
     run = StepGraphs.run
     monkeypatch.setattr(StepGraphs, "run", lambda self, plan, chunks, batch: replayed.append(

@@ -77,7 +77,7 @@ def scaled_mm_blockwise(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, 
     blocks raises for scales padded to 4 and computes wrong numbers for unpadded ones). cuBLAS wants b
     column-major and the scales outer-dimension-major: 1×128 scales with the rows contiguous, 128×128 scales
     with the K blocks contiguous."""
-    if a.shape[1] % 512:  # its 128×128 recipe returns wrong numbers there rather than raising
+    if a.shape[1] % 512:
         raise ValueError(f"scaled_mm_blockwise needs K a multiple of 512, got {a.shape[1]}")
     scale_a = a_scale.t().contiguous().t()
     scale_b = b_scale.t().contiguous() if b_scale.shape[0] == b.shape[0] else b_scale.t()  # 1×128: [K/128, N]
