@@ -28,14 +28,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("tokenized")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     val_path = Path(args.tokenized, "val.npy")
     if not val_path.exists():
         parser.error(f"no val.npy in {args.tokenized}")
     device = torch.device(args.device)
-    model = RingLinearForCausalLM.from_pretrained(args.checkpoint, device=device, dtype=torch.bfloat16).eval()
-    val = np.load(val_path)
+    try:
+        model = RingLinearForCausalLM.from_pretrained(args.checkpoint, device=device, dtype=torch.bfloat16).eval()
+        val = np.load(val_path)
+    except (OSError, ValueError) as error:  # a missing checkpoint, a bad config, a file that is not an array
+        parser.error(str(error).splitlines()[0])
+    if val.ndim != 1 or len(val) <= WINDOW_TOKENS:
+        parser.error(f"{val_path} must hold more than {WINDOW_TOKENS} token ids in one dimension")
     starts = np.linspace(0, len(val) - WINDOW_TOKENS - 1, WINDOWS).astype(int)
     ids = torch.tensor(np.stack([val[s:s + WINDOW_TOKENS + 1] for s in starts]).astype(np.int64), device=device)
     policy = KernelPolicy("triton" if device.type == "cuda" else "torch").resolve(device)
